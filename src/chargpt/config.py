@@ -1,0 +1,333 @@
+"""Typed run configuration: dataclasses, validation, TOML files, presets and CLI flags.
+
+A run is described by one `Config` made of three sections (`model`, `data`, `train`). Every
+field has a type, a default and a docstring; the docstring is the field's `--help` text. Values
+are resolved in this order, later wins: dataclass defaults, a preset, a TOML file, CLI flags.
+Unknown keys and impossible values raise `ConfigError` with a one-line message, so a typo never
+silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+import sys
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """The network: which model, how big, and which parts of the Transformer are switched on."""
+
+    arch: Literal["gpt", "bigram"] = "gpt"
+    """Model family: 'gpt' (decoder-only Transformer) or 'bigram' (the lecture's baseline)."""
+    vocab_size: int = 0
+    """Number of distinct characters; taken from the prepared data (0 = not known yet)."""
+    block_size: int = 64
+    """Context length in characters: the most the model looks back."""
+    n_layer: int = 4
+    """Number of Transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 128
+    """Width of the residual stream (embedding size)."""
+    dropout: float = 0.0
+    """Dropout probability on attention weights, residual branches and embeddings."""
+    bias: bool = True
+    """Use biases in Linear layers and LayerNorms."""
+    norm: Literal["pre", "post", "none"] = "pre"
+    """LayerNorm placement: 'pre' (GPT-2), 'post' (original Transformer) or 'none'."""
+    residual: bool = True
+    """Add each sub-layer's output to its input (residual connections)."""
+    mlp: bool = True
+    """Include the feed-forward MLP in each block."""
+    mlp_ratio: int = 4
+    """Hidden width of the MLP as a multiple of n_embd."""
+    activation: Literal["gelu", "relu"] = "gelu"
+    """Non-linearity inside the MLP."""
+    tie_weights: bool = False
+    """Share the token-embedding matrix with the output head."""
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_size >= 0, f"vocab_size must be >= 0, got {self.vocab_size}")
+        _check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        if self.arch == "gpt":
+            _check(self.n_layer >= 1, f"n_layer must be >= 1, got {self.n_layer}")
+            _check(self.n_head >= 1, f"n_head must be >= 1, got {self.n_head}")
+            _check(self.n_embd >= 1, f"n_embd must be >= 1, got {self.n_embd}")
+            _check(
+                self.n_embd % self.n_head == 0,
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})",
+            )
+            _check(self.mlp_ratio >= 1, f"mlp_ratio must be >= 1, got {self.mlp_ratio}")
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is split."""
+
+    input: str = ""
+    """A UTF-8 text file, folder of .txt files or glob to prepare (default: Tiny Shakespeare)."""
+    data_dir: str = ""
+    """A directory made by `chargpt prepare`; used instead of --input."""
+    dataset: str = "shakespeare"
+    """Named corpus downloaded on first use when neither --input nor --data-dir is given."""
+    val_fraction: float = 0.1
+    """Fraction of the text (taken from the end) held out for validation."""
+
+    def __post_init__(self) -> None:
+        _check(
+            0.0 < self.val_fraction < 1.0,
+            f"val_fraction must be in (0, 1), got {self.val_fraction}",
+        )
+        _check(
+            not (self.input and self.data_dir),
+            "give either --input or --data-dir, not both",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation, logging and hardware."""
+
+    out_dir: str = ""
+    """Run directory for config, metrics, checkpoints and plots (default: runs/<timestamp>)."""
+    max_steps: int = 2000
+    """Number of optimizer steps."""
+    batch_size: int = 12
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to lr."""
+    lr_decay_steps: int = 0
+    """Step at which the cosine decay reaches min_lr (0 = max_steps)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not biases, norms or embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.99
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = off)."""
+    eval_interval: int = 250
+    """Evaluate train and val loss every this many steps (and at the last step)."""
+    eval_iters: int = 100
+    """Batches averaged per split at each evaluation."""
+    log_interval: int = 10
+    """Record the running training loss every this many steps."""
+    seed: int = 1337
+    """Seed for weights, batches and dropout; the same seed gives the same run on CPU."""
+    device: str = "auto"
+    """Device: 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Autocast precision: 'auto' is bfloat16 on CUDA GPUs that support it, else float32."""
+    compile: bool = False
+    """Compile the model with torch.compile (faster on GPU after a warm-up)."""
+    sample_chars: int = 300
+    """Characters to sample at the end of training (0 = none)."""
+    progress: bool = True
+    """Show a progress bar when writing to a terminal."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_iters",
+                     "log_interval"):
+            value = getattr(self, name)
+            _check(value >= 1, f"{name} must be >= 1, got {value}")
+        for name in ("warmup_steps", "lr_decay_steps", "sample_chars"):
+            value = getattr(self, name)
+            _check(value >= 0, f"{name} must be >= 0, got {value}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, f"{name} must be >= 0, got {value}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.min_lr <= self.lr, f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
+        _check(
+            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+            f"device must be auto, cpu, cuda[:N] or mps, got {self.device!r}",
+        )
+
+    @property
+    def decay_steps(self) -> int:
+        return self.lr_decay_steps or self.max_steps
+
+
+@dataclass
+class Config:
+    """A whole run: model, data and training."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> Config:
+        return apply_overrides(cls(), d, source)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+# --- field introspection --------------------------------------------------------------------
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each field of a dataclass to the docstring written under it in the source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check a TOML or CLI value against a field's type, converting where lossless."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        _check(value in choices, f"{where} must be one of {', '.join(map(str, choices))}, "
+                                 f"got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if tp is bool:
+        _check(isinstance(value, bool), f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool),
+               f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+               f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r}")  # a bug in chargpt, not user input
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Config:
+    """Return a new Config with `overrides` ({section: {key: value}}) applied and validated."""
+    sections: dict[str, dict[str, Any]] = {}
+    for name, values in overrides.items():
+        _check(name in SECTIONS, f"{source}: unknown section [{name}] "
+                                 f"(expected one of {', '.join(SECTIONS)})")
+        _check(isinstance(values, dict), f"{source}: [{name}] must be a table")
+        types_ = field_types(SECTIONS[name])
+        current = dataclasses.asdict(getattr(cfg, name))
+        for key, value in values.items():
+            _check(key in types_, f"{source}: unknown key '{key}' in [{name}]")
+            current[key] = _coerce(value, types_[key], f"{source}: {name}.{key}")
+        sections[name] = current
+    try:
+        return dataclasses.replace(
+            cfg, **{name: SECTIONS[name](**values) for name, values in sections.items()}
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+
+
+# --- presets ----------------------------------------------------------------------------------
+
+
+def preset_names() -> list[str]:
+    files = resources.files("chargpt").joinpath("presets").iterdir()
+    return sorted(p.name[: -len(".toml")] for p in files if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    _check(name in preset_names(),
+           f"unknown preset '{name}' (available: {', '.join(preset_names())})")
+    text = resources.files("chargpt").joinpath("presets", f"{name}.toml").read_text("utf-8")
+    return tomllib.loads(text)
+
+
+def preset_description(name: str) -> str:
+    text = resources.files("chargpt").joinpath("presets", f"{name}.toml").read_text("utf-8")
+    first = text.splitlines()[0] if text else ""
+    return first.lstrip("# ").strip()
+
+
+DEFAULT_PRESET = "shakespeare-cpu"
+
+
+def resolve_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults, then a preset (default: shakespeare-cpu), then a TOML file, then overrides."""
+    cfg = Config()
+    cfg = apply_overrides(cfg, load_preset(preset or DEFAULT_PRESET), f"preset {preset}")
+    if config_file:
+        cfg = apply_overrides(cfg, load_toml(config_file), str(config_file))
+    if overrides:
+        cfg = apply_overrides(cfg, overrides, "command line")
+    return cfg

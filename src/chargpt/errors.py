@@ -1,0 +1,26 @@
+"""Errors a user can act on.
+
+Every problem caused by input (a file, a flag, a checkpoint, a prompt) is raised as a
+`ChargptError` whose message is one self-contained line; the CLI prints it as
+`chargpt: error: <message>` and exits non-zero instead of showing a traceback.
+"""
+
+
+class ChargptError(Exception):
+    """An error caused by user input; its message is shown to the user as one line."""
+
+
+class ConfigError(ChargptError, ValueError):
+    """An impossible or unknown configuration value."""
+
+
+class DataError(ChargptError):
+    """A corpus or prepared-data directory that cannot be used."""
+
+
+class VocabError(ChargptError):
+    """Text that contains characters the vocabulary does not have."""
+
+
+class CheckpointError(ChargptError):
+    """A run directory or checkpoint that is missing, corrupted or foreign."""
