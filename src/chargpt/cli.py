@@ -1,0 +1,285 @@
+"""The `chargpt` command: subcommands, each a thin call into one module.
+
+Config flags for `train` are generated from the config dataclasses, so every field is a flag
+whose help is the field's docstring. Errors a user can fix are printed as one line,
+`chargpt: error: ...`, with a non-zero exit status; torch is imported only by the subcommands
+that need it, so `chargpt --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Literal, NoReturn
+
+from . import __version__
+from .config import (
+    DEFAULT_PRESET,
+    SECTIONS,
+    field_docs,
+    field_types,
+    load_preset,
+    preset_description,
+    preset_names,
+    resolve_config,
+)
+from .errors import ChargptError, ConfigError
+
+HIDDEN_FIELDS = {("model", "vocab_size")}  # set from the data, never by hand
+FLAG_ALIASES = {("train", "out_dir"): ["--out"]}
+EXIT_ERROR, EXIT_USAGE = 1, 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"chargpt: error: {message} (see '{self.prog} --help')\n")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, grouped by section; defaults shown are the default preset's."""
+    defaults = resolve_config()
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"[{section}] {cls.__doc__.splitlines()[0].lower()}")
+        docs, types_ = field_docs(cls), field_types(cls)
+        for f in dataclasses.fields(cls):
+            if (section, f.name) in HIDDEN_FIELDS:
+                continue
+            default = getattr(getattr(defaults, section), f.name)
+            help_ = docs.get(f.name, "")
+            if default not in ("", None):
+                help_ += f" (default: {default})"
+            help_ = help_.replace("%", "%%")
+            names = [_flag(f.name), *FLAG_ALIASES.get((section, f.name), [])]
+            kw: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": None, "help": help_}
+            tp = types_[f.name]
+            if tp is bool:
+                group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+            elif typing.get_origin(tp) is Literal:
+                group.add_argument(*names, choices=typing.get_args(tp), **kw)
+            else:
+                group.add_argument(*names, type=tp, metavar=tp.__name__.upper(), **kw)
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    overrides: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(args).items():
+        if "." in dest and value is not None:
+            section, key = dest.split(".", 1)
+            overrides.setdefault(section, {})[key] = value
+    return overrides
+
+
+# --- subcommands ------------------------------------------------------------------------------
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import time
+
+    from .data import prepare
+
+    t0 = time.perf_counter()
+    sources = args.input if len(args.input) > 1 else args.input[0]
+    meta = prepare(sources, Path(args.out), val_fraction=args.val_fraction,
+                   separator=args.separator, progress=True)
+    print(
+        f"prepared {meta['total_chars']:,} characters ({meta['vocab_size']} distinct) from "
+        f"{len(meta['sources'])} file(s) in {time.perf_counter() - t0:.1f}s: "
+        f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
+        f"({meta['dtype']}) -> {args.out}"
+    )
+    return 0
+
+
+def _print_sample(run_path: Path, chars: int, seed: int) -> None:
+    from .run import load_run
+
+    run = load_run(run_path, "best", device="auto")
+    print(f"--- sample from {run.checkpoint} (step {run.step}, seed {seed}) ---")
+    for ch in run.stream("", chars, seed=seed):
+        sys.stdout.write(ch)
+        sys.stdout.flush()
+    print()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import load_run_config, train
+
+    overrides = config_overrides(args)
+    if args.resume:
+        if args.preset or args.config:
+            raise ConfigError("--preset and --config cannot be combined with --resume")
+        result = train(resume=args.resume, overrides=overrides)
+    else:
+        result = train(resolve_config(args.preset, args.config, overrides))
+    if result.interrupted_by is not None:
+        return 128 + result.interrupted_by
+    print(f"done: {result.step} steps in {result.elapsed:.1f}s, best val loss "
+          f"{result.best_val_loss:.4f} -> {result.run_dir / 'best'}")
+    tc = load_run_config(result.run_dir).train
+    if tc.sample_chars:
+        _print_sample(result.run_dir, tc.sample_chars, seed=tc.seed)
+    print(f"sample more with: chargpt sample {result.run_dir} --prompt \"ROMEO:\"")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .data import read_text_file
+    from .run import load_run
+
+    if args.prompt is not None and args.prompt_file:
+        raise ConfigError("give either --prompt or --prompt-file, not both")
+    prompt = read_text_file(args.prompt_file) if args.prompt_file else (args.prompt or "")
+    if args.max_new_tokens < 0 or args.num_samples < 1:
+        raise ConfigError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    run = load_run(args.run_dir, args.checkpoint, device=args.device)
+    seed = args.seed
+    for i in range(args.num_samples):
+        if i:
+            sys.stdout.write("\n---\n")
+        stream = run.stream(prompt, args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p,
+                            seed=None if seed is None else seed + i,
+                            use_cache=not args.no_kv_cache, unknown=args.unknown)
+        first = next(stream, "")  # validates the prompt before anything is printed
+        sys.stdout.write(prompt + first)
+        sys.stdout.flush()
+        for ch in stream:
+            sys.stdout.write(ch)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import encode_file, load_prepared
+    from .evaluate import bits_per_char
+    from .run import load_run
+    from .train import DATA_SUBDIR, load_run_config
+
+    run = load_run(args.run_dir, args.checkpoint, device=args.device)
+    if args.input:
+        tokens = encode_file(args.input, run.tokenizer, unknown=args.unknown)
+        what = args.input
+    else:
+        cfg = load_run_config(args.run_dir)
+        data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else Path(args.run_dir) / DATA_SUBDIR
+        data = load_prepared(data_dir)
+        if data.tokenizer.fingerprint() != run.tokenizer.fingerprint():
+            raise ChargptError(f"{data_dir} uses a different vocabulary than {run.checkpoint}")
+        tokens = data.val if args.split == "val" else data.train
+        what = f"the {args.split} split"
+    loss = run.evaluate_ids(tokens, batch_size=args.batch_size)
+    print(f"{what}: loss {loss:.4f}, {bits_per_char(loss):.3f} bits/char over "
+          f"{len(tokens) - 1:,} predictions ({run.checkpoint}, step {run.step})")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model import build_model
+
+    for name in preset_names():
+        cfg = resolve_config(name, overrides={"model": {"vocab_size": 65}})
+        with torch.device("meta"):
+            n = build_model(cfg.model).num_params()
+        marker = " (default)" if name == DEFAULT_PRESET else ""
+        print(f"{name:<18} {n / 1e6:7.2f} M params at vocab 65  {preset_description(name)}"
+              f"{marker}")
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="chargpt", description="Train character-level GPT models and sample "
+                    "from them.")
+    parser.add_argument("--version", action="version", version=f"chargpt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser,
+                                metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="turn UTF-8 text into a vocabulary and token files")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="text file(s), folder(s) of .txt files, or glob pattern(s)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction held out for validation, from the end (default: 0.1)")
+    p.add_argument("--separator", default="\n\n",
+                   help="text placed between documents when several files are given")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model (default: Tiny Shakespeare on the CPU)",
+                       description="Train a model. Values come from the preset, then --config, "
+                       "then flags.")
+    p.add_argument("--preset", choices=preset_names(), default=None,
+                   help=f"start from a shipped preset (default: {DEFAULT_PRESET})")
+    p.add_argument("--config", metavar="FILE", help="TOML file with [model], [data], [train]")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run from its last checkpoint ([train] flags may change)")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate text from a trained model")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint directory")
+    p.add_argument("--prompt", default=None, help="text to continue (default: a newline)")
+    p.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file")
+    p.add_argument("--max-new-tokens", type=int, default=500, help="characters to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest only")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples to draw")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--unknown", choices=("error", "skip", "replace"), default="error",
+                   help="what to do with prompt characters the model has never seen")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the full context "
+                   "for each character (slower; for comparison)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="loss and bits/char on the val split or any text")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--input", metavar="FILE", help="evaluate on this UTF-8 file instead")
+    p.add_argument("--split", choices=("val", "train"), default="val")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--unknown", choices=("error", "skip"), default="error")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("presets", help="list the shipped presets")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ChargptError as e:
+        print(f"chargpt: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("chargpt: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"chargpt: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

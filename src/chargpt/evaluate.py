@@ -1,0 +1,115 @@
+"""Loss measurement: a quick estimate during training and an exact pass over a whole text.
+
+`estimate_loss` averages the loss over a fixed number of random batches per split, drawn from
+a sampler with its own seed so that every evaluation sees the same batches (curves are
+comparable from one eval to the next) and training randomness is never consumed. `evaluate_tokens`
+scores every token of a text exactly once with a sliding window, each prediction made with at
+least half a context of history, which is the number to report for a trained model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import BatchSampler
+from .errors import DataError
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def estimate_loss(
+    model: Callable[..., Any],
+    splits: dict[str, np.ndarray],
+    *,
+    block_size: int,
+    batch_size: int,
+    iters: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> dict[str, float]:
+    """Mean loss over `iters` random batches of each split, always the same batches for a seed."""
+    out: dict[str, float] = {}
+    with eval_mode(model):  # type: ignore[arg-type]
+        for name, tokens in splits.items():
+            sampler = BatchSampler(tokens, block_size, batch_size, seed=seed, device=device)
+            total = torch.zeros((), device=device)
+            for _ in range(iters):
+                x, y = sampler.next_batch()
+                with autocast():
+                    _, loss = model(x, y)
+                total += loss.float()
+            out[name] = (total / iters).item()
+    return out
+
+
+def window_plan(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
+    """(start, first scored position) for windows that score each target exactly once."""
+    n_targets = n_tokens - 1
+    T = min(block_size, n_targets)
+    stride = max(1, T // 2)
+    starts = list(range(0, n_targets - T + 1, stride))
+    if starts[-1] + T < n_targets:
+        starts.append(n_targets - T)
+    plan, covered = [], 0
+    for s in starts:
+        plan.append((s, max(covered, s) - s))
+        covered = s + T
+    return plan
+
+
+@torch.no_grad()
+def evaluate_tokens(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    *,
+    block_size: int,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> float:
+    """Mean cross-entropy (nats per character) of predicting every token after the first."""
+    if len(tokens) < 2:
+        raise DataError("the text to evaluate needs at least 2 characters")
+    T = min(block_size, len(tokens) - 1)
+    plan = window_plan(len(tokens), block_size)
+    offsets = np.arange(T + 1)
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for i in range(0, len(plan), batch_size):
+            chunk = plan[i : i + batch_size]
+            starts = np.array([s for s, _ in chunk])
+            windows = torch.from_numpy(tokens[starts[:, None] + offsets].astype(np.int64))
+            windows = windows.to(device)
+            x, y = windows[:, :-1], windows[:, 1:]  # (b, T)
+            first = torch.tensor([f for _, f in chunk], device=device)
+            mask = torch.arange(T, device=device)[None, :] >= first[:, None]  # (b, T)
+            with autocast():
+                logits, _ = model(x)
+            nll = F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none"
+            ).view_as(y)
+            total += nll[mask].sum().item()
+            count += int(mask.sum().item())
+    assert count == len(tokens) - 1, "window plan must score every target once"
+    return total / count
+
+
+def bits_per_char(loss: float) -> float:
+    return loss / math.log(2)

@@ -1,0 +1,528 @@
+"""The training loop: setup, then step, log, evaluate, checkpoint, until done or interrupted.
+
+`train()` starts a run from a `Config`; `train(resume=RUN_DIR)` continues one from its last
+complete checkpoint. A resumed run restores weights, optimizer, step, random-number states and
+the batch sampler, and evaluation draws its batches from its own fixed-seed sampler, so on CPU
+a run interrupted after N steps and resumed gives bit-identical weights to an uninterrupted one.
+The hot path does no host-device synchronisation except at log and eval steps. SIGINT and
+SIGTERM finish the current step, write `last/`, and return; a second Ctrl-C aborts at once
+(the previous checkpoint is never damaged, see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import SECTIONS, Config, TrainConfig, apply_overrides
+from .data import BatchSampler, PreparedData, check_split_lengths, load_prepared, prepare
+from .datasets import fetch
+from .errors import ChargptError, CheckpointError, ConfigError
+from .evaluate import estimate_loss
+from .io import atomic_write_text
+from .model import build_model
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss_curve.png"
+DATA_SUBDIR = "data"
+
+
+class TrainingError(ChargptError):
+    """Training cannot go on (for example the loss became NaN)."""
+
+
+@dataclass
+class TrainResult:
+    """What a call to `train()` achieved."""
+
+    run_dir: Path
+    step: int
+    best_val_loss: float
+    last_val_loss: float
+    elapsed: float
+    interrupted_by: int | None = None  # signal number, when stopped by SIGINT/SIGTERM
+
+
+# --- device and precision ---------------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r} requested but MPS is not available")
+    return device
+
+
+def autocast_dtype(device: torch.device, name: str) -> torch.dtype | None:
+    """The autocast dtype, or None for plain float32."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --- schedule and optimizer -------------------------------------------------------------------
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr, cosine decay to min_lr at decay_steps, then flat."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= cfg.decay_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.decay_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW; weight decay on matrices of Linear layers only, not on biases, norms, embeddings."""
+    embedding_params = {
+        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)
+    }
+    decay, no_decay = [], []
+    for p in model.parameters():  # parameters() yields a tied weight once
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and id(p) not in embedding_params else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+# --- signals ----------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps; a second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+# --- run directory ----------------------------------------------------------------------------
+
+
+def _default_run_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def _new_run_dir(cfg: Config) -> Path:
+    run_dir = Path(cfg.train.out_dir) if cfg.train.out_dir else _default_run_dir()
+    if (run_dir / CONFIG_FILE).exists():
+        raise ConfigError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+            "or choose another --out"
+        )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} exists and is not a directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _data_dir(cfg: Config, run_dir: Path) -> Path:
+    return Path(cfg.data.data_dir) if cfg.data.data_dir else run_dir / DATA_SUBDIR
+
+
+def _prepare_data(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> PreparedData:
+    if cfg.data.data_dir:
+        return load_prepared(cfg.data.data_dir)
+    source = cfg.data.input or str(fetch(cfg.data.dataset, progress=True))
+    log(f"preparing {source}")
+    prepare(source, run_dir / DATA_SUBDIR, val_fraction=cfg.data.val_fraction, progress=True)
+    return load_prepared(run_dir / DATA_SUBDIR)
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / CONFIG_FILE
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a chargpt run directory ({CONFIG_FILE} missing)")
+    return Config.from_dict(ckpt.read_json(path), source=str(path))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line torn by a kill mid-write
+    return rows
+
+
+# --- the trainer ------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One training run; build it with `Trainer.new` or `Trainer.resume`, then call `run()`."""
+
+    def __init__(self, cfg: Config, run_dir: Path, data: PreparedData, quiet: bool = False):
+        self.cfg, self.run_dir, self.data, self.quiet = cfg, run_dir, data, quiet
+        self.is_main = True
+        tc = cfg.train
+        self.device = pick_device(tc.device)
+        self.amp_dtype = autocast_dtype(self.device, tc.dtype)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        torch.manual_seed(tc.seed)
+        self.model = build_model(cfg.model).to(self.device)
+        self.forward = torch.compile(self.model) if tc.compile else self.model
+        self.optimizer = make_optimizer(self.model, tc, self.device)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.amp_dtype is torch.float16
+        )
+        self.sampler = BatchSampler(
+            data.train, cfg.model.block_size, tc.batch_size, seed=tc.seed, device=self.device
+        )
+        self.step = 0
+        self.best_val_loss = math.inf
+        self.last_val_loss = math.inf
+        self.elapsed_before = 0.0
+        self._bar = None
+
+    # construction
+
+    @classmethod
+    def new(cls, cfg: Config, quiet: bool = False) -> Trainer:
+        run_dir = _new_run_dir(cfg)
+        data = _prepare_data(cfg, run_dir, (lambda s: None) if quiet else print)
+        if cfg.data.data_dir:
+            cfg = apply_overrides(
+                cfg, {"data": {"data_dir": str(Path(cfg.data.data_dir).resolve())}}, "run"
+            )
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
+        )
+        check_split_lengths(data, cfg.model.block_size)
+        atomic_write_text(run_dir / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
+        return cls(cfg, run_dir, data, quiet)
+
+    @classmethod
+    def resume(
+        cls, run_dir: str | Path, overrides: dict[str, Any] | None = None, quiet: bool = False
+    ) -> Trainer:
+        run_dir = Path(run_dir)
+        cfg = load_run_config(run_dir)
+        overrides = overrides or {}
+        for section, values in overrides.items():
+            if section != "train" and values:
+                keys = ", ".join(f"{section}.{k}" for k in values)
+                raise ConfigError(f"cannot change {keys} when resuming; start a new run instead")
+        if overrides.get("train"):
+            cfg = apply_overrides(cfg, {"train": overrides["train"]}, "command line")
+            atomic_write_text(run_dir / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
+        last = ckpt.resolve(run_dir, "last")
+        if last is None:
+            raise CheckpointError(f"{run_dir} has no complete checkpoint to resume from")
+        data = load_prepared(_data_dir(cfg, run_dir))
+        state = ckpt.read_json(last / ckpt.STATE_FILE)
+        vocab = ckpt.read_json(last / ckpt.VOCAB_FILE)
+        if vocab.get("chars") != list(data.tokenizer.chars):
+            raise CheckpointError(f"{last} was trained on a different vocabulary than its data")
+        trainer = cls(cfg, run_dir, data, quiet)
+        trainer._restore(last, state)
+        return trainer
+
+    def _restore(self, last: Path, state: dict[str, Any]) -> None:
+        ckpt.load_weights(self.model, last)
+        if "optimizer" not in state or not (last / ckpt.RNG_FILE).exists():
+            raise CheckpointError(f"{last} holds weights only and cannot be resumed")
+        opt_tensors = ckpt.load_tensors(last / ckpt.OPTIMIZER_FILE)
+        try:
+            self.optimizer.load_state_dict(ckpt.join_optimizer_state(opt_tensors,
+                                                                     state["optimizer"]))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{last}: optimizer state does not fit the model: {e}") from None
+        rng = ckpt.load_tensors(last / ckpt.RNG_FILE)
+        torch.set_rng_state(rng["torch_cpu"])
+        if self.device.type == "cuda" and "torch_cuda" in rng:
+            torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
+        self.sampler.load_state_dict({"generator": rng["sampler"], **state.get("sampler", {})})
+        self.step = int(state["step"])
+        self.best_val_loss = float(state.get("best_val_loss", math.inf))
+        self.last_val_loss = float(state.get("val_loss", math.inf))
+        self.elapsed_before = float(state.get("elapsed", 0.0))
+        # Rows logged after this checkpoint by the interrupted process are replayed now.
+        rows = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= self.step]
+        atomic_write_text(
+            self.run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows)
+        )
+
+    # output
+
+    def log(self, message: str) -> None:
+        if not self.is_main or self.quiet:
+            return
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def _record(self, row: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _plot(self) -> None:
+        if not self.is_main:
+            return
+        from .plots import plot_loss_curve
+
+        plot_loss_curve(read_metrics(self.run_dir), self.run_dir / PLOT_FILE)
+
+    # checkpoints
+
+    def _checkpoint_data(self, with_resume_state: bool) -> ckpt.CheckpointData:
+        sampler_state = self.sampler.state_dict()
+        state = {
+            "step": self.step,
+            "best_val_loss": self.best_val_loss,
+            "val_loss": self.last_val_loss,
+            "elapsed": self.elapsed(),
+            "sampler": {k: v for k, v in sampler_state.items() if k != "generator"},
+            "torch_version": torch.__version__,
+        }
+        rng = None
+        if with_resume_state:
+            rng = {"torch_cpu": torch.get_rng_state(), "sampler": sampler_state["generator"]}
+            if self.device.type == "cuda":
+                rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        return ckpt.CheckpointData(
+            state=state,
+            config=self.cfg.to_dict(),
+            vocab=json.loads(self.data.tokenizer.to_json()),
+            optimizer=self.optimizer.state_dict() if with_resume_state else None,
+            rng=rng,
+        )
+
+    def save(self, name: str) -> None:
+        if self.is_main:
+            ckpt.save(self.run_dir, name, self.model, self._checkpoint_data(name == "last"))
+
+    # evaluation
+
+    def evaluate(self) -> tuple[float, float]:
+        tc = self.cfg.train
+        losses = estimate_loss(
+            self.forward,
+            {"train": self.data.train, "val": self.data.val},
+            block_size=self.cfg.model.block_size,
+            batch_size=tc.batch_size,
+            iters=tc.eval_iters,
+            seed=tc.seed + 1,
+            device=self.device,
+            autocast=lambda: autocast_context(self.device, self.amp_dtype),
+        )
+        return losses["train"], losses["val"]
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self._t0)
+
+    def _eval_and_checkpoint(self) -> None:
+        train_loss, val_loss = self.evaluate()
+        self.last_val_loss = val_loss
+        bpc = val_loss / math.log(2)
+        elapsed = self.elapsed()
+        self.log(
+            f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+            f"val bpc {bpc:.3f}, {elapsed:.1f}s"
+        )
+        self._record({"kind": "eval", "step": self.step, "train_loss": train_loss,
+                      "val_loss": val_loss, "val_bpc": bpc, "elapsed": round(elapsed, 3)})
+        if not math.isfinite(val_loss):
+            raise TrainingError(
+                f"val loss is {val_loss} at step {self.step}; the last good checkpoint is "
+                f"{self.run_dir / 'last'} (try a lower --lr or --dtype float32)"
+            )
+        if val_loss < self.best_val_loss:
+            self.best_val_loss = val_loss
+            self.save("best")
+        self.save("last")
+        self._plot()
+
+    # the loop
+
+    def tokens_per_step(self) -> int:
+        tc = self.cfg.train
+        return tc.batch_size * tc.grad_accum * self.cfg.model.block_size
+
+    def _progress_bar(self):
+        from tqdm.auto import tqdm
+
+        tc = self.cfg.train
+        enabled = tc.progress and self.is_main and not self.quiet and sys.stderr.isatty()
+        if not enabled:
+            return None
+        return tqdm(total=tc.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                    leave=False, file=sys.stderr)
+
+    def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(self.cfg.train.grad_accum):
+            yield self.sampler.next_batch()
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step; returns the mean micro-batch loss as a device tensor (no sync)."""
+        tc = self.cfg.train
+        lr = lr_at(self.step, tc)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for x, y in self._micro_batches():
+            with autocast_context(self.device, self.amp_dtype):
+                _, loss = self.forward(x, y)
+            loss = loss / tc.grad_accum
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        if tc.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total
+
+    def run(self, stop_at_step: int | None = None) -> TrainResult:
+        tc = self.cfg.train
+        end = tc.max_steps if stop_at_step is None else min(stop_at_step, tc.max_steps)
+        self._t0 = time.perf_counter()
+        n_params = self.model.num_params()
+        self.log(
+            f"{n_params / 1e6:.2f} M parameters | vocab {self.data.tokenizer.vocab_size} | "
+            f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens | "
+            f"{self.device.type}, {self.amp_dtype or torch.float32} | run dir {self.run_dir}"
+        )
+        if self.step > 0:
+            self.log(f"resuming from step {self.step}")
+        self.model.train()
+        with StopRequest() as stop:
+            self._bar = self._progress_bar()
+            try:
+                if self.step == 0:
+                    self._eval_and_checkpoint()
+                self._loop(end, stop)
+            finally:
+                if self._bar is not None:
+                    self._bar.close()
+                    self._bar = None
+        return TrainResult(self.run_dir, self.step, self.best_val_loss, self.last_val_loss,
+                           self.elapsed(), stop.signum)
+
+    def _loop(self, end: int, stop: StopRequest) -> None:
+        tc = self.cfg.train
+        loss_sum = torch.zeros((), device=self.device)
+        n_since_log, t_log = 0, time.perf_counter()
+        saved_at = self.step
+        while self.step < end and stop.signum is None:
+            loss_sum += self.train_step()
+            n_since_log += 1
+            if self.step % tc.log_interval == 0 or self.step == end:
+                mean_loss = (loss_sum / n_since_log).item()  # the only per-log sync
+                now = time.perf_counter()
+                tok_s = n_since_log * self.tokens_per_step() / max(now - t_log, 1e-9)
+                if not math.isfinite(mean_loss):
+                    raise TrainingError(
+                        f"training loss became {mean_loss} by step {self.step}; the last good "
+                        f"checkpoint is {self.run_dir / 'last'} (try a lower --lr, "
+                        "--grad-clip 1.0 or --dtype float32)"
+                    )
+                self._record({"kind": "train", "step": self.step, "loss": mean_loss,
+                              "lr": lr_at(self.step - 1, tc), "tok_per_s": round(tok_s),
+                              "elapsed": round(self.elapsed(), 3)})
+                if self._bar is not None:
+                    self._bar.set_postfix_str(f"loss {mean_loss:.4f}, {tok_s / 1e3:.1f}k tok/s")
+                loss_sum.zero_()
+                n_since_log, t_log = 0, now
+            if self._bar is not None:
+                self._bar.update(1)
+            if self.step % tc.eval_interval == 0 or self.step == tc.max_steps:
+                self._eval_and_checkpoint()
+                saved_at = self.step
+        if self.step != saved_at:
+            self.save("last")
+        if stop.signum is not None:
+            name = signal.Signals(stop.signum).name
+            self.log(f"{name} received: stopped after step {self.step}; checkpoint written to "
+                     f"{self.run_dir / 'last'}; continue with: chargpt train --resume "
+                     f"{self.run_dir}")
+
+
+def train(
+    config: Config | None = None,
+    *,
+    resume: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    stop_at_step: int | None = None,
+    quiet: bool = False,
+) -> TrainResult:
+    """Train a model from `config`, or continue the run in `resume` (then `overrides` may change
+    [train] settings such as max_steps). `stop_at_step` ends this call early, as an interruption
+    would, leaving a checkpoint that `resume` continues exactly."""
+    if resume is not None:
+        if config is not None:
+            raise ConfigError("give either a config or a run directory to resume, not both")
+        trainer = Trainer.resume(resume, overrides, quiet=quiet)
+    else:
+        cfg = config or Config()
+        if overrides:
+            cfg = apply_overrides(cfg, overrides, "overrides")
+        trainer = Trainer.new(cfg, quiet=quiet)
+    return trainer.run(stop_at_step=stop_at_step)
+
+
+
