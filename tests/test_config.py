@@ -1,4 +1,4 @@
-"""Config resolution: defaults, presets, TOML files and flags; every bad value is one clear error."""
+"""Config resolution: defaults, presets, TOML files and flags; each bad value is one error."""
 
 import dataclasses
 

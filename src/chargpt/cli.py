@@ -21,7 +21,6 @@ from .config import (
     SECTIONS,
     field_docs,
     field_types,
-    load_preset,
     preset_description,
     preset_names,
     resolve_config,
@@ -171,7 +170,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         what = args.input
     else:
         cfg = load_run_config(args.run_dir)
-        data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else Path(args.run_dir) / DATA_SUBDIR
+        data_dir = Path(cfg.data.data_dir or Path(args.run_dir) / DATA_SUBDIR)
         data = load_prepared(data_dir)
         if data.tokenizer.fingerprint() != run.tokenizer.fingerprint():
             raise ChargptError(f"{data_dir} uses a different vocabulary than {run.checkpoint}")
@@ -264,7 +263,10 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors and --help: argparse has printed what it had to say
+        return int(e.code or 0)
     try:
         return args.func(args)
     except ChargptError as e:

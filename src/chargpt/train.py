@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .config import SECTIONS, Config, TrainConfig, apply_overrides
+from .config import Config, TrainConfig, apply_overrides
 from .data import BatchSampler, PreparedData, check_split_lengths, load_prepared, prepare
 from .datasets import fetch
 from .errors import ChargptError, CheckpointError, ConfigError

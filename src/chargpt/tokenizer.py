@@ -1,0 +1,308 @@
+"""Character-level tokenizer: one token per Unicode code point.
+
+`CharTokenizer` maps each character of a fixed vocabulary to its position in that vocabulary.
+A character is one code point (a Python str of length 1), so any script works; a grapheme made of
+several code points (an emoji with a zero-width joiner, a letter with a combining accent) is
+several tokens. Text with characters outside the vocabulary is refused, skipped or replaced
+according to an explicit policy. A vocabulary is saved as a small, human-readable JSON file and
+is identified by a fingerprint so a model is never paired with a foreign vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, DataError, VocabError
+from .io import atomic_write_text
+
+__all__ = ["CharTokenizer", "UNKNOWN_POLICIES", "unknown_chars_message"]
+
+VOCAB_FORMAT = "chargpt-vocab"
+VOCAB_VERSION = 1
+UNKNOWN_POLICIES = ("error", "skip", "replace")
+N_CODEPOINTS = 0x110000
+_MAX_NAMED = 10
+_UNKNOWN_HINT = "use --unknown skip or --unknown replace"
+
+
+def _describe_char(c: str) -> str:
+    return f"{c!r} (U+{ord(c):04X})"
+
+
+def unknown_chars_message(what: str, chars: Sequence[str], hint: str | None = _UNKNOWN_HINT) -> str:
+    """One line naming up to ten distinct unknown characters and how many there are in total."""
+    n = len(chars)
+    shown = ", ".join(_describe_char(c) for c in chars[:_MAX_NAMED])
+    more = f" and {n - _MAX_NAMED} more" if n > _MAX_NAMED else ""
+    noun = "character" if n == 1 else "characters"
+    tail = f" ({hint})" if hint else ""
+    return f"{what} has {n} {noun} not in the vocabulary: {shown}{more}{tail}"
+
+
+def _check_policy(unknown: str) -> None:
+    if unknown not in UNKNOWN_POLICIES:
+        raise ConfigError(
+            f"unknown-character policy must be one of {', '.join(UNKNOWN_POLICIES)}, "
+            f"got {unknown!r}"
+        )
+
+
+class CharTokenizer:
+    """A fixed vocabulary of single code points; token ids are positions in `chars`."""
+
+    def __init__(self, chars: Sequence[str]) -> None:
+        chars = tuple(chars)
+        if not chars:
+            raise DataError("the vocabulary is empty")
+        index: dict[str, int] = {}
+        for i, c in enumerate(chars):
+            if not isinstance(c, str) or len(c) != 1:
+                raise DataError(
+                    f"vocabulary entry {i} is {c!r}; each entry must be exactly one character"
+                )
+            if 0xD800 <= ord(c) <= 0xDFFF:
+                # Lone surrogates cannot be written as UTF-8, so they can never appear in a
+                # corpus or a saved vocabulary.
+                raise DataError(f"vocabulary entry {i} is a surrogate code point U+{ord(c):04X}")
+            if c in index:
+                raise DataError(f"vocabulary has the character {c!r} twice")
+            index[c] = i
+        self._chars = chars
+        self._index = index
+        self._lut: np.ndarray | None = None
+        self._byte_tables: tuple[bytes, bytes] | None = None
+
+    # --- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        """The sorted distinct code points of `text`."""
+        return cls(sorted(set(text)))
+
+    @classmethod
+    def from_codepoints(cls, codepoints: Iterable[int]) -> CharTokenizer:
+        """A vocabulary from code point numbers, kept in the given order."""
+        return cls([chr(int(c)) for c in codepoints])
+
+    # --- properties -------------------------------------------------------------------------
+
+    @property
+    def chars(self) -> tuple[str, ...]:
+        return self._chars
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._chars)
+
+    @property
+    def id_dtype(self) -> np.dtype:
+        """The smallest unsigned integer type that holds every id."""
+        return np.dtype(np.uint16 if self.vocab_size <= 65535 else np.uint32)
+
+    def __len__(self) -> int:
+        return len(self._chars)
+
+    def __contains__(self, c: object) -> bool:
+        return c in self._index
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CharTokenizer) and self._chars == other._chars
+
+    def __hash__(self) -> int:
+        return hash(self._chars)
+
+    def __repr__(self) -> str:
+        return f"CharTokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()[:12]})"
+
+    # --- encoding ---------------------------------------------------------------------------
+
+    def _replacement_id(self, replacement: str | None) -> int:
+        if replacement is None:
+            return self._index.get(" ", 0)
+        if not isinstance(replacement, str) or len(replacement) != 1:
+            raise ConfigError(f"the replacement must be one character, got {replacement!r}")
+        if replacement not in self._index:
+            raise VocabError(
+                f"the replacement character {_describe_char(replacement)} is not in the "
+                "vocabulary"
+            )
+        return self._index[replacement]
+
+    def encode(
+        self,
+        text: str,
+        unknown: str = "error",
+        replacement: str | None = None,
+        what: str = "text",
+    ) -> list[int]:
+        """Token ids of `text`; characters outside the vocabulary follow the `unknown` policy.
+
+        `unknown` is "error" (raise `VocabError` naming them), "skip" (drop them) or "replace"
+        (use `replacement`; by default a space if the vocabulary has one, else its first
+        character). `what` names the text in error messages, e.g. "prompt".
+        """
+        _check_policy(unknown)
+        rep_id = self._replacement_id(replacement) if unknown == "replace" else 0
+        index = self._index
+        try:
+            return [index[c] for c in text]
+        except KeyError:
+            pass
+        if unknown == "error":
+            missing = [c for c in dict.fromkeys(text) if c not in index]
+            raise VocabError(unknown_chars_message(what, missing))
+        if unknown == "skip":
+            return [index[c] for c in text if c in index]
+        return [index.get(c, rep_id) for c in text]
+
+    def lookup_table(self) -> np.ndarray:
+        """A read-only int32 array mapping every code point to its id, or -1 if unknown."""
+        if self._lut is None:
+            lut = np.full(N_CODEPOINTS, -1, dtype=np.int32)
+            lut[[ord(c) for c in self._chars]] = np.arange(self.vocab_size, dtype=np.int32)
+            lut.flags.writeable = False
+            self._lut = lut
+        return self._lut
+
+    def _byte_translation(self) -> tuple[bytes, bytes]:
+        """(table, known) for bytes.translate: code points 0-255 whose ids fit in a byte."""
+        if self._byte_tables is None:
+            table = bytearray(256)
+            known = bytearray()
+            for b in range(256):
+                i = self._index.get(chr(b), 256)
+                if i < 256:
+                    table[b] = i
+                    known.append(b)
+            self._byte_tables = (bytes(table), bytes(known))
+        return self._byte_tables
+
+    def _encode_bytes(self, cps: np.ndarray) -> np.ndarray | None:
+        """Fast path for uint8 code points (ASCII text): two C-speed bytes.translate calls.
+
+        Returns None when some byte is unknown or has an id >= 256, for the general path.
+        """
+        table, known = self._byte_translation()
+        raw = cps.tobytes()
+        if raw.translate(None, known):
+            return None
+        return np.frombuffer(raw.translate(table), dtype=np.uint8).astype(self.id_dtype)
+
+    def encode_array(
+        self,
+        codepoints: np.ndarray,
+        unknown: str = "error",
+        replacement: str | None = None,
+        what: str = "text",
+    ) -> np.ndarray:
+        """Vectorised `encode` of an integer array of code points; returns `id_dtype` ids."""
+        _check_policy(unknown)
+        rep_id = self._replacement_id(replacement) if unknown == "replace" else 0
+        cps = np.asarray(codepoints)
+        if cps.dtype.kind not in "ui":
+            raise TypeError(f"code points must be an integer array, got dtype {cps.dtype}")
+        if cps.dtype == np.uint8 and cps.ndim == 1:
+            fast = self._encode_bytes(cps)
+            if fast is not None:
+                return fast
+        if cps.size and (int(cps.max()) >= N_CODEPOINTS or int(cps.min()) < 0):
+            raise VocabError(f"{what} contains values that are not Unicode code points")
+        ids = np.take(self.lookup_table(), cps)
+        bad = ids < 0
+        if bad.any():
+            if unknown == "error":
+                missing = [chr(c) for c in np.unique(cps[bad]).tolist()]
+                raise VocabError(unknown_chars_message(what, missing))
+            if unknown == "skip":
+                ids = ids[~bad]
+            else:
+                ids[bad] = rep_id
+        return ids.astype(self.id_dtype, copy=False)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of a sequence of ids (a list, a NumPy array or a 1-D torch tensor)."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()  # numpy arrays and torch tensors -> Python ints, fast
+        if isinstance(ids, int):
+            ids = [ids]
+        ids = list(ids)
+        if not ids:
+            return ""
+        lo, hi = min(ids), max(ids)
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise VocabError(
+                f"token id {bad} is out of range for a vocabulary of {self.vocab_size} characters"
+            )
+        chars = self._chars
+        return "".join([chars[i] for i in ids])
+
+    # --- identity and persistence -----------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of the characters; equal iff the vocabularies are."""
+        canonical = json.dumps(list(self._chars), ensure_ascii=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": VOCAB_FORMAT, "version": VOCAB_VERSION, "chars": list(self._chars)}
+
+    def to_json(self) -> str:
+        # ensure_ascii=False keeps the file readable for any script; control characters are
+        # still escaped by json.
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "vocabulary") -> CharTokenizer:
+        if not isinstance(d, dict) or d.get("format") != VOCAB_FORMAT:
+            raise DataError(f"{source} is not a chargpt vocabulary (format {VOCAB_FORMAT!r})")
+        if d.get("version") != VOCAB_VERSION:
+            raise DataError(
+                f"{source} has unsupported vocabulary version {d.get('version')!r} "
+                f"(expected {VOCAB_VERSION})"
+            )
+        chars = d.get("chars")
+        if not isinstance(chars, list):
+            raise DataError(f"{source}: 'chars' must be a list of characters")
+        try:
+            return cls(chars)
+        except DataError as e:
+            raise DataError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "vocabulary") -> CharTokenizer:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{source} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+            ) from None
+        return cls.from_dict(d, source)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the vocabulary as UTF-8 JSON, atomically."""
+        atomic_write_text(path, self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CharTokenizer:
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise DataError(f"vocabulary file not found: {path}") from None
+        except IsADirectoryError:
+            raise DataError(f"vocabulary file {path} is a directory") from None
+        except OSError as e:
+            raise DataError(f"cannot read vocabulary file {path}: {e.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not valid UTF-8 (byte offset {e.start})") from None
+        return cls.from_json(text, source=str(path))

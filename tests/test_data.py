@@ -1,0 +1,507 @@
+"""Tests for chargpt.data: prepare, load_prepared, text reading and the batch sampler."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from chargpt import data as data_mod
+from chargpt.data import (
+    BatchSampler,
+    PreparedData,
+    check_split_lengths,
+    encode_file,
+    load_prepared,
+    prepare,
+    read_text_file,
+)
+from chargpt.errors import CheckpointError, ConfigError, DataError, VocabError
+from chargpt.tokenizer import CharTokenizer
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+# Text prepare accepts: any code point but surrogates (not encodable) and NUL (means binary).
+TEXT_CHAR = st.characters(exclude_categories=("Cs",), exclude_characters="\x00")
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, str):
+        content = content.encode("utf-8")
+    path.write_bytes(content)
+    return path
+
+
+def all_text(d: PreparedData) -> str:
+    return d.tokenizer.decode(np.concatenate([d.train, d.val]))
+
+
+# --- prepare: content and splits ------------------------------------------------------------
+
+
+def test_split_sizes_and_meta(tmp_path: Path) -> None:
+    text = "abcdefghij" * 100
+    src = write(tmp_path / "in.txt", text)
+    meta = prepare(src, tmp_path / "out")
+    d = load_prepared(tmp_path / "out")
+    assert (len(d.train), len(d.val)) == (900, 100)
+    assert d.train.dtype == np.uint16 and d.val.dtype == np.uint16
+    assert d.meta == meta
+    assert meta["format"] == "chargpt-data" and meta["version"] == 1
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 10
+    assert meta["train_tokens"] == 900 and meta["val_tokens"] == 100
+    assert meta["total_chars"] == 1000 and meta["val_fraction"] == 0.1
+    assert meta["vocab_fingerprint"] == d.tokenizer.fingerprint()
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    assert meta["source_sha256"] == sha
+    assert meta["sources"] == [{"path": os.path.abspath(src), "bytes": 1000, "sha256": sha}]
+    assert d.tokenizer.decode(d.train) == text[:900]
+    assert d.tokenizer.decode(d.val) == text[900:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "meta.json", "train.npy", "val.npy", "vocab.json"]
+    # real .npy files, read-only maps
+    assert np.load(tmp_path / "out" / "train.npy", allow_pickle=False).shape == (900,)
+    assert not d.train.flags.writeable
+
+
+@pytest.mark.parametrize(("total", "frac", "n_val"), [(10, 0.9, 9), (10, 0.3, 3), (7, 0.5, 4)])
+def test_split_rounding(tmp_path: Path, total: int, frac: float, n_val: int) -> None:
+    meta = prepare(write(tmp_path / "a.txt", "x" * total), tmp_path / "o", val_fraction=frac)
+    assert (meta["train_tokens"], meta["val_tokens"]) == (total - n_val, n_val)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.text(TEXT_CHAR, min_size=2, max_size=300), chunk=st.integers(1, 40))
+def test_prepare_round_trip_any_unicode(text: str, chunk: int) -> None:
+    assume(not text.startswith("\ufeff"))  # a leading BOM is dropped on purpose
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write(Path(tmp) / "in.txt", text)
+        prepare(src, Path(tmp) / "out", chunk_bytes=chunk)
+        d = load_prepared(Path(tmp) / "out")
+        assert all_text(d) == text
+        assert d.tokenizer == CharTokenizer.from_text(text)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    docs=st.lists(st.text(TEXT_CHAR, min_size=1, max_size=50), min_size=1, max_size=3),
+    sep=st.text(TEXT_CHAR, max_size=3),
+)
+def test_prepare_joins_documents(docs: list[str], sep: str) -> None:
+    assume(not any(doc.startswith("\ufeff") for doc in docs))
+    expected = sep.join(docs)
+    assume(len(expected) >= 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [write(Path(tmp) / f"{i}.txt", doc) for i, doc in enumerate(docs)]
+        prepare(files, Path(tmp) / "out", separator=sep, chunk_bytes=7)
+        assert all_text(load_prepared(Path(tmp) / "out")) == expected
+
+
+def test_scripts_and_emoji_survive(tmp_path: Path) -> None:
+    text = "Şişli ığdır İzmir Ğ ş ğ ı İ\n東京都の天気 🙂 👩‍💻 family: 👨‍👩‍👧\n" * 3
+    prepare(write(tmp_path / "t.txt", text), tmp_path / "out", chunk_bytes=5)
+    d = load_prepared(tmp_path / "out")
+    assert all_text(d) == text
+    assert {"ş", "ğ", "ı", "İ", "東", "🙂", "\u200d"} <= set(d.tokenizer.chars)
+
+
+def test_wide_vocabulary_uses_uint32(tmp_path: Path) -> None:
+    cps = [c for c in range(0x100, 0x100 + 70_000) if not 0xD800 <= c <= 0xDFFF]
+    text = "a" + "".join(map(chr, cps))
+    meta = prepare(write(tmp_path / "wide.txt", text), tmp_path / "out")
+    d = load_prepared(tmp_path / "out")
+    assert meta["dtype"] == "uint32" and d.train.dtype == np.uint32
+    assert meta["vocab_size"] == len(cps) + 1 > 65535
+    assert all_text(d) == text
+
+
+def test_directory_glob_and_list_sources(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    write(corpus / "b.txt", "BBB")
+    write(corpus / "a.txt", "AAA")
+    write(corpus / "sub" / "c.txt", "CCC")
+    write(corpus / ".hidden" / "h.txt", "HHH")
+    write(corpus / "notes.md", "MMM")
+    prepare(corpus, tmp_path / "dir", separator="|")
+    assert all_text(load_prepared(tmp_path / "dir")) == "AAA|BBB|CCC"
+    meta = prepare(str(corpus / "*.txt"), tmp_path / "glob")
+    assert all_text(load_prepared(tmp_path / "glob")) == "AAA\n\nBBB"
+    assert [Path(s["path"]).name for s in meta["sources"]] == ["a.txt", "b.txt"]
+    assert meta["source_sha256"] == hashlib.sha256(b"AAABBB").hexdigest()
+    prepare(str(corpus / "**" / "c.txt"), tmp_path / "rec")
+    assert all_text(load_prepared(tmp_path / "rec")) == "CCC"
+    prepare([corpus / "sub", corpus / "b.txt"], tmp_path / "list", separator="--")
+    assert all_text(load_prepared(tmp_path / "list")) == "CCC--BBB"
+
+
+def test_bom_stripped_and_crlf_preserved(tmp_path: Path) -> None:
+    src = write(tmp_path / "bom.txt", b"\xef\xbb\xbfline one\r\nline two\r\n")
+    meta = prepare(src, tmp_path / "out", chunk_bytes=1)
+    d = load_prepared(tmp_path / "out")
+    assert all_text(d) == "line one\r\nline two\r\n"
+    assert "\ufeff" not in d.tokenizer.chars and "\r" in d.tokenizer.chars
+    assert meta["sources"][0]["bytes"] == 23  # the hash and size cover the file as it is
+
+
+def test_fixed_vocabulary(tmp_path: Path) -> None:
+    vocab = CharTokenizer(list("zyxabc"))
+    prepare(write(tmp_path / "a.txt", "abcabc"), tmp_path / "out", vocab=vocab)
+    d = load_prepared(tmp_path / "out")
+    assert d.tokenizer == vocab and d.train.tolist() == [3, 4, 5, 3, 4]
+    with pytest.raises(VocabError, match="2 characters not in the vocabulary: 'd'"):
+        prepare(write(tmp_path / "b.txt", "abcdé"), tmp_path / "out2", vocab=vocab)
+
+
+def test_replaces_previous_output_and_leaves_no_temp(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    prepare(write(tmp_path / "a.txt", "aaaaaaaaaa"), out)
+    prepare(write(tmp_path / "b.txt", "bcbcbcbcbcbc"), out)
+    assert all_text(load_prepared(out)) == "bcbcbcbcbcbc"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "out"]
+
+
+def test_refuses_to_replace_unrelated_directory(tmp_path: Path) -> None:
+    write(tmp_path / "mine" / "thesis.tex", "precious")
+    with pytest.raises(DataError, match="not a prepared data directory"):
+        prepare(write(tmp_path / "a.txt", "hello world"), tmp_path / "mine")
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    def fail(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(CharTokenizer, "save", fail)
+    with pytest.raises(DataError, match="No space left on device"):
+        prepare(write(tmp_path / "a.txt", "hello world"), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_write_error_on_helper_thread(tmp_path: Path, monkeypatch) -> None:
+    def full(self, ids):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data_mod._SplitWriter, "write", full)
+    with pytest.raises(DataError, match="cannot write prepared data .*No space left"):
+        prepare(write(tmp_path / "a.txt", "hello world" * 1000), tmp_path / "out", chunk_bytes=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_progress_flag_is_harmless(tmp_path: Path) -> None:
+    prepare(write(tmp_path / "a.txt", "hello world"), tmp_path / "out", progress=True)
+
+
+# --- Tiny Shakespeare -----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not SHAKESPEARE.is_file(), reason=f"Tiny Shakespeare not found at {SHAKESPEARE}"
+)
+def test_tiny_shakespeare(tmp_path: Path) -> None:
+    meta = prepare(SHAKESPEARE, tmp_path / "out")
+    assert meta["vocab_size"] == 65
+    assert meta["train_tokens"] == 1_003_854 and meta["val_tokens"] == 111_540
+    assert meta["source_sha256"] == SHAKESPEARE_SHA256
+    d = load_prepared(tmp_path / "out")
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    # identical to the lecture's: stoi over sorted(set(text)), data[:int(0.9 * len(data))]
+    chars = sorted(set(text))
+    assert d.tokenizer.chars == tuple(chars)
+    stoi = {c: i for i, c in enumerate(chars)}
+    lecture = np.array([stoi[c] for c in text], dtype=np.int64)
+    n = int(0.9 * len(lecture))
+    assert np.array_equal(d.train, lecture[:n]) and np.array_equal(d.val, lecture[n:])
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"", "is empty"),
+        (b"\xef\xbb\xbf", "contains no text"),
+        (b"hello \xe9t\xe9", "not valid UTF-8: invalid continuation byte .* at byte offset 6"),
+        (b"abc\xff", "not valid UTF-8: invalid start byte \\(byte 0xff\\) at byte offset 3"),
+        (b"abc\xe2\x82", "not valid UTF-8: unexpected end of data .*offset 3"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "looks like a binary file"),
+        (b"text\x00more", "looks like a binary file \\(NUL byte at offset 4\\)"),
+    ],
+)
+@pytest.mark.parametrize("chunk", [1, 2, 16 * 2**20])
+def test_bad_files(tmp_path: Path, content: bytes, match: str, chunk: int) -> None:
+    src = write(tmp_path / "bad.txt", content)
+    with pytest.raises(DataError, match=match) as info:
+        prepare(src, tmp_path / "out", chunk_bytes=chunk)
+    assert str(src) in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_file_among_many_is_named(tmp_path: Path) -> None:
+    write(tmp_path / "c" / "a.txt", "fine")
+    bad = write(tmp_path / "c" / "b.txt", b"\xff")
+    with pytest.raises(DataError, match=f"{bad}.*byte offset 0"):
+        prepare(tmp_path / "c", tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("source", "match"),
+    [
+        ("missing.txt", "input not found: .*missing.txt"),
+        ("nodir/*.txt", "no files match .*nodir"),
+        ("emptydir", "no .txt files found under .*emptydir"),
+    ],
+)
+def test_missing_sources(tmp_path: Path, source: str, match: str) -> None:
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(DataError, match=match):
+        prepare(str(tmp_path / source), tmp_path / "out")
+
+
+@pytest.mark.parametrize("frac", [0.0, 1.0, -0.1, 1.5])
+def test_val_fraction_out_of_range(tmp_path: Path, frac: float) -> None:
+    with pytest.raises(ConfigError, match="val_fraction"):
+        prepare(write(tmp_path / "a.txt", "hello"), tmp_path / "out", val_fraction=frac)
+
+
+def test_too_small_to_split(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="too few to split"):
+        prepare(write(tmp_path / "a.txt", "a"), tmp_path / "out")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read anything")
+def test_unreadable_file(tmp_path: Path) -> None:
+    src = write(tmp_path / "a.txt", "hello")
+    src.chmod(0)
+    with pytest.raises(DataError, match="cannot read"):
+        prepare(src, tmp_path / "out")
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def prepared(tmp_path: Path) -> Path:
+    prepare(write(tmp_path / "in.txt", "hello world, hello there! " * 20), tmp_path / "data")
+    return tmp_path / "data"
+
+
+def _edit_meta(path: Path, **changes) -> None:
+    meta = json.loads((path / "meta.json").read_text())
+    meta.update(changes)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda p: (p / "meta.json").unlink(), "not a prepared data directory .*meta.json"),
+        (lambda p: (p / "meta.json").write_text("{"), "meta.json cannot be read"),
+        (lambda p: _edit_meta(p, format="other"), "not a prepared data directory"),
+        (lambda p: _edit_meta(p, version=2), "data format version 2"),
+        (lambda p: _edit_meta(p, train_tokens=5), "train.npy has 468 tokens but meta.json"),
+        (lambda p: _edit_meta(p, dtype="uint32"), "holds uint16 but meta.json says uint32"),
+        (lambda p: _edit_meta(p, vocab_size="many"), "no valid 'vocab_size'"),
+        (lambda p: (p / "train.npy").unlink(), "train.npy is missing"),
+        (lambda p: (p / "val.npy").write_bytes(b"garbage"), "val.npy cannot be read"),
+        (lambda p: (p / "vocab.json").unlink(), "vocabulary file not found"),
+        (lambda p: CharTokenizer.from_text("xyz").save(p / "vocab.json"), "fingerprint"),
+        (lambda p: np.save(p / "val.npy", np.array([{}], dtype=object)), "val.npy cannot be"),
+    ],
+)
+def test_damaged_prepared_dir(prepared: Path, damage, match: str) -> None:
+    damage(prepared)
+    with pytest.raises(DataError, match=match) as info:
+        load_prepared(prepared)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_token_file(prepared: Path) -> None:
+    path = prepared / "train.npy"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match="train.npy"):
+        load_prepared(prepared)
+
+
+def test_not_a_data_dir(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="data directory not found"):
+        load_prepared(tmp_path / "nope")
+    with pytest.raises(DataError, match="run `chargpt prepare`"):
+        load_prepared(tmp_path)
+
+
+def test_check_split_lengths(prepared: Path) -> None:
+    d = load_prepared(prepared)  # 468 train, 52 val
+    check_split_lengths(d, 51)
+    with pytest.raises(DataError, match="val split .* has 52 tokens .* block_size 52 needs"):
+        check_split_lengths(d, 52)
+    with pytest.raises(DataError, match="smaller --block-size"):
+        check_split_lengths(d, 1000)
+
+
+# --- other readers --------------------------------------------------------------------------
+
+
+def test_encode_file(tmp_path: Path) -> None:
+    tok = CharTokenizer.from_text("abc \ufeff")
+    src = write(tmp_path / "e.txt", "\ufeffab ca" * 3)
+    ids = encode_file(src, tok, chunk_bytes=3)
+    # only the leading BOM is a byte-order mark; later U+FEFF are ordinary characters
+    assert ids.dtype == np.uint16 and tok.decode(ids) == "ab ca" + "\ufeffab ca" * 2
+    plain = CharTokenizer.from_text("abc ")
+    bad = write(tmp_path / "g.txt", "ab" + "é" * 5 + "—")
+    with pytest.raises(VocabError, match="g.txt has 2 characters not in the vocabulary: 'é'"):
+        encode_file(bad, plain, chunk_bytes=2)
+    assert plain.decode(encode_file(bad, plain, unknown="skip")) == "ab"
+    assert plain.decode(encode_file(bad, plain, unknown="replace")) == "ab" + " " * 6
+
+
+def test_read_text_file(tmp_path: Path) -> None:
+    assert read_text_file(write(tmp_path / "p.txt", "\ufeffŞeker\r\n")) == "Şeker\r\n"
+    with pytest.raises(DataError, match="is empty"):
+        read_text_file(write(tmp_path / "e.txt", ""))
+    assert read_text_file(tmp_path / "e.txt", allow_empty=True) == ""
+    with pytest.raises(DataError, match="byte offset 2"):
+        read_text_file(write(tmp_path / "b.txt", b"ok\xc3("))
+    with pytest.raises(DataError, match="binary"):
+        read_text_file(write(tmp_path / "n.txt", b"a\x00"))
+    with pytest.raises(DataError, match="file not found"):
+        read_text_file(tmp_path / "missing.txt")
+    with pytest.raises(DataError, match="is a directory"):
+        read_text_file(tmp_path)
+
+
+# --- batches --------------------------------------------------------------------------------
+
+
+def test_batches_are_shifted_windows() -> None:
+    tokens = np.arange(1000, dtype=np.uint32)
+    x, y = BatchSampler(tokens, block_size=16, batch_size=8, seed=0).next_batch()
+    assert x.shape == y.shape == (8, 16)
+    assert x.dtype == y.dtype == torch.int64
+    assert torch.equal(y, x + 1)  # y[:, t] = tokens[i + t + 1]
+    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(8, 15, dtype=torch.int64))
+    assert x.is_contiguous() and y.is_contiguous()
+
+
+def test_batches_from_prepared_data(prepared: Path) -> None:
+    d = load_prepared(prepared)
+    sampler = BatchSampler(d.train, block_size=8, batch_size=4, seed=1)
+    for _ in range(5):
+        x, y = sampler.next_batch()
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        for row_x, row_y in zip(x.tolist(), y.tolist(), strict=True):
+            text = d.tokenizer.decode(row_x) + d.tokenizer.decode(row_y[-1:])
+            assert text in all_text(d)
+
+
+def test_every_window_is_reachable() -> None:
+    tokens = np.arange(12, dtype=np.uint16)
+    sampler = BatchSampler(tokens, block_size=4, batch_size=64, seed=3)
+    starts = {int(row[0]) for _ in range(10) for row in sampler.next_batch()[0]}
+    assert starts == set(range(8))  # 12 - 4 windows, the last one ending at tokens[11]
+
+
+def test_determinism_and_ranks() -> None:
+    tokens = np.arange(100_000, dtype=np.uint32)
+
+    def batches(seed: int, rank: int = 0) -> list[torch.Tensor]:
+        s = BatchSampler(tokens, 8, 4, seed=seed, rank=rank, world_size=2)
+        return [s.next_batch()[0] for _ in range(3)]
+
+    assert all(torch.equal(a, b) for a, b in zip(batches(7), batches(7), strict=True))
+    assert not torch.equal(batches(7)[0], batches(8)[0])
+    assert not torch.equal(batches(7, rank=0)[0], batches(7, rank=1)[0])
+
+
+def test_state_dict_round_trip() -> None:
+    tokens = np.arange(10_000, dtype=np.uint16)
+    a = BatchSampler(tokens, 8, 4, seed=5)
+    for _ in range(3):
+        a.next_batch()
+    state = a.state_dict()
+    assert state["generator"].dtype == torch.uint8 and state["batches"] == 3
+    expected = [a.next_batch() for _ in range(4)]
+    b = BatchSampler(tokens, 8, 4, seed=999)
+    b.load_state_dict(state)
+    got = [b.next_batch() for _ in range(4)]
+    for (ex, ey), (gx, gy) in zip(expected, got, strict=True):
+        assert torch.equal(ex, gx) and torch.equal(ey, gy)
+    assert b.batches == 7
+    with pytest.raises(CheckpointError):
+        b.load_state_dict({"generator": torch.zeros(3)})
+
+
+def test_sampler_rejects_bad_arguments() -> None:
+    tokens = np.arange(10, dtype=np.uint16)
+    with pytest.raises(DataError, match="too few for block_size 10"):
+        BatchSampler(tokens, block_size=10, batch_size=1, seed=0)
+    BatchSampler(tokens, block_size=9, batch_size=1, seed=0).next_batch()
+    with pytest.raises(ConfigError):
+        BatchSampler(tokens, block_size=0, batch_size=1, seed=0)
+    with pytest.raises(ConfigError):
+        BatchSampler(tokens, block_size=2, batch_size=1, seed=0, rank=2, world_size=2)
+
+
+# --- memory ---------------------------------------------------------------------------------
+
+_MEMORY_CHILD = textwrap.dedent(
+    """
+    import resource, sys
+    from chargpt.data import prepare
+
+    def peak_kb():
+        # VmHWM belongs to this process image only; ru_maxrss can carry over the parent's
+        # (large, torch-laden) footprint across fork + exec.
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss // 1024 if sys.platform == "darwin" else rss
+
+    base = peak_kb()
+    prepare(sys.argv[1], sys.argv[2])
+    print(base, peak_kb())
+    """
+)
+
+
+def test_prepare_memory_does_not_grow_with_corpus(tmp_path: Path) -> None:
+    if SHAKESPEARE.is_file():
+        unit = SHAKESPEARE.read_bytes()
+    else:
+        unit = b"".join(b"line %d: some plain ASCII text.\n" % i for i in range(30_000))
+    corpus = tmp_path / "big.txt"
+    with open(corpus, "wb") as f:
+        for _ in range(60_000_000 // len(unit) + 1):
+            f.write(unit)
+    corpus_mb = corpus.stat().st_size / 2**20
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_CHILD, str(corpus), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    base_kb, peak_kb = map(int, proc.stdout.split())
+    extra_mb, peak_mb = (peak_kb - base_kb) / 1024, peak_kb / 1024
+    # Holding the text (60 MB) and its uint16 ids (120 MB) would need ~180 MB extra.
+    assert extra_mb < 100, f"prepare used {extra_mb:.0f} MB extra for a {corpus_mb:.0f} MB corpus"
+    assert peak_mb < 250, f"peak RSS {peak_mb:.0f} MB"
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["total_chars"] == corpus.stat().st_size
