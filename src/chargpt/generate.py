@@ -1,0 +1,257 @@
+"""Sampling text from a trained model: the KV cache, next-token sampling and the decode loop.
+
+`generate_tokens` streams new tokens one step (one token per sequence) at a time and `generate`
+collects them behind the prompt. Each step's logits come either from a full forward over the
+recent context (recompute) or from a `KVCache` that holds earlier keys and values so only the
+newest token is run through the model; `generate_tokens` documents exactly which context the
+model sees in each case. `sample_next_token` turns logits into a token with temperature, top-k
+and top-p (nucleus) filtering, drawing from an explicit `torch.Generator` for repeatability.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError
+
+
+class KVCache:
+    """Keys and values of earlier positions, per layer, so decoding needs no recomputation.
+
+    Tensors of shape (B, n_head, max_len, head_dim) are allocated once. During a forward each
+    attention layer calls `update` with its new keys and values, which are written at the
+    current position, and gets back views of everything cached so far; after the last layer
+    the model calls `advance(T)` once, moving the position on by the T new tokens.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        head_dim: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """A cache sized for `model` (a GPT): one slot per position up to its block_size.
+
+        Device and dtype default to those of the model's parameters.
+        """
+        cfg = model.config
+        param = next(model.parameters())
+        return cls(
+            cfg.n_layer,
+            batch_size,
+            cfg.n_head,
+            cfg.head_dim,
+            cfg.block_size,
+            device=param.device if device is None else device,
+            dtype=param.dtype if dtype is None else dtype,
+        )
+
+    @property
+    def length(self) -> int:
+        """Number of positions cached (and the position id of the next token)."""
+        return self.pos
+
+    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store new keys/values (B, nh, T, hs) after the cached ones and return all of them
+        as views (B, nh, length + T, hs). Does not advance the position."""
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(
+                f"KV cache overflow: {self.pos} cached + {k.size(2)} new > max_len {self.max_len}"
+            )
+        self.k[layer_idx, :, :, self.pos : end] = k
+        self.v[layer_idx, :, :, self.pos : end] = v
+        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Move past the `n` tokens every layer has just stored."""
+        self.pos += n
+
+    def reset(self) -> None:
+        """Forget everything cached; the memory is kept for reuse."""
+        self.pos = 0
+
+
+def _check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample_next_token(
+    logits: Tensor,
+    generator: torch.Generator | None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Tensor:
+    """Draw one token per row of `logits` (B, V); returns (B, 1) token ids.
+
+    temperature 0 is greedy (argmax); otherwise logits are divided by it. top_k keeps the k
+    largest logits (ties with the k-th are kept too); top_p keeps the smallest set of most
+    likely tokens whose probabilities add up to at least top_p (never fewer than one). Both
+    may be combined, top_k first. `generator` (None = torch's global one) makes draws
+    repeatable; it must live on the logits' device.
+    """
+    _check_sampling_args(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # A token is dropped when the tokens ranked above it already reach top_p; the first
+        # token has nothing above it, so at least one always survives.
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def generate_tokens(
+    model: nn.Module,
+    idx: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Iterator[Tensor]:
+    """Yield `max_new_tokens` new tokens, each a (B,) tensor, as soon as it is sampled.
+
+    `idx` (B, T0) is the prompt, T0 >= 1; only its last `block_size` tokens are used. What the
+    model sees when predicting each token:
+
+    * `use_cache=False` (recompute): a full forward over the last `block_size` tokens every
+      step, as in nanoGPT; once the text is long enough the context is exactly `block_size`.
+    * `use_cache=True` with a GPT: the prompt is run once to fill a `KVCache`, then each step
+      feeds only the newest token. Positions are learned absolute embeddings, so a full cache
+      cannot slide by one; when it holds `block_size` tokens it is refilled from the last
+      `block_size // 2` tokens (at least one) and decoding continues. Tokens are identical to
+      the recompute path while prompt + new tokens fit in `block_size`; beyond that the model
+      sees between `block_size // 2` and `block_size` characters of context instead of exactly
+      `block_size`, for far less compute.
+    * `use_cache=True` with the bigram model: only the last token is fed (its whole context).
+
+    The model is put in eval mode while the iterator runs and its training mode is restored
+    when the iterator is exhausted or closed. Arguments are checked here, before the first
+    token is drawn (`ConfigError`).
+    """
+    _check_sampling_args(temperature, top_k, top_p)
+    if idx.dim() != 2:
+        shape = tuple(idx.shape)
+        raise ConfigError(f"the prompt must be a (batch, time) tensor, got shape {shape}")
+    if idx.size(1) < 1:
+        raise ConfigError("the prompt is empty; give at least one character to start from")
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    return _decode(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
+
+
+def _decode(
+    model: nn.Module,
+    idx: Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+    use_cache: bool,
+) -> Iterator[Tensor]:
+    block_size = model.config.block_size
+    is_bigram = model.config.arch == "bigram"
+    B = idx.size(0)
+    prompt = idx[:, -block_size:]
+    # One buffer for the whole text keeps every context window a view, not a new tensor.
+    n = prompt.size(1)
+    seq = torch.empty(B, n + max_new_tokens, dtype=torch.long, device=idx.device)
+    seq[:, :n] = prompt
+    cache: KVCache | None = None
+    if use_cache and not is_bigram:
+        with torch.inference_mode():
+            cache = KVCache.for_model(model, B)
+    keep = max(1, block_size // 2)  # tokens kept when a full cache is refilled
+
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            # inference mode only around the model, never across a yield into caller code
+            with torch.inference_mode():
+                if cache is None:
+                    start = n - 1 if use_cache else max(0, n - block_size)
+                    logits, _ = model(seq[:, start:n])
+                elif cache.length == 0:
+                    logits, _ = model(seq[:, :n], kv_cache=cache)  # prefill the prompt
+                elif cache.length == block_size:
+                    cache.reset()
+                    logits, _ = model(seq[:, n - keep : n], kv_cache=cache)
+                else:
+                    logits, _ = model(seq[:, n - 1 : n], kv_cache=cache)
+                token = sample_next_token(logits[:, -1, :], generator, temperature, top_k, top_p)
+                seq[:, n] = token[:, 0]
+            n += 1
+            yield seq[:, n - 1].clone()  # a normal tensor, usable outside inference mode
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: nn.Module,
+    idx: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Tensor:
+    """The prompt `idx` (B, T0), uncropped, followed by `max_new_tokens` sampled tokens."""
+    new = list(
+        generate_tokens(
+            model,
+            idx,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+            use_cache=use_cache,
+        )
+    )
+    if not new:
+        return idx.clone()
+    return torch.cat([idx, torch.stack(new, dim=1)], dim=1)

@@ -1,0 +1,288 @@
+"""The decoder-only Transformer (GPT) and the factory that builds any chargpt model.
+
+`GPT` follows GPT-2's layout and parameter names (`transformer.wte`, `transformer.h.0.attn.c_attn`,
+`lm_head`, ...) so its checkpoints read like nanoGPT's. Every part the lecture discusses can be
+switched through `ModelConfig`: LayerNorm placement (pre, post, none), residual connections, the
+MLP sub-layer, the activation and weight tying. Attention runs through PyTorch's fused
+`scaled_dot_product_attention`; an explicit masked-softmax path computes the same thing and is
+used to check the fused path and to return attention weights for heatmaps. Incremental decoding
+uses a `KVCache` (see generate.py) that lives outside the model and is passed to `forward`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .bigram import BigramLM
+from .config import ModelConfig
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .generate import KVCache
+
+
+def causal_mask(t_q: int, t_k: int, device: torch.device) -> Tensor:
+    """Boolean (t_q, t_k) mask, True where attention is allowed.
+
+    The queries are the last `t_q` of `t_k` positions (the first `t_k - t_q` keys come from a
+    cache), so query i may see keys up to and including its own position `t_k - t_q + i`.
+    """
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
+
+
+def language_model_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy over every position of every sequence."""
+    # float32 keeps the log-softmax accurate when the logits come out of bf16 autocast
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head masked self-attention: every position attends to itself and earlier ones.
+
+    Queries, keys and values come from one fused projection `c_attn`; the heads' outputs are
+    concatenated and mixed by `c_proj`. With a `KVCache` the new keys and values are appended
+    to those of earlier calls, so a forward over only the newest token still sees the whole
+    context. Set `use_sdpa = False` (or ask for weights) to use the explicit masked-softmax path.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.head_dim = config.head_dim
+        self.layer_idx = layer_idx
+        self.dropout = config.dropout
+        self.use_sdpa = True
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: Tensor, kv_cache: KVCache | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Return the attention output (B, T, C) and, if `need_weights`, the softmax weights
+        (B, nh, T, T_total), where T_total counts cached positions too."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, T_total, hs)
+            # a cache kept in another dtype than autocast's output must not break the matmuls
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        t_total = k.size(2)
+
+        weights = None
+        if self.use_sdpa and not need_weights:
+            p = self.dropout if self.training else 0.0
+            if t_total == T:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            elif T == 1:
+                # the single newest query may see every cached key: nothing to mask
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            else:
+                # is_causal aligns its triangle to the top-left, wrong when keys precede queries
+                mask = causal_mask(T, t_total, x.device)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, Tt)
+            att = att.masked_fill(~causal_mask(T, t_total, x.device), float("-inf"))
+            att = F.softmax(att, dim=-1)
+            if need_weights:
+                weights = att
+            y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y)), weights
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward network: widen, apply a non-linearity, project back.
+
+    Attention moves information between positions; this is where each position processes what
+    it gathered. The hidden width is `mlp_ratio * n_embd` and the activation GELU or ReLU.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden = config.mlp_ratio * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.act = nn.GELU() if config.activation == "gelu" else nn.ReLU()
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """One Transformer layer: self-attention, then the MLP, wired as the config says.
+
+    norm 'pre' normalises each sub-layer's input (GPT-2), 'post' normalises after the residual
+    addition (the original Transformer), 'none' drops LayerNorm. Without residual connections a
+    sub-layer's output replaces its input instead of being added to it; with `mlp` off the
+    block is attention only.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.norm = config.norm
+        self.residual = config.residual
+        use_ln = config.norm != "none"
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias) if use_ln else nn.Identity()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2: nn.Module | None = None
+        self.mlp: MLP | None = None
+        if config.mlp:
+            self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias) if use_ln else nn.Identity()
+            self.mlp = MLP(config)
+
+    def _sublayer(self, x: Tensor, out: Tensor) -> Tensor:
+        return x + out if self.residual else out
+
+    def forward(
+        self, x: Tensor, kv_cache: KVCache | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Return the new residual stream (B, T, C) and the attention weights if asked for."""
+        if self.norm == "post":
+            a, weights = self.attn(x, kv_cache, need_weights)
+            x = self.ln_1(self._sublayer(x, a))
+            if self.mlp is not None and self.ln_2 is not None:
+                x = self.ln_2(self._sublayer(x, self.mlp(x)))
+        else:  # 'pre', or 'none' where ln_1/ln_2 are identities
+            a, weights = self.attn(self.ln_1(x), kv_cache, need_weights)
+            x = self._sublayer(x, a)
+            if self.mlp is not None and self.ln_2 is not None:
+                x = self._sublayer(x, self.mlp(self.ln_2(x)))
+        return x, weights
+
+
+class GPT(nn.Module):
+    """A character-level GPT: token and learned position embeddings, blocks, a linear head.
+
+    `forward(idx, targets=None, kv_cache=None)` returns logits (B, T, vocab_size) for every
+    position and the mean cross-entropy if targets are given. Sequences may not be longer than
+    `block_size` (callers crop the context). With a `KVCache`, `idx` holds only the tokens that
+    follow those already cached, positions continue from the cache's length, and the cache
+    grows by T.
+    """
+
+    supports_kv_cache = True
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                ln_f=(
+                    nn.LayerNorm(config.n_embd, bias=config.bias)
+                    if config.norm != "none"
+                    else nn.Identity()
+                ),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # Each block adds two projections into the residual stream; shrinking them keeps the
+        # stream's variance from growing with depth (GPT-2's scaled initialisation).
+        resid_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=resid_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # Small weights make the initial logits nearly uniform, so step-0 loss is ~ln(vocab).
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Number of parameters, a tied matrix counted once.
+
+        With `non_embedding`, the token and position embedding tables are left out (as in
+        scaling-law papers); with tied weights that also leaves out the output head's matrix.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        x = self._embed(idx, kv_cache)
+        for block in self.transformer.h:
+            x, _ = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(idx.size(1))
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        loss = language_model_loss(logits, targets) if targets is not None else None
+        return logits, loss
+
+    def _embed(self, idx: Tensor, kv_cache: KVCache | None) -> Tensor:
+        T = idx.size(1)
+        start = kv_cache.length if kv_cache is not None else 0
+        if T < 1:
+            raise ValueError("GPT.forward needs at least one token per sequence")
+        if start + T > self.config.block_size:
+            where = f"{start} cached + {T} new tokens" if start else f"sequence of {T} tokens"
+            raise ValueError(
+                f"{where} exceeds block_size {self.config.block_size}; "
+                "crop the context to the last block_size tokens"
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+
+    @torch.no_grad()
+    def attention_maps(self, idx: Tensor) -> Tensor:
+        """Softmax attention weights of every layer and head for the sequences `idx` (B, T).
+
+        Returns a float tensor (n_layer, B, n_head, T, T) whose entry [l, b, h, i, j] is how
+        much query position i attends to key position j (rows sum to 1, zero above the
+        diagonal). Computed with the explicit path in eval mode; the training mode is restored.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            x = self._embed(idx, None)
+            maps = []
+            for block in self.transformer.h:
+                x, weights = block(x, need_weights=True)
+                assert weights is not None
+                maps.append(weights.float())
+            return torch.stack(maps)
+        finally:
+            self.train(was_training)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """Build the model `config.arch` names, freshly initialised (vocab_size must be known)."""
+    if config.vocab_size <= 0:
+        raise ConfigError(
+            f"vocab_size must be > 0 to build a model, got {config.vocab_size} "
+            "(it is taken from the prepared data)"
+        )
+    if config.arch == "gpt":
+        return GPT(config)
+    if config.arch == "bigram":
+        return BigramLM(config)
+    raise ConfigError(f"unknown model arch {config.arch!r} (expected gpt or bigram)")

@@ -1,0 +1,205 @@
+"""The CLI end to end on a tiny corpus, and every bad input as a one-line error with exit != 0."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chargpt.cli import main
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+TINY_FLAGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
+              "--batch-size", "4", "--max-steps", "40", "--eval-interval", "20",
+              "--eval-iters", "2", "--log-interval", "10", "--warmup-steps", "5"]
+
+
+def corpus_text():
+    if SHAKESPEARE.exists():
+        return SHAKESPEARE.read_text(encoding="utf-8")[:30_000]
+    return "ROMEO: to be or not to be, that is the question.\n" * 600
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run shared by the sample/eval tests."""
+    root = tmp_path_factory.mktemp("cli")
+    corpus = root / "corpus.txt"
+    corpus.write_text(corpus_text(), encoding="utf-8")
+    run = root / "run"
+    code = main(["train", "--input", str(corpus), "--out", str(run), "--sample-chars", "40",
+                 *TINY_FLAGS])
+    assert code == 0
+    return run
+
+
+def one_line_error(capsys, code, expected_code=1):
+    err = capsys.readouterr().err
+    assert code == expected_code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("chargpt: error: "), err
+    return lines[0]
+
+
+def test_train_ends_with_a_sample(trained, capsys):
+    # The fixture's output was captured by pytest before this test; re-check the run's files.
+    assert (trained / "best" / "manifest.json").exists()
+    assert (trained / "loss_curve.png").exists()
+
+
+def test_sample_is_reproducible_and_streams_the_prompt(trained, capsys):
+    args = ["sample", str(trained), "--prompt", "ROMEO:", "--max-new-tokens", "60",
+            "--seed", "7", "--temperature", "0.8", "--top-k", "10"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first
+    assert first.startswith("ROMEO:") and len(first) == len("ROMEO:") + 60 + 1
+    assert main([*args[:-6], "--seed", "8"]) == 0
+    assert capsys.readouterr().out != first
+
+
+def test_sample_options(trained, capsys, tmp_path):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("ROMEO", encoding="utf-8")
+    # 5 prompt + 10 new characters fit in block_size 16, where cached and recomputed sampling
+    # must agree exactly (beyond it the cache keeps a half window, see generate.py).
+    assert main(["sample", str(trained), "--prompt-file", str(prompt), "--max-new-tokens", "10",
+                 "--num-samples", "2", "--seed", "1", "--temperature", "0", "--no-kv-cache",
+                 "--checkpoint", "last"]) == 0
+    out = capsys.readouterr().out
+    a, b = out.rstrip("\n").split("\n---\n")
+    assert a == b and a.startswith("ROMEO") and len(a) == 15  # greedy: both samples identical
+    assert main(["sample", str(trained), "--prompt", "ROMEO", "--max-new-tokens", "10",
+                 "--temperature", "0", "--checkpoint", "last"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == a
+    long_prompt = "ROMEO: " * 20  # longer than block_size 16: cropped, not an error
+    assert main(["sample", str(trained), "--prompt", long_prompt, "--max-new-tokens", "5",
+                 "--seed", "1"]) == 0
+
+
+def test_unknown_prompt_characters(trained, capsys):
+    code = main(["sample", str(trained), "--prompt", "héllo ☃", "--max-new-tokens", "5"])
+    line = one_line_error(capsys, code)
+    assert "'☃'" in line and "'é'" in line
+    assert main(["sample", str(trained), "--prompt", "héllo ☃", "--max-new-tokens", "5",
+                 "--unknown", "skip", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("héllo ☃")
+
+
+def test_eval_on_val_and_on_a_file(trained, capsys, tmp_path):
+    assert main(["eval", str(trained)]) == 0
+    out = capsys.readouterr().out
+    assert "the val split: loss" in out and "bits/char" in out
+    text = tmp_path / "t.txt"
+    text.write_text(corpus_text()[:2000], encoding="utf-8")
+    assert main(["eval", str(trained), "--input", str(text)]) == 0
+    assert "1,999 predictions" in capsys.readouterr().out
+
+
+def test_resume_finished_run_with_more_steps(trained, capsys, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    assert main(["train", "--resume", str(run), "--max-steps", "45", "--sample-chars", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from step 40" in out and "step 45:" in out
+
+
+def test_prepare_command(tmp_path, capsys):
+    src = tmp_path / "a.txt"
+    src.write_text("şğıİ 漢字 🙂\n" * 100, encoding="utf-8")
+    assert main(["prepare", "--input", str(src), "--out", str(tmp_path / "d")]) == 0
+    assert "prepared" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text(encoding="utf-8"))
+    assert meta["train_tokens"] + meta["val_tokens"] == len("şğıİ 漢字 🙂\n") * 100
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"", "empty"),
+        (b"caf\xe9 au lait\n" * 10, "UTF-8"),
+        (b"\x00\x01\x02binary\x00" * 10, "binary"),
+    ],
+)
+def test_bad_corpus(tmp_path, capsys, content, needle):
+    f = tmp_path / "bad.txt"
+    f.write_bytes(content)
+    code = main(["train", "--input", str(f), "--out", str(tmp_path / "run"), *TINY_FLAGS])
+    assert needle in one_line_error(capsys, code)
+
+
+def test_corpus_shorter_than_context(tmp_path, capsys):
+    f = tmp_path / "short.txt"
+    f.write_text("abcdefghij" * 3, encoding="utf-8")
+    code = main(["train", "--input", str(f), "--out", str(tmp_path / "run"), *TINY_FLAGS])
+    assert "block_size" in one_line_error(capsys, code)
+
+
+@pytest.mark.parametrize(
+    "flags, needle, status",
+    [
+        (["--n-embd", "30", "--n-head", "4"], "divisible", 1),
+        (["--block-size", "0"], "block_size must be >= 1", 1),
+        (["--val-fraction", "1.5"], "val_fraction", 1),
+        (["--val-fraction", "0"], "val_fraction", 1),
+        (["--no-such-flag"], "unrecognized arguments", 2),
+        (["--n-layer", "two"], "invalid int value", 2),
+        (["--norm", "sideways"], "invalid choice", 2),
+    ],
+)
+def test_impossible_configs(tmp_path, capsys, flags, needle, status):
+    code = main(["train", "--out", str(tmp_path / "run"), "--input", "x", *flags])
+    assert needle in one_line_error(capsys, code, status)
+
+
+def test_unknown_key_in_config_file(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[model]\nn_layers = 3\n")
+    code = main(["train", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    assert "unknown key 'n_layers'" in one_line_error(capsys, code)
+
+
+def test_missing_and_corrupted_runs(trained, tmp_path, capsys):
+    code = main(["sample", str(tmp_path / "nope")])
+    assert "does not exist" in one_line_error(capsys, code)
+    code = main(["sample", str(tmp_path)])
+    assert "no checkpoint" in one_line_error(capsys, code)
+    bad = tmp_path / "bad"
+    shutil.copytree(trained, bad)
+    for name in ("best", "last"):
+        weights = bad / name / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    code = main(["sample", str(bad)])
+    assert "corrupted" in one_line_error(capsys, code)
+    code = main(["train", "--resume", str(bad)])
+    assert "no complete checkpoint" in one_line_error(capsys, code)
+
+
+def test_foreign_checkpoint_file(tmp_path, capsys):
+    pt = tmp_path / "ckpt.pt"
+    pt.write_bytes(b"\x80\x04K\x01.")  # a pickle, as other trainers write
+    code = main(["sample", str(pt)])
+    assert "not a chargpt run" in one_line_error(capsys, code)
+
+
+def test_console_script_and_module_entry_points():
+    exe = shutil.which("chargpt", path=str(Path(sys.executable).parent))
+    assert exe, "the chargpt console script is not installed next to this Python"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("prepare", "train", "sample", "eval", "presets"):
+        assert command in out
+    help_ = subprocess.run([sys.executable, "-m", "chargpt", "train", "--help"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "Number of Transformer blocks." in help_  # field docstrings become --help
+
+
+def test_presets_command(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "shakespeare-cpu" in out and "(default)" in out
