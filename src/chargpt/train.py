@@ -444,7 +444,8 @@ class Trainer:
         self.log(
             f"{n_params / 1e6:.2f} M parameters | vocab {self.data.tokenizer.vocab_size} | "
             f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens | "
-            f"{self.device.type}, {self.amp_dtype or torch.float32} | run dir {self.run_dir}"
+            f"{self.device.type}, {str(self.amp_dtype or torch.float32).removeprefix('torch.')} | "
+            f"run dir {self.run_dir}"
         )
         if self.step > 0:
             self.log(f"resuming from step {self.step}")

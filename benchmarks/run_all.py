@@ -1,0 +1,58 @@
+"""The README's benchmark table: data preparation, training and sampling speed in one run.
+
+Runs, one after the other on this machine: `prepare` on a 100 MB corpus (Tiny Shakespeare
+repeated) in a child process, the default preset's training step on Tiny Shakespeare, and
+sampling 2,000 characters with and without the KV cache from the default-sized model. Prints
+one Markdown table. Usage: python benchmarks/run_all.py [--mb 100] [--steps 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from bench_prepare import measure_prepare  # noqa: E402
+from bench_sample import MODELS, chars_per_second  # noqa: E402
+from bench_train import SHAKESPEARE, measure_train  # noqa: E402
+
+from chargpt.model import build_model  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=float, default=100.0)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--chars", type=int, default=2000)
+    args = ap.parse_args()
+
+    prep = measure_prepare(args.mb)
+    tr = measure_train("shakespeare-cpu", args.steps, SHAKESPEARE)
+    torch.manual_seed(0)
+    model = build_model(MODELS["small"])
+    cached = chars_per_second(model, args.chars, True, seed=0)
+    recompute = chars_per_second(model, args.chars, False, seed=0)
+
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| what | measure | value |")
+    print("|---|---|---:|")
+    print(f"| prepare {prep['mb']:.0f} MB (Tiny Shakespeare repeated) | MB/s | "
+          f"{prep['mb_per_s']:.0f} |")
+    print(f"| prepare {prep['mb']:.0f} MB | peak RSS of the process, MB | "
+          f"{prep['peak_rss_mb']:.0f} |")
+    print(f"| train shakespeare-cpu ({tr['params_m']:.2f} M params, {tr['device']}) | ms/step | "
+          f"{tr['ms_per_step']:.1f} |")
+    print(f"| train shakespeare-cpu | tokens/s | {tr['tok_per_s']:,.0f} |")
+    print(f"| sample {args.chars} chars, same model size | chars/s with KV cache | "
+          f"{cached:,.0f} |")
+    print(f"| sample {args.chars} chars | chars/s recomputing the context | {recompute:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
