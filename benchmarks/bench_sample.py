@@ -14,8 +14,8 @@ import time
 import torch
 
 from chargpt.config import ModelConfig
-from chargpt.generate import generate
 from chargpt.model import build_model
+from chargpt.sampling import generate
 
 MODELS = {
     "small": ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128),

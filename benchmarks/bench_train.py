@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from chargpt.config import resolve_config
-from chargpt.train import Trainer
+from chargpt.trainer import Trainer
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

@@ -40,6 +40,16 @@ def test_import_has_no_side_effects_and_does_not_load_torch():
     assert out.startswith("False")
 
 
-def test_lazy_names_resolve():
+def test_exported_names_survive_submodule_imports():
+    # Importing a submodule binds it on the package; no exported name may be such a module.
+    import importlib
+    import pkgutil
+    import types
+
+    for info in pkgutil.iter_modules(chargpt.__path__):
+        if info.name != "__main__":
+            importlib.import_module(f"chargpt.{info.name}")
     for name in chargpt.__all__:
-        assert getattr(chargpt, name) is not None
+        value = getattr(chargpt, name)
+        assert value is not None and not isinstance(value, types.ModuleType), name
+    assert callable(chargpt.train) and callable(chargpt.generate)

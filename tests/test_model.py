@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from chargpt.bigram import BigramLM
 from chargpt.config import ModelConfig
 from chargpt.errors import ConfigError
-from chargpt.generate import KVCache
 from chargpt.model import GPT, build_model
+from chargpt.sampling import KVCache
 
 
 def tiny(**overrides) -> ModelConfig:

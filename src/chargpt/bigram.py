@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 
 if TYPE_CHECKING:
-    from .generate import KVCache
+    from .sampling import KVCache
 
 
 class BigramLM(nn.Module):

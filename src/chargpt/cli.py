@@ -110,7 +110,7 @@ def _print_sample(run_path: Path, chars: int, seed: int) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import load_run_config, train
+    from .trainer import load_run_config, train
 
     overrides = config_overrides(args)
     if args.resume:
@@ -162,7 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import encode_file, load_prepared
     from .evaluate import bits_per_char
     from .run import load_run
-    from .train import DATA_SUBDIR, load_run_config
+    from .trainer import DATA_SUBDIR, load_run_config
 
     run = load_run(args.run_dir, args.checkpoint, device=args.device)
     if args.input:

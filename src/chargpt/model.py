@@ -6,7 +6,7 @@ switched through `ModelConfig`: LayerNorm placement (pre, post, none), residual 
 MLP sub-layer, the activation and weight tying. Attention runs through PyTorch's fused
 `scaled_dot_product_attention`; an explicit masked-softmax path computes the same thing and is
 used to check the fused path and to return attention weights for heatmaps. Incremental decoding
-uses a `KVCache` (see generate.py) that lives outside the model and is passed to `forward`.
+uses a `KVCache` (see sampling.py) that lives outside the model and is passed to `forward`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .config import ModelConfig
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .generate import KVCache
+    from .sampling import KVCache
 
 
 def causal_mask(t_q: int, t_k: int, device: torch.device) -> Tensor:

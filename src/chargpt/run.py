@@ -20,10 +20,10 @@ from . import checkpoint as ckpt
 from .config import Config
 from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate_tokens
-from .generate import generate_tokens
 from .model import build_model
+from .sampling import generate_tokens
 from .tokenizer import CharTokenizer
-from .train import pick_device
+from .trainer import pick_device
 
 CHECKPOINT_CHOICES = ("best", "last")
 

@@ -8,8 +8,8 @@ import torch
 
 from chargpt.config import ModelConfig
 from chargpt.errors import ConfigError
-from chargpt.generate import KVCache, generate, generate_tokens, sample_next_token
 from chargpt.model import build_model
+from chargpt.sampling import KVCache, generate, generate_tokens, sample_next_token
 
 V = 13
 
