@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from chargpt.config import Config, TrainConfig, apply_overrides
-from chargpt.trainer import lr_at, read_metrics, train
+from chargpt.optim import lr_at
+from chargpt.trainer import read_metrics, train
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

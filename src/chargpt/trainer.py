@@ -27,13 +27,14 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .config import Config, TrainConfig, apply_overrides
+from .config import Config, apply_overrides
 from .data import BatchSampler, PreparedData, check_split_lengths, load_prepared, prepare
 from .datasets import fetch
 from .errors import ChargptError, CheckpointError, ConfigError
 from .evaluate import estimate_loss
 from .io import atomic_write_text
 from .model import build_model
+from .optim import lr_at, make_optimizer
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -88,37 +89,6 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# --- schedule and optimizer -------------------------------------------------------------------
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to lr, cosine decay to min_lr at decay_steps, then flat."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if step >= cfg.decay_steps:
-        return cfg.min_lr
-    progress = (step - cfg.warmup_steps) / max(1, cfg.decay_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-    """AdamW; weight decay on matrices of Linear layers only, not on biases, norms, embeddings."""
-    embedding_params = {
-        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)
-    }
-    decay, no_decay = [], []
-    for p in model.parameters():  # parameters() yields a tied weight once
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and id(p) not in embedding_params else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
 
 
 # --- signals ----------------------------------------------------------------------------------
@@ -419,7 +389,8 @@ class Trainer:
         tc = self.cfg.train
         lr = lr_at(self.step, tc)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            # a group may run at a multiple of the schedule (e.g. Muon's matrices)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         total = torch.zeros((), device=self.device)
         for x, y in self._micro_batches():
             with autocast_context(self.device, self.amp_dtype):
