@@ -211,3 +211,11 @@ def test_interrupted_cli_run_resumes_to_identical_weights(reference_cli_run, tmp
     assert resumed.returncode == 0, err
     assert "resuming from step" in out
     assert_same_weights(ref, cut)
+
+
+def test_time_limit_stops_with_a_resumable_checkpoint(corpus, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_config(corpus, out, max_steps=100_000), time_limit=1.0, quiet=True)
+    assert 0 < result.step < 100_000
+    state = json.loads((out / "last" / "state.json").read_text())
+    assert state["step"] == result.step

@@ -407,10 +407,14 @@ class Trainer:
         self.step += 1
         return total
 
-    def run(self, stop_at_step: int | None = None) -> TrainResult:
+    def run(self, stop_at_step: int | None = None, time_limit: float | None = None) -> TrainResult:
+        """Train until max_steps, `stop_at_step`, `time_limit` seconds of this call, or a signal.
+
+        Stopping early leaves a `last/` checkpoint that a resume continues exactly."""
         tc = self.cfg.train
         end = tc.max_steps if stop_at_step is None else min(stop_at_step, tc.max_steps)
         self._t0 = time.perf_counter()
+        self._deadline = None if time_limit is None else self._t0 + time_limit
         n_params = self.model.num_params()
         self.log(
             f"{n_params / 1e6:.2f} M parameters | vocab {self.data.tokenizer.vocab_size} | "
@@ -434,12 +438,15 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, self.best_val_loss, self.last_val_loss,
                            self.elapsed(), stop.signum)
 
+    def _out_of_time(self) -> bool:
+        return self._deadline is not None and time.perf_counter() >= self._deadline
+
     def _loop(self, end: int, stop: StopRequest) -> None:
         tc = self.cfg.train
         loss_sum = torch.zeros((), device=self.device)
         n_since_log, t_log = 0, time.perf_counter()
         saved_at = self.step
-        while self.step < end and stop.signum is None:
+        while self.step < end and stop.signum is None and not self._out_of_time():
             loss_sum += self.train_step()
             n_since_log += 1
             if self.step % tc.log_interval == 0 or self.step == end:
@@ -479,11 +486,13 @@ def train(
     resume: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     stop_at_step: int | None = None,
+    time_limit: float | None = None,
     quiet: bool = False,
 ) -> TrainResult:
     """Train a model from `config`, or continue the run in `resume` (then `overrides` may change
     [train] settings such as max_steps). `stop_at_step` ends this call early, as an interruption
-    would, leaving a checkpoint that `resume` continues exactly."""
+    would, leaving a checkpoint that `resume` continues exactly; so does `time_limit` (seconds
+    of this call)."""
     if resume is not None:
         if config is not None:
             raise ConfigError("give either a config or a run directory to resume, not both")
@@ -493,7 +502,7 @@ def train(
         if overrides:
             cfg = apply_overrides(cfg, overrides, "overrides")
         trainer = Trainer.new(cfg, quiet=quiet)
-    return trainer.run(stop_at_step=stop_at_step)
+    return trainer.run(stop_at_step=stop_at_step, time_limit=time_limit)
 
 
 
