@@ -64,10 +64,20 @@ class ModelConfig:
     """Include the feed-forward MLP in each block."""
     mlp_ratio: int = 4
     """Hidden width of the MLP as a multiple of n_embd."""
-    activation: Literal["gelu", "relu"] = "gelu"
-    """Non-linearity inside the MLP."""
+    activation: Literal["gelu", "relu", "relu2"] = "gelu"
+    """Non-linearity inside the MLP: 'gelu', 'relu' or 'relu2' (ReLU squared)."""
     tie_weights: bool = False
     """Share the token-embedding matrix with the output head."""
+    pos_emb: Literal["learned", "rope", "none"] = "learned"
+    """Positions: 'learned' absolute embeddings, 'rope' (rotary, relative) or 'none'."""
+    rope_base: float = 10000.0
+    """Base of the rotary frequencies (pos_emb 'rope' only)."""
+    qk_norm: bool = False
+    """RMS-normalise each head's queries and keys before attention (QK-norm)."""
+    zero_init_proj: bool = False
+    """Initialise the projections into the residual stream to zero (blocks start as identity)."""
+    norm_type: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalisation layer used where `norm` places one: 'layernorm' or 'rmsnorm'."""
 
     def __post_init__(self) -> None:
         _check(self.vocab_size >= 0, f"vocab_size must be >= 0, got {self.vocab_size}")
@@ -81,6 +91,14 @@ class ModelConfig:
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})",
             )
             _check(self.mlp_ratio >= 1, f"mlp_ratio must be >= 1, got {self.mlp_ratio}")
+            _check(
+                self.pos_emb != "rope" or self.head_dim % 2 == 0,
+                f"pos_emb 'rope' needs an even head size, got n_embd/n_head = {self.head_dim}",
+            )
+        _check(
+            math.isfinite(self.rope_base) and self.rope_base > 1.0,
+            f"rope_base must be > 1, got {self.rope_base}",
+        )
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
@@ -140,6 +158,18 @@ class TrainConfig:
     """AdamW beta2."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = off)."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """'adamw' for every parameter, or 'muon' for the blocks' matrices plus AdamW for the rest."""
+    muon_lr: float = 0.02
+    """Peak learning rate of Muon's matrices; it follows the same schedule as lr."""
+    muon_momentum: float = 0.95
+    """Muon's (Nesterov) momentum."""
+    muon_ns_steps: int = 5
+    """Newton-Schulz iterations Muon uses to orthogonalise each update."""
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    """After warmup: 'cosine' decay to min_lr, or 'wsd' (stable at lr, then a linear cooldown)."""
+    cooldown_frac: float = 0.2
+    """Fraction of the decay steps spent in the linear cooldown to min_lr (schedule 'wsd')."""
     eval_interval: int = 250
     """Evaluate train and val loss every this many steps (and at the last step)."""
     eval_iters: int = 100
@@ -154,6 +184,8 @@ class TrainConfig:
     """Autocast precision: 'auto' is bfloat16 on CUDA GPUs that support it, else float32."""
     compile: bool = False
     """Compile the model with torch.compile (faster on GPU after a warm-up)."""
+    data_order: Literal["random", "epoch"] = "random"
+    """Batch windows: 'random' (uniform, with replacement) or 'epoch' (each token once a pass)."""
     sample_chars: int = 300
     """Characters to sample at the end of training (0 = none)."""
     progress: bool = True
@@ -172,6 +204,13 @@ class TrainConfig:
             _check(math.isfinite(value) and value >= 0, f"{name} must be >= 0, got {value}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(self.min_lr <= self.lr, f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        _check(math.isfinite(self.muon_lr) and self.muon_lr > 0,
+               f"muon_lr must be > 0, got {self.muon_lr}")
+        _check(0.0 <= self.muon_momentum < 1.0,
+               f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        _check(self.muon_ns_steps >= 1, f"muon_ns_steps must be >= 1, got {self.muon_ns_steps}")
+        _check(0.0 < self.cooldown_frac <= 1.0,
+               f"cooldown_frac must be in (0, 1], got {self.cooldown_frac}")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import BatchSampler
+from .distributed import DistEnv, all_reduce_sum
 from .errors import DataError
 
 
@@ -43,19 +44,29 @@ def estimate_loss(
     seed: int,
     device: torch.device | str = "cpu",
     autocast: Callable[[], Any] = contextlib.nullcontext,
+    env: DistEnv | None = None,
 ) -> dict[str, float]:
-    """Mean loss over `iters` random batches of each split, always the same batches for a seed."""
+    """Mean loss over `iters` random batches of each split, always the same batches for a seed.
+
+    Under DDP the ranks share the `iters` draws (rank r takes draws r, r + world, ...), so the
+    mean over all ranks is the single-process number."""
+    env = env or DistEnv()
     out: dict[str, float] = {}
+    calls = -(-iters // env.world_size)  # ceil: every rank makes the same number of calls
     with eval_mode(model):  # type: ignore[arg-type]
         for name, tokens in splits.items():
-            sampler = BatchSampler(tokens, block_size, batch_size, seed=seed, device=device)
-            total = torch.zeros((), device=device)
-            for _ in range(iters):
+            sampler = BatchSampler(tokens, block_size, batch_size, seed=seed, device=device,
+                                   rank=env.rank, world_size=env.world_size)
+            total = torch.zeros(2, device=device)  # (sum of losses, number of batches)
+            for call in range(calls):
                 x, y = sampler.next_batch()
-                with autocast():
-                    _, loss = model(x, y)
-                total += loss.float()
-            out[name] = (total / iters).item()
+                if call * env.world_size + env.rank < iters:
+                    with autocast():
+                        _, loss = model(x, y)
+                    total[0] += loss.float()
+                    total[1] += 1
+            all_reduce_sum(total, env)
+            out[name] = (total[0] / total[1]).item()
     return out
 
 

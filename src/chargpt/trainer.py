@@ -19,7 +19,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from . import checkpoint as ckpt
 from .config import Config, apply_overrides
 from .data import BatchSampler, PreparedData, check_split_lengths, load_prepared, prepare
 from .datasets import fetch
+from .distributed import DistEnv, all_reduce_mean, broadcast_flag, gather_tensors
 from .errors import ChargptError, CheckpointError, ConfigError
 from .evaluate import estimate_loss
 from .io import atomic_write_text
@@ -124,8 +126,7 @@ def _default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def _new_run_dir(cfg: Config) -> Path:
-    run_dir = Path(cfg.train.out_dir) if cfg.train.out_dir else _default_run_dir()
+def _new_run_dir(run_dir: Path) -> None:
     if (run_dir / CONFIG_FILE).exists():
         raise ConfigError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir} "
@@ -134,7 +135,6 @@ def _new_run_dir(cfg: Config) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir} exists and is not a directory")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def _data_dir(cfg: Config, run_dir: Path) -> Path:
@@ -176,39 +176,69 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 class Trainer:
-    """One training run; build it with `Trainer.new` or `Trainer.resume`, then call `run()`."""
+    """One training run; build it with `Trainer.new` or `Trainer.resume`, then call `run()`.
 
-    def __init__(self, cfg: Config, run_dir: Path, data: PreparedData, quiet: bool = False):
+    Under torchrun every process builds a Trainer; rank 0 prepares the data and writes all
+    files, the model is wrapped in DistributedDataParallel, and decisions that must be taken by
+    all ranks together (stop on a signal or a deadline) are agreed on at log steps.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, data: PreparedData, env: DistEnv,
+                 device: torch.device, quiet: bool = False):
         self.cfg, self.run_dir, self.data, self.quiet = cfg, run_dir, data, quiet
-        self.is_main = True
+        self.env, self.device = env, device
+        self.is_main = env.is_main
         tc = cfg.train
-        self.device = pick_device(tc.device)
         self.amp_dtype = autocast_dtype(self.device, tc.dtype)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        torch.manual_seed(tc.seed)
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model).to(self.device)
-        self.forward = torch.compile(self.model) if tc.compile else self.model
+        if env.rank:
+            torch.manual_seed(tc.seed + env.rank)  # but different dropout masks
+        forward: Any = torch.compile(self.model) if tc.compile else self.model
+        if env.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            forward = DDP(forward, device_ids=ids)
+        self.forward = forward
         self.optimizer = make_optimizer(self.model, tc, self.device)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp_dtype is torch.float16
         )
         self.sampler = BatchSampler(
-            data.train, cfg.model.block_size, tc.batch_size, seed=tc.seed, device=self.device
+            data.train, cfg.model.block_size, tc.batch_size, seed=tc.seed, device=self.device,
+            rank=env.rank, world_size=env.world_size, order=tc.data_order,
         )
         self.step = 0
         self.best_val_loss = math.inf
         self.last_val_loss = math.inf
         self.elapsed_before = 0.0
         self._bar = None
+        self._deadline: float | None = None
 
     # construction
 
+    @staticmethod
+    def _setup(cfg: Config) -> tuple[DistEnv, torch.device]:
+        env = DistEnv.from_env()
+        device = env.device_for(pick_device(cfg.train.device))
+        env.init(device)
+        return env, device
+
     @classmethod
     def new(cls, cfg: Config, quiet: bool = False) -> Trainer:
-        run_dir = _new_run_dir(cfg)
-        data = _prepare_data(cfg, run_dir, (lambda s: None) if quiet else print)
+        env, device = cls._setup(cfg)
+        if env.enabled and not cfg.train.out_dir:
+            raise ConfigError("set --out when training with torchrun (all ranks need one run dir)")
+        run_dir = Path(cfg.train.out_dir) if cfg.train.out_dir else _default_run_dir()
+        if env.is_main:
+            _new_run_dir(run_dir)
+            _prepare_data(cfg, run_dir, (lambda s: None) if quiet else print)
+        env.barrier()  # the other ranks wait for rank 0's prepared data
+        data = load_prepared(_data_dir(cfg, run_dir))
         if cfg.data.data_dir:
             cfg = apply_overrides(
                 cfg, {"data": {"data_dir": str(Path(cfg.data.data_dir).resolve())}}, "run"
@@ -217,8 +247,9 @@ class Trainer:
             cfg, model=dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
         )
         check_split_lengths(data, cfg.model.block_size)
-        atomic_write_text(run_dir / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
-        return cls(cfg, run_dir, data, quiet)
+        if env.is_main:
+            _write_config(run_dir, cfg)
+        return cls(cfg, run_dir, data, env, device, quiet)
 
     @classmethod
     def resume(
@@ -227,13 +258,16 @@ class Trainer:
         run_dir = Path(run_dir)
         cfg = load_run_config(run_dir)
         overrides = overrides or {}
-        for section, values in overrides.items():
-            if section != "train" and values:
-                keys = ", ".join(f"{section}.{k}" for k in values)
-                raise ConfigError(f"cannot change {keys} when resuming; start a new run instead")
+        bad = [f"{sec}.{k}" for sec, vals in overrides.items() if sec != "train" for k in vals]
+        if bad:
+            raise ConfigError(
+                f"cannot change {', '.join(bad)} when resuming; start a new run instead"
+            )
         if overrides.get("train"):
             cfg = apply_overrides(cfg, {"train": overrides["train"]}, "command line")
-            atomic_write_text(run_dir / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
+        env, device = cls._setup(cfg)
+        if overrides.get("train") and env.is_main:
+            _write_config(run_dir, cfg)
         last = ckpt.resolve(run_dir, "last")
         if last is None:
             raise CheckpointError(f"{run_dir} has no complete checkpoint to resume from")
@@ -242,8 +276,9 @@ class Trainer:
         vocab = ckpt.read_json(last / ckpt.VOCAB_FILE)
         if vocab.get("chars") != list(data.tokenizer.chars):
             raise CheckpointError(f"{last} was trained on a different vocabulary than its data")
-        trainer = cls(cfg, run_dir, data, quiet)
+        trainer = cls(cfg, run_dir, data, env, device, quiet)
         trainer._restore(last, state)
+        env.barrier()  # rank 0 rewrites metrics.jsonl in _restore; nobody runs ahead of it
         return trainer
 
     def _restore(self, last: Path, state: dict[str, Any]) -> None:
@@ -257,19 +292,32 @@ class Trainer:
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{last}: optimizer state does not fit the model: {e}") from None
         rng = ckpt.load_tensors(last / ckpt.RNG_FILE)
-        torch.set_rng_state(rng["torch_cpu"])
-        if self.device.type == "cuda" and "torch_cuda" in rng:
-            torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
-        self.sampler.load_state_dict({"generator": rng["sampler"], **state.get("sampler", {})})
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.env.world_size:
+            self.log(f"warning: {last} was written by {saved_world} process(es), this run has "
+                     f"{self.env.world_size}; training continues but is not bit-identical")
+        r = self.env.rank
+        cpu_state = rng.get(f"torch_cpu.{r}", rng["torch_cpu"] if r == 0 else None)
+        if cpu_state is not None:
+            torch.set_rng_state(cpu_state)
+        cuda_state = rng.get(f"torch_cuda.{r}", rng.get("torch_cuda") if r == 0 else None)
+        if self.device.type == "cuda" and cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, self.device)
+        sampler_tensors = {k.removeprefix("sampler."): v for k, v in rng.items()
+                           if k.startswith("sampler.")}
+        if "sampler" in rng:  # the key written by the first checkpoint format
+            sampler_tensors["generator"] = rng["sampler"]
+        self.sampler.load_state_dict({**state.get("sampler", {}), **sampler_tensors})
         self.step = int(state["step"])
         self.best_val_loss = float(state.get("best_val_loss", math.inf))
         self.last_val_loss = float(state.get("val_loss", math.inf))
         self.elapsed_before = float(state.get("elapsed", 0.0))
-        # Rows logged after this checkpoint by the interrupted process are replayed now.
-        rows = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= self.step]
-        atomic_write_text(
-            self.run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows)
-        )
+        if self.is_main:
+            # Rows logged after this checkpoint by the interrupted process are replayed now.
+            rows = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= self.step]
+            atomic_write_text(
+                self.run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows)
+            )
 
     # output
 
@@ -296,39 +344,52 @@ class Trainer:
 
     # checkpoints
 
-    def _checkpoint_data(self, with_resume_state: bool) -> ckpt.CheckpointData:
+    def _resume_tensors(self, sampler_state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """RNG and sampler states; every rank's RNG is gathered so each can resume its own."""
+        rng: dict[str, torch.Tensor] = {}
+        for r, t in enumerate(gather_tensors(torch.get_rng_state(), self.env)):
+            rng["torch_cpu" if r == 0 else f"torch_cpu.{r}"] = t
+        if self.device.type == "cuda":
+            local = torch.cuda.get_rng_state(self.device).to(self.device)
+            for r, t in enumerate(gather_tensors(local, self.env)):
+                rng["torch_cuda" if r == 0 else f"torch_cuda.{r}"] = t.cpu()
+        for k, v in sampler_state.items():
+            if isinstance(v, torch.Tensor):
+                rng[f"sampler.{k}"] = v
+        return rng
+
+    def save(self, name: str) -> None:
+        """Write checkpoint `name`; every rank must call it (RNG states are gathered)."""
+        with_resume_state = name == "last"
         sampler_state = self.sampler.state_dict()
+        rng = self._resume_tensors(sampler_state) if with_resume_state else None
+        if not self.is_main:
+            return
         state = {
             "step": self.step,
             "best_val_loss": self.best_val_loss,
             "val_loss": self.last_val_loss,
             "elapsed": self.elapsed(),
-            "sampler": {k: v for k, v in sampler_state.items() if k != "generator"},
+            "world_size": self.env.world_size,
+            "sampler": {k: v for k, v in sampler_state.items()
+                        if not isinstance(v, torch.Tensor)},
             "torch_version": torch.__version__,
         }
-        rng = None
-        if with_resume_state:
-            rng = {"torch_cpu": torch.get_rng_state(), "sampler": sampler_state["generator"]}
-            if self.device.type == "cuda":
-                rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
-        return ckpt.CheckpointData(
+        data = ckpt.CheckpointData(
             state=state,
             config=self.cfg.to_dict(),
             vocab=json.loads(self.data.tokenizer.to_json()),
             optimizer=self.optimizer.state_dict() if with_resume_state else None,
             rng=rng,
         )
-
-    def save(self, name: str) -> None:
-        if self.is_main:
-            ckpt.save(self.run_dir, name, self.model, self._checkpoint_data(name == "last"))
+        ckpt.save(self.run_dir, name, self.model, data)
 
     # evaluation
 
     def evaluate(self) -> tuple[float, float]:
         tc = self.cfg.train
         losses = estimate_loss(
-            self.forward,
+            self.model if self.env.enabled else self.forward,
             {"train": self.data.train, "val": self.data.val},
             block_size=self.cfg.model.block_size,
             batch_size=tc.batch_size,
@@ -336,6 +397,7 @@ class Trainer:
             seed=tc.seed + 1,
             device=self.device,
             autocast=lambda: autocast_context(self.device, self.amp_dtype),
+            env=self.env,
         )
         return losses["train"], losses["val"]
 
@@ -368,7 +430,7 @@ class Trainer:
 
     def tokens_per_step(self) -> int:
         tc = self.cfg.train
-        return tc.batch_size * tc.grad_accum * self.cfg.model.block_size
+        return tc.batch_size * tc.grad_accum * self.cfg.model.block_size * self.env.world_size
 
     def _progress_bar(self):
         from tqdm.auto import tqdm
@@ -380,10 +442,6 @@ class Trainer:
         return tqdm(total=tc.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                     leave=False, file=sys.stderr)
 
-    def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for _ in range(self.cfg.train.grad_accum):
-            yield self.sampler.next_batch()
-
     def train_step(self) -> torch.Tensor:
         """One optimizer step; returns the mean micro-batch loss as a device tensor (no sync)."""
         tc = self.cfg.train
@@ -392,11 +450,16 @@ class Trainer:
             # a group may run at a multiple of the schedule (e.g. Muon's matrices)
             group["lr"] = lr * group.get("lr_scale", 1.0)
         total = torch.zeros((), device=self.device)
-        for x, y in self._micro_batches():
-            with autocast_context(self.device, self.amp_dtype):
-                _, loss = self.forward(x, y)
-            loss = loss / tc.grad_accum
-            self.scaler.scale(loss).backward()
+        for micro in range(tc.grad_accum):
+            x, y = self.sampler.next_batch()
+            # DDP all-reduces gradients on backward; only the last micro-step needs it.
+            last = micro == tc.grad_accum - 1
+            sync = self.forward.no_sync() if self.env.enabled and not last else _nullcontext()
+            with sync:
+                with autocast_context(self.device, self.amp_dtype):
+                    _, loss = self.forward(x, y)
+                loss = loss / tc.grad_accum
+                self.scaler.scale(loss).backward()
             total += loss.detach()
         if tc.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -416,10 +479,12 @@ class Trainer:
         self._t0 = time.perf_counter()
         self._deadline = None if time_limit is None else self._t0 + time_limit
         n_params = self.model.num_params()
+        world = f" x {self.env.world_size} processes" if self.env.enabled else ""
         self.log(
             f"{n_params / 1e6:.2f} M parameters | vocab {self.data.tokenizer.vocab_size} | "
             f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens | "
-            f"{self.device.type}, {str(self.amp_dtype or torch.float32).removeprefix('torch.')} | "
+            f"{self.device.type}{world}, "
+            f"{str(self.amp_dtype or torch.float32).removeprefix('torch.')} | "
             f"run dir {self.run_dir}"
         )
         if self.step > 0:
@@ -438,19 +503,30 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, self.best_val_loss, self.last_val_loss,
                            self.elapsed(), stop.signum)
 
-    def _out_of_time(self) -> bool:
-        return self._deadline is not None and time.perf_counter() >= self._deadline
+    def _should_stop(self, stop: StopRequest, at_log_step: bool) -> bool:
+        """A signal or the deadline; under DDP only at log steps, where ranks agree on it."""
+        local = stop.signum is not None or (
+            self._deadline is not None and time.perf_counter() >= self._deadline
+        )
+        if not self.env.enabled:
+            return local
+        if not at_log_step:
+            return False
+        return broadcast_flag(local, self.env, self.device)
 
     def _loop(self, end: int, stop: StopRequest) -> None:
         tc = self.cfg.train
         loss_sum = torch.zeros((), device=self.device)
         n_since_log, t_log = 0, time.perf_counter()
         saved_at = self.step
-        while self.step < end and stop.signum is None and not self._out_of_time():
+        stopping = self._should_stop(stop, at_log_step=True)
+        while self.step < end and not stopping:
             loss_sum += self.train_step()
             n_since_log += 1
-            if self.step % tc.log_interval == 0 or self.step == end:
-                mean_loss = (loss_sum / n_since_log).item()  # the only per-log sync
+            at_log = self.step % tc.log_interval == 0 or self.step == end
+            if at_log:
+                mean = all_reduce_mean(loss_sum / n_since_log, self.env)
+                mean_loss = mean.item()  # the only per-log sync
                 now = time.perf_counter()
                 tok_s = n_since_log * self.tokens_per_step() / max(now - t_log, 1e-9)
                 if not math.isfinite(mean_loss):
@@ -471,6 +547,7 @@ class Trainer:
             if self.step % tc.eval_interval == 0 or self.step == tc.max_steps:
                 self._eval_and_checkpoint()
                 saved_at = self.step
+            stopping = self._should_stop(stop, at_log)
         if self.step != saved_at:
             self.save("last")
         if stop.signum is not None:
@@ -478,6 +555,10 @@ class Trainer:
             self.log(f"{name} received: stopped after step {self.step}; checkpoint written to "
                      f"{self.run_dir / 'last'}; continue with: chargpt train --resume "
                      f"{self.run_dir}")
+
+
+def _write_config(run_dir: Path, cfg: Config) -> None:
+    atomic_write_text(run_dir / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
 def train(

@@ -1,0 +1,103 @@
+"""Multi-process training through torchrun: the process group, rank-0 helpers and reductions.
+
+chargpt uses PyTorch's own distributed engine (DistributedDataParallel over NCCL on GPUs, gloo
+on CPUs) rather than anything home-made. `torchrun` sets RANK, LOCAL_RANK and WORLD_SIZE;
+`DistEnv.from_env()` reads them and joins the process group, and a plain `python`/`chargpt`
+process is simply world size 1 with no process group at all. Only rank 0 prints and writes
+files; the helpers here all-reduce losses and gather the per-rank state a checkpoint needs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> DistEnv:
+        """Read torchrun's variables; without them this is a single process."""
+        try:
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = int(os.environ.get("RANK", "0"))
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        except ValueError as e:
+            raise ConfigError(f"invalid torchrun environment: {e}") from None
+        return cls(rank=rank, local_rank=local_rank, world_size=world_size)
+
+    def device_for(self, requested: torch.device) -> torch.device:
+        """One GPU per process: rank r on a node uses cuda:LOCAL_RANK."""
+        if self.enabled and requested.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return requested
+
+    def init(self, device: torch.device) -> None:
+        """Join the process group (NCCL for CUDA, gloo otherwise); a no-op for one process."""
+        if not self.enabled or dist.is_initialized():
+            return
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+
+    def barrier(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.barrier()
+
+    def shutdown(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= env.world_size
+    return t
+
+
+def gather_tensors(t: torch.Tensor, env: DistEnv) -> list[torch.Tensor]:
+    """Every rank's copy of a same-shaped tensor (e.g. RNG states), in rank order."""
+    if not env.enabled:
+        return [t]
+    # gloo and NCCL both move tensors of a fixed shape without pickling anything.
+    send = t.to(torch.uint8) if t.dtype == torch.uint8 else t
+    parts = [torch.empty_like(send) for _ in range(env.world_size)]
+    dist.all_gather(parts, send)
+    return parts
+
+
+def broadcast_flag(flag: bool, env: DistEnv, device: torch.device) -> bool:
+    """True on every rank if it is True on any rank (e.g. a stop signal seen by one process)."""
+    if not env.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
