@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,7 @@ def save(run_dir: str | Path, name: str, model: torch.nn.Module, data: Checkpoin
         _write_json(tmp / STATE_FILE, state)
         _write_json(tmp / CONFIG_FILE, data.config)
         _write_json(tmp / VOCAB_FILE, data.vocab)
+        _test_delay()
         files = {}
         for path in sorted(tmp.iterdir()):
             _fsync_file(path)
@@ -137,6 +139,7 @@ def save(run_dir: str | Path, name: str, model: torch.nn.Module, data: Checkpoin
         _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "files": files})
         _fsync_file(tmp / MANIFEST)
         _fsync_dir(tmp)
+        _test_delay()
         _swap_in(final, tmp, old)
         _fsync_dir(run_dir)
     except OSError as e:
@@ -147,11 +150,19 @@ def save(run_dir: str | Path, name: str, model: torch.nn.Module, data: Checkpoin
     return final
 
 
+def _test_delay() -> None:
+    # Test-only: CHARGPT_TEST_SAVE_DELAY widens the window in which a kill lands mid-save.
+    delay = os.environ.get("CHARGPT_TEST_SAVE_DELAY")
+    if delay:
+        time.sleep(float(delay))
+
+
 def _swap_in(final: Path, tmp: Path, old: Path) -> None:
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
         os.replace(final, old)
+        _test_delay()
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 

@@ -118,7 +118,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--preset and --config cannot be combined with --resume")
         result = train(resume=args.resume, overrides=overrides)
     else:
-        result = train(resolve_config(args.preset, args.config, overrides))
+        result = train(resolve_config(args.preset, args.config, overrides),
+                       auto_resume=args.auto_resume)
     if result.interrupted_by is not None:
         return 128 + result.interrupted_by
     print(f"done: {result.step} steps in {result.elapsed:.1f}s, best val loss "
@@ -197,6 +198,67 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ladder(args: argparse.Namespace) -> int:
+    from . import ladder
+
+    if args.list:
+        print(ladder.format_list())
+        return 0
+    steps = ladder.parse_steps(args.steps)
+    max_steps = None if args.seconds is not None else args.max_steps
+    if max_steps is None and args.seconds is None:
+        max_steps = ladder.DEFAULT_MAX_STEPS
+    results = ladder.run_ladder(steps, args.out, input=args.input, max_steps=max_steps,
+                                seconds=args.seconds, batch_size=args.batch_size,
+                                seed=args.seed, evals=args.evals)
+    if results and results[-1].status.startswith("interrupted"):
+        return 130
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    import torch
+
+    from .plots import plot_attention_grid
+    from .run import load_run
+
+    run = load_run(args.run_dir, args.checkpoint, device=args.device)
+    if not hasattr(run.model, "attention_maps"):
+        raise ConfigError(f"{run.checkpoint} holds a {run.config.model.arch} model, which has "
+                          "no attention to draw")
+    if not args.prompt:
+        raise ConfigError("--prompt must not be empty")
+    ids = run.tokenizer.encode(args.prompt, what="prompt")
+    block = run.config.model.block_size
+    if len(ids) > block:
+        print(f"note: the prompt has {len(ids)} characters; drawing its last {block} "
+              "(the model's block_size)", file=sys.stderr)
+        ids = ids[-block:]
+    idx = torch.tensor([ids], dtype=torch.long, device=run.device)
+    maps = run.model.attention_maps(idx)  # (n_layer, 1, n_head, T, T)
+    chars = [run.tokenizer.decode([i]) for i in ids]
+    title = f"attention maps of {Path(args.run_dir).resolve().name} at step {run.step}"
+    plot_attention_grid(maps, chars, args.out, title=title)
+    print(f"wrote {args.out}: {maps.shape[0]} layers x {maps.shape[2]} heads over "
+          f"{len(ids)} characters")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import require_extra, serve
+
+    require_extra()  # before torch is imported: a missing extra is a one-line error at once
+    from .serve.app import Limits
+
+    limits = Limits(max_prompt_chars=args.max_prompt_chars, max_new_tokens=args.max_new_tokens,
+                    max_body_bytes=args.max_body_bytes, max_concurrent=args.max_concurrent,
+                    max_queue=args.max_queue, queue_timeout=args.queue_timeout,
+                    request_timeout=args.request_timeout)
+    serve(args.run_dir, args.host, args.port, limits=limits, checkpoint=args.checkpoint,
+          device=args.device, threads=args.threads, name=args.name, log_level=args.log_level)
+    return 0
+
+
 # --- parser -----------------------------------------------------------------------------------
 
 
@@ -225,6 +287,9 @@ def build_parser() -> Parser:
     p.add_argument("--config", metavar="FILE", help="TOML file with [model], [data], [train]")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run from its last checkpoint ([train] flags may change)")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="if --out already holds this run, continue it from its last checkpoint "
+                   "(for restart scripts and torchrun --max-restarts)")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -256,8 +321,70 @@ def build_parser() -> Parser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("ladder", help="train the lecture's steps (bigram ... GPT) and compare",
+                       description="Train each step of the lecture's model ladder with the same "
+                       "data, seed and budget, score each on the whole val split, and write a "
+                       "table, a plot of val curves and samples into --out.")
+    p.add_argument("--list", action="store_true", help="list the steps and their sizes, then exit")
+    p.add_argument("--steps", default="all", metavar="all|NAME,NAME",
+                   help="which steps to run, in ladder order (default: all); the 'gpu' "
+                   "step runs only where CUDA is available and is reported as not run otherwise")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--max-steps", type=int, default=None, metavar="N",
+                        help="optimizer steps per ladder step (default: 2000)")
+    budget.add_argument("--seconds", type=float, default=None, metavar="S",
+                        help="train each step for S seconds instead of a step count")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size for every step")
+    p.add_argument("--seed", type=int, default=1337, help="seed shared by every step")
+    p.add_argument("--evals", type=int, default=20, metavar="N",
+                   help="points on each val curve (training-time estimates; default: 20)")
+    p.add_argument("--input", metavar="FILE", default=None,
+                   help="text to train on (default: Tiny Shakespeare, downloaded once)")
+    p.add_argument("--out", default="runs/ladder", metavar="DIR",
+                   help="one run directory per step plus the report (default: runs/ladder)")
+    p.set_defaults(func=cmd_ladder)
+
+    p = sub.add_parser("attention", help="draw a trained model's attention maps for a prompt")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint directory")
+    p.add_argument("--prompt", required=True, help="the text whose attention to draw")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="where to write the image")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_attention)
+
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("serve", help="a local web page and JSON API for a trained model",
+                       description="Serve a trained model: a web page to generate text and view "
+                       "attention, and a JSON API (see docs/serve.md). Needs the serve extra: "
+                       "pip install 'chargpt[serve]'.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--name", default=None, help="model name shown (default: the run's folder)")
+    p.add_argument("--max-prompt-chars", type=int, default=4000,
+                   help="longest prompt accepted (default: 4000)")
+    p.add_argument("--max-new-tokens", type=int, default=2000,
+                   help="most characters one request may generate (default: 2000)")
+    p.add_argument("--max-body-bytes", type=int, default=65536,
+                   help="largest request body (default: 65536)")
+    p.add_argument("--max-concurrent", type=int, default=2,
+                   help="generations running at once (default: 2)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait for a "
+                   "slot; beyond that, 429 with Retry-After (default: 16)")
+    p.add_argument("--queue-timeout", type=float, default=30.0,
+                   help="seconds a request waits for a slot before a 429 (default: 30)")
+    p.add_argument("--request-timeout", type=float, default=60.0,
+                   help="seconds one generation may run (default: 60)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: cores / max-concurrent, at most 4)")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"),
+                   default="info")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

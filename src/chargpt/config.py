@@ -184,6 +184,9 @@ class TrainConfig:
     """Autocast precision: 'auto' is bfloat16 on CUDA GPUs that support it, else float32."""
     compile: bool = False
     """Compile the model with torch.compile (faster on GPU after a warm-up)."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """On a NaN/inf loss: 'stop' (checked at log steps, no extra sync; last good checkpoint
+    kept) or 'skip' the update (checked every step, one host sync per step)."""
     data_order: Literal["random", "epoch"] = "random"
     """Batch windows: 'random' (uniform, with replacement) or 'epoch' (each token once a pass)."""
     sample_chars: int = 300

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -160,15 +161,18 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl; lines torn by a kill or otherwise unreadable are skipped."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line torn by a kill mid-write
+            row = json.loads(line)
+        except ValueError:  # includes undecodable bytes
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
     return rows
 
 
@@ -218,6 +222,7 @@ class Trainer:
         self.elapsed_before = 0.0
         self._bar = None
         self._deadline: float | None = None
+        self.skipped_steps = 0
 
     # construction
 
@@ -442,8 +447,9 @@ class Trainer:
         return tqdm(total=tc.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                     leave=False, file=sys.stderr)
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step; returns the mean micro-batch loss as a device tensor (no sync)."""
+    def train_step(self) -> torch.Tensor | None:
+        """One optimizer step; returns the mean micro-batch loss as a device tensor (no sync),
+        or None when the 'skip' policy dropped the update."""
         tc = self.cfg.train
         lr = lr_at(self.step, tc)
         for group in self.optimizer.param_groups:
@@ -464,11 +470,27 @@ class Trainer:
         if tc.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        # fp16's GradScaler already skips steps with inf/NaN gradients; otherwise we check.
+        skip = (tc.nonfinite == "skip" and not self.scaler.is_enabled()
+                and not self._all_finite(total))
+        if skip:
+            self.skipped_steps += 1
+            self.log(f"step {self.step + 1}: loss is not finite; update skipped")
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return total
+        return None if skip else total
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Loss and every gradient finite, agreed across ranks (one sync; 'skip' policy only)."""
+        ok = torch.isfinite(loss).float()
+        for p in self.model.parameters():
+            if p.grad is not None:
+                ok = ok * torch.isfinite(p.grad).all()
+        ok = all_reduce_mean(ok.reshape(1), self.env)  # 1.0 only if finite on every rank
+        return bool(ok.item() == 1.0)
 
     def run(self, stop_at_step: int | None = None, time_limit: float | None = None) -> TrainResult:
         """Train until max_steps, `stop_at_step`, `time_limit` seconds of this call, or a signal.
@@ -517,15 +539,19 @@ class Trainer:
     def _loop(self, end: int, stop: StopRequest) -> None:
         tc = self.cfg.train
         loss_sum = torch.zeros((), device=self.device)
-        n_since_log, t_log = 0, time.perf_counter()
+        n_since_log, n_losses, t_log = 0, 0, time.perf_counter()
         saved_at = self.step
         stopping = self._should_stop(stop, at_log_step=True)
         while self.step < end and not stopping:
-            loss_sum += self.train_step()
+            loss = self.train_step()
+            _maybe_crash(self.step, self.env)
             n_since_log += 1
+            if loss is not None:
+                loss_sum += loss
+                n_losses += 1
             at_log = self.step % tc.log_interval == 0 or self.step == end
             if at_log:
-                mean = all_reduce_mean(loss_sum / n_since_log, self.env)
+                mean = all_reduce_mean(loss_sum / max(n_losses, 1), self.env)
                 mean_loss = mean.item()  # the only per-log sync
                 now = time.perf_counter()
                 tok_s = n_since_log * self.tokens_per_step() / max(now - t_log, 1e-9)
@@ -537,11 +563,12 @@ class Trainer:
                     )
                 self._record({"kind": "train", "step": self.step, "loss": mean_loss,
                               "lr": lr_at(self.step - 1, tc), "tok_per_s": round(tok_s),
-                              "elapsed": round(self.elapsed(), 3)})
+                              "elapsed": round(self.elapsed(), 3),
+                              **({"skipped": self.skipped_steps} if self.skipped_steps else {})})
                 if self._bar is not None:
                     self._bar.set_postfix_str(f"loss {mean_loss:.4f}, {tok_s / 1e3:.1f}k tok/s")
                 loss_sum.zero_()
-                n_since_log, t_log = 0, now
+                n_since_log, n_losses, t_log = 0, 0, now
             if self._bar is not None:
                 self._bar.update(1)
             if self.step % tc.eval_interval == 0 or self.step == tc.max_steps:
@@ -549,12 +576,29 @@ class Trainer:
                 saved_at = self.step
             stopping = self._should_stop(stop, at_log)
         if self.step != saved_at:
+            if n_losses and not math.isfinite(all_reduce_mean(loss_sum, self.env).item()):
+                # Weights may be NaN since the last log step; never let them replace last/.
+                raise TrainingError(
+                    f"training loss became non-finite before step {self.step}; the last good "
+                    f"checkpoint is {self.run_dir / 'last'}"
+                )
             self.save("last")
         if stop.signum is not None:
             name = signal.Signals(stop.signum).name
             self.log(f"{name} received: stopped after step {self.step}; checkpoint written to "
                      f"{self.run_dir / 'last'}; continue with: chargpt train --resume "
                      f"{self.run_dir}")
+
+
+def _maybe_crash(step: int, env: DistEnv) -> None:
+    """Test-only fault injection: CHARGPT_FAULT_EXIT_AT_STEP=N [CHARGPT_FAULT_RANK=r] makes
+    this process die like a lost machine after step N, on torchrun's first attempt only."""
+    at = os.environ.get("CHARGPT_FAULT_EXIT_AT_STEP")
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if at is None or step != int(at) or not first_attempt:
+        return
+    if int(os.environ.get("CHARGPT_FAULT_RANK", "0")) == env.rank:
+        os._exit(17)
 
 
 def _write_config(run_dir: Path, cfg: Config) -> None:
@@ -566,14 +610,17 @@ def train(
     *,
     resume: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    auto_resume: bool = False,
     stop_at_step: int | None = None,
     time_limit: float | None = None,
     quiet: bool = False,
 ) -> TrainResult:
     """Train a model from `config`, or continue the run in `resume` (then `overrides` may change
-    [train] settings such as max_steps). `stop_at_step` ends this call early, as an interruption
-    would, leaving a checkpoint that `resume` continues exactly; so does `time_limit` (seconds
-    of this call)."""
+    [train] settings such as max_steps). With `auto_resume`, a config whose out_dir already
+    holds this run continues from its last complete checkpoint (or starts over if none was
+    written yet): the same call can be repeated after any crash, as torchrun's elastic restarts
+    do. `stop_at_step` ends this call early, as an interruption would, leaving a checkpoint
+    that `resume` continues exactly; so does `time_limit` (seconds of this call)."""
     if resume is not None:
         if config is not None:
             raise ConfigError("give either a config or a run directory to resume, not both")
@@ -582,8 +629,40 @@ def train(
         cfg = config or Config()
         if overrides:
             cfg = apply_overrides(cfg, overrides, "overrides")
-        trainer = Trainer.new(cfg, quiet=quiet)
-    return trainer.run(stop_at_step=stop_at_step, time_limit=time_limit)
+        out = Path(cfg.train.out_dir) if cfg.train.out_dir else None
+        if auto_resume and out is not None and (out / CONFIG_FILE).exists():
+            if ckpt.resolve(out, "last") is not None:
+                trainer = Trainer.resume(out, {"train": _changed_train_keys(cfg, out)},
+                                         quiet=quiet)
+            else:  # killed before its first checkpoint: nothing to keep
+                _start_over(out)
+                trainer = Trainer.new(cfg, quiet=quiet)
+        else:
+            trainer = Trainer.new(cfg, quiet=quiet)
+    result = trainer.run(stop_at_step=stop_at_step, time_limit=time_limit)
+    trainer.env.barrier()  # no rank leaves while rank 0 may still be writing
+    return result
 
 
+def _changed_train_keys(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """[train] values of `cfg` that differ from the run's; any other difference is an error."""
+    saved = load_run_config(run_dir)
+    for section in ("model", "data"):
+        ours, theirs = getattr(cfg, section), getattr(saved, section)
+        for f in dataclasses.fields(ours):
+            if f.name in ("vocab_size", "data_dir"):
+                continue  # filled in when the run started
+            if getattr(ours, f.name) != getattr(theirs, f.name):
+                raise ConfigError(
+                    f"{run_dir} holds a run with {section}.{f.name}="
+                    f"{getattr(theirs, f.name)!r}, not {getattr(ours, f.name)!r}; use another --out"
+                )
+    return {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(cfg.train)
+            if getattr(cfg.train, f.name) != getattr(saved.train, f.name)}
 
+
+def _start_over(run_dir: Path) -> None:
+    env = DistEnv.from_env()
+    if env.is_main:
+        for name in (CONFIG_FILE, METRICS_FILE):
+            (run_dir / name).unlink(missing_ok=True)

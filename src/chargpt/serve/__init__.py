@@ -1,0 +1,108 @@
+"""`chargpt serve`: a local web page and JSON API for one trained model.
+
+The server itself lives in `app.py` and needs the optional `serve` extra (Starlette and
+uvicorn); this module stays importable without it, so the CLI can say what to install instead of
+failing with a traceback. `serve()` loads a run, sets torch's thread count and runs uvicorn in the
+foreground until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import ChargptError
+
+if TYPE_CHECKING:
+    from .app import Limits
+
+INSTALL_HINT = "chargpt serve needs the serve extra: pip install 'chargpt[serve]'"
+REQUIRED = ("starlette", "uvicorn")
+
+
+def require_extra() -> None:
+    """Raise a one-line ChargptError if the `serve` extra is not installed."""
+    missing = [m for m in REQUIRED if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ChargptError(f"{INSTALL_HINT} (missing: {', '.join(missing)})")
+
+
+def default_threads(max_concurrent: int) -> int:
+    """Torch threads per process: the cores shared out among concurrent generations.
+
+    A small model gains little from intra-op threads, and several generations each asking for
+    every core would only fight over them.
+    """
+    cores = os.cpu_count() or 1
+    return max(1, min(4, cores // max(1, max_concurrent)))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
+          limits: Limits | None = None, checkpoint: str = "best", device: str = "auto",
+          threads: int | None = None, name: str | None = None, log_level: str = "info") -> None:
+    """Load `run_dir` and serve it on http://host:port until interrupted."""
+    require_extra()
+    import torch
+    import uvicorn
+
+    from ..run import load_run
+    from .app import Limits, create_app, model_name
+
+    limits = limits or Limits()
+    if not 0 <= port <= 65535:
+        raise ChargptError(f"--port must be between 0 and 65535, got {port}")
+    run = load_run(run_dir, checkpoint, device=device)
+    n_threads = threads if threads is not None else default_threads(limits.max_concurrent)
+    if n_threads < 1:
+        raise ChargptError(f"--threads must be >= 1, got {n_threads}")
+    torch.set_num_threads(n_threads)
+    app = create_app(run, limits, name=name)
+    # Binding here turns "address already in use" into a one-line error instead of a log.
+    sock = bind(host, port)
+    port = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {name or model_name(run)} ({run.model.num_params() / 1e6:.2f} M params, "
+          f"step {run.step}) at http://{shown}:{port}/ (torch threads: {n_threads}; Ctrl-C "
+          "to stop)", flush=True)
+    if not is_loopback(host):
+        print(f"chargpt: warning: listening on {host}, not loopback: anyone who can reach this "
+              "machine can use the model", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
+                            # connections beyond the slots and the queue get a quick 503
+                            limit_concurrency=limits.max_concurrent + limits.max_queue + 64)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the Ctrl-C it handled; stopping is the normal way out
+    finally:
+        sock.close()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on host:port, or a one-line ChargptError."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ChargptError(f"cannot resolve --host {host}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise ChargptError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock

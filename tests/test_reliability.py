@@ -1,0 +1,272 @@
+"""Nothing lost, nothing executed: NaN policies, planted pickles, the config space, a kill -9
+series (including inside checkpoint writes) and elastic restarts under torchrun."""
+
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import chargpt.trainer as trainer_mod
+from chargpt.cli import main
+from chargpt.config import Config, ConfigError, ModelConfig, TrainConfig, apply_overrides
+from chargpt.model import build_model
+from chargpt.optim import make_optimizer
+from chargpt.trainer import TrainingError, read_metrics, train
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def text() -> str:
+    if SHAKESPEARE.exists():
+        return SHAKESPEARE.read_text(encoding="utf-8")[:40_000]
+    return "".join(f"line {i}: to be or not to be, that is the question.\n" for i in range(800))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    p.write_text(text(), encoding="utf-8")
+    return p
+
+
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
+        "--dropout", "0.1", "--batch-size", "4", "--eval-interval", "20", "--eval-iters", "2",
+        "--log-interval", "5", "--sample-chars", "0", "--warmup-steps", "5"]
+
+
+def tiny_cfg(corpus, out, **train):
+    over = {"model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16},
+            "data": {"input": str(corpus)},
+            "train": {"batch_size": 4, "max_steps": 30, "eval_interval": 10, "eval_iters": 2,
+                      "log_interval": 5, "sample_chars": 0, "progress": False,
+                      "out_dir": str(out), **train}}
+    return apply_overrides(Config(), over, "test")
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa = load_file(str(a / "last" / "model.safetensors"))
+    wb = load_file(str(b / "last" / "model.safetensors"))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# --- non-finite losses ------------------------------------------------------------------------
+
+
+def poison_at(monkeypatch, bad_calls):
+    """Make the model's training loss NaN on the given forward calls (counted from 1)."""
+    real = trainer_mod.build_model
+
+    def build(cfg):
+        model = real(cfg)
+        calls = {"n": 0}
+
+        def hook(module, args, output):
+            if not module.training:
+                return output
+            calls["n"] += 1
+            logits, loss = output
+            if calls["n"] in bad_calls:
+                return logits, loss * float("nan")
+            return output
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(trainer_mod, "build_model", build)
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    poison_at(monkeypatch, {13})
+    with pytest.raises(TrainingError, match="last good checkpoint"):
+        train(tiny_cfg(corpus, tmp_path / "run"), quiet=True)
+    state = json.loads((tmp_path / "run" / "last" / "state.json").read_text())
+    assert state["step"] == 10  # the eval checkpoint before the NaN, not a poisoned one
+    weights = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_nan_when_interrupted_never_replaces_last(corpus, tmp_path, monkeypatch):
+    poison_at(monkeypatch, {12})
+    with pytest.raises(TrainingError):
+        train(tiny_cfg(corpus, tmp_path / "run"), stop_at_step=13, quiet=True)
+    assert json.loads((tmp_path / "run" / "last" / "state.json").read_text())["step"] == 10
+
+
+def test_nan_skip_policy_goes_on(corpus, tmp_path, monkeypatch):
+    poison_at(monkeypatch, {13, 17})
+    result = train(tiny_cfg(corpus, tmp_path / "run", nonfinite="skip"), quiet=True)
+    assert result.step == 30
+    rows = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert rows[-1]["skipped"] == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    weights = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+# --- no pickle is ever read -------------------------------------------------------------------
+
+
+class Exploit:
+    """Unpickling this creates the marker file; nothing chargpt reads may ever do that."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory, corpus):
+    run = tmp_path_factory.mktemp("good") / "run"
+    assert main(["train", "--input", str(corpus), "--out", str(run), "--max-steps", "20",
+                 *TINY]) == 0
+    return run
+
+
+def planted_files(run: Path) -> list[Path]:
+    return sorted(p for p in run.rglob("*") if p.is_file() and p.suffix != ".png")
+
+
+def test_planted_pickles_never_run(good_run, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(Exploit(marker))
+    rel_paths = [p.relative_to(good_run) for p in planted_files(good_run)]
+    assert len(rel_paths) >= 15  # config, metrics, data/*, best/*, last/*
+    for rel in rel_paths:
+        run = tmp_path / f"run-{rel.as_posix().replace('/', '_')}"
+        shutil.copytree(good_run, run)
+        target = run / rel
+        if target.suffix == ".npy":  # an object array is numpy's way to smuggle a pickle
+            np.save(target, np.array([Exploit(marker)], dtype=object), allow_pickle=True)
+        else:
+            target.write_bytes(payload)
+        for argv in (["sample", str(run), "--max-new-tokens", "5", "--seed", "0"],
+                     ["sample", str(run), "--checkpoint", "last", "--max-new-tokens", "5"],
+                     ["eval", str(run)],
+                     ["train", "--resume", str(run), "--max-steps", "22"]):
+            code = main(argv)
+            assert not marker.exists(), f"{rel}: {argv[0]} unpickled a planted file"
+            err = capsys.readouterr().err
+            assert "Traceback" not in err
+            if code != 0:
+                assert err.startswith("chargpt: error: ") and err.count("\n") == 1, err
+
+
+def test_no_unsafe_loaders_in_the_source():
+    src = Path(__file__).resolve().parents[1] / "src" / "chargpt"
+    for path in src.rglob("*.py"):
+        code = path.read_text(encoding="utf-8")
+        assert "pickle" not in code, path
+        assert "allow_pickle=True" not in code, path
+        for line in code.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{path}: {line}"
+
+
+# --- the config space -------------------------------------------------------------------------
+
+model_space = st.fixed_dictionaries({
+    "n_layer": st.integers(-1, 3),
+    "n_head": st.integers(0, 4),
+    "n_embd": st.integers(0, 24),
+    "block_size": st.integers(-1, 12),
+    "dropout": st.floats(-0.2, 1.2, allow_nan=False),
+    "norm": st.sampled_from(["pre", "post", "none"]),
+    "residual": st.booleans(),
+    "mlp": st.booleans(),
+    "mlp_ratio": st.integers(0, 4),
+    "activation": st.sampled_from(["gelu", "relu"]),
+    "tie_weights": st.booleans(),
+    "bias": st.booleans(),
+    "arch": st.sampled_from(["gpt", "bigram"]),
+})
+
+
+def is_valid(d) -> bool:
+    if d["block_size"] < 1 or not 0 <= d["dropout"] < 1:
+        return False
+    if d["arch"] == "bigram":
+        return True
+    return (d["n_layer"] >= 1 and d["n_head"] >= 1 and d["n_embd"] >= 1
+            and d["n_embd"] % d["n_head"] == 0 and d["mlp_ratio"] >= 1)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(model_space, st.integers(0, 2**16))
+def test_valid_configs_train_a_step_and_invalid_ones_say_why(d, seed):
+    if not is_valid(d):
+        with pytest.raises(ConfigError) as e:
+            ModelConfig(vocab_size=11, **d)
+        assert "\n" not in str(e.value)
+        return
+    cfg = ModelConfig(vocab_size=11, **d)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    x = torch.randint(0, 11, (2, cfg.block_size))
+    _, loss = model(x, torch.roll(x, -1, dims=1))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --- kill -9 at many points -------------------------------------------------------------------
+
+
+def cli(*args, env_extra=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "chargpt.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+KILL_FLAGS = [*TINY, "--max-steps", "80"]
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory, corpus):
+    ref = tmp_path_factory.mktemp("undisturbed") / "ref"
+    proc = cli("train", "--input", str(corpus), "--out", str(ref), *KILL_FLAGS)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    return ref
+
+
+def kill_series(corpus, ref, run, delays):
+    """Run the same `--auto-resume` command again and again, killing it after each delay."""
+    cmd = ["train", "--input", str(corpus), "--out", str(run), "--auto-resume", *KILL_FLAGS]
+    slow_saves = {"CHARGPT_TEST_SAVE_DELAY": "0.05"}  # kills land inside writes more often
+    for delay in delays:
+        proc = cli(*cmd, env_extra=slow_saves)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        else:
+            break  # finished before the kill: later kills have nothing left to hit
+    proc = cli(*cmd)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    assert same_weights(ref, run)
+
+
+def test_kill_series_short(corpus, undisturbed, tmp_path):
+    kill_series(corpus, undisturbed, tmp_path / "run", [2.5, 3.5, 4.5])
+
+
+@pytest.mark.slow
+def test_kill_series_long(corpus, undisturbed, tmp_path):
+    rng = random.Random(0)
+    kill_series(corpus, undisturbed, tmp_path / "run",
+                [rng.uniform(1.5, 6.0) for _ in range(24)])

@@ -1,0 +1,563 @@
+"""`chargpt serve` over real HTTP on 127.0.0.1: the JSON API, limits, disconnects and load.
+
+A tiny model is trained once per module; each server runs in a background thread (uvicorn on
+a pre-bound free port) with the limits its test needs, and one test starts the real CLI in a
+subprocess. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from chargpt.cli import main  # noqa: E402
+from chargpt.run import load_run  # noqa: E402
+from chargpt.serve.app import Limits, StopMatcher, create_app  # noqa: E402
+from chargpt.serve.background import BackgroundServer  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+CORPUS = "ROMEO: to be or not to be, that is the question.\nJULIET: ay me!\n" * 400
+TINY_FLAGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+              "--batch-size", "4", "--max-steps", "20", "--eval-interval", "10",
+              "--eval-iters", "2", "--log-interval", "10", "--warmup-steps", "2",
+              "--sample-chars", "0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread, as `chargpt serve` sets per generation on a small machine: with
+    several sampling threads (and other work) on two cores, more only makes them spin."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, one_torch_thread) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    corpus = root / "corpus.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    out = root / "run"
+    assert main(["train", "--input", str(corpus), "--out", str(out), *TINY_FLAGS]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(run_dir):
+    return load_run(run_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    """A server with roomy limits, shared by the tests that do not need special ones."""
+    limits = Limits(max_prompt_chars=200, max_new_tokens=100_000, max_body_bytes=4096,
+                    max_concurrent=2, max_queue=4, queue_timeout=5, request_timeout=30)
+    with BackgroundServer(create_app(run, limits)) as srv:
+        yield srv
+
+
+# --- a small HTTP client -----------------------------------------------------------------
+
+
+def conn(srv: BackgroundServer, timeout: float = 30) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection(srv.host, srv.port, timeout=timeout)
+
+
+def request(srv: BackgroundServer, method: str, path: str, body: Any = None,
+            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    c = conn(srv)
+    try:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        c.request(method, path, body=data, headers={"Content-Type": "application/json",
+                                                    **(headers or {})})
+        resp = c.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        c.close()
+
+
+def get_json(srv: BackgroundServer, path: str) -> Any:
+    status, _, raw = request(srv, "GET", path)
+    assert status == 200, raw
+    return json.loads(raw)
+
+
+def post_json(srv: BackgroundServer, path: str, body: Any) -> tuple[int, Any]:
+    status, _, raw = request(srv, "POST", path, body)
+    return status, json.loads(raw)
+
+
+def read_events(resp: http.client.HTTPResponse) -> list[tuple[str, str]]:
+    """(event, data) pairs of a server-sent-events response, read to its end."""
+    events, event, data = [], "message", []
+    for raw in resp:
+        line = raw.decode("utf-8").rstrip("\n")
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            data.append(line[6:])
+        elif line == "" and data:
+            events.append((event, "\n".join(data)))
+            event, data = "message", []
+    return events
+
+
+def stream(srv: BackgroundServer, path: str, body: dict[str, Any]) -> list[tuple[str, str]]:
+    c = conn(srv)
+    try:
+        c.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        resp = c.getresponse()
+        assert resp.status == 200, resp.read()
+        assert resp.getheader("Content-Type").startswith("text/event-stream")
+        return read_events(resp)
+    finally:
+        c.close()
+
+
+def wait_idle(srv: BackgroundServer, within: float = 5.0) -> float:
+    """Seconds until the server reports no running generation; fails after `within`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < within:
+        if get_json(srv, "/health")["active"] == 0:
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    pytest.fail(f"a generation was still running {within} s later")
+
+
+# --- info, page, health ------------------------------------------------------------------
+
+
+def test_health_info_and_models(server, run):
+    health = get_json(server, "/health")
+    assert health["status"] == "ok" and health["active"] == 0
+    info = get_json(server, "/api/info")
+    assert info["name"] == "run" and info["checkpoint"] == "best"
+    assert info["parameters"] == run.model.num_params()
+    assert info["step"] == run.step == 20
+    assert info["val_loss"] == pytest.approx(run.val_loss)
+    assert info["block_size"] == 32 and info["n_layer"] == 2 and info["n_head"] == 2
+    assert info["vocab"] == "".join(run.tokenizer.chars) and info["has_attention"]
+    assert info["limits"]["max_new_tokens"] == 100_000
+    models = get_json(server, "/v1/models")
+    assert models["data"][0]["id"] == "run"
+
+
+def test_page_and_static_files(server):
+    status, headers, body = request(server, "GET", "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    page = body.decode()
+    for needed in ('id="prompt"', 'id="generate"', 'id="stop"', 'id="temperature"',
+                   'id="top-k"', 'id="top-p"', 'id="max-new-tokens"', 'id="seed"',
+                   "/static/app.js", "/static/style.css"):
+        assert needed in page
+    assert "http://" not in page and "https://" not in page  # no CDN: everything is local
+    status, headers, js = request(server, "GET", "/static/app.js")
+    assert status == 200 and "javascript" in headers["content-type"]
+    assert b"innerHTML" not in js and b"insertAdjacentHTML" not in js
+    assert request(server, "GET", "/static/style.css")[0] == 200
+    assert request(server, "GET", "/static/nope.js")[0] == 404
+    assert request(server, "GET", "/api/generate")[0] == 405
+
+
+# --- generation --------------------------------------------------------------------------
+
+
+def test_generate_matches_the_run_api(server, run):
+    params = {"temperature": 0.8, "top_k": 5, "top_p": 0.9, "seed": 3}
+    status, body = post_json(server, "/api/generate",
+                             {"prompt": "ROMEO:", "max_new_tokens": 40, **params})
+    assert status == 200, body
+    assert body["text"] == run.generate("ROMEO:", 40, **params)
+    assert body["finish_reason"] == "length" and body["tokens"] == 40
+    events = stream(server, "/api/generate",
+                    {"prompt": "ROMEO:", "max_new_tokens": 40, "stream": True, **params})
+    *texts, (last_event, last) = events
+    assert all(e == "message" for e, _ in texts) and last_event == "done"
+    assert "".join(json.loads(d)["text"] for _, d in texts) == body["text"]
+    assert json.loads(last)["finish_reason"] == "length" and json.loads(last)["tokens"] == 40
+    greedy = post_json(server, "/api/generate", {"prompt": "JULIET", "temperature": 0,
+                                                 "max_new_tokens": 10})[1]
+    assert greedy["text"] == run.generate("JULIET", 10, temperature=0)
+    empty = post_json(server, "/api/generate", {"max_new_tokens": 5})[1]
+    assert len(empty["text"]) == 5  # an empty prompt starts from a newline, like the CLI
+
+
+def test_openai_completions(server, run):
+    status, body = post_json(server, "/v1/completions",
+                             {"model": "whatever", "prompt": "ROMEO:", "max_tokens": 12,
+                              "seed": 5, "temperature": 0.7, "user": "ignored"})
+    assert status == 200, body
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    choice = body["choices"][0]
+    assert choice["text"] == run.generate("ROMEO:", 12, seed=5, temperature=0.7)
+    assert choice["finish_reason"] == "length" and choice["index"] == 0
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 12, "total_tokens": 18}
+    events = stream(server, "/v1/completions", {"prompt": ["ROMEO:"], "max_tokens": 12,
+                                                 "seed": 5, "temperature": 0.7,
+                                                 "stream": True})
+    assert events[-1] == ("message", "[DONE]")
+    chunks = [json.loads(d) for _, d in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    echoed = post_json(server, "/v1/completions", {"prompt": "ROMEO:", "max_tokens": 12,
+                                                   "seed": 5, "temperature": 0.7,
+                                                   "echo": True})[1]
+    assert echoed["choices"][0]["text"] == "ROMEO:" + choice["text"]
+    default = post_json(server, "/v1/completions", {"prompt": "ROMEO:"})[1]
+    assert default["usage"]["completion_tokens"] == 16  # OpenAI's default max_tokens
+
+
+def test_stop_strings(server, run):
+    full = run.generate("ROMEO:", 200, seed=2)
+    stop = full[10:12]
+    cut = full[: full.index(stop)]
+    body = post_json(server, "/v1/completions", {"prompt": "ROMEO:", "max_tokens": 200,
+                                                 "seed": 2, "stop": [stop, "\x00"]})[1]
+    assert body["choices"][0]["text"] == cut and body["choices"][0]["finish_reason"] == "stop"
+    events = stream(server, "/api/generate", {"prompt": "ROMEO:", "max_new_tokens": 200,
+                                              "seed": 2, "stop": stop, "stream": True})
+    assert "".join(json.loads(d).get("text", "") for _, d in events) == cut
+    assert json.loads(events[-1][1])["finish_reason"] == "stop"
+
+
+def test_stop_matcher_holds_back_partial_matches():
+    m = StopMatcher(["END"])
+    assert m.feed("abcE") == ("ab", False)
+    assert m.feed("N") == ("c", False)
+    assert m.feed("Dxyz") == ("", True)
+    m = StopMatcher(["zz"])
+    out = [m.feed(c)[0] for c in "abz"]
+    assert "".join(out) + m.flush() == "abz"
+
+
+# --- bad requests ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ({"prompt": "thé €"}, "'é' (U+00E9), '€' (U+20AC)"),
+    ({"prompt": "x" * 201}, "201 characters; the limit is 200"),
+    ({"prompt": 3}, "prompt must be a string"),
+    ({"max_new_tokens": 100_001}, "max_new_tokens must be <= 100000"),
+    ({"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
+    ({"max_new_tokens": 1.5}, "max_new_tokens must be an integer"),
+    ({"temperature": -1}, "temperature must be >= 0"),
+    ({"temperature": "hot"}, "temperature must be a number"),
+    ({"top_k": 0}, "top_k must be >= 1"),
+    ({"top_p": 0}, "top_p must be > 0"),
+    ({"top_p": 1.5}, "top_p must be <= 1"),
+    ({"seed": -2}, "seed must be >= 0"),
+    ({"stream": "yes"}, "stream must be true or false"),
+    ({"stop": ""}, "stop must be"),
+    ({"unknown": "ignore"}, "unknown must be one of"),
+    ({"tempreature": 1}, "unknown field(s): tempreature"),
+])
+def test_bad_generate_requests_are_400(server, body, needle):
+    status, answer = post_json(server, "/api/generate", body)
+    assert status == 400, answer
+    message = answer["error"]["message"]
+    assert needle in message and "\n" not in message
+
+
+def test_unknown_characters_are_named_and_can_be_skipped(server):
+    status, body = post_json(server, "/api/generate", {"prompt": "ROMÉO 🙂", "max_new_tokens": 3})
+    assert status == 400 and body["error"]["unknown_chars"] == ["É", "🙂"]
+    assert body["error"]["type"] == "unknown_characters"
+    status, body = post_json(server, "/api/generate", {"prompt": "ROMÉO 🙂", "max_new_tokens": 3,
+                                                       "unknown": "skip"})
+    assert status == 200 and body["tokens"] == 3
+    status, body = post_json(server, "/v1/completions", {"prompt": "é"})
+    assert status == 400 and "'é' (U+00E9)" in body["error"]["message"]
+
+
+def test_openai_only_supports_one_choice(server):
+    for body in ({"n": 2}, {"best_of": 3}, {"logprobs": 2}, {"prompt": ["a", "b"]}):
+        status, answer = post_json(server, "/v1/completions", body)
+        assert status == 400, (body, answer)
+
+
+def test_malformed_and_oversized_bodies(server):
+    status, _, raw = request(server, "POST", "/api/generate", b"{not json")
+    assert status == 400 and b"not valid JSON" in raw
+    status, _, raw = request(server, "POST", "/api/generate", b"[1, 2]")
+    assert status == 400 and b"JSON object" in raw
+    big = json.dumps({"prompt": "a" * 5000}).encode()
+    status, _, raw = request(server, "POST", "/api/generate", big)
+    assert status == 413 and b"larger than 4096 bytes" in raw
+    # Without a Content-Length the cap is enforced while the body is read.
+    c = conn(server)
+    try:
+        c.putrequest("POST", "/api/generate")
+        c.putheader("Transfer-Encoding", "chunked")
+        c.putheader("Content-Type", "application/json")
+        c.endheaders()
+        for _ in range(3):
+            c.send(b"800\r\n" + b" " * 0x800 + b"\r\n")
+        c.send(b"0\r\n\r\n")
+        assert c.getresponse().status == 413
+    finally:
+        c.close()
+
+
+# --- attention ---------------------------------------------------------------------------
+
+
+def test_attention_maps(server, run):
+    status, body = post_json(server, "/api/attention", {"prompt": "ROMEO: to"})
+    assert status == 200, body
+    assert body["tokens"] == list("ROMEO: to") and body["n_layer"] == 2 and body["n_head"] == 2
+    w = body["weights"]
+    assert len(w) == 2 and all(len(layer) == 2 for layer in w)
+    for layer in w:
+        for head in layer:
+            assert [len(row) for row in head] == list(range(1, 10))  # causal: lower triangle
+            for row in head:
+                assert math.isclose(sum(row), 1.0, abs_tol=1e-3)
+                assert all(0 <= x <= 1 for x in row)
+    too_long = post_json(server, "/api/attention", {"prompt": "a" * 33})
+    assert too_long[0] == 400 and "the limit is 32" in too_long[1]["error"]["message"]
+    assert post_json(server, "/api/attention", {"prompt": ""})[0] == 400
+    bad = post_json(server, "/api/attention", {"prompt": "x€"})
+    assert bad[0] == 400 and "'€' (U+20AC)" in bad[1]["error"]["message"]
+
+
+# --- limits, disconnects, time limit -----------------------------------------------------
+
+
+def open_stream(srv: BackgroundServer, body: dict[str, Any]) -> tuple[Any, Any]:
+    c = conn(srv)
+    c.request("POST", "/api/generate", body=json.dumps({"stream": True, **body}),
+              headers={"Content-Type": "application/json"})
+    resp = c.getresponse()
+    assert resp.status == 200
+    assert resp.readline().startswith(b"data: ")  # the generation is under way
+    return c, resp
+
+
+def test_disconnected_stream_stops_its_generation(server):
+    c, _ = open_stream(server, {"prompt": "ROMEO:", "max_new_tokens": 100_000})
+    assert get_json(server, "/health")["active"] == 1
+    c.sock.shutdown(socket.SHUT_RDWR)
+    c.close()
+    assert wait_idle(server, within=3.0) < 3.0
+
+
+def test_disconnected_plain_request_stops_its_generation(server):
+    c = conn(server)
+    c.request("POST", "/api/generate", body=json.dumps({"max_new_tokens": 100_000}),
+              headers={"Content-Type": "application/json"})
+    deadline = time.monotonic() + 5
+    while get_json(server, "/health")["active"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    c.sock.shutdown(socket.SHUT_RDWR)
+    c.close()
+    assert wait_idle(server, within=3.0) < 3.0
+
+
+def test_busy_server_answers_429_with_retry_after(run):
+    limits = Limits(max_new_tokens=100_000, max_concurrent=1, max_queue=0)
+    with BackgroundServer(create_app(run, limits)) as srv:
+        c, _ = open_stream(srv, {"max_new_tokens": 100_000})
+        try:
+            status, headers, raw = request(srv, "POST", "/api/generate", {"max_new_tokens": 2})
+            assert status == 429 and int(headers["retry-after"]) >= 1
+            assert b"busy" in raw
+            assert request(srv, "GET", "/health")[0] == 200
+        finally:
+            c.close()
+        wait_idle(srv)
+        assert post_json(srv, "/api/generate", {"max_new_tokens": 2})[0] == 200
+
+
+def test_queued_request_waits_then_gives_up(run):
+    limits = Limits(max_new_tokens=100_000, max_concurrent=1, max_queue=1, queue_timeout=0.5)
+    with BackgroundServer(create_app(run, limits)) as srv:
+        c, _ = open_stream(srv, {"max_new_tokens": 100_000})
+        try:
+            t0 = time.monotonic()
+            status, headers, _ = request(srv, "POST", "/v1/completions", {"max_tokens": 2})
+            waited = time.monotonic() - t0
+            assert status == 429 and "retry-after" in headers
+            assert 0.4 < waited < 3
+        finally:
+            c.close()
+        wait_idle(srv)
+        # A short generation queued behind another one runs once that one ends.
+        results: list[int] = []
+        first = threading.Thread(target=lambda: results.append(
+            post_json(srv, "/api/generate", {"max_new_tokens": 200})[0]))
+        first.start()
+        results.append(post_json(srv, "/api/generate", {"max_new_tokens": 5})[0])
+        first.join(10)
+        assert results == [200, 200]
+
+
+def test_request_time_limit(run):
+    limits = Limits(max_new_tokens=1_000_000, request_timeout=0.3)
+    with BackgroundServer(create_app(run, limits)) as srv:
+        t0 = time.monotonic()
+        status, body = post_json(srv, "/api/generate", {"max_new_tokens": 1_000_000})
+        assert status == 200 and body["finish_reason"] == "time_limit"
+        assert 0 < body["tokens"] < 1_000_000 and time.monotonic() - t0 < 3
+        events = stream(srv, "/api/generate", {"max_new_tokens": 1_000_000, "stream": True})
+        assert json.loads(events[-1][1])["finish_reason"] == "time_limit"
+        wait_idle(srv)
+
+
+def test_bad_limits_are_one_line_errors(run_dir, capsys):
+    assert main(["serve", str(run_dir), "--max-concurrent", "0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("chargpt: error: ") and "max_concurrent must be an integer >= 1" in err
+    assert "\n" not in err
+
+
+def test_missing_extra_is_a_one_line_error(run_dir, capsys, monkeypatch):
+    import chargpt.serve
+
+    monkeypatch.setattr(chargpt.serve, "REQUIRED", ("starlette", "no_such_module_for_chargpt"))
+    assert main(["serve", str(run_dir)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("chargpt: error: ") and "pip install 'chargpt[serve]'" in err
+    assert "\n" not in err
+
+
+def test_port_in_use_is_a_one_line_error(run_dir, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(run_dir), "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"chargpt: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+# --- the real CLI ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening_addresses(port: int) -> set[str] | None:
+    """IPv4 addresses with a socket listening on `port`, from /proc (None off Linux)."""
+    table = Path("/proc/net/tcp")
+    if not table.exists():
+        return None
+    found = set()
+    for line in table.read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        hex_addr, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+            found.add(socket.inet_ntoa(bytes.fromhex(hex_addr)[::-1]))
+    return found
+
+
+def test_cli_serves_on_loopback_and_stops_on_ctrl_c(run_dir):
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "chargpt", "serve", str(run_dir), "--port",
+                             str(port), "--max-new-tokens", "50", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert json.loads(r.read())["status"] == "ok"
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not come up in 30 s"
+                time.sleep(0.1)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/info")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert json.loads(r.read())["limits"]["max_new_tokens"] == 50
+        assert listening_addresses(port) in ({"127.0.0.1"}, None)  # loopback only
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert out.startswith("serving run (") and f"http://127.0.0.1:{port}/" in out
+
+
+# --- load --------------------------------------------------------------------------------
+
+
+def test_32_concurrent_streams_all_complete_while_health_stays_fast(run):
+    n_clients, n_tokens = 32, 100
+    limits = Limits(max_new_tokens=1000, max_concurrent=2, max_queue=n_clients,
+                    queue_timeout=60, request_timeout=60)
+    results: list[str | None] = [None] * n_clients
+    errors: list[str] = []
+    health_latency: list[float] = []
+    done = threading.Event()
+    barrier = threading.Barrier(n_clients)
+
+    with BackgroundServer(create_app(run, limits)) as srv:
+
+        def client(i: int) -> None:
+            try:
+                barrier.wait(timeout=10)
+                events = stream(srv, "/api/generate", {"prompt": "ROMEO:", "seed": i,
+                                                       "max_new_tokens": n_tokens,
+                                                       "stream": True})
+                final = json.loads(events[-1][1])
+                assert events[-1][0] == "done" and final["finish_reason"] == "length"
+                results[i] = "".join(json.loads(d)["text"] for _, d in events[:-1])
+            except Exception as e:  # collected: an assertion in a thread would be lost
+                errors.append(f"client {i}: {type(e).__name__}: {e}")
+
+        def poll_health() -> None:
+            while not done.is_set():
+                t = time.monotonic()
+                try:
+                    assert get_json(srv, "/health")["status"] == "ok"
+                except Exception as e:
+                    errors.append(f"health: {e}")
+                health_latency.append(time.monotonic() - t)
+                time.sleep(0.05)
+
+        poller = threading.Thread(target=poll_health, daemon=True)
+        poller.start()
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=client, args=(i,), daemon=True)
+                   for i in range(n_clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=max(1.0, 60 - (time.monotonic() - t0)))
+        elapsed = time.monotonic() - t0
+        done.set()
+        poller.join(5)
+        assert not any(t.is_alive() for t in threads), "clients still running after 60 s"
+        assert errors == []
+        assert all(r is not None and len(r) == n_tokens for r in results)
+        assert len(set(results)) > 1  # different seeds, different texts
+        assert len(health_latency) >= 3 and max(health_latency) < 1.0
+        wait_idle(srv)
+        print(f"\n32 streams x {n_tokens} tokens: {elapsed:.2f} s; /health "
+              f"{len(health_latency)} checks, max {max(health_latency) * 1000:.0f} ms, "
+              f"median {sorted(health_latency)[len(health_latency) // 2] * 1000:.0f} ms")
