@@ -183,6 +183,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from .flops import PEAK_FLOPS, estimate, human_bytes, human_seconds
+
+    if args.gpu not in PEAK_FLOPS:
+        raise ConfigError(f"unknown GPU {args.gpu!r} (known: {', '.join(PEAK_FLOPS)})")
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
+    overrides = config_overrides(args)
+    overrides.setdefault("model", {})["vocab_size"] = args.vocab_size
+    cfg = resolve_config(args.preset, args.config, overrides)
+    e = estimate(cfg, world_size=args.gpus)
+    m, tc = cfg.model, cfg.train
+    rate = PEAK_FLOPS[args.gpu] * args.mfu * args.gpus
+    seconds_per_step = e.flops_per_step / rate
+    epoch_steps = args.corpus_chars / e.tokens_per_step
+    print(f"model          {m.arch}, {m.n_layer} layers, {m.n_head} heads, {m.n_embd} embd, "
+          f"block {m.block_size}, vocab {m.vocab_size}")
+    print(f"parameters     {e.params:,} ({e.params / 1e6:.2f} M)")
+    print(f"FLOPs/token    {e.flops_per_token / 1e6:,.1f} M (training: forward + backward)")
+    print(f"tokens/step    {e.tokens_per_step:,} (batch {tc.batch_size} x block "
+          f"{m.block_size} x accumulation {tc.grad_accum} x {args.gpus} GPU(s))")
+    print(f"memory/GPU     weights {human_bytes(e.weights_bytes)}, gradients "
+          f"{human_bytes(e.grads_bytes)}, AdamW state {human_bytes(e.optimizer_bytes)}, "
+          f"activations ~{human_bytes(e.activation_bytes)} (16-bit autocast); "
+          f"total ~{human_bytes(e.total_bytes)}")
+    print(f"on {args.gpus} x {args.gpu} at {args.mfu:.0%} MFU: "
+          f"{human_seconds(seconds_per_step)}/step, "
+          f"{tc.max_steps:,} steps in {human_seconds(seconds_per_step * tc.max_steps)}, "
+          f"one epoch of {args.corpus_chars:,} characters = {epoch_steps:,.0f} steps in "
+          f"{human_seconds(seconds_per_step * epoch_steps)}")
+    print("(estimates from FLOP counts and vendor peak figures, not measurements)")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     import torch
 
@@ -351,6 +385,21 @@ def build_parser() -> Parser:
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_attention)
+
+    p = sub.add_parser("estimate", help="parameters, FLOPs, memory and time of a config",
+                       description="Estimate what a configuration costs before training it.")
+    p.add_argument("--preset", choices=preset_names(), default=None)
+    p.add_argument("--config", metavar="FILE")
+    p.add_argument("--vocab-size", type=int, default=65,
+                   help="characters in the corpus (default: 65, Tiny Shakespeare)")
+    p.add_argument("--corpus-chars", type=int, default=1_003_854,
+                   help="training characters, for the time per epoch (default: Tiny Shakespeare)")
+    p.add_argument("--gpu", default="A100", help="GPU model for the time estimate")
+    p.add_argument("--gpus", type=int, default=1, help="number of GPUs (data parallel)")
+    p.add_argument("--mfu", type=float, default=0.4,
+                   help="assumed model FLOPs utilisation (default: 0.4)")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=cmd_presets)

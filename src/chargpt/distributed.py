@@ -59,7 +59,10 @@ class DistEnv:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        # A collective waiting on a dead peer fails after this long, so torchrun can restart
+        # the job; generous by default because rank 0 may be preparing a large corpus.
+        seconds = float(os.environ.get("CHARGPT_DIST_TIMEOUT", "1800"))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds))
 
     def barrier(self) -> None:
         if self.enabled and dist.is_initialized():

@@ -35,6 +35,7 @@ from .datasets import fetch
 from .distributed import DistEnv, all_reduce_mean, broadcast_flag, gather_tensors
 from .errors import ChargptError, CheckpointError, ConfigError
 from .evaluate import estimate_loss
+from .flops import estimate, mfu
 from .io import atomic_write_text
 from .model import build_model
 from .optim import lr_at, make_optimizer
@@ -500,6 +501,7 @@ class Trainer:
         end = tc.max_steps if stop_at_step is None else min(stop_at_step, tc.max_steps)
         self._t0 = time.perf_counter()
         self._deadline = None if time_limit is None else self._t0 + time_limit
+        self._flops_per_token = estimate(self.cfg).flops_per_token
         n_params = self.model.num_params()
         world = f" x {self.env.world_size} processes" if self.env.enabled else ""
         self.log(
@@ -561,12 +563,17 @@ class Trainer:
                         f"checkpoint is {self.run_dir / 'last'} (try a lower --lr, "
                         "--grad-clip 1.0 or --dtype float32)"
                     )
+                util = mfu(self._flops_per_token, tok_s / self.env.world_size, self.device)
                 self._record({"kind": "train", "step": self.step, "loss": mean_loss,
                               "lr": lr_at(self.step - 1, tc), "tok_per_s": round(tok_s),
                               "elapsed": round(self.elapsed(), 3),
+                              **({"mfu": round(util, 4)} if util is not None else {}),
                               **({"skipped": self.skipped_steps} if self.skipped_steps else {})})
                 if self._bar is not None:
-                    self._bar.set_postfix_str(f"loss {mean_loss:.4f}, {tok_s / 1e3:.1f}k tok/s")
+                    mfu_text = f", MFU {util:.1%}" if util is not None else ""
+                    self._bar.set_postfix_str(
+                        f"loss {mean_loss:.4f}, {tok_s / 1e3:.1f}k tok/s{mfu_text}"
+                    )
                 loss_sum.zero_()
                 n_since_log, n_losses, t_log = 0, 0, now
             if self._bar is not None:

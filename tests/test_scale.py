@@ -1,0 +1,122 @@
+"""Scale: cost estimates checked against real models, GPU-name matching for MFU, the batch
+stream shared by DDP ranks, epoch-order sampling, and the GPU code paths run on the CPU."""
+
+import numpy as np
+import pytest
+import torch
+
+from chargpt.cli import main
+from chargpt.config import Config, apply_overrides, resolve_config
+from chargpt.data import BatchSampler
+from chargpt.flops import PEAK_FLOPS, estimate, match_gpu, mfu
+from chargpt.model import build_model
+from chargpt.trainer import train
+
+
+@pytest.mark.parametrize("preset", ["shakespeare-cpu", "shakespeare-gpu", "turkish-86m"])
+def test_estimate_counts_the_real_model(preset):
+    cfg = resolve_config(preset, overrides={"model": {"vocab_size": 65}})
+    e = estimate(cfg)
+    model = build_model(cfg.model)
+    assert e.params == sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    m = cfg.model
+    assert e.flops_per_token == 6 * linear + 12 * m.n_layer * m.n_embd * m.block_size
+    assert e.optimizer_bytes == 8 * e.params
+
+
+def test_preset_sizes_match_their_descriptions():
+    sizes = {name: estimate(resolve_config(name, overrides={"model": {"vocab_size": 65}})).params
+             for name in ("shakespeare-cpu", "shakespeare-gpu", "turkish-86m")}
+    assert 0.78e6 < sizes["shakespeare-cpu"] < 0.84e6
+    assert 10.7e6 < sizes["shakespeare-gpu"] < 10.9e6  # the lecture's 10.79 M
+    assert 84e6 < sizes["turkish-86m"] < 88e6
+    big = estimate(resolve_config("turkish-86m", overrides={"model": {"vocab_size": 200}}))
+    assert big.total_bytes < 16 * 2**30 / 2  # room to spare on a 16 GB GPU
+
+
+@pytest.mark.parametrize("name, key", [
+    ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA A100 80GB PCIe", "A100"),
+    ("NVIDIA H100 80GB HBM3", "H100-SXM"), ("NVIDIA H100 PCIe", "H100-PCIe"),
+    ("NVIDIA L4", "L4"), ("NVIDIA L40S", "L40S"), ("Tesla T4", "T4"),
+    ("Tesla V100-SXM2-16GB", "V100"), ("NVIDIA GeForce RTX 4090", "RTX-4090"),
+    ("NVIDIA GeForce RTX 3090", "RTX-3090"), ("Some Future GPU", None),
+])
+def test_gpu_names(name, key):
+    assert match_gpu(name) == key
+    assert key is None or key in PEAK_FLOPS
+
+
+def test_mfu_is_omitted_off_gpu():
+    assert mfu(1e9, 1e5, torch.device("cpu")) is None
+
+
+def test_estimate_command(capsys):
+    assert main(["estimate", "--preset", "turkish-86m", "--vocab-size", "120", "--gpu", "L4",
+                 "--corpus-chars", "470000000"]) == 0
+    out = capsys.readouterr().out
+    assert "85." in out and "AdamW state" in out and "L4" in out and "one epoch" in out
+    assert main(["estimate", "--gpu", "TPU"]) == 1
+    assert "unknown GPU" in capsys.readouterr().err
+
+
+def test_ranks_split_the_single_process_stream():
+    tokens = np.arange(5000, dtype=np.uint16)
+    one = BatchSampler(tokens, 8, 4, seed=3)
+    ranks = [BatchSampler(tokens, 8, 4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for _ in range(5):
+        a, b = one.next_batch()[0], one.next_batch()[0]  # two micro-batches of one process
+        assert torch.equal(ranks[0].next_batch()[0], a)
+        assert torch.equal(ranks[1].next_batch()[0], b)
+
+
+def test_epoch_order_sees_every_window_once_and_resumes():
+    tokens = np.arange(1000, dtype=np.uint16)
+    s = BatchSampler(tokens, 10, 3, seed=0, order="epoch")
+    seen = []
+    while s.epoch == 0:
+        x, _ = s.next_batch()
+        seen.extend(int(row[0]) for row in x)
+    first_epoch = seen[: (len(tokens) - 1 - seen[0] % 10) // 10]
+    assert len(set(first_epoch)) == len(first_epoch)  # no window twice within an epoch
+    assert len({start % 10 for start in first_epoch}) == 1  # one offset per epoch
+    state = s.state_dict()
+    after = [s.next_batch()[0] for _ in range(40)]  # crosses into the next epoch
+    t = BatchSampler(tokens, 10, 3, seed=0, order="epoch")
+    t.load_state_dict(state)
+    assert all(torch.equal(a, t.next_batch()[0]) for a in after)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    p = tmp_path / "c.txt"
+    p.write_text("".join(f"line {i}: to be or not to be.\n" for i in range(600)), "utf-8")
+    return p
+
+
+def _cfg(corpus, out, **train_kw):
+    over = {"model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 8},
+            "data": {"input": str(corpus)},
+            "train": {"batch_size": 4, "max_steps": 6, "eval_interval": 3, "eval_iters": 2,
+                      "log_interval": 3, "progress": False, "sample_chars": 0,
+                      "out_dir": str(out), **train_kw}}
+    return apply_overrides(Config(), over, "test")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_paths_run_on_cpu(corpus, tmp_path, dtype):
+    # bf16 autocast is the CUDA default; fp16 adds the gradient scaler. Both run on CPU too.
+    result = train(_cfg(corpus, tmp_path / dtype, dtype=dtype, data_order="epoch"), quiet=True)
+    assert result.step == 6 and np.isfinite(result.last_val_loss)
+
+
+def test_torch_compile_path_runs_on_cpu(corpus, tmp_path):
+    pytest.importorskip("torch._inductor")
+    result = train(_cfg(corpus, tmp_path / "compiled", compile=True, max_steps=3,
+                        eval_interval=3), quiet=True)
+    assert result.step == 3 and np.isfinite(result.last_val_loss)
+    # the checkpoint holds the raw module's names, never torch.compile's _orig_mod prefix
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "compiled" / "last" / "model.safetensors")).keys()
+    assert keys and not any("_orig_mod" in k for k in keys)
