@@ -235,21 +235,21 @@ def cli(*args, env_extra=None):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-KILL_FLAGS = [*TINY, "--max-steps", "80"]
-
-
-@pytest.fixture(scope="module")
-def undisturbed(tmp_path_factory, corpus):
-    ref = tmp_path_factory.mktemp("undisturbed") / "ref"
-    proc = cli("train", "--input", str(corpus), "--out", str(ref), *KILL_FLAGS)
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+def reference(root: Path, corpus: Path, steps: int) -> Path:
+    ref = root / "ref"
+    proc = cli("train", "--input", str(corpus), "--out", str(ref), *TINY, "--max-steps",
+               str(steps))
+    assert proc.wait(timeout=900) == 0, proc.stderr.read()
     return ref
 
 
-def kill_series(corpus, ref, run, delays):
-    """Run the same `--auto-resume` command again and again, killing it after each delay."""
-    cmd = ["train", "--input", str(corpus), "--out", str(run), "--auto-resume", *KILL_FLAGS]
+def kill_series(corpus, ref, run, steps, delays) -> int:
+    """Run the same `--auto-resume` command again and again, killing it after each delay; then
+    let it finish and compare with the undisturbed run. Returns how many kills landed."""
+    cmd = ["train", "--input", str(corpus), "--out", str(run), "--auto-resume", *TINY,
+           "--max-steps", str(steps)]
     slow_saves = {"CHARGPT_TEST_SAVE_DELAY": "0.05"}  # kills land inside writes more often
+    kills = 0
     for delay in delays:
         proc = cli(*cmd, env_extra=slow_saves)
         try:
@@ -257,19 +257,23 @@ def kill_series(corpus, ref, run, delays):
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+            kills += 1
         else:
             break  # finished before the kill: later kills have nothing left to hit
     proc = cli(*cmd)
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    assert proc.wait(timeout=900) == 0, proc.stderr.read()
     assert same_weights(ref, run)
+    return kills
 
 
-def test_kill_series_short(corpus, undisturbed, tmp_path):
-    kill_series(corpus, undisturbed, tmp_path / "run", [2.5, 3.5, 4.5])
+def test_kill_series_short(corpus, tmp_path):
+    ref = reference(tmp_path, corpus, 80)
+    assert kill_series(corpus, ref, tmp_path / "run", 80, [2.5, 3.5, 4.5]) >= 2
 
 
 @pytest.mark.slow
-def test_kill_series_long(corpus, undisturbed, tmp_path):
+def test_kill_series_long(corpus, tmp_path):
+    ref = reference(tmp_path, corpus, 1500)
     rng = random.Random(0)
-    kill_series(corpus, undisturbed, tmp_path / "run",
-                [rng.uniform(1.5, 6.0) for _ in range(24)])
+    delays = [rng.uniform(1.0, 5.0) for _ in range(24)]
+    assert kill_series(corpus, ref, tmp_path / "run", 1500, delays) >= 20
