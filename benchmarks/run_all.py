@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from bench_prepare import measure_prepare  # noqa: E402
-from bench_sample import MODELS, chars_per_second  # noqa: E402
 from bench_train import SHAKESPEARE, measure_train  # noqa: E402
+from sample_speed import MODELS, chars_per_second  # noqa: E402
 
 from chargpt.model import build_model  # noqa: E402
 

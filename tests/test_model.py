@@ -326,3 +326,177 @@ def test_bigram_reaches_the_bigram_entropy():
     entropy = -(counts * torch.log(cond.clamp(min=1e-12))).sum() / counts.sum()
     assert first == pytest.approx(math.log(vocab), abs=0.1)
     assert entropy.item() <= last < entropy.item() + 0.05
+
+
+# --- the fast recipe's switches ----------------------------------------------------------------
+
+FAST = dict(pos_emb="rope", qk_norm=True, activation="relu2", zero_init_proj=True,
+            norm_type="rmsnorm")
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    from chargpt.model import apply_rope, rope_angles
+
+    torch.manual_seed(8)
+    hs = 16
+    q, k = torch.randn(1, 1, 1, hs, dtype=torch.float64), torch.randn(1, 1, 1, hs,
+                                                                          dtype=torch.float64)
+
+    def score(m: int, n: int) -> float:
+        cq, sq = rope_angles(torch.tensor([m]), hs, 10000.0)
+        ck, sk = rope_angles(torch.tensor([n]), hs, 10000.0)
+        qr = apply_rope(q, cq.double(), sq.double())
+        kr = apply_rope(k, ck.double(), sk.double())
+        return (qr * kr).sum().item()
+
+    for m, n in [(5, 2), (9, 9), (3, 0)]:
+        for shift in (1, 17, 1000):
+            assert score(m + shift, n + shift) == pytest.approx(score(m, n), abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)  # position does matter
+    # rotation keeps norms
+    c, s = rope_angles(torch.arange(4), hs, 10000.0)
+    x = torch.randn(2, 4, 3, hs)
+    torch.testing.assert_close(apply_rope(x, c, s).norm(dim=-1), x.norm(dim=-1))
+
+
+def test_rope_model_logits_are_shift_invariant_through_the_cache():
+    # The same 6 tokens, seen at positions 0..5 or (after a rolled cache) at 20..25, give the
+    # same logits: nothing in a rotary model depends on absolute position. One layer, because
+    # deeper layers' cached keys also carry the tokens that have rolled out (test_sampling).
+    from chargpt.sampling import KVCache
+
+    torch.manual_seed(9)
+    model = build_model(tiny(block_size=6, n_layer=1, **{**FAST, "zero_init_proj": False}))
+    model = model.double().eval()
+    set_sdpa(model, False)
+    idx = torch.randint(0, 11, (1, 6))
+    full, _ = model(idx)
+    cache = KVCache.for_model(model, 1)
+    assert cache.rolling
+    noise = torch.randint(0, 11, (1, 20))
+    model(noise[:, :6], kv_cache=cache)
+    for t in range(6, 20):
+        model(noise[:, t : t + 1], kv_cache=cache)
+    for t in range(6):  # six new tokens push every noise token out of the cache
+        logits, _ = model(idx[:, t : t + 1], kv_cache=cache)
+    assert cache.position == 26 and cache.length == 6
+    torch.testing.assert_close(logits[:, -1], full[:, -1], atol=1e-9, rtol=0)
+
+
+def test_rope_and_none_have_no_position_table():
+    for pos_emb in ("rope", "none"):
+        model = build_model(tiny(pos_emb=pos_emb))
+        assert "transformer.wpe.weight" not in model.state_dict()
+        assert model.num_params(non_embedding=True) == model.num_params() - 11 * 16
+    assert "rope_cos" not in build_model(tiny(pos_emb="rope")).state_dict()  # derived
+
+
+def test_qk_norm_makes_attention_invariant_to_query_and_key_scale():
+    torch.manual_seed(10)
+    model = build_model(tiny(qk_norm=True, pos_emb="rope")).eval()
+    idx = torch.randint(0, 11, (2, 10))
+    before, _ = model(idx)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            w = block.attn.c_attn.weight
+            w[: 2 * 16].mul_(7.0)  # the query and key rows; c_attn has no effect on v here
+            block.attn.c_attn.bias[: 2 * 16].mul_(7.0)
+    after, _ = model(idx)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    plain = build_model(tiny(pos_emb="rope")).eval()
+    plain.load_state_dict(model.state_dict())
+    scaled, _ = plain(idx)
+    assert not torch.allclose(scaled, before, atol=1e-3)  # without QK-norm the scale matters
+
+
+def test_relu2_activation():
+    from chargpt.model import MLP
+
+    mlp = MLP(tiny(activation="relu2"))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(mlp.act(x), torch.relu(x) ** 2)
+
+
+def test_zero_init_projections_make_every_block_the_identity():
+    torch.manual_seed(11)
+    model = build_model(tiny(zero_init_proj=True))
+    x = torch.randn(2, 8, 16)
+    for block in model.transformer.h:
+        out, _ = block(x)
+        assert torch.equal(out, x)
+    # ...and the output projections still learn at the first step
+    idx = torch.randint(0, 11, (2, 8))
+    _, loss = model(idx, idx)
+    loss.backward()
+    for block in model.transformer.h:
+        assert block.attn.c_proj.weight.grad.abs().sum() > 0
+        assert block.mlp.c_proj.weight.grad.abs().sum() > 0
+
+
+def test_rmsnorm_switch():
+    model = build_model(tiny(norm_type="rmsnorm"))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.RMSNorm)]
+    assert len(norms) == 2 * 2 + 1
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
+    y = norms[0](torch.randn(4, 16) * 5)
+    torch.testing.assert_close(y.pow(2).mean(-1), torch.ones(4), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "none"])
+def test_fast_switches_are_causal_and_match_manual_attention(pos_emb):
+    torch.manual_seed(12)
+    model = build_model(tiny(**{**FAST, "pos_emb": pos_emb, "zero_init_proj": False}))
+    model = model.double().eval()
+    idx = torch.randint(0, 11, (2, 12))
+    base, _ = model(idx)
+    changed = idx.clone()
+    changed[:, 6] = (changed[:, 6] + 1) % 11
+    logits, _ = model(changed)
+    assert torch.equal(logits[:, :6], base[:, :6])
+    assert not torch.equal(logits[:, 6], base[:, 6])
+    set_sdpa(model, False)
+    manual, _ = model(idx)
+    torch.testing.assert_close(manual, base, atol=1e-9, rtol=0)
+    maps = model.attention_maps(idx)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 2, 2, 12, dtype=torch.float32))
+
+
+def test_fast_model_overfits_a_tiny_text():
+    torch.manual_seed(6)
+    vocab = len(set(TEXT))
+    model = build_model(tiny(vocab_size=vocab, n_embd=32, n_head=4, **FAST))
+    first, last = overfit(model, steps=50)
+    assert first == pytest.approx(math.log(vocab), abs=0.3)
+    assert last < 0.15 * first
+
+
+def test_old_configs_without_the_new_fields_still_load():
+    from chargpt.config import Config
+
+    old = {"model": {"arch": "gpt", "vocab_size": 65, "block_size": 64, "n_layer": 4,
+                     "n_head": 4, "n_embd": 128, "dropout": 0.0, "bias": True, "norm": "pre",
+                     "residual": True, "mlp": True, "mlp_ratio": 4, "activation": "gelu",
+                     "tie_weights": False},
+           "train": {"lr": 1e-3, "min_lr": 1e-4}}
+    cfg = Config.from_dict(old)
+    assert (cfg.model.pos_emb, cfg.model.qk_norm, cfg.model.norm_type) == ("learned", False,
+                                                                            "layernorm")
+    assert (cfg.train.optimizer, cfg.train.schedule) == ("adamw", "cosine")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(pos_emb="alibi"), "pos_emb"),
+        (dict(pos_emb="rope", n_embd=18, n_head=2), "even head size"),
+        (dict(rope_base=1.0), "rope_base"),
+        (dict(activation="swish"), "activation"),
+        (dict(norm_type="batchnorm"), "norm_type"),
+        (dict(qk_norm=1), "qk_norm"),
+    ],
+)
+def test_invalid_fast_switches_are_rejected(overrides, message):
+    from chargpt.config import Config
+
+    with pytest.raises(ConfigError, match=message):
+        Config.from_dict({"model": overrides})

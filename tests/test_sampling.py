@@ -3,6 +3,8 @@ against full recomputation and against hand-built references."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -253,3 +255,118 @@ def test_seeds_control_the_draws():
 def test_invalid_sampling_arguments_raise(kwargs):
     with pytest.raises(ConfigError):
         sample_next_token(torch.zeros(1, 4), gen(0), **kwargs)
+
+
+# --- rotary models: a rolling cache ------------------------------------------------------------
+
+
+def test_rolling_kv_cache_overwrites_the_oldest_slot():
+    cache = KVCache(n_layer=1, batch_size=1, n_head=1, head_dim=2, max_len=3, rolling=True)
+    keys = [torch.full((1, 1, 1, 2), float(i)) for i in range(5)]
+    cache.update(0, torch.cat(keys[:3], dim=2), torch.cat(keys[:3], dim=2))
+    cache.advance(3)
+    assert cache.length == 3 and cache.position == 3
+    k_all, _ = cache.update(0, keys[3], keys[3])
+    cache.advance(1)
+    assert k_all[0, 0, :, 0].tolist() == [3.0, 1.0, 2.0]  # slot 0 (token 0) replaced
+    k_all, _ = cache.update(0, keys[4], keys[4])
+    cache.advance(1)
+    assert k_all[0, 0, :, 0].tolist() == [3.0, 4.0, 2.0]
+    assert cache.length == 3 and cache.position == 5
+    with pytest.raises(ValueError, match="overflow"):  # only single tokens may roll in
+        cache.update(0, torch.cat(keys[:2], dim=2), torch.cat(keys[:2], dim=2))
+
+
+def rope_gpt(seed: int = 0, **overrides) -> torch.nn.Module:
+    return tiny_gpt(seed, pos_emb="rope", qk_norm=True, activation="relu2",
+                    norm_type="rmsnorm", **overrides)
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 12])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_one_layer_rope_cache_rolls_and_matches_recompute_beyond_block_size(block_size,
+                                                                              temperature):
+    # With one layer, a cached key depends only on its token and (relative) position, so a
+    # rolled cache is exactly the recompute path's last-block_size context.
+    model = rope_gpt(block_size=block_size, n_layer=1)
+    assert KVCache.for_model(model, 1).rolling
+    idx = prompt(3, min(4, block_size))
+    cached = generate(model, idx, 40, use_cache=True, generator=gen(5), temperature=temperature)
+    recomputed = generate(model, idx, 40, use_cache=False, generator=gen(5),
+                          temperature=temperature)
+    assert torch.equal(cached, recomputed)
+    if temperature:
+        # recomputation over exactly the last block_size tokens, as nanoGPT does
+        ref = reference_generate(model, idx, 40, gen(5), lambda s, n: max(0, n - block_size))
+        assert torch.equal(cached, ref)
+
+
+def sliding_window_logits(model, idx, window: int, monkeypatch) -> torch.Tensor:
+    """Logits of `model`'s weights over all of `idx` (B, N) at once, each position attending
+    to itself and the window - 1 positions before it, in every layer."""
+    import chargpt.model as model_module
+
+    big = build_model(dataclasses.replace(model.config, block_size=idx.size(1))).double()
+    big.load_state_dict(model.state_dict())  # rotary: no position table, same weights
+    for block in big.transformer.h:
+        block.attn.use_sdpa = False
+
+    def banded(t_q, t_k, device):
+        full = torch.ones(t_q, t_k, dtype=torch.bool, device=device)
+        return full.tril(diagonal=t_k - t_q) & full.triu(diagonal=t_k - t_q - window + 1)
+
+    monkeypatch.setattr(model_module, "causal_mask", banded)
+    with torch.no_grad():
+        return big.eval()(idx)[0]
+
+
+def test_rolled_cache_is_sliding_window_attention_in_every_layer(monkeypatch):
+    # With more layers a rolled cache is NOT the recompute path beyond block_size: the keys of
+    # deeper layers were computed when their tokens could still see tokens that have since
+    # left the cache. What it computes exactly is sliding-window attention of width
+    # block_size in every layer over the whole text (as in Mistral-style models).
+    model = rope_gpt(block_size=8).double().eval()
+    idx = prompt(2, 30)
+    reference = sliding_window_logits(model, idx, 8, monkeypatch)
+    cache = KVCache.for_model(model, 2)
+    with torch.no_grad():
+        steps = [model(idx[:, :5], kv_cache=cache)[0]]
+        steps += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(5, 30)]
+        recompute_last = model(idx[:, -8:])[0][:, -1]
+    torch.testing.assert_close(torch.cat(steps, dim=1), reference, atol=1e-9, rtol=0)
+    assert not torch.allclose(steps[-1][:, -1], recompute_last, atol=1e-3)
+
+
+def test_batched_samples_match_single_samples_greedily():
+    model = tiny_gpt()
+    idx = prompt(4, 3)
+    batch = generate(model, idx, 20, temperature=0.0)
+    for b in range(4):
+        assert torch.equal(batch[b : b + 1], generate(model, idx[b : b + 1], 20, temperature=0.0))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),
+        dict(pos_emb="rope", qk_norm=True, activation="relu2", norm_type="rmsnorm", bias=False),
+        dict(pos_emb="none", mlp=False, norm="none", tie_weights=True),
+        dict(pos_emb="rope", activation="relu", block_size=5),
+    ],
+)
+def test_decode_step_matches_the_cached_forward(overrides):
+    model = tiny_gpt(**overrides).eval()
+    assert model.supports_fast_decode()
+    idx = prompt(2, 14)
+    slow, fast = KVCache.for_model(model, 2), KVCache.for_model(model, 2)
+    n = min(3, model.config.block_size)
+    steps = 14 if slow.rolling else model.config.block_size
+    with torch.no_grad():
+        model(idx[:, :n], kv_cache=slow)
+        model(idx[:, :n], kv_cache=fast)
+        for t in range(n, steps):
+            expected = model(idx[:, t : t + 1], kv_cache=slow)[0][:, -1]
+            torch.testing.assert_close(model.decode_step(idx[:, t : t + 1], fast), expected,
+                                       atol=1e-5, rtol=1e-5)
+    assert fast.position == slow.position
+    assert not tiny_gpt(norm="post").supports_fast_decode()

@@ -3,7 +3,9 @@
 `GPT` follows GPT-2's layout and parameter names (`transformer.wte`, `transformer.h.0.attn.c_attn`,
 `lm_head`, ...) so its checkpoints read like nanoGPT's. Every part the lecture discusses can be
 switched through `ModelConfig`: LayerNorm placement (pre, post, none), residual connections, the
-MLP sub-layer, the activation and weight tying. Attention runs through PyTorch's fused
+MLP sub-layer, the activation and weight tying; so can the speedrun community's changes: rotary
+position embeddings (RoPE), ReLU-squared MLPs, QK-norm, RMSNorm and zero-initialised output
+projections. Attention runs through PyTorch's fused
 `scaled_dot_product_attention`; an explicit masked-softmax path computes the same thing and is
 used to check the fused path and to return attention weights for heatmaps. Incremental decoding
 uses a `KVCache` (see sampling.py) that lives outside the model and is passed to `forward`.
@@ -35,6 +37,35 @@ def causal_mask(t_q: int, t_k: int, device: torch.device) -> Tensor:
     return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
 
 
+def rope_angles(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin (T, head_dim // 2) of the rotary angles for integer `positions` (T,).
+
+    Computed in float64: at positions in the thousands float32 angles would be off by ~1e-4
+    rad, and a rolled KV cache would then no longer match recomputation from position 0.
+    """
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = positions.to(torch.float64)[:, None] * inv_freq.to(positions.device)[None, :]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each pair (x[i], x[i + hs/2]) of `x` (B, T, H, hs) by its position's angle.
+
+    `cos` and `sin` are (T, hs/2). A query rotated by m and a key rotated by n have a dot
+    product that depends only on n - m, which is what makes positions relative.
+    """
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, hs/2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    """The normalisation layer the config asks for: LayerNorm or RMSNorm."""
+    if config.norm_type == "rmsnorm":
+        return nn.RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
 def language_model_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy over every position of every sequence."""
     # float32 keeps the log-softmax accurate when the logits come out of bf16 autocast
@@ -57,6 +88,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.layer_idx = layer_idx
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
         self.use_sdpa = True
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -64,15 +96,32 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, kv_cache: KVCache | None = None, need_weights: bool = False
+        self,
+        x: Tensor,
+        kv_cache: KVCache | None = None,
+        need_weights: bool = False,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Return the attention output (B, T, C) and, if `need_weights`, the softmax weights
-        (B, nh, T, T_total), where T_total counts cached positions too."""
+        (B, nh, T, T_total), where T_total counts cached positions too. `rope` is the (cos,
+        sin) pair of the new tokens' positions when positions are rotary."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        if self.qk_norm or rope is not None:
+            # queries and keys side by side, so each transform runs once for both
+            qk = qkv[..., : 2 * C].view(B, T, 2 * self.n_head, self.head_dim)  # (B, T, 2nh, hs)
+            if self.qk_norm:
+                qk = F.rms_norm(qk, (self.head_dim,))
+            if rope is not None:
+                qk = apply_rope(qk, *rope)
+            q, k = qk.split(self.n_head, dim=2)  # (B, T, nh, hs) each
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs)
+            v = qkv[..., 2 * C :].view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        else:
+            q, k, v = qkv.split(self.n_embd, dim=2)
+            q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+            k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+            v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, T_total, hs)
             # a cache kept in another dtype than autocast's output must not break the matmuls
@@ -106,19 +155,31 @@ class MLP(nn.Module):
     """The position-wise feed-forward network: widen, apply a non-linearity, project back.
 
     Attention moves information between positions; this is where each position processes what
-    it gathered. The hidden width is `mlp_ratio * n_embd` and the activation GELU or ReLU.
+    it gathered. The hidden width is `mlp_ratio * n_embd` and the activation GELU, ReLU or
+    ReLU squared.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden = config.mlp_ratio * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        self.act = nn.GELU() if config.activation == "gelu" else nn.ReLU()
+        self.act: nn.Module = (
+            nn.GELU() if config.activation == "gelu"
+            else ReLUSquared() if config.activation == "relu2"
+            else nn.ReLU()
+        )
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class ReLUSquared(nn.Module):
+    """relu(x)^2: as cheap as ReLU, with a smooth zero crossing (Primer; the speedruns)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x).square()
 
 
 class Block(nn.Module):
@@ -135,28 +196,32 @@ class Block(nn.Module):
         self.norm = config.norm
         self.residual = config.residual
         use_ln = config.norm != "none"
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias) if use_ln else nn.Identity()
+        self.ln_1 = make_norm(config) if use_ln else nn.Identity()
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2: nn.Module | None = None
         self.mlp: MLP | None = None
         if config.mlp:
-            self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias) if use_ln else nn.Identity()
+            self.ln_2 = make_norm(config) if use_ln else nn.Identity()
             self.mlp = MLP(config)
 
     def _sublayer(self, x: Tensor, out: Tensor) -> Tensor:
         return x + out if self.residual else out
 
     def forward(
-        self, x: Tensor, kv_cache: KVCache | None = None, need_weights: bool = False
+        self,
+        x: Tensor,
+        kv_cache: KVCache | None = None,
+        need_weights: bool = False,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Return the new residual stream (B, T, C) and the attention weights if asked for."""
         if self.norm == "post":
-            a, weights = self.attn(x, kv_cache, need_weights)
+            a, weights = self.attn(x, kv_cache, need_weights, rope)
             x = self.ln_1(self._sublayer(x, a))
             if self.mlp is not None and self.ln_2 is not None:
                 x = self.ln_2(self._sublayer(x, self.mlp(x)))
         else:  # 'pre', or 'none' where ln_1/ln_2 are identities
-            a, weights = self.attn(self.ln_1(x), kv_cache, need_weights)
+            a, weights = self.attn(self.ln_1(x), kv_cache, need_weights, rope)
             x = self._sublayer(x, a)
             if self.mlp is not None and self.ln_2 is not None:
                 x = self._sublayer(x, self.mlp(self.ln_2(x)))
@@ -164,13 +229,15 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """A character-level GPT: token and learned position embeddings, blocks, a linear head.
+    """A character-level GPT: token embeddings, positions, blocks, a linear head.
 
-    `forward(idx, targets=None, kv_cache=None)` returns logits (B, T, vocab_size) for every
-    position and the mean cross-entropy if targets are given. Sequences may not be longer than
-    `block_size` (callers crop the context). With a `KVCache`, `idx` holds only the tokens that
-    follow those already cached, positions continue from the cache's length, and the cache
-    grows by T.
+    Positions are learned absolute embeddings added to the tokens (`wpe`), rotary embeddings
+    applied to each head's queries and keys, or nothing. `forward(idx, targets=None,
+    kv_cache=None)` returns logits (B, T, vocab_size) for every position and the mean
+    cross-entropy if targets are given. Sequences may not be longer than `block_size` (callers
+    crop the context). With a `KVCache`, `idx` holds only the tokens that follow those already
+    cached, positions continue from the cache's position, and the cache grows by T. With rotary
+    positions a full rolling cache takes one more token at a time, replacing its oldest entry.
     """
 
     supports_kv_cache = True
@@ -178,19 +245,22 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-                ln_f=(
-                    nn.LayerNorm(config.n_embd, bias=config.bias)
-                    if config.norm != "none"
-                    else nn.Identity()
-                ),
-            )
+        modules: dict[str, nn.Module] = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos_emb == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=make_norm(config) if config.norm != "none" else nn.Identity(),
         )
+        self.transformer = nn.ModuleDict(modules)
+        self.use_rope = config.pos_emb == "rope"
+        if self.use_rope:
+            # not persistent: derived from the config, so checkpoints hold only weights
+            cos, sin = rope_angles(torch.arange(config.block_size), config.head_dim,
+                                   config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.transformer.wte.weight = self.lm_head.weight
@@ -200,7 +270,12 @@ class GPT(nn.Module):
         resid_std = 0.02 / math.sqrt(2 * config.n_layer)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=resid_std)
+                if config.zero_init_proj:
+                    # every block starts as the identity; the gradient still reaches c_proj
+                    # (through its input), so the block switches on at the first step
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=resid_std)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -220,7 +295,9 @@ class GPT(nn.Module):
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+            n -= self.transformer.wte.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
         return n
 
     def forward(
@@ -229,28 +306,106 @@ class GPT(nn.Module):
         targets: Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        x = self._embed(idx, kv_cache)
+        x, rope = self._embed(idx, kv_cache)
         for block in self.transformer.h:
-            x, _ = block(x, kv_cache)
+            x, _ = block(x, kv_cache, False, rope)
         if kv_cache is not None:
             kv_cache.advance(idx.size(1))
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         loss = language_model_loss(logits, targets) if targets is not None else None
         return logits, loss
 
-    def _embed(self, idx: Tensor, kv_cache: KVCache | None) -> Tensor:
+    def _embed(
+        self, idx: Tensor, kv_cache: KVCache | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """The embedded tokens (B, T, C) and, for rotary models, their positions' (cos, sin)."""
         T = idx.size(1)
-        start = kv_cache.length if kv_cache is not None else 0
+        start = kv_cache.position if kv_cache is not None else 0
+        block_size = self.config.block_size
         if T < 1:
             raise ValueError("GPT.forward needs at least one token per sequence")
-        if start + T > self.config.block_size:
+        rolls = self.use_rope and kv_cache is not None and kv_cache.rolling and T == 1
+        if start + T > block_size and not rolls:
             where = f"{start} cached + {T} new tokens" if start else f"sequence of {T} tokens"
             raise ValueError(
-                f"{where} exceeds block_size {self.config.block_size}; "
+                f"{where} exceeds block_size {block_size}; "
                 "crop the context to the last block_size tokens"
             )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.use_rope:
+            if start + T <= block_size:
+                rope = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+            else:  # a rolled cache: positions past the table, relative distances unchanged
+                pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+                rope = rope_angles(pos, self.config.head_dim, self.config.rope_base)
+        elif "wpe" in self.transformer:
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+            x = x + self.transformer.wpe(pos)
+        return self.transformer.drop(x), rope
+
+    # --- single-token decoding ----------------------------------------------------------------
+
+    def supports_fast_decode(self) -> bool:
+        """Whether `decode_step` handles this configuration (pre-norm or no norm, residuals)."""
+        return self.config.norm in ("pre", "none") and self.config.residual
+
+    def decode_step(self, idx: Tensor, kv_cache: KVCache) -> Tensor:
+        """Logits (B, vocab_size) of the token after `idx` (B, 1), given the cached context.
+
+        Computes what `forward(idx, kv_cache=kv_cache)[0][:, -1]` does for one token in eval
+        mode, with about a fifth of the tensor operations: functional calls on the weights
+        (no module dispatch, dropout or shape checks), a precomputed rotation table, one
+        matmul-softmax-matmul over the cached keys, and the cache written in place. At this
+        model size sampling is bound by per-operation overhead, not arithmetic, so this is
+        what makes the cache pay off. The caller (sampling.py) keeps the cache from
+        overflowing: it rolls for rotary models and is refilled for learned positions.
+        """
+        cfg = self.config
+        B, C, nh, hs = idx.size(0), cfg.n_embd, cfg.n_head, cfg.head_dim
+        pos = kv_cache.pos
+        slot = pos % kv_cache.max_len
+        n_keys = min(pos + 1, kv_cache.max_len)
+        tr = self.transformer
+        x = F.embedding(idx[:, 0], tr.wte.weight)  # (B, C)
+        if "wpe" in tr:
+            x = x + tr.wpe.weight[pos]
+        rot = self._decode_rotation(pos, x) if self.use_rope else None
+        for layer, block in enumerate(tr.h):
+            attn = block.attn
+            qkv = F.linear(block.ln_1(x), attn.c_attn.weight, attn.c_attn.bias)  # (B, 3C)
+            qkv = qkv.view(B, 3, nh, hs)
+            qk = qkv[:, :2]  # (B, 2, nh, hs)
+            if attn.qk_norm:
+                qk = F.rms_norm(qk, (hs,))
+            if rot is not None:
+                cos, sin = rot  # (hs,) each: x * cos + (halves swapped) * sin rotates pairs
+                qk = torch.addcmul(qk * cos, qk.roll(hs // 2, dims=-1), sin)
+            keys, values = kv_cache.k[layer], kv_cache.v[layer]  # (B, nh, max_len, hs)
+            keys[:, :, slot] = qk[:, 1]
+            values[:, :, slot] = qkv[:, 2]
+            q = qk[:, 0].unsqueeze(2)  # (B, nh, 1, hs)
+            att = (q @ keys[:, :, :n_keys].transpose(-2, -1)) * (1.0 / math.sqrt(hs))
+            y = att.softmax(dim=-1) @ values[:, :, :n_keys]  # (B, nh, 1, hs)
+            x = x + F.linear(y.view(B, C), attn.c_proj.weight, attn.c_proj.bias)
+            if block.mlp is not None and block.ln_2 is not None:
+                mlp = block.mlp
+                h = F.linear(block.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias)
+                x = x + F.linear(mlp.act(h), mlp.c_proj.weight, mlp.c_proj.bias)
+        kv_cache.advance(1)
+        return self.lm_head(tr.ln_f(x))  # (B, vocab_size)
+
+    def _decode_rotation(self, pos: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin) rows (head_dim,) for `pos` from a table grown by doubling, so a long
+        generation computes angles once per doubling, not once per token."""
+        table = getattr(self, "_rotation_table", None)
+        if table is None or table[0].size(0) <= pos or table[0].device != like.device:
+            n = max(2 * self.config.block_size, 2 * (pos + 1))
+            cos, sin = rope_angles(torch.arange(n, device=like.device), self.config.head_dim,
+                                   self.config.rope_base)  # (n, hs/2)
+            table = (torch.cat((cos, cos), dim=-1), torch.cat((sin, -sin), dim=-1))
+            self._rotation_table = table
+        return table[0][pos].to(like.dtype), table[1][pos].to(like.dtype)
 
     @torch.no_grad()
     def attention_maps(self, idx: Tensor) -> Tensor:
@@ -263,10 +418,10 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            x = self._embed(idx, None)
+            x, rope = self._embed(idx, None)
             maps = []
             for block in self.transformer.h:
-                x, weights = block(x, need_weights=True)
+                x, weights = block(x, need_weights=True, rope=rope)
                 assert weights is not None
                 maps.append(weights.float())
             return torch.stack(maps)

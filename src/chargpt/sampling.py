@@ -27,6 +27,15 @@ class KVCache:
     attention layer calls `update` with its new keys and values, which are written at the
     current position, and gets back views of everything cached so far; after the last layer
     the model calls `advance(T)` once, moving the position on by the T new tokens.
+
+    A `rolling` cache (for rotary models, whose keys carry only relative position) never
+    overflows: once full, each single new token overwrites the oldest slot (a ring buffer) and
+    the whole buffer is returned. The order of the slots does not matter to the one query of
+    that step, which may see every cached key. The result is exactly sliding-window attention
+    of width `max_len` in every layer. For a one-layer model that equals recomputing the last
+    `max_len` tokens from scratch; with more layers it does not, because a deeper layer's
+    cached key was computed while its token could still see tokens that have since rolled out
+    (the model's receptive field reaches back up to n_layer * max_len tokens).
     """
 
     def __init__(
@@ -38,11 +47,13 @@ class KVCache:
         max_len: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        rolling: bool = False,
     ) -> None:
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+        self.rolling = rolling
         self.pos = 0
 
     @classmethod
@@ -53,7 +64,8 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> KVCache:
-        """A cache sized for `model` (a GPT): one slot per position up to its block_size.
+        """A cache sized for `model` (a GPT): one slot per position up to its block_size,
+        rolling when the model's positions are rotary.
 
         Device and dtype default to those of the model's parameters.
         """
@@ -67,21 +79,32 @@ class KVCache:
             cfg.block_size,
             device=param.device if device is None else device,
             dtype=param.dtype if dtype is None else dtype,
+            rolling=getattr(cfg, "pos_emb", "learned") == "rope",
         )
 
     @property
     def length(self) -> int:
-        """Number of positions cached (and the position id of the next token)."""
+        """Number of positions cached (at most max_len)."""
+        return min(self.pos, self.max_len)
+
+    @property
+    def position(self) -> int:
+        """Position id of the next token: tokens seen so far, rolled-out ones included."""
         return self.pos
 
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store new keys/values (B, nh, T, hs) after the cached ones and return all of them
         as views (B, nh, length + T, hs). Does not advance the position."""
-        end = self.pos + k.size(2)
+        T = k.size(2)
+        end = self.pos + T
         if end > self.max_len:
-            raise ValueError(
-                f"KV cache overflow: {self.pos} cached + {k.size(2)} new > max_len {self.max_len}"
-            )
+            if not (self.rolling and T == 1):
+                raise ValueError(f"KV cache overflow: {self.pos} cached + {T} new > "
+                                 f"max_len {self.max_len}")
+            slot = self.pos % self.max_len  # the oldest entry
+            self.k[layer_idx, :, :, slot] = k[:, :, 0]
+            self.v[layer_idx, :, :, slot] = v[:, :, 0]
+            return self.k[layer_idx], self.v[layer_idx]
         self.k[layer_idx, :, :, self.pos : end] = k
         self.v[layer_idx, :, :, self.pos : end] = v
         return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
@@ -120,9 +143,22 @@ def sample_next_token(
     repeatable; it must live on the logits' device.
     """
     _check_sampling_args(temperature, top_k, top_p)
+    return _sample(logits, generator, temperature, top_k, top_p)
+
+
+def _sample(
+    logits: Tensor,
+    generator: torch.Generator | None,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+) -> Tensor:
+    """`sample_next_token` without the argument checks, for the decode loop."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -156,18 +192,26 @@ def generate_tokens(
 
     * `use_cache=False` (recompute): a full forward over the last `block_size` tokens every
       step, as in nanoGPT; once the text is long enough the context is exactly `block_size`.
-    * `use_cache=True` with a GPT: the prompt is run once to fill a `KVCache`, then each step
-      feeds only the newest token. Positions are learned absolute embeddings, so a full cache
-      cannot slide by one; when it holds `block_size` tokens it is refilled from the last
-      `block_size // 2` tokens (at least one) and decoding continues. Tokens are identical to
-      the recompute path while prompt + new tokens fit in `block_size`; beyond that the model
-      sees between `block_size // 2` and `block_size` characters of context instead of exactly
-      `block_size`, for far less compute.
+    * `use_cache=True` with a rotary GPT (`pos_emb = "rope"`): the prompt is run once to fill
+      a rolling `KVCache`, then each step feeds only the newest token; a full cache drops its
+      oldest entry, so every query attends to exactly the last `block_size` tokens and no
+      step is ever more than one token of work. Identical to the recompute path while prompt
+      + new tokens fit in `block_size`; beyond that each layer attends to the same window as
+      recomputation, but deeper layers' keys also carry what their tokens saw earlier
+      (sliding-window attention, see `KVCache`), so tokens can differ from recomputation.
+    * `use_cache=True` with another GPT: the prompt fills a `KVCache`, then each step feeds
+      only the newest token. Absolute positions cannot slide by one, so a full cache is
+      refilled from the last `block_size // 2` tokens (at least one) and decoding continues.
+      Tokens are identical to the recompute path while prompt + new tokens fit in
+      `block_size`; beyond that the model sees between `block_size // 2` and `block_size`
+      characters of context instead of exactly `block_size`, for far less compute.
     * `use_cache=True` with the bigram model: only the last token is fed (its whole context).
 
-    The model is put in eval mode while the iterator runs and its training mode is restored
-    when the iterator is exhausted or closed. Arguments are checked here, before the first
-    token is drawn (`ConfigError`).
+    Tokens are computed a few at a time (1, 2, 4, ... up to 32) under one inference-mode
+    block, then yielded one by one, so the per-token cost stays low while the first token
+    still arrives at once. The model is put in eval mode while the iterator runs and its
+    training mode is restored when the iterator is exhausted or closed. Arguments are checked
+    here, before the first token is drawn (`ConfigError`).
     """
     _check_sampling_args(temperature, top_k, top_p)
     if idx.dim() != 2:
@@ -180,6 +224,9 @@ def generate_tokens(
     return _decode(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
 
 
+MAX_CHUNK = 32  # most tokens computed before the first of them is yielded
+
+
 def _decode(
     model: nn.Module,
     idx: Tensor,
@@ -190,42 +237,77 @@ def _decode(
     generator: torch.Generator | None,
     use_cache: bool,
 ) -> Iterator[Tensor]:
-    block_size = model.config.block_size
-    is_bigram = model.config.arch == "bigram"
-    B = idx.size(0)
-    prompt = idx[:, -block_size:]
-    # One buffer for the whole text keeps every context window a view, not a new tensor.
-    n = prompt.size(1)
-    seq = torch.empty(B, n + max_new_tokens, dtype=torch.long, device=idx.device)
-    seq[:, :n] = prompt
-    cache: KVCache | None = None
-    if use_cache and not is_bigram:
-        with torch.inference_mode():
-            cache = KVCache.for_model(model, B)
-    keep = max(1, block_size // 2)  # tokens kept when a full cache is refilled
-
     was_training = model.training
     model.eval()
     try:
-        for _ in range(max_new_tokens):
+        seq, n0 = _start(model, idx, max_new_tokens, use_cache)
+        step = _stepper(model, seq, n0, temperature, top_k, top_p, generator, use_cache)
+        n, chunk = n0, 1
+        while n < n0 + max_new_tokens:
+            end = min(n + chunk, n0 + max_new_tokens)
             # inference mode only around the model, never across a yield into caller code
             with torch.inference_mode():
-                if cache is None:
-                    start = n - 1 if use_cache else max(0, n - block_size)
-                    logits, _ = model(seq[:, start:n])
-                elif cache.length == 0:
-                    logits, _ = model(seq[:, :n], kv_cache=cache)  # prefill the prompt
-                elif cache.length == block_size:
-                    cache.reset()
-                    logits, _ = model(seq[:, n - keep : n], kv_cache=cache)
-                else:
-                    logits, _ = model(seq[:, n - 1 : n], kv_cache=cache)
-                token = sample_next_token(logits[:, -1, :], generator, temperature, top_k, top_p)
-                seq[:, n] = token[:, 0]
-            n += 1
-            yield seq[:, n - 1].clone()  # a normal tensor, usable outside inference mode
+                for t in range(n, end):
+                    step(t)
+            for t in range(n, end):
+                yield seq[:, t].clone()  # a normal tensor, usable outside inference mode
+            n, chunk = end, min(2 * chunk, MAX_CHUNK)
     finally:
         model.train(was_training)
+
+
+def _start(model: nn.Module, idx: Tensor, max_new_tokens: int, use_cache: bool):
+    """One buffer (B, prompt + new) for the whole text, so every context is a view."""
+    prompt = idx[:, -model.config.block_size :]
+    n = prompt.size(1)
+    seq = torch.empty(idx.size(0), n + max_new_tokens, dtype=torch.long, device=idx.device)
+    seq[:, :n] = prompt
+    return seq, n
+
+
+def _stepper(
+    model: nn.Module,
+    seq: Tensor,
+    n0: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+    use_cache: bool,
+):
+    """A function step(t) that samples seq[:, t] from seq[:, :t]; one per decode strategy."""
+    block_size = model.config.block_size
+    is_bigram = model.config.arch == "bigram"
+
+    def emit(t: int, logits: Tensor) -> None:
+        """Sample seq[:, t] from next-token logits (B, V)."""
+        seq[:, t : t + 1] = _sample(logits, generator, temperature, top_k, top_p)
+
+    if not use_cache:
+        def recompute(t: int) -> None:
+            emit(t, model(seq[:, max(0, t - block_size) : t])[0][:, -1])
+        return recompute
+    if is_bigram:
+        def last_token(t: int) -> None:
+            emit(t, model(seq[:, t - 1 : t])[0][:, -1])
+        return last_token
+
+    with torch.inference_mode():
+        cache = KVCache.for_model(model, seq.size(0))
+    keep = max(1, block_size // 2)  # tokens kept when a full, non-rolling cache is refilled
+    fast = getattr(model, "supports_fast_decode", lambda: False)()
+
+    def cached(t: int) -> None:
+        if t == n0:
+            emit(t, model(seq[:, :t], kv_cache=cache)[0][:, -1])  # prefill the prompt
+        elif cache.pos == block_size and not cache.rolling:
+            cache.reset()
+            emit(t, model(seq[:, t - keep : t], kv_cache=cache)[0][:, -1])
+        elif fast:
+            emit(t, model.decode_step(seq[:, t - 1 : t], cache))
+        else:
+            emit(t, model(seq[:, t - 1 : t], kv_cache=cache)[0][:, -1])
+    return cached
 
 
 def generate(
