@@ -30,11 +30,21 @@ def test_field_names_are_unique_across_sections():
     assert len(names) == len(set(names))
 
 
-def test_default_preset_is_the_small_cpu_model():
+def test_default_preset_is_the_fast_small_cpu_model():
     cfg = resolve_config()
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (4, 4, 128)
+    assert cfg.model.block_size == 64
+    assert cfg.model.pos_emb == "rope" and cfg.train.optimizer == "muon"  # the fast recipe
+    assert cfg == resolve_config("fast-cpu")  # shakespeare-cpu extends fast-cpu
+
+
+def test_classic_preset_is_the_lecture_recipe():
+    cfg = resolve_config("classic-cpu")
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (4, 4, 128)
     assert (cfg.model.block_size, cfg.train.batch_size, cfg.train.max_steps) == (64, 12, 2000)
-    assert cfg.train.lr == 1e-3 and cfg.train.min_lr == 1e-4
+    assert cfg.train.lr == 1e-3 and cfg.train.min_lr == 1e-4 and cfg.train.warmup_steps == 100
+    assert cfg.model.pos_emb == "learned" and cfg.train.optimizer == "adamw"
+    assert cfg.model.dropout == 0.0
 
 
 def test_precedence_preset_then_file_then_flags(tmp_path):

@@ -344,11 +344,20 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".toml")] for p in files if p.name.endswith(".toml"))
 
 
-def load_preset(name: str) -> dict[str, Any]:
+def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset's tables; a top-level `extends = "other"` starts from another preset."""
     _check(name in preset_names(),
            f"unknown preset '{name}' (available: {', '.join(preset_names())})")
+    _check(name not in _seen, f"presets extend each other in a loop: {' -> '.join(_seen)}")
     text = resources.files("chargpt").joinpath("presets", f"{name}.toml").read_text("utf-8")
-    return tomllib.loads(text)
+    data = tomllib.loads(text)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    merged = load_preset(base, (*_seen, name))
+    for section, values in data.items():
+        merged.setdefault(section, {}).update(values)
+    return merged
 
 
 def preset_description(name: str) -> str:
