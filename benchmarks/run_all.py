@@ -1,9 +1,10 @@
 """The README's benchmark table: data preparation, training and sampling speed in one run.
 
 Runs, one after the other on this machine: `prepare` on a 100 MB corpus (Tiny Shakespeare
-repeated) in a child process, the default preset's training step on Tiny Shakespeare, and
-sampling 2,000 characters with and without the KV cache from the default-sized model. Prints
-one Markdown table. Usage: python benchmarks/run_all.py [--mb 100] [--steps 100]
+repeated) in a child process, the training step of the default (fast) and the classic preset
+on Tiny Shakespeare, and sampling 2,000 characters with and without the KV cache from a model
+of the default's size. Prints one Markdown table.
+Usage: python benchmarks/run_all.py [--mb 100] [--steps 100]
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def main() -> None:
     args = ap.parse_args()
 
     prep = measure_prepare(args.mb)
-    tr = measure_train("shakespeare-cpu", args.steps, SHAKESPEARE)
+    trains = [measure_train(p, args.steps, SHAKESPEARE) for p in ("shakespeare-cpu",
+                                                                   "classic-cpu")]
     torch.manual_seed(0)
     model = build_model(MODELS["small"])
     cached = chars_per_second(model, args.chars, True, seed=0)
@@ -46,10 +48,11 @@ def main() -> None:
           f"{prep['mb_per_s']:.0f} |")
     print(f"| prepare {prep['mb']:.0f} MB | peak RSS of the process, MB | "
           f"{prep['peak_rss_mb']:.0f} |")
-    print(f"| train shakespeare-cpu ({tr['params_m']:.2f} M params, {tr['device']}) | ms/step | "
-          f"{tr['ms_per_step']:.1f} |")
-    print(f"| train shakespeare-cpu | tokens/s | {tr['tok_per_s']:,.0f} |")
-    print(f"| sample {args.chars} chars, same model size | chars/s with KV cache | "
+    for tr in trains:
+        print(f"| train {tr['preset']} ({tr['params_m']:.2f} M params, {tr['device']}) | "
+              f"ms/step | {tr['ms_per_step']:.1f} |")
+        print(f"| train {tr['preset']} | tokens/s | {tr['tok_per_s']:,.0f} |")
+    print(f"| sample {args.chars} chars, 4x4x128 rotary model | chars/s with KV cache | "
           f"{cached:,.0f} |")
     print(f"| sample {args.chars} chars | chars/s recomputing the context | {recompute:,.0f} |")
 
