@@ -30,9 +30,13 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=100.0)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--chars", type=int, default=2000)
+    ap.add_argument("--mb-large", type=float, default=0.0,
+                    help="also prepare a corpus of this many MB (e.g. 1000), for the scale row")
     args = ap.parse_args()
 
     prep = measure_prepare(args.mb)
+    large = measure_prepare(args.mb_large) if args.mb_large else None
+    gpu = gpu_section(args.steps)
     trains = [measure_train(p, args.steps, SHAKESPEARE) for p in ("shakespeare-cpu",
                                                                    "classic-cpu")]
     torch.manual_seed(0)
@@ -48,6 +52,10 @@ def main() -> None:
           f"{prep['mb_per_s']:.0f} |")
     print(f"| prepare {prep['mb']:.0f} MB | peak RSS of the process, MB | "
           f"{prep['peak_rss_mb']:.0f} |")
+    if large:
+        print(f"| prepare {large['mb']:.0f} MB | MB/s | {large['mb_per_s']:.0f} |")
+        print(f"| prepare {large['mb']:.0f} MB | peak RSS of the process, MB | "
+              f"{large['peak_rss_mb']:.0f} |")
     for tr in trains:
         print(f"| train {tr['preset']} ({tr['params_m']:.2f} M params, {tr['device']}) | "
               f"ms/step | {tr['ms_per_step']:.1f} |")
@@ -55,6 +63,26 @@ def main() -> None:
     print(f"| sample {args.chars} chars, 4x4x128 rotary model | chars/s with KV cache | "
           f"{cached:,.0f} |")
     print(f"| sample {args.chars} chars | chars/s recomputing the context | {recompute:,.0f} |")
+    print()
+    print(gpu)
+
+
+def gpu_section(steps: int) -> str:
+    """shakespeare-gpu's tokens/s and MFU on a CUDA device, or a plain statement that none is."""
+    if not torch.cuda.is_available():
+        return "GPU: not measured - no CUDA device on this machine."
+    from chargpt.config import resolve_config
+    from chargpt.flops import estimate, match_gpu, mfu
+
+    r = measure_train("shakespeare-gpu", steps, SHAKESPEARE)
+    device = torch.device("cuda")
+    cfg = resolve_config("shakespeare-gpu", overrides={"model": {"vocab_size": 65}})
+    util = mfu(estimate(cfg).flops_per_token, r["tok_per_s"], device)
+    name = torch.cuda.get_device_name(device)
+    mfu_text = f"{util:.1%}" if util is not None else f"unknown ({name} not in chargpt.flops)"
+    return (f"| GPU | preset | ms/step | tokens/s | MFU |\n|---|---|---:|---:|---:|\n"
+            f"| {name} ({match_gpu(name) or '?'}) | shakespeare-gpu | {r['ms_per_step']:.1f} | "
+            f"{r['tok_per_s']:,.0f} | {mfu_text} |")
 
 
 if __name__ == "__main__":
