@@ -3,6 +3,7 @@ the same command, every rank finds the last complete checkpoint by itself, and t
 with the weights of an undisturbed run."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,13 +19,22 @@ def corpus(tmp_path):
     return p
 
 
-def torchrun(*args, env_extra=None, restarts=0):
+def torchrun(*args, env_extra=None, restarts=0, timeout=600):
     # A collective stuck on a dead peer errors out after 60 s instead of 30 minutes.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CHARGPT_DIST_TIMEOUT": "60",
            **(env_extra or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--max-restarts={restarts}", "-m", "chargpt.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    # Own session, so a timeout kills torchrun's workers too instead of orphaning them.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_elastic_restart_finds_the_last_checkpoint(corpus, tmp_path):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +64,15 @@ class DistEnv:
         # A collective waiting on a dead peer fails after this long, so torchrun can restart
         # the job; generous by default because rank 0 may be preparing a large corpus.
         seconds = float(os.environ.get("CHARGPT_DIST_TIMEOUT", "1800"))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds))
+        # Joining can hang outright after an elastic restart (seen with gloo on a loaded
+        # machine, where the timeout above did not fire): give up and let torchrun retry.
+        watchdog = threading.Timer(seconds, _give_up_joining, args=(self.rank, seconds))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds))
+        finally:
+            watchdog.cancel()
 
     def barrier(self) -> None:
         if self.enabled and dist.is_initialized():
@@ -71,6 +81,13 @@ class DistEnv:
     def shutdown(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _give_up_joining(rank: int, seconds: float) -> None:
+    print(f"chargpt: error: rank {rank} could not join the process group within {seconds:.0f} s "
+          "(CHARGPT_DIST_TIMEOUT); exiting so that torchrun can restart the job",
+          file=sys.stderr, flush=True)
+    os._exit(75)
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
