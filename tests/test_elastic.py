@@ -37,17 +37,24 @@ def torchrun(*args, env_extra=None, restarts=0, timeout=600):
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def _errors(stderr: str) -> str:
+    """The lines that say what went wrong, not torchrun's long tracebacks."""
+    keep = [line for line in stderr.splitlines()
+            if "chargpt: error" in line or "RuntimeError" in line or "Error:" in line]
+    return "\n".join(keep[-15:]) or stderr[-2000:]
+
+
 def test_elastic_restart_finds_the_last_checkpoint(corpus, tmp_path):
     flags = ["train", "--input", str(corpus), "--auto-resume", *TINY, "--dropout", "0.0",
              "--max-steps", "40"]
     ref = torchrun(*flags, "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert ref.returncode == 0, _errors(ref.stderr)
     t0 = time.time()
-    # One kill may cost more than one restart: after a worker dies, gloo's reconnect can fail
-    # on a loaded machine ("connectFullMesh ... Connection refused"), and torchrun retries.
-    hit = torchrun(*flags, "--out", str(tmp_path / "hit"), restarts=3,
+    # One kill, one restart: the restarted workers must form a new group at once (chargpt
+    # namespaces the rendezvous store by attempt, so they never dial the dead workers).
+    hit = torchrun(*flags, "--out", str(tmp_path / "hit"), restarts=1,
                    env_extra={"CHARGPT_FAULT_EXIT_AT_STEP": "27", "CHARGPT_FAULT_RANK": "1"})
-    assert hit.returncode == 0, hit.stderr[-2000:]
+    assert hit.returncode == 0, _errors(hit.stderr)
     assert time.time() - t0 < 600
     out = hit.stdout
     assert "resuming from step 20" in out  # rank 1 died after step 27; step 20 was saved

@@ -134,22 +134,11 @@ def test_resume_can_extend_training_but_not_change_the_model(corpus, tmp_path):
         train(resume=out, overrides={"model": {"n_layer": 3}}, quiet=True)
 
 
-def test_no_host_sync_per_step(corpus, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real_item = torch.Tensor.item
-
-    def counting_item(self):
-        # Count syncs made by chargpt's own code; torch's CPU AdamW reads its step counters with
-        # .item() internally (the fused CUDA optimizer does not).
-        if "chargpt" in sys._getframe(1).f_code.co_filename:
-            calls["n"] += 1
-        return real_item(self)
-
-    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+def test_no_host_sync_per_step(corpus, tmp_path, item_calls):
     train(tiny_config(corpus, tmp_path / "run", max_steps=40, log_interval=20,
                       eval_interval=40), quiet=True)
     # 2 log steps + 2 evals (step 0 and 40) x 2 splits; one .item() per step would be 40+.
-    assert calls["n"] <= 2 + 4 + 2
+    assert item_calls["n"] <= 2 + 4 + 2
 
 
 def _cli(*args, **kw):

@@ -69,10 +69,27 @@ class DistEnv:
         watchdog = threading.Timer(seconds, _give_up_joining, args=(self.rank, seconds))
         watchdog.daemon = True
         watchdog.start()
+        timeout = datetime.timedelta(seconds=seconds)
         try:
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds))
+            dist.init_process_group(backend=backend, timeout=timeout,
+                                    store=self._store(timeout), rank=self.rank,
+                                    world_size=self.world_size)
         finally:
             watchdog.cancel()
+
+    def _store(self, timeout: datetime.timedelta) -> dist.Store:
+        """The rendezvous store, namespaced by torchrun's restart attempt.
+
+        After an elastic restart the new workers must not read the addresses that the dead
+        attempt's workers published (gloo then connects to a closed port, or waits forever)."""
+        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        port = int(os.environ.get("MASTER_PORT", "29500"))
+        agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(host, port, self.world_size,
+                              is_master=not agent_hosts_it and self.rank == 0,
+                              timeout=timeout, wait_for_workers=False)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return dist.PrefixStore(f"chargpt/attempt-{attempt}/", store)
 
     def barrier(self) -> None:
         if self.enabled and dist.is_initialized():
