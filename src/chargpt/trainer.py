@@ -224,6 +224,7 @@ class Trainer:
         self._bar = None
         self._deadline: float | None = None
         self.skipped_steps = 0
+        self._crash_at = _fault_step(env)
 
     # construction
 
@@ -546,7 +547,8 @@ class Trainer:
         stopping = self._should_stop(stop, at_log_step=True)
         while self.step < end and not stopping:
             loss = self.train_step()
-            _maybe_crash(self.step, self.env)
+            if self.step == self._crash_at:
+                os._exit(17)
             n_since_log += 1
             if loss is not None:
                 loss_sum += loss
@@ -597,15 +599,15 @@ class Trainer:
                      f"{self.run_dir}")
 
 
-def _maybe_crash(step: int, env: DistEnv) -> None:
+def _fault_step(env: DistEnv) -> int | None:
     """Test-only fault injection: CHARGPT_FAULT_EXIT_AT_STEP=N [CHARGPT_FAULT_RANK=r] makes
-    this process die like a lost machine after step N, on torchrun's first attempt only."""
+    rank r die like a lost machine after step N, on torchrun's first attempt only. Read once,
+    so the training loop only compares two integers."""
     at = os.environ.get("CHARGPT_FAULT_EXIT_AT_STEP")
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if at is None or step != int(at) or not first_attempt:
-        return
-    if int(os.environ.get("CHARGPT_FAULT_RANK", "0")) == env.rank:
-        os._exit(17)
+    if at is None or not first_attempt:
+        return None
+    return int(at) if int(os.environ.get("CHARGPT_FAULT_RANK", "0")) == env.rank else None
 
 
 def _write_config(run_dir: Path, cfg: Config) -> None:
