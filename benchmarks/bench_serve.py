@@ -1,0 +1,111 @@
+"""Serving speed: `chargpt serve`'s app over real HTTP on 127.0.0.1, for a small trained run.
+
+Trains a short run (see bench_resume.make_run), serves it from a background thread with the
+default limits and one torch thread (what `chargpt serve` picks on a 2-core machine), then
+measures: sequential non-streaming generations (characters per second, HTTP included), several
+streaming generations at once (total characters per second), the attention endpoint and
+/health (median latency). Prints a Markdown table.
+
+    python benchmarks/bench_serve.py [--chars 300] [--clients 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from bench_resume import SHAKESPEARE, make_run  # noqa: E402
+
+from chargpt.run import load_run  # noqa: E402
+from chargpt.serve.app import Limits, create_app  # noqa: E402
+from chargpt.serve.background import BackgroundServer  # noqa: E402
+
+
+def post(srv: BackgroundServer, path: str, body: dict) -> bytes:
+    c = http.client.HTTPConnection(srv.host, srv.port, timeout=120)
+    try:
+        c.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        resp = c.getresponse()
+        data = resp.read()
+        assert resp.status == 200, data
+        return data
+    finally:
+        c.close()
+
+
+def latency_ms(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def measure_serve(chars: int, clients: int, input_path: Path = SHAKESPEARE) -> dict:
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = load_run(make_run(Path(tmp), input_path=input_path), device="cpu")
+        limits = Limits(max_new_tokens=10_000, max_concurrent=2, max_queue=clients)
+        with BackgroundServer(create_app(run, limits)) as srv:
+            body = {"prompt": "ROMEO:", "max_new_tokens": chars, "seed": 1}
+            post(srv, "/api/generate", {**body, "max_new_tokens": 8})  # warm-up
+            t0 = time.perf_counter()
+            for i in range(5):
+                post(srv, "/api/generate", {**body, "seed": i})
+            sequential = 5 * chars / (time.perf_counter() - t0)
+
+            def stream(i: int) -> None:
+                post(srv, "/api/generate", {**body, "seed": i, "stream": True})
+
+            threads = [threading.Thread(target=stream, args=(i,)) for i in range(clients)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            concurrent = clients * chars / (time.perf_counter() - t0)
+            attention = latency_ms(lambda: post(srv, "/api/attention",
+                                                {"prompt": "ROMEO: to be or not"}), 10)
+
+            def health() -> None:
+                c = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
+                try:
+                    c.request("GET", "/health")
+                    c.getresponse().read()
+                finally:
+                    c.close()
+
+            health_ms = latency_ms(health, 50)
+    return {"sequential": sequential, "concurrent": concurrent, "attention_ms": attention,
+            "health_ms": health_ms}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--chars", type=int, default=300, help="characters per generation")
+    ap.add_argument("--clients", type=int, default=8, help="streams running at once")
+    ap.add_argument("--input", type=Path, default=SHAKESPEARE)
+    args = ap.parse_args()
+    r = measure_serve(args.chars, args.clients, args.input)
+    print(f"torch {torch.__version__}, 1 torch thread, {args.chars} characters per request")
+    print("| measure | value |")
+    print("|---|---:|")
+    print(f"| sequential /api/generate, chars/s | {r['sequential']:,.0f} |")
+    print(f"| {args.clients} concurrent streams, total chars/s | {r['concurrent']:,.0f} |")
+    print(f"| /api/attention median ms | {r['attention_ms']:.1f} |")
+    print(f"| /health median ms | {r['health_ms']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
