@@ -1,7 +1,7 @@
-"""Resume speed: how long `Trainer.resume` takes to continue a run from its `last/` checkpoint.
+"""Resume speed: how long `resume_trainer` takes to continue a run from its `last/` checkpoint.
 
 Trains a small run of a preset (default: the default preset, on Tiny Shakespeare) for a few
-steps in a temporary directory, then times `Trainer.resume` on it several times: verifying and
+steps in a temporary directory, then times `resume_trainer` on it several times: verifying and
 loading the checkpoint, restoring optimizer, RNG and sampler state, and loading the prepared
 data. Prints a Markdown table. `make_run` is shared with bench_serve.py.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from chargpt.config import resolve_config
-from chargpt.trainer import Trainer, train
+from chargpt.launch import resume_trainer, train
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -40,11 +40,11 @@ def make_run(root: Path, preset: str = "shakespeare-cpu", steps: int = 20,
 def measure_resume(preset: str, repeats: int, input_path: Path = SHAKESPEARE) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = make_run(Path(tmp), preset, input_path=input_path)
-        Trainer.resume(run_dir, quiet=True)  # warm-up: imports, page cache
+        resume_trainer(run_dir, quiet=True)  # warm-up: imports, page cache
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            trainer = Trainer.resume(run_dir, quiet=True)
+            trainer = resume_trainer(run_dir, quiet=True)
             times.append(time.perf_counter() - t0)
         return {"preset": preset, "step": trainer.step, "ms": statistics.median(times) * 1e3,
                 "min_ms": min(times) * 1e3}

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from chargpt.config import resolve_config
-from chargpt.trainer import Trainer
+from chargpt.launch import new_trainer
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -27,7 +27,7 @@ def measure_train(preset: str, steps: int, input_path: Path, repeats: int = 3) -
             "data": {"input": str(input_path)},
             "train": {"out_dir": str(Path(tmp) / "run"), "progress": False},
         })
-        trainer = Trainer.new(cfg, quiet=True)
+        trainer = new_trainer(cfg, quiet=True)
         trainer.model.train()
         for _ in range(10):  # warm-up: allocator, kernels, compile if enabled
             trainer.train_step()

@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from chargpt.config import resolve_config
-from chargpt.data import prepare
 from chargpt.evaluate import evaluate_tokens
+from chargpt.launch import new_trainer
 from chargpt.model import build_model
+from chargpt.preparation import prepare
 from chargpt.trainer import Trainer
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -131,7 +132,7 @@ def make_trainer(preset: str, data_dir: str, out: Path, seed: int,
     if max_steps:
         train["max_steps"] = max_steps
     cfg = resolve_config(preset, overrides={"data": {"data_dir": data_dir}, "train": train})
-    trainer = Trainer.new(cfg, quiet=True)
+    trainer = new_trainer(cfg, quiet=True)
     trainer.model.train()
     return trainer
 

@@ -28,10 +28,8 @@ def _data(step, model=None):
         model.a.weight.sum().backward()
         o.step()
         opt = o.state_dict()
-    return ckpt.CheckpointData(
-        state={"step": step}, config={"c": 1}, vocab={"chars": ["a"]}, optimizer=opt,
-        rng={"torch_cpu": torch.get_rng_state()},
-    )
+    state = ckpt.TrainState(step=step, optimizer=opt, cpu_rng=[torch.get_rng_state()])
+    return ckpt.CheckpointData(config={"c": 1}, vocab={"chars": ["a"]}, state=state)
 
 
 def _step(path):
@@ -48,12 +46,12 @@ def test_round_trip(tmp_path):
     ckpt.load_weights(m2, path)
     for k, v in m.state_dict().items():
         assert torch.equal(v, m2.state_dict()[k])
-    state = ckpt.read_json(path / ckpt.STATE_FILE)
-    opt = ckpt.join_optimizer_state(ckpt.load_tensors(path / ckpt.OPTIMIZER_FILE),
-                                    state["optimizer"])
+    state = ckpt.load_train_state(path, resumable=True)
+    assert state.step == 7 and torch.equal(state.cpu_rng[0], data.state.cpu_rng[0])
+    opt = state.optimizer
     o2 = torch.optim.AdamW(m2.parameters(), lr=1e-3)
     o2.load_state_dict(opt)  # accepts what was saved
-    ref = data.optimizer["state"]
+    ref = data.state.optimizer["state"]
     for idx, per in opt["state"].items():
         for key, value in per.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(ref[idx][key]))

@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from chargpt import data as data_mod
+from chargpt import preparation
 from chargpt.data import (
     BatchSampler,
     PreparedData,
@@ -194,7 +194,7 @@ def test_write_error_on_helper_thread(tmp_path: Path, monkeypatch) -> None:
     def full(self, ids):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(data_mod._SplitWriter, "write", full)
+    monkeypatch.setattr(preparation._SplitWriter, "write", full)
     with pytest.raises(DataError, match="cannot write prepared data .*No space left"):
         prepare(write(tmp_path / "a.txt", "hello world" * 1000), tmp_path / "out", chunk_bytes=8)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]

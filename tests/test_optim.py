@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 from chargpt.checkpoint import split_optimizer_state
 from chargpt.config import Config, ModelConfig, TrainConfig, apply_overrides
 from chargpt.errors import ConfigError
+from chargpt.launch import train
 from chargpt.model import build_model
 from chargpt.optim import Muon, lr_at, make_optimizer, orthogonalize
-from chargpt.trainer import read_metrics, train
+from chargpt.rundir import RunDir
 
 CPU = torch.device("cpu")
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -226,8 +227,8 @@ def test_muon_resume_is_bit_identical(corpus, tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"{k} differs"
-    evals = [[(r["step"], r["val_loss"]) for r in read_metrics(d) if r["kind"] == "eval"]
-             for d in (ref, split)]
+    evals = [[(r["step"], r["val_loss"]) for r in RunDir(d).read_metrics()
+              if r["kind"] == "eval"] for d in (ref, split)]
     assert evals[0] == evals[1]
     assert evals[0][-1][1] < evals[0][0][1] - 0.5  # and it learns
 

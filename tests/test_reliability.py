@@ -22,9 +22,11 @@ from safetensors.torch import load_file
 import chargpt.trainer as trainer_mod
 from chargpt.cli import main
 from chargpt.config import Config, ConfigError, ModelConfig, TrainConfig, apply_overrides
+from chargpt.launch import train
 from chargpt.model import build_model
 from chargpt.optim import make_optimizer
-from chargpt.trainer import TrainingError, read_metrics, train
+from chargpt.rundir import RunDir
+from chargpt.trainer import TrainingError
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -109,7 +111,7 @@ def test_nan_skip_policy_goes_on(corpus, tmp_path, monkeypatch):
     poison_at(monkeypatch, {13, 17})
     result = train(tiny_cfg(corpus, tmp_path / "run", nonfinite="skip"), quiet=True)
     assert result.step == 30
-    rows = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    rows = [r for r in RunDir(tmp_path / "run").read_metrics() if r["kind"] == "train"]
     assert rows[-1]["skipped"] == 2 and all(np.isfinite(r["loss"]) for r in rows)
     weights = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())

@@ -356,7 +356,7 @@ def test_batched_samples_match_single_samples_greedily():
 )
 def test_decode_step_matches_the_cached_forward(overrides):
     model = tiny_gpt(**overrides).eval()
-    assert model.supports_fast_decode()
+    assert model.capabilities().fast_decode
     idx = prompt(2, 14)
     slow, fast = KVCache.for_model(model, 2), KVCache.for_model(model, 2)
     n = min(3, model.config.block_size)
@@ -369,4 +369,4 @@ def test_decode_step_matches_the_cached_forward(overrides):
             torch.testing.assert_close(model.decode_step(idx[:, t : t + 1], fast), expected,
                                        atol=1e-5, rtol=1e-5)
     assert fast.position == slow.position
-    assert not tiny_gpt(norm="post").supports_fast_decode()
+    assert not tiny_gpt(norm="post").capabilities().fast_decode

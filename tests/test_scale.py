@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from chargpt.batches import BatchSampler
 from chargpt.cli import main
 from chargpt.config import Config, apply_overrides, resolve_config
-from chargpt.data import BatchSampler
 from chargpt.flops import PEAK_FLOPS, estimate, match_gpu, mfu
+from chargpt.launch import train
 from chargpt.model import build_model
-from chargpt.trainer import train
 
 
 @pytest.mark.parametrize("preset", ["shakespeare-cpu", "shakespeare-gpu", "turkish-86m"])

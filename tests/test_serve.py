@@ -28,8 +28,9 @@ pytest.importorskip("uvicorn")
 
 from chargpt.cli import main  # noqa: E402
 from chargpt.run import load_run  # noqa: E402
-from chargpt.serve.app import Limits, StopMatcher, create_app  # noqa: E402
+from chargpt.serve.app import Limits, create_app  # noqa: E402
 from chargpt.serve.background import BackgroundServer  # noqa: E402
+from chargpt.serve.generation import StopMatcher  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from chargpt.config import Config, TrainConfig, apply_overrides
+from chargpt.launch import train
 from chargpt.optim import lr_at
-from chargpt.trainer import read_metrics, train
+from chargpt.rundir import RunDir
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -89,7 +90,7 @@ def test_train_writes_run_and_learns(corpus, tmp_path, capsys):
                  "best/model.safetensors", "data/train.npy", "data/vocab.json"):
         assert (out / name).exists(), name
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = read_metrics(out)
+    rows = RunDir(out).read_metrics()
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(5, 61, 5))
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 20, 40, 60]
     cfg = json.loads((out / "config.json").read_text())
@@ -117,8 +118,8 @@ def test_resume_is_bit_identical(corpus, tmp_path, stop_at):
     second = train(resume=split, quiet=True)
     assert second.step == 30
     assert_same_weights(ref, split)
-    ref_rows = [r for r in read_metrics(ref) if r["kind"] == "eval"]
-    split_rows = [r for r in read_metrics(split) if r["kind"] == "eval"]
+    ref_rows = [r for r in RunDir(ref).read_metrics() if r["kind"] == "eval"]
+    split_rows = [r for r in RunDir(split).read_metrics() if r["kind"] == "eval"]
     assert [(r["step"], r["val_loss"]) for r in ref_rows] == \
         [(r["step"], r["val_loss"]) for r in split_rows]
 
@@ -157,7 +158,7 @@ def _tiny_flags(corpus, out, steps=400):
 def _wait_for_step(out, step, proc, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        rows = read_metrics(out)
+        rows = RunDir(out).read_metrics()
         if rows and max(r["step"] for r in rows) >= step:
             return
         if proc.poll() is not None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .lm import Capabilities, language_model_loss
 
 if TYPE_CHECKING:
     from .sampling import KVCache
@@ -26,8 +26,6 @@ class BigramLM(nn.Module):
     `kv_cache`: with a context of one token there is nothing to cache.
     """
 
-    supports_kv_cache = False
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -39,6 +37,10 @@ class BigramLM(nn.Module):
         """Number of parameters; all of them are the embedding table, so 0 with `non_embedding`."""
         return 0 if non_embedding else self.token_embedding_table.weight.numel()
 
+    def capabilities(self) -> Capabilities:
+        """A context of one token: no cache, no attention."""
+        return Capabilities(context=1)
+
     def forward(
         self,
         idx: Tensor,
@@ -46,9 +48,5 @@ class BigramLM(nn.Module):
         kv_cache: KVCache | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         logits = self.token_embedding_table(idx)  # (B, T, vocab_size)
-        loss = None
-        if targets is not None:
-            # float32 keeps the log-softmax accurate when the logits come out of bf16 autocast
-            flat = logits.reshape(-1, logits.size(-1)).float()  # (B*T, vocab_size)
-            loss = F.cross_entropy(flat, targets.reshape(-1))
+        loss = language_model_loss(logits, targets) if targets is not None else None
         return logits, loss

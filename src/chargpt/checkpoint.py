@@ -1,24 +1,28 @@
 """Checkpoints as plain data, written so that a crash can never destroy the previous one.
 
-A checkpoint is a directory (`RUN/last/`, `RUN/best/`) holding the raw model weights and the
-optimizer tensors as safetensors, the random-number states as safetensors, and everything else
-(step, losses, optimizer hyper-parameters, sampler position, the config and the vocabulary) as
-JSON. `manifest.json` is written last and records the sha256 of every other file, so a loader
-can tell a complete checkpoint from a torn or tampered one. A save builds `NAME.tmp/`, then
-swaps it in with two renames (`NAME -> NAME.old`, `NAME.tmp -> NAME`); whatever moment a crash
-hits, one complete checkpoint is left among those three names and `resolve()` finds it. Nothing
-is ever unpickled.
+A checkpoint is a directory (`RUN/last/`, `RUN/best/`) holding the model weights
+(`model.safetensors`), the config and the vocabulary it was trained with (JSON), and a
+`TrainState`: everything besides the weights that a run needs to continue exactly. The state's
+numbers go to `state.json`; for a resumable checkpoint (`last/`) the optimizer's tensors go to
+`optimizer.safetensors` and every rank's random-number states and the batch sampler's stream
+to `rng.safetensors`. `manifest.json` is written last and records the sha256 of every other
+file, so a loader can tell a complete checkpoint from a torn or tampered one.
+
+A save builds `NAME.tmp/`, then swaps it in with two renames (`NAME -> NAME.old`, `NAME.tmp ->
+NAME`); whatever moment a crash hits, one complete checkpoint is left among those three names
+and `resolve()` finds it. Nothing is ever unpickled. The manifest's `version` is the version of
+this whole layout; `TrainState.from_saved` is the one place that reads older variants of it.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
+import math
 import os
 import shutil
-import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from .config import Config
 from .errors import CheckpointError
+from .io import fsync_dir, fsync_file, os_reason, read_bytes, sha256_file
+from .tokenizer import CharTokenizer
 
 FORMAT = "chargpt-checkpoint"
 VERSION = 1
@@ -39,37 +46,27 @@ CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    # Directory fsync makes renames durable; not every platform allows opening a directory.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: Any) -> None:
+    # Not atomic on its own: the whole directory is swapped in once complete.
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a checkpoint or run directory; a missing or broken one is a user error."""
+    raw = read_bytes(path, what="file", error=CheckpointError)
+    try:
+        return json.loads(raw)
+    except ValueError as e:  # includes bytes that are not UTF-8
+        raise CheckpointError(f"{path} is unreadable: {e}") from None
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable: {e}") from None
 
 
 # --- optimizer state <-> (tensors, JSON) -----------------------------------------------------
@@ -98,71 +95,174 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict[s
     return {"state": per_param, "param_groups": rest["param_groups"]}
 
 
+# --- the training state --------------------------------------------------------------------
+
+
+def _per_rank(tensors: dict[str, torch.Tensor], name: str) -> list[torch.Tensor] | None:
+    """[rank 0's, rank 1's, ...] saved as `name`, `name.1`, ... (rank 0 has no suffix)."""
+    if name not in tensors:
+        return None
+    out = [tensors[name]]
+    while f"{name}.{len(out)}" in tensors:
+        out.append(tensors[f"{name}.{len(out)}"])
+    return out
+
+
+@dataclass
+class TrainState:
+    """What a run needs besides its weights to continue exactly where it stopped.
+
+    A `best/` checkpoint keeps only the numbers (step, losses, elapsed time); `last/` is
+    resumable and also keeps the optimizer, every rank's RNG states and the sampler's stream.
+    """
+
+    step: int = 0
+    best_val_loss: float = math.inf
+    val_loss: float = math.inf
+    elapsed: float = 0.0  # seconds of training before this checkpoint, all sessions
+    world_size: int = 1  # processes of the run that wrote it
+    sampler: dict[str, Any] = field(default_factory=dict)  # BatchSampler.state_dict()
+    torch_version: str = field(default_factory=lambda: torch.__version__)
+    cpu_rng: list[torch.Tensor] | None = None  # torch.get_rng_state() of each rank
+    cuda_rng: list[torch.Tensor] | None = None  # torch.cuda.get_rng_state() of each rank
+    optimizer: dict[str, Any] | None = None  # optimizer.state_dict()
+
+    @property
+    def resumable(self) -> bool:
+        return self.optimizer is not None and self.cpu_rng is not None
+
+    def rng_of(self, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(CPU, CUDA) RNG states saved by `rank`; None where the run had fewer ranks."""
+
+        def pick(states: list[torch.Tensor] | None) -> torch.Tensor | None:
+            return states[rank] if states is not None and rank < len(states) else None
+
+        return pick(self.cpu_rng), pick(self.cuda_rng)
+
+    def to_saved(self) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+        """(state.json content, rng.safetensors content or None for a weights-only state)."""
+        numbers = {
+            "step": self.step,
+            "best_val_loss": self.best_val_loss,
+            "val_loss": self.val_loss,
+            "elapsed": self.elapsed,
+            "world_size": self.world_size,
+            "sampler": {k: v for k, v in self.sampler.items()
+                        if not isinstance(v, torch.Tensor)},
+            "torch_version": self.torch_version,
+        }
+        if self.cpu_rng is None:
+            return numbers, None
+        rng: dict[str, torch.Tensor] = {}
+        for name, states in (("torch_cpu", self.cpu_rng), ("torch_cuda", self.cuda_rng or [])):
+            for r, t in enumerate(states):
+                rng[name if r == 0 else f"{name}.{r}"] = t.contiguous()
+        for k, v in self.sampler.items():
+            if isinstance(v, torch.Tensor):
+                rng[f"sampler.{k}"] = v.contiguous()
+        return numbers, rng
+
+    @classmethod
+    def from_saved(cls, numbers: dict[str, Any], rng: dict[str, torch.Tensor] | None,
+                   optimizer: dict[str, Any] | None) -> TrainState:
+        """The inverse of `to_saved`, reading every layout version 1 has had."""
+        if not isinstance(numbers, dict) or not isinstance(numbers.get("sampler", {}), dict):
+            raise CheckpointError("the saved training state is not a JSON object")
+        sampler = dict(numbers.get("sampler", {}))
+        rng = rng or {}
+        sampler.update({k.removeprefix("sampler."): v for k, v in rng.items()
+                        if k.startswith("sampler.")})
+        if "sampler" in rng:  # the key the first layout used for the sampler's generator
+            sampler["generator"] = rng["sampler"]
+        try:
+            return cls(
+                step=int(numbers["step"]),
+                best_val_loss=float(numbers.get("best_val_loss", math.inf)),
+                val_loss=float(numbers.get("val_loss", math.inf)),
+                elapsed=float(numbers.get("elapsed", 0.0)),
+                world_size=int(numbers.get("world_size", 1)),
+                sampler=sampler,
+                torch_version=str(numbers.get("torch_version", "")),
+                cpu_rng=_per_rank(rng, "torch_cpu"),
+                cuda_rng=_per_rank(rng, "torch_cuda"),
+                optimizer=optimizer,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"the saved training state is invalid ({e})") from None
+
+
 # --- save -------------------------------------------------------------------------------------
 
 
 @dataclass
 class CheckpointData:
-    """Everything needed to rebuild a model, and optionally to resume its training exactly."""
+    """Everything needed to rebuild a model, and (if `state` is resumable) to resume it."""
 
-    state: dict[str, Any]  # step, losses, sampler position: JSON
-    config: dict[str, Any]
-    vocab: dict[str, Any]
-    optimizer: dict[str, Any] | None = None
-    rng: dict[str, torch.Tensor] | None = None
+    config: dict[str, Any]  # Config.to_dict()
+    vocab: dict[str, Any]  # CharTokenizer.to_dict()
+    state: TrainState
 
 
-def save(run_dir: str | Path, name: str, model: torch.nn.Module, data: CheckpointData) -> Path:
-    """Write checkpoint `run_dir/name` atomically; the previous one survives any failure."""
+def _no_pause() -> None:
+    pass
+
+
+def save(run_dir: str | Path, name: str, model: torch.nn.Module, data: CheckpointData, *,
+         pause: Callable[[], None] = _no_pause) -> Path:
+    """Write checkpoint `run_dir/name` atomically; the previous one survives any failure.
+
+    `pause` is called after the files are written, after the manifest and between the two
+    renames: the moments a crash is most interesting (fault injection, see faults.py)."""
     run_dir = Path(run_dir)
     final, tmp, old = run_dir / name, run_dir / f"{name}.tmp", run_dir / f"{name}.old"
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        save_model(model, str(tmp / MODEL_FILE), metadata={"format": FORMAT})
-        state = dict(data.state)
-        if data.optimizer is not None:
-            tensors, rest = split_optimizer_state(data.optimizer)
-            save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": FORMAT})
-            state["optimizer"] = rest
-        if data.rng is not None:
-            save_file({k: v.contiguous() for k, v in data.rng.items()}, str(tmp / RNG_FILE))
-        _write_json(tmp / STATE_FILE, state)
-        _write_json(tmp / CONFIG_FILE, data.config)
-        _write_json(tmp / VOCAB_FILE, data.vocab)
-        _test_delay()
-        files = {}
-        for path in sorted(tmp.iterdir()):
-            _fsync_file(path)
-            files[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
-        _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "files": files})
-        _fsync_file(tmp / MANIFEST)
-        _fsync_dir(tmp)
-        _test_delay()
-        _swap_in(final, tmp, old)
-        _fsync_dir(run_dir)
+        _write_files(tmp, model, data)
+        pause()
+        _write_manifest(tmp)
+        pause()
+        _swap_in(final, tmp, old, pause)
+        fsync_dir(run_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = "no space left on device" if e.errno == errno.ENOSPC else str(e)
+        reason = "no space left on device" if e.errno == errno.ENOSPC else os_reason(e)
         kept = " (the previous checkpoint is intact)" if resolve(run_dir, name) else ""
         raise CheckpointError(f"could not write checkpoint {final}: {reason}{kept}") from None
     return final
 
 
-def _test_delay() -> None:
-    # Test-only: CHARGPT_TEST_SAVE_DELAY widens the window in which a kill lands mid-save.
-    delay = os.environ.get("CHARGPT_TEST_SAVE_DELAY")
-    if delay:
-        time.sleep(float(delay))
+def _write_files(tmp: Path, model: torch.nn.Module, data: CheckpointData) -> None:
+    save_model(model, str(tmp / MODEL_FILE), metadata={"format": FORMAT})
+    numbers, rng = data.state.to_saved()
+    if data.state.optimizer is not None:
+        tensors, rest = split_optimizer_state(data.state.optimizer)
+        save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": FORMAT})
+        numbers["optimizer"] = rest
+    if rng is not None:
+        save_file(rng, str(tmp / RNG_FILE))
+    _write_json(tmp / STATE_FILE, numbers)
+    _write_json(tmp / CONFIG_FILE, data.config)
+    _write_json(tmp / VOCAB_FILE, data.vocab)
 
 
-def _swap_in(final: Path, tmp: Path, old: Path) -> None:
+def _write_manifest(tmp: Path) -> None:
+    files = {}
+    for path in sorted(tmp.iterdir()):
+        fsync_file(path)
+        files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "files": files})
+    fsync_file(tmp / MANIFEST)
+    fsync_dir(tmp)
+
+
+def _swap_in(final: Path, tmp: Path, old: Path, pause: Callable[[], None]) -> None:
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
         os.replace(final, old)
-        _test_delay()
+        pause()
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -196,16 +296,22 @@ def verify(ckpt_dir: str | Path) -> dict[str, Any]:
         path = ckpt_dir / name
         if Path(name).name != name or not path.is_file():
             raise CheckpointError(f"{ckpt_dir} is incomplete: {name} is missing")
-        if path.stat().st_size != entry.get("bytes") or _sha256(path) != entry.get("sha256"):
+        if path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
             raise CheckpointError(f"{path} is corrupted (its sha256 does not match the manifest)")
     return manifest
 
 
+def candidates(run_dir: str | Path, name: str) -> tuple[Path, Path, Path]:
+    """Where checkpoint `name` may be after a crash, newest first: NAME, NAME.tmp, NAME.old.
+
+    A verified NAME.tmp is newer than NAME.old: the crash hit between the two renames."""
+    run_dir = Path(run_dir)
+    return run_dir / name, run_dir / f"{name}.tmp", run_dir / f"{name}.old"
+
+
 def resolve(run_dir: str | Path, name: str) -> Path | None:
     """The complete checkpoint called `name` in `run_dir`, recovering from an interrupted swap."""
-    run_dir = Path(run_dir)
-    # Order matters: a verified NAME.tmp is newer than NAME.old (a crash hit between renames).
-    for candidate in (run_dir / name, run_dir / f"{name}.tmp", run_dir / f"{name}.old"):
+    for candidate in candidates(run_dir, name):
         if candidate.is_dir():
             try:
                 verify(candidate)
@@ -213,15 +319,6 @@ def resolve(run_dir: str | Path, name: str) -> Path | None:
                 continue
             return candidate
     return None
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path} is unreadable: {e}") from None
 
 
 def load_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
@@ -235,8 +332,33 @@ def load_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
         ) from None
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_config(ckpt_dir: Path) -> Config:
+    """The config the checkpoint's model was built from."""
+    path = ckpt_dir / CONFIG_FILE
+    return Config.from_dict(read_json(path), source=str(path))
+
+
+def load_vocab(ckpt_dir: Path) -> CharTokenizer:
+    """The vocabulary the checkpoint's model was trained on."""
+    path = ckpt_dir / VOCAB_FILE
+    return CharTokenizer.from_dict(read_json(path), source=str(path))
+
+
+def load_train_state(ckpt_dir: Path, *, resumable: bool = False) -> TrainState:
+    """The checkpoint's `TrainState`: its numbers only, or with `resumable` everything needed
+    to continue training (a weights-only checkpoint is then refused)."""
+    numbers = read_json(ckpt_dir / STATE_FILE)
+    if not resumable:
+        return TrainState.from_saved(numbers, None, None)
+    if not (isinstance(numbers, dict) and "optimizer" in numbers
+            and (ckpt_dir / RNG_FILE).exists()):
+        raise CheckpointError(f"{ckpt_dir} holds weights only and cannot be resumed")
+    tensors = load_tensors(ckpt_dir / OPTIMIZER_FILE)
     try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable: {e}") from None
+        optimizer = join_optimizer_state(tensors, numbers["optimizer"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{ckpt_dir}: the optimizer state is invalid ({e})") from None
+    state = TrainState.from_saved(numbers, load_tensors(ckpt_dir / RNG_FILE), optimizer)
+    if state.cpu_rng is None:
+        raise CheckpointError(f"{ckpt_dir}: {RNG_FILE} holds no CPU random-number state")
+    return state

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from . import __version__
+from . import __version__, faults
 from .config import (
     DEFAULT_PRESET,
     SECTIONS,
@@ -83,7 +83,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def cmd_prepare(args: argparse.Namespace) -> int:
     import time
 
-    from .data import prepare
+    from .preparation import prepare
 
     t0 = time.perf_counter()
     sources = args.input if len(args.input) > 1 else args.input[0]
@@ -110,7 +110,8 @@ def _print_sample(run_path: Path, chars: int, seed: int) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .trainer import load_run_config, train
+    from .launch import train
+    from .rundir import RunDir
 
     overrides = config_overrides(args)
     if args.resume:
@@ -124,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 128 + result.interrupted_by
     print(f"done: {result.step} steps in {result.elapsed:.1f}s, best val loss "
           f"{result.best_val_loss:.4f} -> {result.run_dir / 'best'}")
-    tc = load_run_config(result.run_dir).train
+    tc = RunDir(result.run_dir).read_config().train
     if tc.sample_chars:
         _print_sample(result.run_dir, tc.sample_chars, seed=tc.seed)
     print(f"sample more with: chargpt sample {result.run_dir} --prompt \"ROMEO:\"")
@@ -132,27 +133,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .data import read_text_file
     from .run import load_run
+    from .sampling import SamplingSettings
+    from .textfiles import read_text_file
 
     if args.prompt is not None and args.prompt_file:
         raise ConfigError("give either --prompt or --prompt-file, not both")
     prompt = read_text_file(args.prompt_file) if args.prompt_file else (args.prompt or "")
     if args.max_new_tokens < 0 or args.num_samples < 1:
         raise ConfigError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, use_cache=not args.no_kv_cache)
     run = load_run(args.run_dir, args.checkpoint, device=args.device)
-    seed = args.seed
+    ids = run.encode_prompt(prompt, args.unknown)  # checked before anything is printed
     for i in range(args.num_samples):
         if i:
             sys.stdout.write("\n---\n")
-        stream = run.stream(prompt, args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p,
-                            seed=None if seed is None else seed + i,
-                            use_cache=not args.no_kv_cache, unknown=args.unknown)
-        first = next(stream, "")  # validates the prompt before anything is printed
-        sys.stdout.write(prompt + first)
-        sys.stdout.flush()
-        for ch in stream:
+        seed = None if args.seed is None else args.seed + i
+        sys.stdout.write(prompt)
+        for ch in run.stream_ids(ids, args.max_new_tokens, settings.with_seed(seed)):
             sys.stdout.write(ch)
             sys.stdout.flush()
     sys.stdout.write("\n")
@@ -160,22 +159,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import encode_file, load_prepared
     from .evaluate import bits_per_char
     from .run import load_run
-    from .trainer import DATA_SUBDIR, load_run_config
+    from .rundir import RunDir
+    from .textfiles import encode_file
+    from .tokenizer import check_same_vocab
 
     run = load_run(args.run_dir, args.checkpoint, device=args.device)
     if args.input:
         tokens = encode_file(args.input, run.tokenizer, unknown=args.unknown)
         what = args.input
     else:
-        cfg = load_run_config(args.run_dir)
-        data_dir = Path(cfg.data.data_dir or Path(args.run_dir) / DATA_SUBDIR)
-        data = load_prepared(data_dir)
-        if data.tokenizer.fingerprint() != run.tokenizer.fingerprint():
-            raise ChargptError(f"{data_dir} uses a different vocabulary than {run.checkpoint}")
-        tokens = data.val if args.split == "val" else data.train
+        rundir = RunDir(Path(args.run_dir))
+        data = rundir.load_data(rundir.read_config())
+        check_same_vocab(data.tokenizer, run.tokenizer,
+                         what=f"{data.path} and {run.checkpoint}")
+        tokens = data.split(args.split)
         what = f"the {args.split} split"
     loss = run.evaluate_ids(tokens, batch_size=args.batch_size)
     print(f"{what}: loss {loss:.4f}, {bits_per_char(loss):.3f} bits/char over "
@@ -184,43 +183,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from .flops import PEAK_FLOPS, estimate, human_bytes, human_seconds
+    from .flops import report
 
-    if args.gpu not in PEAK_FLOPS:
-        raise ConfigError(f"unknown GPU {args.gpu!r} (known: {', '.join(PEAK_FLOPS)})")
-    if not 0 < args.mfu <= 1:
-        raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
     overrides = config_overrides(args)
     overrides.setdefault("model", {})["vocab_size"] = args.vocab_size
     cfg = resolve_config(args.preset, args.config, overrides)
-    e = estimate(cfg, world_size=args.gpus)
-    m, tc = cfg.model, cfg.train
-    rate = PEAK_FLOPS[args.gpu] * args.mfu * args.gpus
-    seconds_per_step = e.flops_per_step / rate
-    epoch_steps = args.corpus_chars / e.tokens_per_step
-    print(f"model          {m.arch}, {m.n_layer} layers, {m.n_head} heads, {m.n_embd} embd, "
-          f"block {m.block_size}, vocab {m.vocab_size}")
-    print(f"parameters     {e.params:,} ({e.params / 1e6:.2f} M)")
-    print(f"FLOPs/token    {e.flops_per_token / 1e6:,.1f} M (training: forward + backward)")
-    print(f"tokens/step    {e.tokens_per_step:,} (batch {tc.batch_size} x block "
-          f"{m.block_size} x accumulation {tc.grad_accum} x {args.gpus} GPU(s))")
-    print(f"memory/GPU     weights {human_bytes(e.weights_bytes)}, gradients "
-          f"{human_bytes(e.grads_bytes)}, AdamW state {human_bytes(e.optimizer_bytes)}, "
-          f"activations ~{human_bytes(e.activation_bytes)} (16-bit autocast); "
-          f"total ~{human_bytes(e.total_bytes)}")
-    print(f"on {args.gpus} x {args.gpu} at {args.mfu:.0%} MFU: "
-          f"{human_seconds(seconds_per_step)}/step, "
-          f"{tc.max_steps:,} steps in {human_seconds(seconds_per_step * tc.max_steps)}, "
-          f"one epoch of {args.corpus_chars:,} characters = {epoch_steps:,.0f} steps in "
-          f"{human_seconds(seconds_per_step * epoch_steps)}")
-    print("(estimates from FLOP counts and vendor peak figures, not measurements)")
+    print(report(cfg, gpu=args.gpu, gpus=args.gpus, mfu=args.mfu,
+                 corpus_chars=args.corpus_chars))
     return 0
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
     import torch
 
-    from .model import build_model
+    from .lm import build_model
 
     for name in preset_names():
         cfg = resolve_config(name, overrides={"model": {"vocab_size": 65}})
@@ -251,29 +227,22 @@ def cmd_ladder(args: argparse.Namespace) -> int:
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    import torch
-
     from .plots import plot_attention_grid
     from .run import load_run
 
     run = load_run(args.run_dir, args.checkpoint, device=args.device)
-    if not hasattr(run.model, "attention_maps"):
-        raise ConfigError(f"{run.checkpoint} holds a {run.config.model.arch} model, which has "
-                          "no attention to draw")
     if not args.prompt:
         raise ConfigError("--prompt must not be empty")
-    ids = run.tokenizer.encode(args.prompt, what="prompt")
-    block = run.config.model.block_size
-    if len(ids) > block:
-        print(f"note: the prompt has {len(ids)} characters; drawing its last {block} "
-              "(the model's block_size)", file=sys.stderr)
-        ids = ids[-block:]
-    idx = torch.tensor([ids], dtype=torch.long, device=run.device)
-    maps = run.model.attention_maps(idx)  # (n_layer, 1, n_head, T, T)
+    prompt_ids = run.tokenizer.encode(args.prompt, what="prompt")
+    ids = prompt_ids[-run.block_size :]
+    maps = run.attention_maps(ids)  # (n_layer, n_head, T, T)
+    if len(prompt_ids) > len(ids):
+        print(f"note: the prompt has {len(prompt_ids)} characters; drawing its last "
+              f"{len(ids)} (the model's block_size)", file=sys.stderr)
     chars = [run.tokenizer.decode([i]) for i in ids]
     title = f"attention maps of {Path(args.run_dir).resolve().name} at step {run.step}"
     plot_attention_grid(maps, chars, args.out, title=title)
-    print(f"wrote {args.out}: {maps.shape[0]} layers x {maps.shape[2]} heads over "
+    print(f"wrote {args.out}: {maps.shape[0]} layers x {maps.shape[1]} heads over "
           f"{len(ids)} characters")
     return 0
 
@@ -282,7 +251,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import require_extra, serve
 
     require_extra()  # before torch is imported: a missing extra is a one-line error at once
-    from .serve.app import Limits
+    from .serve.api import Limits
 
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_new_tokens=args.max_new_tokens,
                     max_body_bytes=args.max_body_bytes, max_concurrent=args.max_concurrent,
@@ -444,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # usage errors and --help: argparse has printed what it had to say
         return int(e.code or 0)
     try:
+        faults.load()  # test-only fault injection, read once here (see faults.py)
         return args.func(args)
     except ChargptError as e:
         print(f"chargpt: error: {e}", file=sys.stderr)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .io import read_bytes
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -325,15 +326,13 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Conf
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    raw = read_bytes(path, what="config file", error=ConfigError)
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        return tomllib.loads(raw.decode("utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not valid UTF-8 (byte offset {e.start})") from None
 
 
 # --- presets ----------------------------------------------------------------------------------

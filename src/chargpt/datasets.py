@@ -13,14 +13,14 @@ import contextlib
 import hashlib
 import http.client
 import os
-import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, DataError
-from .io import fsync_dir, temp_path_for
+from .io import fsync_dir, os_reason, sha256_file, temp_path_for
+from .progress import progress_bar
 
 __all__ = ["DATASETS", "Dataset", "cache_dir", "fetch"]
 
@@ -65,17 +65,9 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "chargpt"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _is_valid(path: Path, ds: Dataset) -> bool:
     try:
-        return path.stat().st_size == ds.size and _sha256_file(path) == ds.sha256
+        return path.stat().st_size == ds.size and sha256_file(path) == ds.sha256
     except OSError:
         return False
 
@@ -86,24 +78,13 @@ def _one_line(reason: object) -> str:
 
 def _download(ds: Dataset, tmp: Path, progress: bool, timeout: float) -> tuple[int, str]:
     """Stream ds.url into tmp; return (bytes, sha256). Stops early past the expected size."""
-    from tqdm import tqdm
-
     h = hashlib.sha256()
     n = 0
     request = urllib.request.Request(ds.url, headers={"User-Agent": "chargpt"})
     with (
         urllib.request.urlopen(request, timeout=timeout) as response,
         open(tmp, "wb") as f,
-        tqdm(
-            total=ds.size,
-            desc=f"downloading {ds.name}",
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            file=sys.stderr,
-            disable=not (progress and sys.stderr.isatty()),
-            leave=False,
-        ) as bar,
+        progress_bar(ds.size, f"downloading {ds.name}", enabled=progress) as bar,
     ):
         while block := response.read(_READ_BYTES):
             h.update(block)
@@ -141,7 +122,7 @@ def fetch(name: str, *, progress: bool = False, timeout: float = 30) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DataError(f"cannot create the cache directory {directory}: {e.strerror}") from None
+        raise DataError(f"cannot create the cache directory {directory}: {os_reason(e)}") from None
     tmp = temp_path_for(dest, "part")
     advice = "pass a local file with --input FILE"
     try:
@@ -167,7 +148,7 @@ def fetch(name: str, *, progress: bool = False, timeout: float = 30) -> Path:
         try:
             os.replace(tmp, dest)
         except OSError as e:
-            raise DataError(f"cannot save the download as {dest}: {e.strerror}") from None
+            raise DataError(f"cannot save the download as {dest}: {os_reason(e)}") from None
         fsync_dir(directory)
     finally:
         with contextlib.suppress(OSError):

@@ -18,19 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import BatchSampler
+from .batches import BatchSampler
 from .distributed import DistEnv, all_reduce_sum
 from .errors import DataError
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+from .lm import eval_mode
 
 
 @torch.no_grad()

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config
+from .errors import ConfigError
+from .lm import build_model
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, FLOP/s.
 PEAK_FLOPS: dict[str, float] = {
@@ -70,21 +72,19 @@ class Estimate:
 
 def estimate(cfg: Config, world_size: int = 1) -> Estimate:
     """Parameters counted on the real model (built on the meta device, so free)."""
-    from .model import build_model
-
     m, tc = cfg.model, cfg.train
     with torch.device("meta"):
         model = build_model(m)
     params = model.num_params()
     matmul = sum(mod.weight.numel() for mod in model.modules()
                  if isinstance(mod, torch.nn.Linear))
-    if m.arch == "gpt":
-        attention = 12 * m.n_layer * m.n_embd * m.block_size
-    else:
-        attention = 0
+    # Attention's scores and weighted sums, and the per-layer activations, exist only in a
+    # Transformer; a model without attention (the bigram) has neither.
+    transformer = model.capabilities().attention
+    attention = 12 * m.n_layer * m.n_embd * m.block_size if transformer else 0
     flops_per_token = 6 * matmul + attention
     B, T = tc.batch_size, m.block_size
-    per_layer = 34 * T * B * m.n_embd if m.arch == "gpt" else 0
+    per_layer = 34 * T * B * m.n_embd if transformer else 0
     logits = 3 * B * T * m.vocab_size * 4  # float32 logits, softmax and gradient
     return Estimate(
         params=params,
@@ -94,7 +94,7 @@ def estimate(cfg: Config, world_size: int = 1) -> Estimate:
         weights_bytes=4 * params,
         grads_bytes=4 * params,
         optimizer_bytes=8 * params,  # AdamW's two float32 moments
-        activation_bytes=m.n_layer * per_layer + logits if m.arch == "gpt" else logits,
+        activation_bytes=m.n_layer * per_layer + logits,
     )
 
 
@@ -106,6 +106,35 @@ def mfu(flops_per_token: float, tokens_per_second: float, device: torch.device) 
     if key is None:
         return None
     return flops_per_token * tokens_per_second / PEAK_FLOPS[key]
+
+
+def report(cfg: Config, *, gpu: str, gpus: int, mfu: float, corpus_chars: int) -> str:
+    """The `chargpt estimate` text: size, FLOPs, memory and time on `gpus` x `gpu` at `mfu`."""
+    if gpu not in PEAK_FLOPS:
+        raise ConfigError(f"unknown GPU {gpu!r} (known: {', '.join(PEAK_FLOPS)})")
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
+    e = estimate(cfg, world_size=gpus)
+    m, tc = cfg.model, cfg.train
+    seconds_per_step = e.flops_per_step / (PEAK_FLOPS[gpu] * mfu * gpus)
+    epoch_steps = corpus_chars / e.tokens_per_step
+    return "\n".join([
+        f"model          {m.arch}, {m.n_layer} layers, {m.n_head} heads, {m.n_embd} embd, "
+        f"block {m.block_size}, vocab {m.vocab_size}",
+        f"parameters     {e.params:,} ({e.params / 1e6:.2f} M)",
+        f"FLOPs/token    {e.flops_per_token / 1e6:,.1f} M (training: forward + backward)",
+        f"tokens/step    {e.tokens_per_step:,} (batch {tc.batch_size} x block "
+        f"{m.block_size} x accumulation {tc.grad_accum} x {gpus} GPU(s))",
+        f"memory/GPU     weights {human_bytes(e.weights_bytes)}, gradients "
+        f"{human_bytes(e.grads_bytes)}, AdamW state {human_bytes(e.optimizer_bytes)}, "
+        f"activations ~{human_bytes(e.activation_bytes)} (16-bit autocast); "
+        f"total ~{human_bytes(e.total_bytes)}",
+        f"on {gpus} x {gpu} at {mfu:.0%} MFU: {human_seconds(seconds_per_step)}/step, "
+        f"{tc.max_steps:,} steps in {human_seconds(seconds_per_step * tc.max_steps)}, "
+        f"one epoch of {corpus_chars:,} characters = {epoch_steps:,.0f} steps in "
+        f"{human_seconds(seconds_per_step * epoch_steps)}",
+        "(estimates from FLOP counts and vendor peak figures, not measurements)",
+    ])
 
 
 def human_bytes(n: float) -> str:

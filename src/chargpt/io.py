@@ -1,20 +1,38 @@
-"""Small file-system helpers shared by the package: atomic writes.
+"""The file system, in one place: atomic writes, fsync, and file errors turned into user errors.
 
-A file written with `atomic_write_bytes` or `atomic_write_text` is either the complete new
-content or the previous one, never a torn mix: the data goes to a temporary file in the same
-directory (same file system, so the final rename is atomic), is flushed and fsynced, and is then
-moved over the target with `os.replace`. The helpers raise plain `OSError`; callers turn that
-into a user-facing error with their own context.
+A file written with `atomic_write` (or `atomic_write_bytes` / `atomic_write_text`) is either
+the complete new content or the previous one, never a torn mix: the data goes to a temporary
+file in the same directory (same file system, so the final rename is atomic), is flushed and
+fsynced, and is then moved over the target with `os.replace`. The writers raise plain
+`OSError`. Readers that face a user's file call `read_bytes`, or `read_error` in their own
+`except OSError`, so every missing, unreadable or mistaken path is reported in the same words as
+one `ChargptError` line; `os_reason` is the one-line reason of any OSError.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "fsync_dir", "temp_path_for"]
+from .errors import ChargptError, DataError
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "fsync_dir",
+    "fsync_file",
+    "os_reason",
+    "read_bytes",
+    "read_error",
+    "sha256_file",
+    "temp_path_for",
+]
 
 
 def temp_path_for(path: str | os.PathLike[str], tag: str = "tmp") -> Path:
@@ -33,8 +51,23 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
             os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replace `path` with `data` so that readers only ever see the old or the new file."""
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a file that was written and closed elsewhere to the disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
+    """Replace `path` with what `write(f)` writes to a fresh binary file, atomically."""
     path = Path(path)
     tmp = temp_path_for(path)
     # os.open with 0o666 lets the umask decide the permissions, as a plain open() would;
@@ -42,7 +75,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -53,6 +86,41 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace `path` with `data` so that readers only ever see the old or the new file."""
+    atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
     """Like `atomic_write_bytes` for text; newlines are written as given (no translation)."""
     atomic_write_bytes(path, text.encode(encoding))
+
+
+def os_reason(e: OSError) -> str:
+    """An OSError's reason as one line: "No space left on device", not "[Errno 28] ...: path"."""
+    return e.strerror or " ".join(str(e).split()) or type(e).__name__
+
+
+def read_error(
+    path: str | os.PathLike[str],
+    e: OSError,
+    *,
+    what: str = "file",
+    error: type[ChargptError] = DataError,
+) -> ChargptError:
+    """The user error for a `what` at `path` that could not be read because of `e`."""
+    if isinstance(e, FileNotFoundError):
+        return error(f"{what} not found: {path}")
+    if isinstance(e, IsADirectoryError):
+        return error(f"{path} is a directory, not a {what}")
+    return error(f"cannot read {path}: {os_reason(e)}")
+
+
+def read_bytes(
+    path: str | os.PathLike[str], *, what: str = "file", error: type[ChargptError] = DataError
+) -> bytes:
+    """The whole content of a user's file, or one `error` line saying why it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise read_error(path, e, what=what, error=error) from None

@@ -266,8 +266,8 @@ def run_step(
     eval_batch_size: int = 256,
 ) -> StepResult:
     """Train one step in `out/<name>`, then score both whole splits and draw a sample."""
+    from .launch import new_trainer
     from .run import load_run
-    from .trainer import Trainer
 
     result = StepResult(step.name, step.idea, count_params(step, vocab_size), note=step.note)
     if step.needs_cuda and not _cuda_available():
@@ -275,7 +275,7 @@ def run_step(
         return result
     cfg = step_config(step, max_steps=max_steps, seconds=seconds, batch_size=batch_size,
                       seed=seed, out_dir=out / step.name, data_dir=data_dir, evals=evals)
-    trainer = Trainer.new(cfg, quiet=True)
+    trainer = new_trainer(cfg, quiet=True)
     trained = trainer.run(time_limit=seconds)
     if trained.interrupted_by is not None:
         # Ctrl-C or SIGTERM: the trainer saved last/; report the rung as unfinished and stop.
@@ -316,8 +316,9 @@ def run_ladder(
     The report (ladder.md, ladder.csv, ladder.json, ladder.png, samples.md) is rewritten after
     every step, so an interrupted ladder still leaves the rungs it finished.
     """
-    from .data import load_prepared, prepare
     from .datasets import fetch
+    from .preparation import prepare
+    from .prepared import load_prepared
 
     if (max_steps is None) == (seconds is None):
         raise ConfigError("give the ladder a budget of either max_steps or seconds")
@@ -406,7 +407,7 @@ def write_report(
     source: str,
 ) -> None:
     from .plots import plot_ladder_curves
-    from .trainer import read_metrics
+    from .rundir import RunDir
 
     out.mkdir(parents=True, exist_ok=True)
     header = (f"Each step trained for {budget} at batch {batch_size}, seed {seed}, on {source}. "
@@ -423,6 +424,6 @@ def write_report(
         body = f"```\n{r.sample.strip(chr(10))}\n```" if r.ran else f"({r.status})"
         samples.append(f"### {r.name}\n\n{body}\n")
     (out / "samples.md").write_text("\n".join(samples), encoding="utf-8")
-    curves = {r.name: read_metrics(r.run_dir) for r in results if r.run_dir}
+    curves = {r.name: RunDir(Path(r.run_dir)).read_metrics() for r in results if r.run_dir}
     plot_ladder_curves(curves, out / "ladder.png",
                        title=f"val loss per ladder step ({budget}, batch {batch_size})")

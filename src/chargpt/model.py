@@ -1,4 +1,4 @@
-"""The decoder-only Transformer (GPT) and the factory that builds any chargpt model.
+"""The decoder-only Transformer (GPT), chargpt's main model (the factory is in lm.py).
 
 `GPT` follows GPT-2's layout and parameter names (`transformer.wte`, `transformer.h.0.attn.c_attn`,
 `lm_head`, ...) so its checkpoints read like nanoGPT's. Every part the lecture discusses can be
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bigram import BigramLM
 from .config import ModelConfig
-from .errors import ConfigError
+from .lm import Capabilities, language_model_loss
+from .lm import build_model as build_model  # re-exported: `from chargpt.model import ...`
 
 if TYPE_CHECKING:
     from .sampling import KVCache
@@ -64,12 +64,6 @@ def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm_type == "rmsnorm":
         return nn.RMSNorm(config.n_embd)
     return nn.LayerNorm(config.n_embd, bias=config.bias)
-
-
-def language_model_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy over every position of every sequence."""
-    # float32 keeps the log-softmax accurate when the logits come out of bf16 autocast
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
 
 
 class CausalSelfAttention(nn.Module):
@@ -240,8 +234,6 @@ class GPT(nn.Module):
     positions a full rolling cache takes one more token at a time, replacing its oldest entry.
     """
 
-    supports_kv_cache = True
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -346,9 +338,13 @@ class GPT(nn.Module):
 
     # --- single-token decoding ----------------------------------------------------------------
 
-    def supports_fast_decode(self) -> bool:
-        """Whether `decode_step` handles this configuration (pre-norm or no norm, residuals)."""
-        return self.config.norm in ("pre", "none") and self.config.residual
+    def capabilities(self) -> Capabilities:
+        """A KV cache (rolling with rotary positions), attention maps, and `decode_step` for
+        pre-norm (or no norm) models with residuals."""
+        cfg = self.config
+        return Capabilities(context=cfg.block_size, kv_cache=True, rolling_cache=self.use_rope,
+                            fast_decode=cfg.norm in ("pre", "none") and cfg.residual,
+                            attention=True)
 
     def decode_step(self, idx: Tensor, kv_cache: KVCache) -> Tensor:
         """Logits (B, vocab_size) of the token after `idx` (B, 1), given the cached context.
@@ -428,16 +424,3 @@ class GPT(nn.Module):
         finally:
             self.train(was_training)
 
-
-def build_model(config: ModelConfig) -> nn.Module:
-    """Build the model `config.arch` names, freshly initialised (vocab_size must be known)."""
-    if config.vocab_size <= 0:
-        raise ConfigError(
-            f"vocab_size must be > 0 to build a model, got {config.vocab_size} "
-            "(it is taken from the prepared data)"
-        )
-    if config.arch == "gpt":
-        return GPT(config)
-    if config.arch == "bigram":
-        return BigramLM(config)
-    raise ConfigError(f"unknown model arch {config.arch!r} (expected gpt or bigram)")

@@ -1,23 +1,29 @@
 """Sampling text from a trained model: the KV cache, next-token sampling and the decode loop.
 
-`generate_tokens` streams new tokens one step (one token per sequence) at a time and `generate`
-collects them behind the prompt. Each step's logits come either from a full forward over the
-recent context (recompute) or from a `KVCache` that holds earlier keys and values so only the
-newest token is run through the model; `generate_tokens` documents exactly which context the
-model sees in each case. `sample_next_token` turns logits into a token with temperature, top-k
-and top-p (nucleus) filtering, drawing from an explicit `torch.Generator` for repeatability.
+`SamplingSettings` holds how to sample (temperature, top-k, top-p, seed, cache), validated
+once. `generate_tokens` streams new tokens one step (one token per sequence) at a time and
+`generate` collects them behind the prompt. Each step's logits come either from a full forward
+over the recent context (recompute) or from a `KVCache` that holds earlier keys and values so
+only the newest token is run through the model; `generate_tokens` documents exactly which
+context the model sees in each case. `sample_next_token` turns logits into a token with
+temperature, top-k and top-p (nucleus) filtering, drawing from an explicit `torch.Generator`
+for repeatability. What a model supports is asked through `model.capabilities()` (lm.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .lm import eval_mode
 
 
 class KVCache:
@@ -79,7 +85,7 @@ class KVCache:
             cfg.block_size,
             device=param.device if device is None else device,
             dtype=param.dtype if dtype is None else dtype,
-            rolling=getattr(cfg, "pos_emb", "learned") == "rope",
+            rolling=model.capabilities().rolling_cache,
         )
 
     @property
@@ -118,13 +124,47 @@ class KVCache:
         self.pos = 0
 
 
-def _check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ConfigError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to pick each next token; checked once, here, whoever builds it (CLI, server, API)."""
+
+    temperature: float = 1.0
+    """0 is greedy (argmax); otherwise the logits are divided by it."""
+    top_k: int | None = None
+    """Keep the k likeliest tokens (ties with the k-th too); None keeps all."""
+    top_p: float | None = None
+    """Keep the smallest set of likeliest tokens reaching this probability; None keeps all."""
+    seed: int | None = None
+    """Seed of the generator `generator()` makes; None draws a fresh random seed."""
+    use_cache: bool = True
+    """Decode with a KV cache (see `generate_tokens`) rather than recomputing the context."""
+
+    def __post_init__(self) -> None:
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if not (isinstance(t, int | float) and math.isfinite(t) and t >= 0):
+            raise ConfigError(f"temperature must be >= 0, got {t}")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ConfigError(f"top_k must be an integer >= 1, got {k!r}")
+        if p is not None and not (0.0 < p <= 1.0):
+            raise ConfigError(f"top_p must be in (0, 1], got {p}")
+
+    @classmethod
+    def of(cls, settings: SamplingSettings | None, **options: Any) -> SamplingSettings:
+        """`settings`, or settings from keyword options; never both."""
+        if settings is None:
+            return cls(**options)
+        if options:
+            raise TypeError(f"give either settings or {', '.join(options)}, not both")
+        return settings
+
+    def generator(self, device: torch.device | str) -> torch.Generator:
+        """A generator on `device` seeded with `seed` (or a fresh random seed)."""
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+        return g
+
+    def with_seed(self, seed: int | None) -> SamplingSettings:
+        return replace(self, seed=seed)
 
 
 def sample_next_token(
@@ -142,32 +182,25 @@ def sample_next_token(
     may be combined, top_k first. `generator` (None = torch's global one) makes draws
     repeatable; it must live on the logits' device.
     """
-    _check_sampling_args(temperature, top_k, top_p)
-    return _sample(logits, generator, temperature, top_k, top_p)
+    return _sample(logits, generator, SamplingSettings(temperature, top_k, top_p))
 
 
-def _sample(
-    logits: Tensor,
-    generator: torch.Generator | None,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-) -> Tensor:
-    """`sample_next_token` without the argument checks, for the decode loop."""
-    if temperature == 0:
+def _sample(logits: Tensor, generator: torch.Generator | None, s: SamplingSettings) -> Tensor:
+    """`sample_next_token` with settings checked already, for the decode loop."""
+    if s.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+    if s.temperature != 1.0:
+        logits = logits / s.temperature
+    if s.top_k is not None and s.top_k < logits.size(-1):
+        kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+    if s.top_p is not None and s.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
         probs = F.softmax(sorted_logits, dim=-1)
         # A token is dropped when the tokens ranked above it already reach top_p; the first
         # token has nothing above it, so at least one always survives.
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = (probs.cumsum(dim=-1) - probs) >= s.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     probs = F.softmax(logits, dim=-1)
@@ -178,14 +211,16 @@ def generate_tokens(
     model: nn.Module,
     idx: Tensor,
     max_new_tokens: int,
+    settings: SamplingSettings | None = None,
     *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
     generator: torch.Generator | None = None,
-    use_cache: bool = True,
+    **options: Any,
 ) -> Iterator[Tensor]:
     """Yield `max_new_tokens` new tokens, each a (B,) tensor, as soon as it is sampled.
+
+    How to sample is `settings`, or the same fields as keywords (`temperature=`, `top_k=`,
+    `top_p=`, `use_cache=`). Draws come from `generator`, else from a generator seeded with
+    the settings' seed, else from torch's global generator.
 
     `idx` (B, T0) is the prompt, T0 >= 1; only its last `block_size` tokens are used. What the
     model sees when predicting each token:
@@ -205,7 +240,8 @@ def generate_tokens(
       Tokens are identical to the recompute path while prompt + new tokens fit in
       `block_size`; beyond that the model sees between `block_size // 2` and `block_size`
       characters of context instead of exactly `block_size`, for far less compute.
-    * `use_cache=True` with the bigram model: only the last token is fed (its whole context).
+    * `use_cache=True` with a model that has no cache (the bigram): only the tokens its
+      context covers are fed (for the bigram, the last one: its whole context).
 
     Tokens are computed a few at a time (1, 2, 4, ... up to 32) under one inference-mode
     block, then yielded one by one, so the per-token cost stays low while the first token
@@ -213,7 +249,7 @@ def generate_tokens(
     training mode is restored when the iterator is exhausted or closed. Arguments are checked
     here, before the first token is drawn (`ConfigError`).
     """
-    _check_sampling_args(temperature, top_k, top_p)
+    settings = SamplingSettings.of(settings, **options)
     if idx.dim() != 2:
         shape = tuple(idx.shape)
         raise ConfigError(f"the prompt must be a (batch, time) tensor, got shape {shape}")
@@ -221,27 +257,23 @@ def generate_tokens(
         raise ConfigError("the prompt is empty; give at least one character to start from")
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    return _decode(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
+    if generator is None and settings.seed is not None:
+        generator = settings.generator(idx.device)
+    return _decode(model, idx, max_new_tokens, settings, generator)
 
 
 MAX_CHUNK = 32  # most tokens computed before the first of them is yielded
 
 
-def _decode(
-    model: nn.Module,
-    idx: Tensor,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator | None,
-    use_cache: bool,
-) -> Iterator[Tensor]:
-    was_training = model.training
-    model.eval()
-    try:
-        seq, n0 = _start(model, idx, max_new_tokens, use_cache)
-        step = _stepper(model, seq, n0, temperature, top_k, top_p, generator, use_cache)
+def _decode(model: nn.Module, idx: Tensor, max_new_tokens: int, settings: SamplingSettings,
+            generator: torch.Generator | None) -> Iterator[Tensor]:
+    with eval_mode(model):
+        # One buffer (B, prompt + new) for the whole text, so every context is a view.
+        prompt = idx[:, -model.config.block_size :]
+        n0 = prompt.size(1)
+        seq = torch.empty(idx.size(0), n0 + max_new_tokens, dtype=torch.long, device=idx.device)
+        seq[:, :n0] = prompt
+        step = _stepper(model, seq, n0, settings, generator)
         n, chunk = n0, 1
         while n < n0 + max_new_tokens:
             end = min(n + chunk, n0 + max_new_tokens)
@@ -252,50 +284,30 @@ def _decode(
             for t in range(n, end):
                 yield seq[:, t].clone()  # a normal tensor, usable outside inference mode
             n, chunk = end, min(2 * chunk, MAX_CHUNK)
-    finally:
-        model.train(was_training)
 
 
-def _start(model: nn.Module, idx: Tensor, max_new_tokens: int, use_cache: bool):
-    """One buffer (B, prompt + new) for the whole text, so every context is a view."""
-    prompt = idx[:, -model.config.block_size :]
-    n = prompt.size(1)
-    seq = torch.empty(idx.size(0), n + max_new_tokens, dtype=torch.long, device=idx.device)
-    seq[:, :n] = prompt
-    return seq, n
-
-
-def _stepper(
-    model: nn.Module,
-    seq: Tensor,
-    n0: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator | None,
-    use_cache: bool,
-):
+def _stepper(model: nn.Module, seq: Tensor, n0: int, settings: SamplingSettings,
+             generator: torch.Generator | None) -> Callable[[int], None]:
     """A function step(t) that samples seq[:, t] from seq[:, :t]; one per decode strategy."""
     block_size = model.config.block_size
-    is_bigram = model.config.arch == "bigram"
+    caps = model.capabilities()
 
     def emit(t: int, logits: Tensor) -> None:
         """Sample seq[:, t] from next-token logits (B, V)."""
-        seq[:, t : t + 1] = _sample(logits, generator, temperature, top_k, top_p)
+        seq[:, t : t + 1] = _sample(logits, generator, settings)
 
-    if not use_cache:
+    if not settings.use_cache:
         def recompute(t: int) -> None:
             emit(t, model(seq[:, max(0, t - block_size) : t])[0][:, -1])
         return recompute
-    if is_bigram:
-        def last_token(t: int) -> None:
-            emit(t, model(seq[:, t - 1 : t])[0][:, -1])
-        return last_token
+    if not caps.kv_cache:
+        def context_only(t: int) -> None:
+            emit(t, model(seq[:, max(0, t - caps.context) : t])[0][:, -1])
+        return context_only
 
     with torch.inference_mode():
         cache = KVCache.for_model(model, seq.size(0))
     keep = max(1, block_size // 2)  # tokens kept when a full, non-rolling cache is refilled
-    fast = getattr(model, "supports_fast_decode", lambda: False)()
 
     def cached(t: int) -> None:
         if t == n0:
@@ -303,7 +315,7 @@ def _stepper(
         elif cache.pos == block_size and not cache.rolling:
             cache.reset()
             emit(t, model(seq[:, t - keep : t], kv_cache=cache)[0][:, -1])
-        elif fast:
+        elif caps.fast_decode:
             emit(t, model.decode_step(seq[:, t - 1 : t], cache))
         else:
             emit(t, model(seq[:, t - 1 : t], kv_cache=cache)[0][:, -1])
@@ -314,26 +326,16 @@ def generate(
     model: nn.Module,
     idx: Tensor,
     max_new_tokens: int,
+    settings: SamplingSettings | None = None,
     *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
     generator: torch.Generator | None = None,
-    use_cache: bool = True,
+    **options: Any,
 ) -> Tensor:
-    """The prompt `idx` (B, T0), uncropped, followed by `max_new_tokens` sampled tokens."""
-    new = list(
-        generate_tokens(
-            model,
-            idx,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=generator,
-            use_cache=use_cache,
-        )
-    )
+    """The prompt `idx` (B, T0), uncropped, followed by `max_new_tokens` sampled tokens.
+
+    Takes the same arguments as `generate_tokens`."""
+    new = list(generate_tokens(model, idx, max_new_tokens, settings, generator=generator,
+                               **options))
     if not new:
         return idx.clone()
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1)

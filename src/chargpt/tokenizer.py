@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, DataError, VocabError
-from .io import atomic_write_text
+from .errors import ChargptError, ConfigError, DataError, VocabError
+from .io import atomic_write_text, read_bytes
 
-__all__ = ["CharTokenizer", "UNKNOWN_POLICIES", "unknown_chars_message"]
+__all__ = ["CharTokenizer", "UNKNOWN_POLICIES", "check_same_vocab", "unknown_chars_message"]
 
 VOCAB_FORMAT = "chargpt-vocab"
 VOCAB_VERSION = 1
@@ -293,16 +293,32 @@ class CharTokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CharTokenizer:
         path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise DataError(f"vocabulary file not found: {path}") from None
-        except IsADirectoryError:
-            raise DataError(f"vocabulary file {path} is a directory") from None
-        except OSError as e:
-            raise DataError(f"cannot read vocabulary file {path}: {e.strerror}") from None
+        raw = read_bytes(path, what="vocabulary file")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise DataError(f"{path} is not valid UTF-8 (byte offset {e.start})") from None
         return cls.from_json(text, source=str(path))
+
+
+def check_same_vocab(
+    ours: CharTokenizer,
+    theirs: CharTokenizer | int,
+    *,
+    what: str,
+    error: type[ChargptError] = VocabError,
+) -> None:
+    """The one vocabulary-compatibility rule: ids mean the same characters on both sides.
+
+    That holds only for the same characters in the same order (equal fingerprints). Where the
+    other side records only a size (a model config's vocab_size), the sizes must match.
+    `what` names the pair in the error, e.g. "runs/x/last and its data".
+    """
+    if isinstance(theirs, int):
+        if ours.vocab_size != theirs:
+            raise error(f"{what} do not match: a vocabulary of {ours.vocab_size} characters "
+                        f"for a model that expects {theirs}")
+    elif ours != theirs:
+        raise error(f"{what} use different vocabularies ({ours.vocab_size} and "
+                    f"{theirs.vocab_size} characters, fingerprints {ours.fingerprint()[:12]} "
+                    f"and {theirs.fingerprint()[:12]})")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from ..errors import ChargptError
 
 if TYPE_CHECKING:
-    from .app import Limits
+    from .api import Limits
 
 INSTALL_HINT = "chargpt serve needs the serve extra: pip install 'chargpt[serve]'"
 REQUIRED = ("starlette", "uvicorn")
@@ -60,7 +60,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     import uvicorn
 
     from ..run import load_run
-    from .app import Limits, create_app, model_name
+    from .api import Limits
+    from .app import create_app, model_name
 
     limits = limits or Limits()
     if not 0 <= port <= 65535:

@@ -1,0 +1,400 @@
+"""`prepare`: turn a UTF-8 corpus of any size into a prepared-data directory, in named stages.
+
+    plan -> scan (pass 1) -> choose the vocabulary -> split -> encode (pass 2) -> publish
+
+`_plan` checks the arguments and resolves the sources; `_scan` reads every file once to check
+it is UTF-8 text, hash it and collect the characters that occur; `_choose_vocabulary` builds
+(or checks) the vocabulary; `_split_sizes` fixes where validation starts; `_encode` reads the
+files again and writes the token ids straight into `train.npy` and `val.npy`; `_publish` writes
+`vocab.json` and then `meta.json` (which marks the directory complete) and swaps the new
+directory in. Memory stays bounded whatever the corpus size: text is read in fixed-size pieces,
+hashing and writing overlap with reading on one helper thread, and everything is built in a
+hidden sibling directory, so a crash never leaves a half-written one that looks usable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from .errors import ConfigError, DataError, VocabError
+from .io import atomic_write_text, fsync_dir, os_reason, read_error
+from .prepared import (
+    DATA_FORMAT,
+    DATA_VERSION,
+    META_FILE,
+    TRAIN_FILE,
+    VAL_FILE,
+    VOCAB_FILE,
+)
+from .progress import progress_bar
+from .sources import resolve_sources
+from .textfiles import Source, iter_codepoints
+from .tokenizer import N_CODEPOINTS, CharTokenizer, unknown_chars_message
+
+__all__ = ["prepare", "split_sizes"]
+
+
+def split_sizes(total: int, val_fraction: float) -> tuple[int, int]:
+    """(n_train, n_val): train is floor(total * (1 - val_fraction)), as in `int(0.9 * n)`."""
+    # Decimal of the shortest repr is the fraction the user wrote, so 0.9 * 10 is 9, not the
+    # 8 that binary floating point would give.
+    n_train = int((1 - Decimal(repr(float(val_fraction)))) * total)
+    return n_train, total - n_train
+
+
+# --- the helpers the stages use -----------------------------------------------------------------
+
+
+class _SplitWriter:
+    """Writes one stream of ids into train.npy then val.npy, switching at n_train."""
+
+    def __init__(self, out: Path, n_train: int, n_val: int, dtype: np.dtype) -> None:
+        self._files: list[tuple[BinaryIO, int]] = []
+        for name, n in ((TRAIN_FILE, n_train), (VAL_FILE, n_val)):
+            path = out / name
+            # open_memmap writes a proper .npy header and sizes the file; the data itself goes
+            # through ordinary writes because pages written through a mapping stay resident
+            # and would make the process's memory grow with the corpus.
+            mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n,))
+            offset = mm.offset
+            del mm
+            f = open(path, "r+b")  # noqa: SIM115 - closed in close()
+            f.seek(offset)
+            self._files.append((f, n))
+        self._index = 0
+        self._left = n_train
+        self.written = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        while ids.size:
+            if self._left == 0:
+                self._index += 1
+                if self._index >= len(self._files):
+                    raise DataError("the input grew while it was being prepared; run it again")
+                self._left = self._files[self._index][1]
+            n = min(self._left, ids.size)
+            self._files[self._index][0].write(memoryview(np.ascontiguousarray(ids[:n])))
+            self._left -= n
+            self.written += n
+            ids = ids[n:]
+
+    def close(self, sync: bool) -> None:
+        for f, _ in self._files:
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+            f.close()
+        self._files = []
+
+
+class _Background:
+    """Runs calls in submission order on one helper thread, with at most `depth` in flight.
+
+    The heavy calls given to it (hashing, file writes) release the GIL, so on a multi-core
+    machine they overlap with the main thread's reading and encoding. Leaving the `with` block
+    waits for everything and re-raises the first error of a call.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chargpt-prepare")
+        self._pending: deque[Future[Any]] = deque()
+        self._depth = depth
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > self._depth:
+            self._pending.popleft().result()
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def __enter__(self) -> _Background:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            if exc_type is None:
+                self.drain()
+            else:
+                # Already failing: drop queued work and do not let a second error from a
+                # call still running hide the first one.
+                for future in self._pending:
+                    future.cancel()
+        finally:
+            self._pending.clear()
+            self._pool.shutdown(wait=True)
+
+
+def _update_hashes(hashes: Sequence[Any], data: bytes) -> None:
+    for h in hashes:
+        h.update(data)
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _looks_prepared(path: Path) -> bool:
+    try:
+        names = {p.name for p in path.iterdir()}
+    except OSError as e:
+        raise read_error(path, e, what="directory") from None
+    return not names or bool(names & {META_FILE, TRAIN_FILE})
+
+
+# --- the stages -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """What to prepare and how: the result of `_plan`, read by every later stage."""
+
+    files: list[Path]
+    out_dir: Path
+    val_fraction: float
+    separator: str
+    chunk_bytes: int
+    progress: bool
+    stats: dict[Path, tuple[int, int]]  # (size, mtime) when planned: a changed file is an error
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for size, _ in self.stats.values())
+
+    @property
+    def joined(self) -> bool:
+        """Whether documents are joined with the separator (more than one, and one is given)."""
+        return len(self.files) > 1 and bool(self.separator)
+
+    @property
+    def separator_codepoints(self) -> np.ndarray:
+        return np.array([ord(c) for c in self.separator], dtype=np.uint32)
+
+    def pieces(self, path: Path) -> Iterator[tuple[bytes, np.ndarray]]:
+        return iter_codepoints(path, self.chunk_bytes)
+
+
+@dataclass
+class _Scan:
+    """What pass 1 learned about the corpus."""
+
+    seen: np.ndarray  # (N_CODEPOINTS,) bool: which characters occur
+    sources: list[dict[str, Any]]  # per file: absolute path, bytes, sha256
+    total_chars: int  # including separators
+    sha256: str  # of the whole corpus
+
+
+def _plan(source: Source | Sequence[Source], out_dir: Source, val_fraction: float,
+          separator: str, chunk_bytes: int, progress: bool) -> _Job:
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if not isinstance(separator, str):
+        raise ConfigError(f"separator must be a string, got {separator!r}")
+    if chunk_bytes < 1:
+        raise ConfigError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    files = resolve_sources(source)
+    out = Path(out_dir).expanduser()
+    if out.exists() and not (out.is_dir() and _looks_prepared(out)):
+        raise DataError(
+            f"{out} exists and is not a prepared data directory; refusing to replace it "
+            "(choose another output directory)"
+        )
+    return _Job(files, out, val_fraction, separator, chunk_bytes, progress,
+                stats={p: _stat_key(p) for p in files})
+
+
+def _scan_file(job: _Job, path: Path, hashes: list[Any], seen: np.ndarray, bar: Any,
+               bg: _Background) -> tuple[int, int]:
+    """Check one file, feed its bytes to `hashes` and mark its characters: (bytes, chars)."""
+    seen_ascii = bytes(np.flatnonzero(seen[:128]).astype(np.uint8))
+    n_bytes = n_chars = 0
+    for raw, cps in job.pieces(path):
+        bg.submit(_update_hashes, hashes, raw)
+        n_bytes += len(raw)
+        n_chars += cps.size
+        if cps.dtype == np.uint8:
+            # Deleting already-seen bytes is ~10x faster than counting them and leaves
+            # nothing at all once the vocabulary is known.
+            new = raw.translate(None, seen_ascii)
+            if new:
+                seen[np.frombuffer(new, dtype=np.uint8)] = True
+                seen_ascii = bytes(np.flatnonzero(seen[:128]).astype(np.uint8))
+        else:
+            seen[cps] = True
+            seen_ascii = bytes(np.flatnonzero(seen[:128]).astype(np.uint8))
+        bar.update(len(raw))
+    if n_chars == 0:
+        raise DataError(f"{path} is empty" if n_bytes == 0 else f"{path} contains no text")
+    bg.drain()
+    return n_bytes, n_chars
+
+
+def _scan(job: _Job) -> _Scan:
+    """Pass 1: check every file is UTF-8 text, hash it and find which characters occur."""
+    seen = np.zeros(N_CODEPOINTS, dtype=bool)
+    total_hash = hashlib.sha256()
+    sources: list[dict[str, Any]] = []
+    total_chars = 0
+    with progress_bar(job.total_bytes, "reading", enabled=job.progress) as bar, \
+            _Background() as bg:
+        for path in job.files:
+            file_hash = hashlib.sha256()
+            # With one file its hash is the total hash; don't compute it twice.
+            hashes = [file_hash] if len(job.files) == 1 else [file_hash, total_hash]
+            n_bytes, n_chars = _scan_file(job, path, hashes, seen, bar, bg)
+            total_chars += n_chars
+            sources.append({"path": os.path.abspath(path), "bytes": n_bytes,
+                            "sha256": file_hash.hexdigest()})
+    if job.joined:
+        seen[job.separator_codepoints] = True
+        total_chars += len(job.separator) * (len(job.files) - 1)
+    sha = sources[0]["sha256"] if len(job.files) == 1 else total_hash.hexdigest()
+    return _Scan(seen, sources, total_chars, sha)
+
+
+def _choose_vocabulary(job: _Job, scan: _Scan, vocab: CharTokenizer | None) -> CharTokenizer:
+    """Every character that occurs, in code point order; or `vocab`, if it has them all."""
+    occurring = np.flatnonzero(scan.seen)
+    if vocab is None:
+        return CharTokenizer.from_codepoints(occurring.tolist())
+    missing = occurring[vocab.lookup_table()[occurring] < 0]
+    if missing.size:
+        what = str(job.files[0]) if len(job.files) == 1 else "the corpus"
+        chars = [chr(c) for c in missing.tolist()]
+        raise VocabError(unknown_chars_message(what, chars, hint=None))
+    return vocab
+
+
+def _split(job: _Job, total: int) -> tuple[int, int]:
+    n_train, n_val = split_sizes(total, job.val_fraction)
+    if n_train < 1 or n_val < 1:
+        raise DataError(
+            f"the corpus has only {total} characters, too few to split with val_fraction "
+            f"{job.val_fraction} ({n_train} train, {n_val} val)"
+        )
+    return n_train, n_val
+
+
+def _encode(job: _Job, tokenizer: CharTokenizer, into: Path, n_train: int, n_val: int) -> None:
+    """Pass 2: encode every file into the token files of `into`."""
+    writer = _SplitWriter(into, n_train, n_val, tokenizer.id_dtype)
+    try:
+        sep_ids = tokenizer.encode_array(job.separator_codepoints) if job.joined else None
+        # Writing happens on a helper thread, overlapping the kernel's copy into the page
+        # cache with reading and encoding the next piece.
+        with progress_bar(job.total_bytes, "encoding", enabled=job.progress) as bar, \
+                _Background() as bg:
+            for i, path in enumerate(job.files):
+                if i and sep_ids is not None:
+                    bg.submit(writer.write, sep_ids)
+                for raw, cps in job.pieces(path):
+                    bg.submit(writer.write, tokenizer.encode_array(cps, what=str(path)))
+                    bar.update(len(raw))
+                if _stat_key(path) != job.stats[path]:
+                    raise DataError(f"{path} changed while it was being prepared; run again")
+        if writer.written != n_train + n_val:
+            raise DataError("the input changed while it was being prepared; run it again")
+        writer.close(sync=True)
+    finally:
+        writer.close(sync=False)
+
+
+def _meta(job: _Job, scan: _Scan, tokenizer: CharTokenizer, n_train: int,
+          n_val: int) -> dict[str, Any]:
+    return {
+        "format": DATA_FORMAT,
+        "version": DATA_VERSION,
+        "dtype": tokenizer.id_dtype.name,
+        "vocab_size": tokenizer.vocab_size,
+        "vocab_fingerprint": tokenizer.fingerprint(),
+        "train_tokens": n_train,
+        "val_tokens": n_val,
+        "total_chars": scan.total_chars,
+        "val_fraction": job.val_fraction,
+        "separator": job.separator,
+        "sources": scan.sources,
+        "source_sha256": scan.sha256,
+    }
+
+
+@contextmanager
+def _staging_dir(out_dir: Path) -> Iterator[Path]:
+    """A hidden sibling of `out_dir` to build in; removed whatever happens."""
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left over by an earlier crash of a process with our pid
+        tmp.mkdir()
+    except OSError as e:
+        raise DataError(f"cannot create {tmp}: {os_reason(e)}") from None
+    try:
+        yield tmp
+    except OSError as e:
+        raise DataError(f"cannot write prepared data to {out_dir}: {os_reason(e)}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, out_dir: Path, tokenizer: CharTokenizer, meta: dict[str, Any]) -> None:
+    """Finish the staged directory and swap it in, replacing any previous prepared data."""
+    tokenizer.save(tmp / VOCAB_FILE)
+    # meta.json is what marks a directory as prepared, so it is written last.
+    atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False))
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(out_dir, old)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            os.rename(old, out_dir)  # put the previous data back rather than lose it
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)
+    fsync_dir(out_dir.parent)
+
+
+def prepare(
+    source: Source | Sequence[Source],
+    out_dir: Source,
+    *,
+    val_fraction: float = 0.1,
+    separator: str = "\n\n",
+    chunk_bytes: int = 16 * 2**20,
+    vocab: CharTokenizer | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Tokenize a corpus into a prepared-data directory and return its metadata.
+
+    Documents are joined with `separator`; the vocabulary is every code point that occurs
+    (including the separator's, when there is more than one document) unless a fixed `vocab` is
+    given. The last `val_fraction` of the tokens is the validation split.
+    """
+    job = _plan(source, out_dir, val_fraction, separator, chunk_bytes, progress)
+    scan = _scan(job)
+    tokenizer = _choose_vocabulary(job, scan, vocab)
+    n_train, n_val = _split(job, scan.total_chars)
+    meta = _meta(job, scan, tokenizer, n_train, n_val)
+    with _staging_dir(job.out_dir) as tmp:
+        _encode(job, tokenizer, tmp, n_train, n_val)
+        _publish(tmp, job.out_dir, tokenizer, meta)
+    return meta

@@ -1,0 +1,31 @@
+"""Progress bars: one tqdm setup for every long job (reading, encoding, downloading, training).
+
+A bar is drawn on stderr only when the caller asks for one and stderr is a terminal, so logs,
+pipes and tests see nothing. Byte counts are shown with binary prefixes (KiB, MiB). tqdm is
+imported when a bar is made, so importing chargpt stays cheap.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+__all__ = ["progress_bar", "wanted"]
+
+
+def wanted(enabled: bool) -> bool:
+    """Whether a bar asked for with `enabled` would be drawn (stderr must be a terminal)."""
+    return enabled and sys.stderr.isatty()
+
+
+def progress_bar(total: int, desc: str = "", *, unit: str = "B", enabled: bool = True,
+                 initial: int = 0) -> Any:
+    """A tqdm bar on stderr that disappears when done; a disabled (silent) one unless wanted.
+
+    `unit="B"` counts bytes with binary prefixes; any other unit ("step") counts items.
+    """
+    from tqdm.auto import tqdm
+
+    scale = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
+    return tqdm(total=total, desc=desc or None, unit=unit, initial=initial, file=sys.stderr,
+                disable=not wanted(enabled), leave=False, dynamic_ncols=True, **scale)

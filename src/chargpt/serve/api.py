@@ -1,0 +1,205 @@
+"""What a client may send to `chargpt serve`: the limits, request parsing, and API errors.
+
+Every request body is read under a size cap and checked field by field, so a bad request is a
+400 whose one-line message names the field (`param`), never a server error. A generation
+request becomes a `GenRequest` holding the prompt's token ids and its `SamplingSettings`; the
+`/v1/completions` flavour accepts OpenAI's field names and refuses what chargpt cannot do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from ..errors import ChargptError
+from ..run import Run
+from ..sampling import SamplingSettings
+from ..tokenizer import UNKNOWN_POLICIES, unknown_chars_message
+
+MAX_SEED = 2**63 - 1
+MAX_STOP_STRINGS = 4
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps that keep one client from taking the whole machine (each is a `serve` flag)."""
+
+    max_prompt_chars: int = 4000
+    max_new_tokens: int = 2000
+    max_body_bytes: int = 64 * 1024
+    max_concurrent: int = 2
+    max_queue: int = 16
+    queue_timeout: float = 30.0
+    request_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if name.endswith("_timeout"):
+                if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                    raise ChargptError(f"serve limit {name} must be > 0 seconds, got {value!r}")
+                continue
+            low = 0 if name == "max_queue" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ChargptError(f"serve limit {name} must be an integer >= {low}, "
+                                   f"got {value!r}")
+
+
+class ApiError(Exception):
+    """A request the server refuses; rendered as `{"error": {...}}` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error",
+                 param: str | None = None, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          **self.extra}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# --- request parsing ----------------------------------------------------------------------
+
+
+@dataclass
+class GenRequest:
+    """A validated generation request."""
+
+    prompt: str
+    ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    stream: bool = False
+    stop: list[str] = field(default_factory=list)
+    echo: bool = False
+
+
+async def read_json(request: Request, limits: Limits) -> dict[str, Any]:
+    """The request body as a JSON object, refusing bodies over the size cap before reading."""
+    too_big = ApiError(413, f"request body is larger than {limits.max_body_bytes} bytes",
+                       kind="request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise too_big
+    size, parts = 0, []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:  # a chunked body has no Content-Length to check
+            raise too_big
+        parts.append(chunk)
+    try:
+        body = json.loads(b"".join(parts) or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+def _number(body: dict[str, Any], key: str, default: Any, *, integer: bool = False,
+            low: float | None = None, high: float | None = None, low_open: bool = False,
+            nullable: bool = False) -> Any:
+    value = body.get(key, default)
+    if value is None:
+        if nullable:
+            return None
+        raise ApiError(400, f"{key} must be a number", param=key)
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+        kind = "an integer" if integer else "a number"
+        raise ApiError(400, f"{key} must be {kind}, got {json.dumps(value)}", param=key)
+    if low is not None and (value <= low if low_open else value < low):
+        raise ApiError(400, f"{key} must be {'>' if low_open else '>='} {low}, got {value}",
+                       param=key)
+    if high is not None and value > high:
+        raise ApiError(400, f"{key} must be <= {high}, got {value}", param=key)
+    return value
+
+
+def encode_prompt(run: Run, prompt: Any, limits: Limits, unknown: Any = "error",
+                  max_chars: int | None = None) -> list[int]:
+    """A prompt's token ids; unknown characters are a 400 that names them."""
+    if not isinstance(prompt, str):
+        raise ApiError(400, "prompt must be a string", param="prompt")
+    cap = limits.max_prompt_chars if max_chars is None else max_chars
+    if len(prompt) > cap:
+        raise ApiError(400, f"prompt has {len(prompt)} characters; the limit is {cap}",
+                       param="prompt")
+    if unknown not in UNKNOWN_POLICIES:
+        raise ApiError(400, f"unknown must be one of {', '.join(UNKNOWN_POLICIES)}",
+                       param="unknown")
+    missing = [c for c in dict.fromkeys(prompt) if c not in run.tokenizer]
+    if missing and unknown == "error":
+        hint = 'send "unknown": "skip" or "replace" to drop or replace them'
+        raise ApiError(400, unknown_chars_message("prompt", missing, hint=hint), param="prompt",
+                       kind="unknown_characters", extra={"unknown_chars": missing})
+    try:
+        return run.encode_prompt(prompt, unknown)
+    except ChargptError as e:
+        raise ApiError(400, str(e), param="prompt") from None
+
+
+def parse_generate(run: Run, body: dict[str, Any], limits: Limits, *, openai: bool) -> GenRequest:
+    """Validate a generation request; `openai` selects the /v1/completions field names."""
+    if openai:
+        prompt = body.get("prompt", "")
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ApiError(400, "prompt must be a string or a list of exactly one string",
+                               param="prompt")
+            prompt = prompt[0]
+        if _number(body, "n", 1, integer=True, low=1) != 1:
+            raise ApiError(400, "only n = 1 is supported", param="n")
+        if _number(body, "best_of", 1, integer=True, low=1) != 1:
+            raise ApiError(400, "only best_of = 1 is supported", param="best_of")
+        if body.get("logprobs") is not None:
+            raise ApiError(400, "logprobs are not supported", param="logprobs")
+        tokens_key, default_tokens = "max_tokens", 16  # OpenAI's default
+    else:
+        allowed = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
+                   "stream", "stop", "unknown"}
+        unknown_keys = sorted(set(body) - allowed)
+        if unknown_keys:
+            raise ApiError(400, f"unknown field(s): {', '.join(unknown_keys)}",
+                           param=unknown_keys[0])
+        prompt = body.get("prompt", "")
+        tokens_key, default_tokens = "max_new_tokens", min(200, limits.max_new_tokens)
+    ids = encode_prompt(run, prompt, limits, body.get("unknown", "error"))
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in stop)):
+        raise ApiError(400, f"stop must be a string or a list of up to {MAX_STOP_STRINGS} "
+                       "non-empty strings of at most 64 characters", param="stop")
+    for flag in ("stream", "echo") if openai else ("stream",):
+        if not isinstance(body.get(flag, False), bool):
+            raise ApiError(400, f"{flag} must be true or false", param=flag)
+    sampling = SamplingSettings(
+        temperature=float(_number(body, "temperature", 1.0, low=0, high=100)),
+        top_k=_number(body, "top_k", None, integer=True, low=1, nullable=True),
+        top_p=_number(body, "top_p", None, low=0, low_open=True, high=1, nullable=True),
+        seed=_number(body, "seed", None, integer=True, low=0, high=MAX_SEED, nullable=True),
+    )
+    return GenRequest(
+        prompt=prompt,
+        ids=ids,
+        max_new_tokens=_number(body, tokens_key, default_tokens, integer=True, low=0,
+                               high=limits.max_new_tokens),
+        sampling=sampling,
+        stream=body.get("stream", False),
+        stop=stop,
+        echo=bool(openai and body.get("echo", False)),
+    )
