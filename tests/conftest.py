@@ -1,9 +1,143 @@
-"""Shared fixtures."""
+"""Shared test helpers: the corpus, tiny runs, the CLI in a subprocess, weights and metrics.
 
+Fixtures here are found by pytest; the plain helpers are imported by the test modules
+(`from conftest import corpus_text, tiny_config`), so that a fact such as where Tiny
+Shakespeare lives or what a tiny model is exists once.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from chargpt.cli import main
+from chargpt.config import Config, apply_overrides
+from chargpt.preparation import prepare
+from chargpt.prepared import PreparedData
+from chargpt.rundir import RunDir
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+# A model and budget that train in a second or two; tests override what they need.
+TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16}
+TINY_TRAIN = {"batch_size": 4, "max_steps": 30, "eval_interval": 10, "eval_iters": 2,
+              "log_interval": 5}
+
+
+def corpus_text(n_chars: int, *, fallback: bool = True) -> str:
+    """The first `n_chars` of Tiny Shakespeare. Where it is missing: plain text of the same
+    length (with "ROMEO", for prompts), or a skip for tests that need the real corpus."""
+    if SHAKESPEARE.exists():
+        return SHAKESPEARE.read_text(encoding="utf-8")[:n_chars]
+    if not fallback:
+        pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE}")
+    text = "".join(f"ROMEO {i}: to be or not to be, that is the question.\n"
+                   for i in range(n_chars // 40 + 1))
+    return text[:n_chars]
+
+
+def write_corpus(directory: Path, n_chars: int = 40_000) -> Path:
+    path = directory / "corpus.txt"
+    path.write_text(corpus_text(n_chars), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A 40,000-character corpus file, shared by one test module."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    """Write `content` (text as UTF-8) to `path`, creating its folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    return path
+
+
+@pytest.fixture()
+def prepared(tmp_path: Path) -> Path:
+    """A small prepared-data directory (468 train and 52 val tokens)."""
+    prepare(write(tmp_path / "in.txt", "hello world, hello there! " * 20), tmp_path / "data")
+    return tmp_path / "data"
+
+
+def all_text(d: PreparedData) -> str:
+    """Both splits of prepared data, decoded: the whole corpus."""
+    return d.tokenizer.decode(np.concatenate([d.train, d.val]))
+
+
+def tiny_config(corpus: Path, out: Path, model: dict[str, Any] | None = None,
+                **train: Any) -> Config:
+    """The tiny model training on `corpus` into `out`, without progress bar or sample."""
+    return apply_overrides(Config(), {
+        "model": {**TINY_MODEL, **(model or {})},
+        "data": {"input": str(corpus)},
+        "train": {**TINY_TRAIN, "sample_chars": 0, "progress": False, "out_dir": str(out),
+                  **train},
+    }, "test")
+
+
+def tiny_flags(**values: Any) -> list[str]:
+    """The tiny model and budget as `chargpt train` flags; `values` (field=value) override."""
+    merged = {**TINY_MODEL, **TINY_TRAIN, **values}
+    return [arg for key, value in merged.items()
+            for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+
+# What the served model learns: two speakers, so prompts such as "ROMEO:" and "JULIET" work.
+SERVE_CORPUS = "ROMEO: to be or not to be, that is the question.\nJULIET: ay me!\n" * 400
+
+
+def train_serve_run(root: Path) -> Path:
+    """The tiny model (with a 32-character context) trained for 20 steps on SERVE_CORPUS."""
+    corpus = write(root / "corpus.txt", SERVE_CORPUS)
+    out = root / "run"
+    flags = tiny_flags(block_size=32, max_steps=20, log_interval=10, warmup_steps=2,
+                       sample_chars=0)
+    assert main(["train", "--input", str(corpus), "--out", str(out), *flags]) == 0
+    return out
+
+
+def cli(*args: str, env_extra: dict[str, str] | None = None,
+        stdout: int | None = subprocess.PIPE) -> subprocess.Popen:
+    """`python -m chargpt.cli ARGS` in a subprocess (unbuffered, one thread), text streams."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "chargpt.cli", *args], env=env,
+                            stdout=stdout, stderr=subprocess.PIPE, text=True)
+
+
+def one_line_error(capsys, code: int, expected_code: int = 1) -> str:
+    """The one `chargpt: error: ...` line a failed command printed, checking its exit code."""
+    err = capsys.readouterr().err
+    assert code == expected_code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("chargpt: error: "), err
+    return lines[0]
+
+
+def weights(run_dir: Path, name: str = "last") -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir) / name / "model.safetensors"))
+
+
+def same_weights(a: Path, b: Path, name: str = "last") -> bool:
+    wa, wb = weights(a, name), weights(b, name)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def metrics(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The run's metrics rows, optionally only those of one kind ("train" or "eval")."""
+    rows = RunDir(Path(run_dir)).read_metrics()
+    return rows if kind is None else [r for r in rows if r.get("kind") == kind]
 
 
 @pytest.fixture

@@ -4,16 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import chargpt
+from conftest import corpus_text
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+import chargpt
 
 
 def test_readme_python_api(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    text = SHAKESPEARE.read_text(encoding="utf-8")[:50_000] if SHAKESPEARE.exists() else \
-        "ROMEO: to be or not to be, that is the question.\n" * 1000
-    Path("input.txt").write_text(text, encoding="utf-8")
+    Path("input.txt").write_text(corpus_text(50_000), encoding="utf-8")
 
     meta = chargpt.prepare("input.txt", "data/mytext")
     cfg = chargpt.resolve_config("shakespeare-cpu", overrides={

@@ -7,19 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import corpus_text, one_line_error, tiny_flags
 
-from chargpt.cli import main
+from chargpt.cli import CHECKPOINT_CHOICES, main
+from chargpt.rundir import CHECKPOINTS
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-TINY_FLAGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
-              "--batch-size", "4", "--max-steps", "40", "--eval-interval", "20",
-              "--eval-iters", "2", "--log-interval", "10", "--warmup-steps", "5"]
-
-
-def corpus_text():
-    if SHAKESPEARE.exists():
-        return SHAKESPEARE.read_text(encoding="utf-8")[:30_000]
-    return "ROMEO: to be or not to be, that is the question.\n" * 600
+TINY_FLAGS = tiny_flags(max_steps=40, eval_interval=20, log_interval=10, warmup_steps=5)
 
 
 @pytest.fixture(scope="module")
@@ -27,20 +20,12 @@ def trained(tmp_path_factory):
     """One tiny run shared by the sample/eval tests."""
     root = tmp_path_factory.mktemp("cli")
     corpus = root / "corpus.txt"
-    corpus.write_text(corpus_text(), encoding="utf-8")
+    corpus.write_text(corpus_text(30_000), encoding="utf-8")
     run = root / "run"
     code = main(["train", "--input", str(corpus), "--out", str(run), "--sample-chars", "40",
                  *TINY_FLAGS])
     assert code == 0
     return run
-
-
-def one_line_error(capsys, code, expected_code=1):
-    err = capsys.readouterr().err
-    assert code == expected_code, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("chargpt: error: "), err
-    return lines[0]
 
 
 def test_train_ends_with_a_sample(trained, capsys):
@@ -94,7 +79,7 @@ def test_eval_on_val_and_on_a_file(trained, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "the val split: loss" in out and "bits/char" in out
     text = tmp_path / "t.txt"
-    text.write_text(corpus_text()[:2000], encoding="utf-8")
+    text.write_text(corpus_text(2000), encoding="utf-8")
     assert main(["eval", str(trained), "--input", str(text)]) == 0
     assert "1,999 predictions" in capsys.readouterr().out
 
@@ -203,3 +188,8 @@ def test_presets_command(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "shakespeare-cpu" in out and "(default)" in out
+
+
+def test_checkpoint_flag_offers_the_run_directorys_checkpoints():
+    # The CLI spells the names out so that `chargpt --help` need not import torch.
+    assert CHECKPOINT_CHOICES == CHECKPOINTS

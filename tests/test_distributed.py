@@ -5,26 +5,16 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import metrics, tiny_flags, write_corpus
 from safetensors.torch import load_file
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
-FLAGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
-         "--dropout", "0.0", "--batch-size", "4", "--max-steps", "30", "--eval-interval", "10",
-         "--eval-iters", "4", "--log-interval", "5", "--sample-chars", "0", "--warmup-steps", "5",
-         "--lr", "3e-3", "--min-lr", "3e-4"]
-
-
-def corpus(tmp_path):
-    text = SHAKESPEARE.read_text(encoding="utf-8")[:40_000] if SHAKESPEARE.exists() else \
-        "".join(f"line {i}: to be or not to be, that is the question.\n" for i in range(800))
-    p = tmp_path / "corpus.txt"
-    p.write_text(text, encoding="utf-8")
-    return p
+def flags(max_steps: int = 30) -> list[str]:
+    return tiny_flags(dropout=0.0, max_steps=max_steps, eval_iters=4, sample_chars=0,
+                      warmup_steps=5, lr=3e-3, min_lr=3e-4)
 
 
 def run(cmd, **kw):
@@ -39,30 +29,25 @@ def torchrun(nproc, *args):
                 f"--nproc_per_node={nproc}", "-m", "chargpt.cli", *args])
 
 
-def rows(run_dir, kind):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    data = corpus(tmp)
+    data = write_corpus(tmp)
     single, ddp = tmp / "single", tmp / "ddp"
     run([sys.executable, "-m", "chargpt.cli", "train", "--input", str(data), "--out",
-         str(single), "--grad-accum", "2", *FLAGS])
+         str(single), "--grad-accum", "2", *flags()])
     out = torchrun(2, "train", "--input", str(data), "--out", str(ddp), "--grad-accum", "1",
-                   *FLAGS)
+                   *flags())
     return single, ddp, out
 
 
 def test_two_processes_match_one_with_twice_the_accumulation(runs):
     single, ddp, _ = runs
-    a, b = rows(single, "train"), rows(ddp, "train")
+    a, b = metrics(single, "train"), metrics(ddp, "train")
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(5, 31, 5))
     for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-5)
-    ea, eb = rows(single, "eval"), rows(ddp, "eval")
+    ea, eb = metrics(single, "eval"), metrics(ddp, "eval")
     for ra, rb in zip(ea, eb, strict=True):
         assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-4, abs=1e-5)
     wa = load_file(str(single / "last" / "model.safetensors"))
@@ -85,11 +70,11 @@ def test_only_rank_zero_prints_and_writes(runs):
 
 def test_ddp_resume_is_exact(tmp_path, runs):
     _, ddp_ref, _ = runs
-    data = corpus(tmp_path)
+    data = write_corpus(tmp_path)
     cut = tmp_path / "cut"
     # Stop after 15 steps of the reference's 30-step schedule, then resume to 30.
-    flags = [f if f != "30" else "15" for f in FLAGS] + ["--lr-decay-steps", "30"]
-    torchrun(2, "train", "--input", str(data), "--out", str(cut), "--grad-accum", "1", *flags)
+    torchrun(2, "train", "--input", str(data), "--out", str(cut), "--grad-accum", "1",
+             *flags(max_steps=15), "--lr-decay-steps", "30")
     torchrun(2, "train", "--resume", str(cut), "--max-steps", "30")
     wa = load_file(str(ddp_ref / "last" / "model.safetensors"))
     wb = load_file(str(cut / "last" / "model.safetensors"))

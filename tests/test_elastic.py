@@ -9,14 +9,10 @@ import sys
 import time
 
 import pytest
-from test_reliability import TINY, same_weights, text
+from conftest import same_weights, tiny_flags
 
-
-@pytest.fixture
-def corpus(tmp_path):
-    p = tmp_path / "corpus.txt"
-    p.write_text(text(), encoding="utf-8")
-    return p
+# The tiny model without dropout, evaluated every 20 steps.
+TINY = tiny_flags(dropout=0.0, eval_interval=20, sample_chars=0, warmup_steps=5)
 
 
 def torchrun(*args, env_extra=None, restarts=0, timeout=600):
@@ -45,8 +41,7 @@ def _errors(stderr: str) -> str:
 
 
 def test_elastic_restart_finds_the_last_checkpoint(corpus, tmp_path):
-    flags = ["train", "--input", str(corpus), "--auto-resume", *TINY, "--dropout", "0.0",
-             "--max-steps", "40"]
+    flags = ["train", "--input", str(corpus), "--auto-resume", *TINY, "--max-steps", "40"]
     ref = torchrun(*flags, "--out", str(tmp_path / "ref"))
     assert ref.returncode == 0, _errors(ref.stderr)
     t0 = time.time()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import corpus_text, one_line_error
 
 from chargpt import ladder
 from chargpt.cli import main
@@ -16,32 +17,21 @@ from chargpt.config import ModelConfig
 from chargpt.errors import ConfigError
 from chargpt.plots import attention_label, plot_attention_grid
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # At 300 steps of batch 32 the pre-LN GPT is ~0.35 nats ahead of the bigram on Shakespeare
 # (measured), far more than seed-to-seed noise, while the two steps train in seconds.
 SMALL_BUDGET = ["--max-steps", "300", "--batch-size", "32", "--evals", "3"]
 
 
-def corpus_text() -> str:
-    if SHAKESPEARE.exists():
-        return SHAKESPEARE.read_text(encoding="utf-8")[:300_000]
-    pytest.skip("Tiny Shakespeare is not available")
-
-
-def one_line_error(capsys, code: int, expected_code: int = 1) -> str:
-    err = capsys.readouterr().err
-    assert code == expected_code, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("chargpt: error: "), err
-    return lines[0]
+def shakespeare(n_chars: int) -> str:
+    return corpus_text(n_chars, fallback=False)  # the margins below are Shakespeare's
 
 
 @pytest.fixture(scope="module")
 def ladder_out(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ladder")
     corpus = root / "corpus.txt"
-    corpus.write_text(corpus_text(), encoding="utf-8")
+    corpus.write_text(shakespeare(300_000), encoding="utf-8")
     out = root / "out"
     # Models this small gain nothing from a second thread, and on a busy machine the threads'
     # synchronisation can make each step several times slower.
@@ -151,7 +141,7 @@ def test_every_step_is_a_preset_of_the_same_two_model_classes():
 
 def test_seconds_budget_stops_on_time(tmp_path):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(corpus_text()[:50_000], encoding="utf-8")
+    corpus.write_text(shakespeare(50_000), encoding="utf-8")
     results = ladder.run_ladder(ladder.parse_steps("bigram"), tmp_path / "out", input=corpus,
                                 max_steps=None, seconds=1.5, sample_chars=20,
                                 log=lambda s: None)
@@ -248,7 +238,7 @@ def test_an_interrupted_rung_stops_the_ladder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "run", interrupted_run)
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(corpus_text()[:20_000], encoding="utf-8")
+    corpus.write_text(shakespeare(20_000), encoding="utf-8")
     results = ladder.run_ladder(ladder.parse_steps("bigram,one-head"), tmp_path / "out",
                                 input=corpus, max_steps=50, log=lambda s: None)
     assert [r.name for r in results] == ["bigram"]

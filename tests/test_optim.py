@@ -5,22 +5,19 @@ bit-identical resume and no per-step host sync with Muon on the real training lo
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import metrics, same_weights, tiny_config
 
 from chargpt.checkpoint import split_optimizer_state
-from chargpt.config import Config, ModelConfig, TrainConfig, apply_overrides
+from chargpt.config import Config, ModelConfig, TrainConfig
 from chargpt.errors import ConfigError
 from chargpt.launch import train
 from chargpt.model import build_model
 from chargpt.optim import Muon, lr_at, make_optimizer, orthogonalize
-from chargpt.rundir import RunDir
 
 CPU = torch.device("cpu")
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 # --- Newton-Schulz and the Muon update --------------------------------------------------------
@@ -189,30 +186,15 @@ def test_invalid_optimizer_settings_are_rejected(overrides, message):
 # --- the training loop with Muon --------------------------------------------------------------
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    text = (SHAKESPEARE.read_text(encoding="utf-8")[:40_000] if SHAKESPEARE.exists() else
-            "".join(f"line {i}: to be or not to be, that is the question.\n"
-                    for i in range(800)))
-    p = tmp_path / "corpus.txt"
-    p.write_text(text, encoding="utf-8")
-    return p
-
-
-FAST_TINY = {
-    "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.1,
-              "pos_emb": "rope", "qk_norm": True, "activation": "relu2",
-              "zero_init_proj": True, "norm_type": "rmsnorm"},
-    "train": {"batch_size": 4, "max_steps": 30, "eval_interval": 10, "eval_iters": 2,
-              "log_interval": 5, "sample_chars": 0, "progress": False, "warmup_steps": 5,
-              "lr": 3e-3, "min_lr": 3e-4, "optimizer": "muon", "schedule": "wsd"},
-}
+FAST_MODEL = {"dropout": 0.1, "pos_emb": "rope", "qk_norm": True, "activation": "relu2",
+              "zero_init_proj": True, "norm_type": "rmsnorm"}
 
 
 def fast_config(corpus, out, **train_overrides):
-    cfg = apply_overrides(Config(), FAST_TINY, "test")
-    over = {"data": {"input": str(corpus)}, "train": {"out_dir": str(out), **train_overrides}}
-    return apply_overrides(cfg, over, "test")
+    """The tiny model with the fast recipe's switches, Muon and the WSD schedule."""
+    train = {"warmup_steps": 5, "lr": 3e-3, "min_lr": 3e-4, "optimizer": "muon",
+             "schedule": "wsd", **train_overrides}
+    return tiny_config(corpus, out, model=FAST_MODEL, **train)
 
 
 def test_muon_resume_is_bit_identical(corpus, tmp_path):
@@ -222,13 +204,8 @@ def test_muon_resume_is_bit_identical(corpus, tmp_path):
     assert first.step == 13
     second = train(resume=split, quiet=True)
     assert second.step == 30
-    wa = load_file(str(ref / "last" / "model.safetensors"))
-    wb = load_file(str(split / "last" / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), f"{k} differs"
-    evals = [[(r["step"], r["val_loss"]) for r in RunDir(d).read_metrics()
-              if r["kind"] == "eval"] for d in (ref, split)]
+    assert same_weights(ref, split)
+    evals = [[(r["step"], r["val_loss"]) for r in metrics(d, "eval")] for d in (ref, split)]
     assert evals[0] == evals[1]
     assert evals[0][-1][1] < evals[0][0][1] - 0.5  # and it learns
 

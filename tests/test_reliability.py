@@ -2,66 +2,31 @@
 series (including inside checkpoint writes) and elastic restarts under torchrun."""
 
 import json
-import os
 import pickle
 import random
 import re
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import cli, metrics, same_weights, tiny_config, tiny_flags, weights
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 
 import chargpt.trainer as trainer_mod
 from chargpt.cli import main
-from chargpt.config import Config, ConfigError, ModelConfig, TrainConfig, apply_overrides
+from chargpt.config import ConfigError, ModelConfig, TrainConfig
 from chargpt.launch import train
-from chargpt.model import build_model
+from chargpt.lm import build_model
 from chargpt.optim import make_optimizer
-from chargpt.rundir import RunDir
 from chargpt.trainer import TrainingError
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-
-
-def text() -> str:
-    if SHAKESPEARE.exists():
-        return SHAKESPEARE.read_text(encoding="utf-8")[:40_000]
-    return "".join(f"line {i}: to be or not to be, that is the question.\n" for i in range(800))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    p.write_text(text(), encoding="utf-8")
-    return p
-
-
-TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
-        "--dropout", "0.1", "--batch-size", "4", "--eval-interval", "20", "--eval-iters", "2",
-        "--log-interval", "5", "--sample-chars", "0", "--warmup-steps", "5"]
-
-
-def tiny_cfg(corpus, out, **train):
-    over = {"model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16},
-            "data": {"input": str(corpus)},
-            "train": {"batch_size": 4, "max_steps": 30, "eval_interval": 10, "eval_iters": 2,
-                      "log_interval": 5, "sample_chars": 0, "progress": False,
-                      "out_dir": str(out), **train}}
-    return apply_overrides(Config(), over, "test")
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    wa = load_file(str(a / "last" / "model.safetensors"))
-    wb = load_file(str(b / "last" / "model.safetensors"))
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+# The CLI runs of this module: the tiny model with dropout, evaluated every 20 steps.
+TINY = tiny_flags(dropout=0.1, eval_interval=20, sample_chars=0, warmup_steps=5)
 
 
 # --- non-finite losses ------------------------------------------------------------------------
@@ -93,28 +58,26 @@ def poison_at(monkeypatch, bad_calls):
 def test_nan_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     poison_at(monkeypatch, {13})
     with pytest.raises(TrainingError, match="last good checkpoint"):
-        train(tiny_cfg(corpus, tmp_path / "run"), quiet=True)
+        train(tiny_config(corpus, tmp_path / "run"), quiet=True)
     state = json.loads((tmp_path / "run" / "last" / "state.json").read_text())
     assert state["step"] == 10  # the eval checkpoint before the NaN, not a poisoned one
-    weights = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
-    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path / "run").values())
 
 
 def test_nan_when_interrupted_never_replaces_last(corpus, tmp_path, monkeypatch):
     poison_at(monkeypatch, {12})
     with pytest.raises(TrainingError):
-        train(tiny_cfg(corpus, tmp_path / "run"), stop_at_step=13, quiet=True)
+        train(tiny_config(corpus, tmp_path / "run"), stop_at_step=13, quiet=True)
     assert json.loads((tmp_path / "run" / "last" / "state.json").read_text())["step"] == 10
 
 
 def test_nan_skip_policy_goes_on(corpus, tmp_path, monkeypatch):
     poison_at(monkeypatch, {13, 17})
-    result = train(tiny_cfg(corpus, tmp_path / "run", nonfinite="skip"), quiet=True)
+    result = train(tiny_config(corpus, tmp_path / "run", nonfinite="skip"), quiet=True)
     assert result.step == 30
-    rows = [r for r in RunDir(tmp_path / "run").read_metrics() if r["kind"] == "train"]
+    rows = metrics(tmp_path / "run", "train")
     assert rows[-1]["skipped"] == 2 and all(np.isfinite(r["loss"]) for r in rows)
-    weights = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
-    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path / "run").values())
 
 
 # --- no pickle is ever read -------------------------------------------------------------------
@@ -133,8 +96,8 @@ class Exploit:
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory, corpus):
     run = tmp_path_factory.mktemp("good") / "run"
-    assert main(["train", "--input", str(corpus), "--out", str(run), "--max-steps", "20",
-                 *TINY]) == 0
+    assert main(["train", "--input", str(corpus), "--out", str(run), *TINY,
+                 "--max-steps", "20"]) == 0
     return run
 
 
@@ -231,16 +194,10 @@ def test_valid_configs_train_a_step_and_invalid_ones_say_why(d, seed):
 # --- kill -9 at many points -------------------------------------------------------------------
 
 
-def cli(*args, env_extra=None):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "chargpt.cli", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
 def reference(root: Path, corpus: Path, steps: int) -> Path:
     ref = root / "ref"
     proc = cli("train", "--input", str(corpus), "--out", str(ref), *TINY, "--max-steps",
-               str(steps))
+               str(steps), stdout=subprocess.DEVNULL)
     assert proc.wait(timeout=900) == 0, proc.stderr.read()
     return ref
 
@@ -253,7 +210,7 @@ def kill_series(corpus, ref, run, steps, delays) -> int:
     slow_saves = {"CHARGPT_TEST_SAVE_DELAY": "0.05"}  # kills land inside writes more often
     kills = 0
     for delay in delays:
-        proc = cli(*cmd, env_extra=slow_saves)
+        proc = cli(*cmd, env_extra=slow_saves, stdout=subprocess.DEVNULL)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -262,7 +219,7 @@ def kill_series(corpus, ref, run, steps, delays) -> int:
             kills += 1
         else:
             break  # finished before the kill: later kills have nothing left to hit
-    proc = cli(*cmd)
+    proc = cli(*cmd, stdout=subprocess.DEVNULL)
     assert proc.wait(timeout=900) == 0, proc.stderr.read()
     assert same_weights(ref, run)
     return kills

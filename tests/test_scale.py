@@ -4,10 +4,11 @@ stream shared by DDP ranks, epoch-order sampling, and the GPU code paths run on 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 from chargpt.batches import BatchSampler
 from chargpt.cli import main
-from chargpt.config import Config, apply_overrides, resolve_config
+from chargpt.config import resolve_config
 from chargpt.flops import PEAK_FLOPS, estimate, match_gpu, mfu
 from chargpt.launch import train
 from chargpt.model import build_model
@@ -88,31 +89,30 @@ def test_epoch_order_sees_every_window_once_and_resumes():
 
 
 @pytest.fixture
-def corpus(tmp_path):
+def small_corpus(tmp_path):
     p = tmp_path / "c.txt"
     p.write_text("".join(f"line {i}: to be or not to be.\n" for i in range(600)), "utf-8")
     return p
 
 
 def _cfg(corpus, out, **train_kw):
-    over = {"model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 8},
-            "data": {"input": str(corpus)},
-            "train": {"batch_size": 4, "max_steps": 6, "eval_interval": 3, "eval_iters": 2,
-                      "log_interval": 3, "progress": False, "sample_chars": 0,
-                      "out_dir": str(out), **train_kw}}
-    return apply_overrides(Config(), over, "test")
+    """An even smaller model (one layer, 16 wide, 8 characters) for six steps."""
+    train = {"max_steps": 6, "eval_interval": 3, "log_interval": 3, **train_kw}
+    return tiny_config(corpus, out, model={"n_layer": 1, "n_embd": 16, "block_size": 8},
+                       **train)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_mixed_precision_paths_run_on_cpu(corpus, tmp_path, dtype):
+def test_mixed_precision_paths_run_on_cpu(small_corpus, tmp_path, dtype):
     # bf16 autocast is the CUDA default; fp16 adds the gradient scaler. Both run on CPU too.
-    result = train(_cfg(corpus, tmp_path / dtype, dtype=dtype, data_order="epoch"), quiet=True)
+    cfg = _cfg(small_corpus, tmp_path / dtype, dtype=dtype, data_order="epoch")
+    result = train(cfg, quiet=True)
     assert result.step == 6 and np.isfinite(result.last_val_loss)
 
 
-def test_torch_compile_path_runs_on_cpu(corpus, tmp_path):
+def test_torch_compile_path_runs_on_cpu(small_corpus, tmp_path):
     pytest.importorskip("torch._inductor")
-    result = train(_cfg(corpus, tmp_path / "compiled", compile=True, max_steps=3,
+    result = train(_cfg(small_corpus, tmp_path / "compiled", compile=True, max_steps=3,
                         eval_interval=3), quiet=True)
     assert result.step == 3 and np.isfinite(result.last_val_loss)
     # the checkpoint holds the raw module's names, never torch.compile's _orig_mod prefix

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import train_serve_run
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -34,11 +35,6 @@ from chargpt.serve.generation import StopMatcher  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
-CORPUS = "ROMEO: to be or not to be, that is the question.\nJULIET: ay me!\n" * 400
-TINY_FLAGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
-              "--batch-size", "4", "--max-steps", "20", "--eval-interval", "10",
-              "--eval-iters", "2", "--log-interval", "10", "--warmup-steps", "2",
-              "--sample-chars", "0"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,12 +51,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, one_torch_thread) -> Path:
-    root = tmp_path_factory.mktemp("serve")
-    corpus = root / "corpus.txt"
-    corpus.write_text(CORPUS, encoding="utf-8")
-    out = root / "run"
-    assert main(["train", "--input", str(corpus), "--out", str(out), *TINY_FLAGS]) == 0
-    return out
+    return train_serve_run(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

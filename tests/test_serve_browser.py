@@ -16,11 +16,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import train_serve_run
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from chargpt.cli import main  # noqa: E402
 from chargpt.run import load_run  # noqa: E402
 from chargpt.serve.app import Limits, create_app  # noqa: E402
 from chargpt.serve.background import BackgroundServer  # noqa: E402
@@ -31,11 +31,6 @@ CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-CORPUS = "ROMEO: to be or not to be, that is the question.\nJULIET: ay me!\n" * 400
-TINY_FLAGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
-              "--batch-size", "4", "--max-steps", "20", "--eval-interval", "10",
-              "--eval-iters", "2", "--log-interval", "10", "--warmup-steps", "2",
-              "--sample-chars", "0"]
 
 
 def find_chromium() -> str | None:
@@ -68,11 +63,7 @@ def served(tmp_path_factory):
     torch.set_num_threads(1)  # as `chargpt serve` does on two cores; restored below
     run_dir = os.environ.get("CHARGPT_SERVE_RUN")
     if not run_dir:
-        root = tmp_path_factory.mktemp("browser")
-        (root / "corpus.txt").write_text(CORPUS, encoding="utf-8")
-        run_dir = str(root / "run")
-        assert main(["train", "--input", str(root / "corpus.txt"), "--out", run_dir,
-                     *TINY_FLAGS]) == 0
+        run_dir = str(train_serve_run(tmp_path_factory.mktemp("browser")))
     run = load_run(run_dir, device="cpu")
     limits = Limits(max_new_tokens=100_000, max_concurrent=2, request_timeout=60)
     try:

@@ -3,62 +3,24 @@
 
 import json
 import math
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from conftest import cli, corpus_text, metrics, same_weights, tiny_flags, write_corpus
+from conftest import tiny_config as base_config
 
-from chargpt.config import Config, TrainConfig, apply_overrides
+from chargpt.config import TrainConfig
+from chargpt.errors import ConfigError
 from chargpt.launch import train
 from chargpt.optim import lr_at
-from chargpt.rundir import RunDir
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-
-
-def tiny_text() -> str:
-    if SHAKESPEARE.exists():
-        return SHAKESPEARE.read_text(encoding="utf-8")[:40_000]
-    return "".join(f"line {i}: to be or not to be, that is the question.\n" for i in range(800))
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    p = tmp_path / "corpus.txt"
-    p.write_text(tiny_text(), encoding="utf-8")
-    return p
-
-
-TINY = {
-    "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.1},
-    "train": {"batch_size": 4, "max_steps": 30, "eval_interval": 10, "eval_iters": 2,
-              "log_interval": 5, "sample_chars": 0, "progress": False, "warmup_steps": 5,
-              "lr": 3e-3, "min_lr": 3e-4},
-}
 
 
 def tiny_config(corpus, out, **train_overrides):
-    cfg = apply_overrides(Config(), TINY, "test")
-    over = {"data": {"input": str(corpus)}, "train": {"out_dir": str(out), **train_overrides}}
-    return apply_overrides(cfg, over, "test")
-
-
-def weights(run_dir, name="last"):
-    return load_file(str(Path(run_dir) / name / "model.safetensors"))
-
-
-def assert_same_weights(a, b):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), f"{k} differs"
+    """The tiny model with dropout, a short warmup and a higher learning rate."""
+    train = {"warmup_steps": 5, "lr": 3e-3, "min_lr": 3e-4, **train_overrides}
+    return base_config(corpus, out, model={"dropout": 0.1}, **train)
 
 
 def test_lr_schedule():
@@ -81,7 +43,7 @@ def test_train_writes_run_and_learns(corpus, tmp_path, capsys):
         r"(\d+\.\d)s$", printed, re.M)
     assert [int(m[0]) for m in lines] == [0, 20, 40, 60]
     first_val, last_val = float(lines[0][2]), float(lines[-1][2])
-    vocab = len(set(tiny_text()))
+    vocab = len(set(corpus_text(40_000)))
     assert abs(first_val - math.log(vocab)) < 0.3  # initialised near a uniform guess
     assert last_val < first_val - 0.8
     assert float(lines[-1][3]) == pytest.approx(float(lines[-1][2]) / math.log(2), abs=2e-3)
@@ -90,9 +52,8 @@ def test_train_writes_run_and_learns(corpus, tmp_path, capsys):
                  "best/model.safetensors", "data/train.npy", "data/vocab.json"):
         assert (out / name).exists(), name
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = RunDir(out).read_metrics()
-    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(5, 61, 5))
-    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 20, 40, 60]
+    assert [r["step"] for r in metrics(out, "train")] == list(range(5, 61, 5))
+    assert [r["step"] for r in metrics(out, "eval")] == [0, 20, 40, 60]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["vocab_size"] == vocab
     assert result.step == 60 and result.best_val_loss <= last_val + 1e-4
@@ -103,8 +64,6 @@ def test_train_writes_run_and_learns(corpus, tmp_path, capsys):
 def test_existing_run_dir_is_not_overwritten(corpus, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_steps=2, eval_interval=2), quiet=True)
-    from chargpt.errors import ConfigError
-
     with pytest.raises(ConfigError, match="already holds a run"):
         train(tiny_config(corpus, out, max_steps=2), quiet=True)
 
@@ -117,11 +76,9 @@ def test_resume_is_bit_identical(corpus, tmp_path, stop_at):
     assert first.step == stop_at
     second = train(resume=split, quiet=True)
     assert second.step == 30
-    assert_same_weights(ref, split)
-    ref_rows = [r for r in RunDir(ref).read_metrics() if r["kind"] == "eval"]
-    split_rows = [r for r in RunDir(split).read_metrics() if r["kind"] == "eval"]
-    assert [(r["step"], r["val_loss"]) for r in ref_rows] == \
-        [(r["step"], r["val_loss"]) for r in split_rows]
+    assert same_weights(ref, split)
+    assert [(r["step"], r["val_loss"]) for r in metrics(ref, "eval")] == \
+        [(r["step"], r["val_loss"]) for r in metrics(split, "eval")]
 
 
 def test_resume_can_extend_training_but_not_change_the_model(corpus, tmp_path):
@@ -129,8 +86,6 @@ def test_resume_can_extend_training_but_not_change_the_model(corpus, tmp_path):
     train(tiny_config(corpus, out, max_steps=10, eval_interval=10), quiet=True)
     result = train(resume=out, overrides={"train": {"max_steps": 20}}, quiet=True)
     assert result.step == 20
-    from chargpt.errors import ConfigError
-
     with pytest.raises(ConfigError, match="cannot change model.n_layer"):
         train(resume=out, overrides={"model": {"n_layer": 3}}, quiet=True)
 
@@ -142,23 +97,16 @@ def test_no_host_sync_per_step(corpus, tmp_path, item_calls):
     assert item_calls["n"] <= 2 + 4 + 2
 
 
-def _cli(*args, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "chargpt.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-
-
-def _tiny_flags(corpus, out, steps=400):
-    return ["train", "--input", str(corpus), "--out", str(out), "--n-layer", "2", "--n-head", "2",
-            "--n-embd", "32", "--block-size", "16", "--dropout", "0.1", "--batch-size", "4",
-            "--max-steps", str(steps), "--eval-interval", "25", "--eval-iters", "2",
-            "--log-interval", "5", "--sample-chars", "0", "--warmup-steps", "5"]
+def _train_args(corpus, out, steps=400):
+    return ["train", "--input", str(corpus), "--out", str(out),
+            *tiny_flags(dropout=0.1, max_steps=steps, eval_interval=25, sample_chars=0,
+                        warmup_steps=5)]
 
 
 def _wait_for_step(out, step, proc, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        rows = RunDir(out).read_metrics()
+        rows = metrics(out)
         if rows and max(r["step"] for r in rows) >= step:
             return
         if proc.poll() is not None:
@@ -174,9 +122,8 @@ SIGNAL_STEPS = 120
 def reference_cli_run(tmp_path_factory):
     """An uninterrupted CLI run that the interrupted ones must reproduce exactly."""
     root = tmp_path_factory.mktemp("signals")
-    corpus = root / "corpus.txt"
-    corpus.write_text(tiny_text(), encoding="utf-8")
-    done = _cli(*_tiny_flags(corpus, root / "ref", SIGNAL_STEPS))
+    corpus = write_corpus(root)
+    done = cli(*_train_args(corpus, root / "ref", SIGNAL_STEPS))
     out, err = done.communicate(timeout=300)
     assert done.returncode == 0, err
     return corpus, root / "ref"
@@ -186,7 +133,7 @@ def reference_cli_run(tmp_path_factory):
 def test_interrupted_cli_run_resumes_to_identical_weights(reference_cli_run, tmp_path, sig):
     corpus, ref = reference_cli_run
     cut = tmp_path / "cut"
-    proc = _cli(*_tiny_flags(corpus, cut, SIGNAL_STEPS))
+    proc = cli(*_train_args(corpus, cut, SIGNAL_STEPS))
     _wait_for_step(cut, 30, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
@@ -196,11 +143,11 @@ def test_interrupted_cli_run_resumes_to_identical_weights(reference_cli_run, tmp
         assert proc.returncode == 128 + sig, err
         assert "checkpoint written" in out
         assert "Traceback" not in err
-    resumed = _cli("train", "--resume", str(cut))
+    resumed = cli("train", "--resume", str(cut))
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "resuming from step" in out
-    assert_same_weights(ref, cut)
+    assert same_weights(ref, cut)
 
 
 def test_time_limit_stops_with_a_resumable_checkpoint(corpus, tmp_path):

@@ -1,7 +1,8 @@
 """The `chargpt` command: subcommands, each a thin call into one module.
 
-Config flags for `train` are generated from the config dataclasses, so every field is a flag
-whose help is the field's docstring. Errors a user can fix are printed as one line,
+Config flags for `train` and `estimate` are generated from the config dataclasses (flags.py).
+To add a subcommand, write its `cmd_NAME(args) -> int` and its parser block in `build_parser`.
+Errors a user can fix are printed as one line,
 `chargpt: error: ...`, with a non-zero exit status; torch is imported only by the subcommands
 that need it, so `chargpt --help` is instant.
 """
@@ -9,26 +10,16 @@ that need it, so `chargpt --help` is instant.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import typing
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import NoReturn
 
 from . import __version__, faults
-from .config import (
-    DEFAULT_PRESET,
-    SECTIONS,
-    field_docs,
-    field_types,
-    preset_description,
-    preset_names,
-    resolve_config,
-)
+from .config import DEFAULT_PRESET, preset_description, preset_names, resolve_config
 from .errors import ChargptError, ConfigError
+from .flags import add_config_flags, config_overrides
+from .io import os_reason
 
-HIDDEN_FIELDS = {("model", "vocab_size")}  # set from the data, never by hand
-FLAG_ALIASES = {("train", "out_dir"): ["--out"]}
 EXIT_ERROR, EXIT_USAGE = 1, 2
 
 
@@ -37,44 +28,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"chargpt: error: {message} (see '{self.prog} --help')\n")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field, grouped by section; defaults shown are the default preset's."""
-    defaults = resolve_config()
-    for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(f"[{section}] {cls.__doc__.splitlines()[0].lower()}")
-        docs, types_ = field_docs(cls), field_types(cls)
-        for f in dataclasses.fields(cls):
-            if (section, f.name) in HIDDEN_FIELDS:
-                continue
-            default = getattr(getattr(defaults, section), f.name)
-            help_ = docs.get(f.name, "")
-            if default not in ("", None):
-                help_ += f" (default: {default})"
-            help_ = help_.replace("%", "%%")
-            names = [_flag(f.name), *FLAG_ALIASES.get((section, f.name), [])]
-            kw: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": None, "help": help_}
-            tp = types_[f.name]
-            if tp is bool:
-                group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
-            elif typing.get_origin(tp) is Literal:
-                group.add_argument(*names, choices=typing.get_args(tp), **kw)
-            else:
-                group.add_argument(*names, type=tp, metavar=tp.__name__.upper(), **kw)
-
-
-def config_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    overrides: dict[str, dict[str, Any]] = {}
-    for dest, value in vars(args).items():
-        if "." in dest and value is not None:
-            section, key = dest.split(".", 1)
-            overrides.setdefault(section, {})[key] = value
-    return overrides
 
 
 # --- subcommands ------------------------------------------------------------------------------
@@ -264,6 +217,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # --- parser -----------------------------------------------------------------------------------
 
+# rundir.CHECKPOINTS, spelled out so that `chargpt --help` does not load torch (a test checks).
+CHECKPOINT_CHOICES = ("best", "last")
+
+
+def _checkpoint_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default=CHECKPOINT_CHOICES[0],
+                   help="which checkpoint of the run (default: best, or last if none)")
+
 
 def build_parser() -> Parser:
     parser = Parser(prog="chargpt", description="Train character-level GPT models and sample "
@@ -306,7 +267,7 @@ def build_parser() -> Parser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--num-samples", type=int, default=1, help="independent samples to draw")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    _checkpoint_flag(p)
     p.add_argument("--unknown", choices=("error", "skip", "replace"), default="error",
                    help="what to do with prompt characters the model has never seen")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the full context "
@@ -318,7 +279,7 @@ def build_parser() -> Parser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--input", metavar="FILE", help="evaluate on this UTF-8 file instead")
     p.add_argument("--split", choices=("val", "train"), default="val")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    _checkpoint_flag(p)
     p.add_argument("--unknown", choices=("error", "skip"), default="error")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
@@ -351,7 +312,7 @@ def build_parser() -> Parser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint directory")
     p.add_argument("--prompt", required=True, help="the text whose attention to draw")
     p.add_argument("--out", required=True, metavar="FILE.png", help="where to write the image")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    _checkpoint_flag(p)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_attention)
 
@@ -381,7 +342,7 @@ def build_parser() -> Parser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    _checkpoint_flag(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--name", default=None, help="model name shown (default: the run's folder)")
     p.add_argument("--max-prompt-chars", type=int, default=4000,
@@ -425,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
-        print(f"chargpt: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"chargpt: error: {os_reason(e)}{where}", file=sys.stderr)
         return EXIT_ERROR
 
 

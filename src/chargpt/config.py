@@ -15,7 +15,6 @@ import inspect
 import math
 import sys
 import textwrap
-import types
 import typing
 from dataclasses import dataclass, field
 from functools import cache
@@ -281,11 +280,6 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         _check(value in choices, f"{where} must be one of {', '.join(map(str, choices))}, "
                                  f"got {value!r}")
         return value
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], where)
     if tp is bool:
         _check(isinstance(value, bool), f"{where} must be true or false, got {value!r}")
         return value

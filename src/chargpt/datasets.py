@@ -2,9 +2,9 @@
 
 `DATASETS` lists the corpora chargpt knows by name; `fetch(name)` returns the path of a verified
 local copy, downloading it into `cache_dir()` when there is none (or when the cached copy does
-not match its checksum). Downloads use only the standard library, land in a temporary file next
-to the final one and are renamed into place after verification, so concurrent or interrupted
-downloads never leave a corrupt file under the final name.
+not match its checksum). Downloads use only the standard library and are written with
+`io.atomic_write`, verified before the rename, so concurrent or interrupted downloads never
+leave a corrupt file under the final name.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import ConfigError, DataError
-from .io import fsync_dir, os_reason, sha256_file, temp_path_for
+from .io import atomic_write, os_reason, sha256_file
 from .progress import progress_bar
 
 __all__ = ["DATASETS", "Dataset", "cache_dir", "fetch"]
@@ -76,14 +77,13 @@ def _one_line(reason: object) -> str:
     return " ".join(str(reason).split()) or type(reason).__name__
 
 
-def _download(ds: Dataset, tmp: Path, progress: bool, timeout: float) -> tuple[int, str]:
-    """Stream ds.url into tmp; return (bytes, sha256). Stops early past the expected size."""
+def _download(ds: Dataset, f: BinaryIO, progress: bool, timeout: float) -> tuple[int, str]:
+    """Stream ds.url into `f`; return (bytes, sha256). Stops early past the expected size."""
     h = hashlib.sha256()
     n = 0
     request = urllib.request.Request(ds.url, headers={"User-Agent": "chargpt"})
     with (
         urllib.request.urlopen(request, timeout=timeout) as response,
-        open(tmp, "wb") as f,
         progress_bar(ds.size, f"downloading {ds.name}", enabled=progress) as bar,
     ):
         while block := response.read(_READ_BYTES):
@@ -93,8 +93,6 @@ def _download(ds: Dataset, tmp: Path, progress: bool, timeout: float) -> tuple[i
             bar.update(len(block))
             if n > ds.size:
                 break
-        f.flush()
-        os.fsync(f.fileno())
     return n, h.hexdigest()
 
 
@@ -103,6 +101,29 @@ def _download_error(ds: Dataset, reason: str) -> DataError:
         f"could not download {ds.name} from {ds.url} ({reason}); "
         "pass a local file with --input FILE"
     )
+
+
+def _download_verified(ds: Dataset, f: BinaryIO, progress: bool, timeout: float) -> None:
+    """Download `ds` into `f`, or raise a DataError: then nothing is saved."""
+    try:
+        n, digest = _download(ds, f, progress, timeout)
+    except urllib.error.HTTPError as e:
+        raise _download_error(ds, f"HTTP {e.code} {_one_line(e.reason)}") from None
+    except urllib.error.URLError as e:
+        raise _download_error(ds, _one_line(e.reason)) from None
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        # OSError covers timeouts and resets, and also a full disk while writing.
+        raise _download_error(ds, _one_line(e)) from None
+    if n != ds.size or digest != ds.sha256:
+        if n == ds.size:
+            got = f"sha256 {digest[:16]}..."
+        else:
+            got = f"more than {ds.size} bytes" if n > ds.size else f"{n} bytes"
+        raise DataError(
+            f"the download of {ds.name} from {ds.url} does not match its checksum (expected "
+            f"{ds.size} bytes with sha256 {ds.sha256[:16]}..., got {got}); the file may "
+            "have changed upstream; pass a local file with --input FILE"
+        )
 
 
 def fetch(name: str, *, progress: bool = False, timeout: float = 30) -> Path:
@@ -123,34 +144,9 @@ def fetch(name: str, *, progress: bool = False, timeout: float = 30) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create the cache directory {directory}: {os_reason(e)}") from None
-    tmp = temp_path_for(dest, "part")
-    advice = "pass a local file with --input FILE"
     try:
-        try:
-            n, digest = _download(ds, tmp, progress, timeout)
-        except urllib.error.HTTPError as e:
-            raise _download_error(ds, f"HTTP {e.code} {_one_line(e.reason)}") from None
-        except urllib.error.URLError as e:
-            raise _download_error(ds, _one_line(e.reason)) from None
-        except (OSError, http.client.HTTPException, ValueError) as e:
-            # OSError covers timeouts and resets, and also a full disk while writing `tmp`.
-            raise _download_error(ds, _one_line(e)) from None
-        if n != ds.size or digest != ds.sha256:
-            if n == ds.size:
-                got = f"sha256 {digest[:16]}..."
-            else:
-                got = f"more than {ds.size} bytes" if n > ds.size else f"{n} bytes"
-            raise DataError(
-                f"the download of {name} from {ds.url} does not match its checksum (expected "
-                f"{ds.size} bytes with sha256 {ds.sha256[:16]}..., got {got}); the file may "
-                f"have changed upstream; {advice}"
-            )
-        try:
-            os.replace(tmp, dest)
-        except OSError as e:
-            raise DataError(f"cannot save the download as {dest}: {os_reason(e)}") from None
-        fsync_dir(directory)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        # Verified before the rename: a failed or wrong download never appears under `dest`.
+        atomic_write(dest, lambda f: _download_verified(ds, f, progress, timeout))
+    except OSError as e:
+        raise DataError(f"cannot save the download as {dest}: {os_reason(e)}") from None
     return dest

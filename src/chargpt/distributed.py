@@ -125,9 +125,8 @@ def gather_tensors(t: torch.Tensor, env: DistEnv) -> list[torch.Tensor]:
     if not env.enabled:
         return [t]
     # gloo and NCCL both move tensors of a fixed shape without pickling anything.
-    send = t.to(torch.uint8) if t.dtype == torch.uint8 else t
-    parts = [torch.empty_like(send) for _ in range(env.world_size)]
-    dist.all_gather(parts, send)
+    parts = [torch.empty_like(t) for _ in range(env.world_size)]
+    dist.all_gather(parts, t)
     return parts
 
 

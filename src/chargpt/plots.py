@@ -6,10 +6,11 @@ touches a display.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from .io import atomic_write
 
 
 def _figure(figsize: tuple[float, float]):
@@ -22,11 +23,10 @@ def _figure(figsize: tuple[float, float]):
 
 
 def _save(plt, fig, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def plot_loss_curve(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:

@@ -1,4 +1,5 @@
-"""Tests for chargpt.data: prepare, load_prepared, text reading and the batch sampler."""
+"""Tests for chargpt.preparation (`prepare`) and chargpt.sources: content and splits of a
+prepared directory, any Unicode, Tiny Shakespeare as in the lecture, bad input, bounded memory."""
 
 from __future__ import annotations
 
@@ -13,40 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import SHAKESPEARE, SHAKESPEARE_SHA256, all_text, write
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from chargpt import preparation
-from chargpt.data import (
-    BatchSampler,
-    PreparedData,
-    check_split_lengths,
-    encode_file,
-    load_prepared,
-    prepare,
-    read_text_file,
-)
-from chargpt.errors import CheckpointError, ConfigError, DataError, VocabError
+from chargpt.errors import ConfigError, DataError, VocabError
+from chargpt.preparation import prepare
+from chargpt.prepared import load_prepared
 from chargpt.tokenizer import CharTokenizer
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 # Text prepare accepts: any code point but surrogates (not encodable) and NUL (means binary).
 TEXT_CHAR = st.characters(exclude_categories=("Cs",), exclude_characters="\x00")
-
-
-def write(path: Path, content: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, str):
-        content = content.encode("utf-8")
-    path.write_bytes(content)
-    return path
-
-
-def all_text(d: PreparedData) -> str:
-    return d.tokenizer.decode(np.concatenate([d.train, d.val]))
 
 
 # --- prepare: content and splits ------------------------------------------------------------
@@ -295,172 +274,6 @@ def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr("builtins.open", deny)
     with pytest.raises(DataError, match="cannot read .*Permission denied"):
         prepare(src, tmp_path / "out")
-
-
-# --- loading --------------------------------------------------------------------------------
-
-
-@pytest.fixture()
-def prepared(tmp_path: Path) -> Path:
-    prepare(write(tmp_path / "in.txt", "hello world, hello there! " * 20), tmp_path / "data")
-    return tmp_path / "data"
-
-
-def _edit_meta(path: Path, **changes) -> None:
-    meta = json.loads((path / "meta.json").read_text())
-    meta.update(changes)
-    (path / "meta.json").write_text(json.dumps(meta))
-
-
-@pytest.mark.parametrize(
-    ("damage", "match"),
-    [
-        (lambda p: (p / "meta.json").unlink(), "not a prepared data directory .*meta.json"),
-        (lambda p: (p / "meta.json").write_text("{"), "meta.json cannot be read"),
-        (lambda p: _edit_meta(p, format="other"), "not a prepared data directory"),
-        (lambda p: _edit_meta(p, version=2), "data format version 2"),
-        (lambda p: _edit_meta(p, train_tokens=5), "train.npy has 468 tokens but meta.json"),
-        (lambda p: _edit_meta(p, dtype="uint32"), "holds uint16 but meta.json says uint32"),
-        (lambda p: _edit_meta(p, vocab_size="many"), "no valid 'vocab_size'"),
-        (lambda p: (p / "train.npy").unlink(), "train.npy is missing"),
-        (lambda p: (p / "val.npy").write_bytes(b"garbage"), "val.npy cannot be read"),
-        (lambda p: (p / "vocab.json").unlink(), "vocabulary file not found"),
-        (lambda p: CharTokenizer.from_text("xyz").save(p / "vocab.json"), "fingerprint"),
-        (lambda p: np.save(p / "val.npy", np.array([{}], dtype=object)), "val.npy cannot be"),
-    ],
-)
-def test_damaged_prepared_dir(prepared: Path, damage, match: str) -> None:
-    damage(prepared)
-    with pytest.raises(DataError, match=match) as info:
-        load_prepared(prepared)
-    assert "\n" not in str(info.value)
-
-
-def test_truncated_token_file(prepared: Path) -> None:
-    path = prepared / "train.npy"
-    path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(DataError, match="train.npy"):
-        load_prepared(prepared)
-
-
-def test_not_a_data_dir(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="data directory not found"):
-        load_prepared(tmp_path / "nope")
-    with pytest.raises(DataError, match="run `chargpt prepare`"):
-        load_prepared(tmp_path)
-
-
-def test_check_split_lengths(prepared: Path) -> None:
-    d = load_prepared(prepared)  # 468 train, 52 val
-    check_split_lengths(d, 51)
-    with pytest.raises(DataError, match="val split .* has 52 tokens .* block_size 52 needs"):
-        check_split_lengths(d, 52)
-    with pytest.raises(DataError, match="smaller --block-size"):
-        check_split_lengths(d, 1000)
-
-
-# --- other readers --------------------------------------------------------------------------
-
-
-def test_encode_file(tmp_path: Path) -> None:
-    tok = CharTokenizer.from_text("abc \ufeff")
-    src = write(tmp_path / "e.txt", "\ufeffab ca" * 3)
-    ids = encode_file(src, tok, chunk_bytes=3)
-    # only the leading BOM is a byte-order mark; later U+FEFF are ordinary characters
-    assert ids.dtype == np.uint16 and tok.decode(ids) == "ab ca" + "\ufeffab ca" * 2
-    plain = CharTokenizer.from_text("abc ")
-    bad = write(tmp_path / "g.txt", "ab" + "é" * 5 + "—")
-    with pytest.raises(VocabError, match="g.txt has 2 characters not in the vocabulary: 'é'"):
-        encode_file(bad, plain, chunk_bytes=2)
-    assert plain.decode(encode_file(bad, plain, unknown="skip")) == "ab"
-    assert plain.decode(encode_file(bad, plain, unknown="replace")) == "ab" + " " * 6
-
-
-def test_read_text_file(tmp_path: Path) -> None:
-    assert read_text_file(write(tmp_path / "p.txt", "\ufeffŞeker\r\n")) == "Şeker\r\n"
-    with pytest.raises(DataError, match="is empty"):
-        read_text_file(write(tmp_path / "e.txt", ""))
-    assert read_text_file(tmp_path / "e.txt", allow_empty=True) == ""
-    with pytest.raises(DataError, match="byte offset 2"):
-        read_text_file(write(tmp_path / "b.txt", b"ok\xc3("))
-    with pytest.raises(DataError, match="binary"):
-        read_text_file(write(tmp_path / "n.txt", b"a\x00"))
-    with pytest.raises(DataError, match="file not found"):
-        read_text_file(tmp_path / "missing.txt")
-    with pytest.raises(DataError, match="is a directory"):
-        read_text_file(tmp_path)
-
-
-# --- batches --------------------------------------------------------------------------------
-
-
-def test_batches_are_shifted_windows() -> None:
-    tokens = np.arange(1000, dtype=np.uint32)
-    x, y = BatchSampler(tokens, block_size=16, batch_size=8, seed=0).next_batch()
-    assert x.shape == y.shape == (8, 16)
-    assert x.dtype == y.dtype == torch.int64
-    assert torch.equal(y, x + 1)  # y[:, t] = tokens[i + t + 1]
-    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(8, 15, dtype=torch.int64))
-    assert x.is_contiguous() and y.is_contiguous()
-
-
-def test_batches_from_prepared_data(prepared: Path) -> None:
-    d = load_prepared(prepared)
-    sampler = BatchSampler(d.train, block_size=8, batch_size=4, seed=1)
-    for _ in range(5):
-        x, y = sampler.next_batch()
-        assert torch.equal(x[:, 1:], y[:, :-1])
-        for row_x, row_y in zip(x.tolist(), y.tolist(), strict=True):
-            text = d.tokenizer.decode(row_x) + d.tokenizer.decode(row_y[-1:])
-            assert text in all_text(d)
-
-
-def test_every_window_is_reachable() -> None:
-    tokens = np.arange(12, dtype=np.uint16)
-    sampler = BatchSampler(tokens, block_size=4, batch_size=64, seed=3)
-    starts = {int(row[0]) for _ in range(10) for row in sampler.next_batch()[0]}
-    assert starts == set(range(8))  # 12 - 4 windows, the last one ending at tokens[11]
-
-
-def test_determinism_and_ranks() -> None:
-    tokens = np.arange(100_000, dtype=np.uint32)
-
-    def batches(seed: int, rank: int = 0) -> list[torch.Tensor]:
-        s = BatchSampler(tokens, 8, 4, seed=seed, rank=rank, world_size=2)
-        return [s.next_batch()[0] for _ in range(3)]
-
-    assert all(torch.equal(a, b) for a, b in zip(batches(7), batches(7), strict=True))
-    assert not torch.equal(batches(7)[0], batches(8)[0])
-    assert not torch.equal(batches(7, rank=0)[0], batches(7, rank=1)[0])
-
-
-def test_state_dict_round_trip() -> None:
-    tokens = np.arange(10_000, dtype=np.uint16)
-    a = BatchSampler(tokens, 8, 4, seed=5)
-    for _ in range(3):
-        a.next_batch()
-    state = a.state_dict()
-    assert state["generator"].dtype == torch.uint8 and state["batches"] == 3
-    expected = [a.next_batch() for _ in range(4)]
-    b = BatchSampler(tokens, 8, 4, seed=999)
-    b.load_state_dict(state)
-    got = [b.next_batch() for _ in range(4)]
-    for (ex, ey), (gx, gy) in zip(expected, got, strict=True):
-        assert torch.equal(ex, gx) and torch.equal(ey, gy)
-    assert b.batches == 7
-    with pytest.raises(CheckpointError):
-        b.load_state_dict({"generator": torch.zeros(3)})
-
-
-def test_sampler_rejects_bad_arguments() -> None:
-    tokens = np.arange(10, dtype=np.uint16)
-    with pytest.raises(DataError, match="too few for block_size 10"):
-        BatchSampler(tokens, block_size=10, batch_size=1, seed=0)
-    BatchSampler(tokens, block_size=9, batch_size=1, seed=0).next_batch()
-    with pytest.raises(ConfigError):
-        BatchSampler(tokens, block_size=0, batch_size=1, seed=0)
-    with pytest.raises(ConfigError):
-        BatchSampler(tokens, block_size=2, batch_size=1, seed=0, rank=2, world_size=2)
 
 
 # --- memory ---------------------------------------------------------------------------------

@@ -1,0 +1,56 @@
+"""Runs written by an earlier chargpt (tests/data/main-v1, see its README) still load, sample and
+resume, and the resumed run ends with exactly the weights the earlier code trained."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import weights
+from safetensors.torch import load_file
+
+from chargpt.checkpoint import load_train_state
+from chargpt.launch import train
+from chargpt.run import load_run
+
+MAIN_V1 = Path(__file__).resolve().parent / "data" / "main-v1"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The runs were written with one torch thread; CPU results are exact for a thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def copy_of_run(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(MAIN_V1 / "run", run)
+    return run
+
+
+def test_an_earlier_run_resumes_to_the_weights_the_earlier_code_trained(tmp_path):
+    run = copy_of_run(tmp_path)
+    result = train(resume=run, quiet=True)
+    assert result.step == 12
+    ref = load_file(str(MAIN_V1 / "ref-step12-model.safetensors"))
+    ours = weights(run)
+    assert ours.keys() == ref.keys()
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    state = json.loads((run / "last" / "state.json").read_text())
+    assert state["step"] == 12 and set(state) >= {"sampler", "optimizer", "world_size"}
+
+
+def test_an_earlier_checkpoint_loads_and_samples(tmp_path):
+    run = load_run(MAIN_V1 / "run", device="cpu")
+    assert run.step == 6 and run.tokenizer.vocab_size == run.config.model.vocab_size == 49
+    text = run.generate("\n", 20, seed=1)
+    assert len(text) == 20 and text == run.generate("\n", 20, seed=1)
+    state = load_train_state(MAIN_V1 / "run" / "last", resumable=True)
+    assert state.sampler["order"] == "epoch" and state.sampler["generator"].dtype == torch.uint8
+    assert len(state.cpu_rng) == 1 and state.cuda_rng is None

@@ -1,0 +1,66 @@
+"""Tests for chargpt.prepared: opening a prepared-data directory and refusing damaged ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chargpt.errors import DataError
+from chargpt.prepared import check_split_lengths, load_prepared
+from chargpt.tokenizer import CharTokenizer
+
+
+def _edit_meta(path: Path, **changes) -> None:
+    meta = json.loads((path / "meta.json").read_text())
+    meta.update(changes)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda p: (p / "meta.json").unlink(), "not a prepared data directory .*meta.json"),
+        (lambda p: (p / "meta.json").write_text("{"), "meta.json cannot be read"),
+        (lambda p: _edit_meta(p, format="other"), "not a prepared data directory"),
+        (lambda p: _edit_meta(p, version=2), "data format version 2"),
+        (lambda p: _edit_meta(p, train_tokens=5), "train.npy has 468 tokens but meta.json"),
+        (lambda p: _edit_meta(p, dtype="uint32"), "holds uint16 but meta.json says uint32"),
+        (lambda p: _edit_meta(p, vocab_size="many"), "no valid 'vocab_size'"),
+        (lambda p: (p / "train.npy").unlink(), "train.npy is missing"),
+        (lambda p: (p / "val.npy").write_bytes(b"garbage"), "val.npy cannot be read"),
+        (lambda p: (p / "vocab.json").unlink(), "vocabulary file not found"),
+        (lambda p: CharTokenizer.from_text("xyz").save(p / "vocab.json"), "fingerprint"),
+        (lambda p: np.save(p / "val.npy", np.array([{}], dtype=object)), "val.npy cannot be"),
+    ],
+)
+def test_damaged_prepared_dir(prepared: Path, damage, match: str) -> None:
+    damage(prepared)
+    with pytest.raises(DataError, match=match) as info:
+        load_prepared(prepared)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_token_file(prepared: Path) -> None:
+    path = prepared / "train.npy"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match="train.npy"):
+        load_prepared(prepared)
+
+
+def test_not_a_data_dir(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="data directory not found"):
+        load_prepared(tmp_path / "nope")
+    with pytest.raises(DataError, match="run `chargpt prepare`"):
+        load_prepared(tmp_path)
+
+
+def test_check_split_lengths(prepared: Path) -> None:
+    d = load_prepared(prepared)  # 468 train, 52 val
+    check_split_lengths(d, 51)
+    with pytest.raises(DataError, match="val split .* has 52 tokens .* block_size 52 needs"):
+        check_split_lengths(d, 52)
+    with pytest.raises(DataError, match="smaller --block-size"):
+        check_split_lengths(d, 1000)
