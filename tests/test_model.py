@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from chargpt.bigram import BigramLM
 from chargpt.config import ModelConfig
 from chargpt.errors import ConfigError
+from chargpt.lm import Capabilities, language_model_loss
 from chargpt.model import GPT, build_model
 from chargpt.sampling import KVCache
 
@@ -500,3 +501,24 @@ def test_invalid_fast_switches_are_rejected(overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         Config.from_dict({"model": overrides})
+
+
+def test_capabilities_are_asked_one_way():
+    bigram = build_model(tiny(arch="bigram"))
+    assert bigram.capabilities() == Capabilities(context=1)
+    gpt = build_model(tiny()).capabilities()
+    assert (gpt.context, gpt.kv_cache, gpt.attention, gpt.rolling_cache) == (16, True, True, False)
+    assert gpt.fast_decode and not build_model(tiny(norm="post")).capabilities().fast_decode
+    assert build_model(tiny(pos_emb="rope")).capabilities().rolling_cache
+    for model in (bigram, build_model(tiny())):
+        assert not hasattr(model, "supports_kv_cache")
+
+
+def test_both_models_use_the_one_loss():
+    torch.manual_seed(0)
+    x = torch.randint(0, 11, (2, 16))
+    y = torch.roll(x, -1, dims=1)
+    for arch in ("gpt", "bigram"):
+        logits, loss = build_model(tiny(arch=arch))(x, y)
+        torch.testing.assert_close(loss, language_model_loss(logits, y))
+        torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 11), y.reshape(-1)))

@@ -11,7 +11,13 @@ import torch
 from chargpt.config import ModelConfig
 from chargpt.errors import ConfigError
 from chargpt.model import build_model
-from chargpt.sampling import KVCache, generate, generate_tokens, sample_next_token
+from chargpt.sampling import (
+    KVCache,
+    SamplingSettings,
+    generate,
+    generate_tokens,
+    sample_next_token,
+)
 
 V = 13
 
@@ -370,3 +376,33 @@ def test_decode_step_matches_the_cached_forward(overrides):
                                        atol=1e-5, rtol=1e-5)
     assert fast.position == slow.position
     assert not tiny_gpt(norm="post").capabilities().fast_decode
+
+
+# --- sampling settings --------------------------------------------------------------------------
+
+
+def test_settings_are_checked_once_when_made():
+    with pytest.raises(ConfigError, match="top_k"):
+        SamplingSettings(top_k=0)
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingSettings(top_p=1.5)
+    with pytest.raises(ConfigError, match="temperature"):
+        SamplingSettings(temperature=float("inf"))
+    s = SamplingSettings(temperature=0.7, top_k=5, seed=3)
+    assert SamplingSettings.of(s) is s and SamplingSettings.of(None, top_k=5).top_k == 5
+    with pytest.raises(TypeError, match="not both"):
+        SamplingSettings.of(s, temperature=1.0)
+    assert s.with_seed(4) == SamplingSettings(temperature=0.7, top_k=5, seed=4)
+
+
+def test_settings_and_keywords_sample_the_same_tokens():
+    model = tiny_gpt()
+    idx = prompt(2, 3)
+    s = SamplingSettings(temperature=0.8, top_k=6, top_p=0.9, seed=11, use_cache=False)
+    by_settings = generate(model, idx, 15, s)
+    by_keywords = generate(model, idx, 15, temperature=0.8, top_k=6, top_p=0.9,
+                           use_cache=False, generator=s.generator("cpu"))
+    assert torch.equal(by_settings, by_keywords)
+    # a seed makes the draws repeatable; another seed changes them
+    assert torch.equal(generate(model, idx, 15, s), by_settings)
+    assert not torch.equal(generate(model, idx, 15, s.with_seed(12)), by_settings)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chargpt.errors import ChargptError, ConfigError, DataError, VocabError
-from chargpt.tokenizer import CharTokenizer
+from chargpt.tokenizer import CharTokenizer, check_same_vocab
 
 # Every code point except surrogates, which cannot occur in UTF-8 text.
 ANY_CHAR = st.characters(exclude_categories=("Cs",))
@@ -203,3 +203,13 @@ def test_errors_are_chargpt_errors() -> None:
 def test_any_vocabulary_persists(chars: list[str]) -> None:
     tok = CharTokenizer(chars)
     assert CharTokenizer.from_json(tok.to_json()) == tok
+
+
+def test_one_vocabulary_rule_for_every_pairing() -> None:
+    abc = CharTokenizer("abc")
+    check_same_vocab(abc, CharTokenizer("abc"), what="a and b")
+    check_same_vocab(abc, 3, what="vocab and model")  # a model config records only a size
+    with pytest.raises(VocabError, match="a and b use different vocabularies"):
+        check_same_vocab(abc, CharTokenizer("acb"), what="a and b")  # same set, other ids
+    with pytest.raises(ChargptError, match="expects 4"):
+        check_same_vocab(abc, 4, what="vocab and model", error=DataError)

@@ -4,17 +4,19 @@
 import json
 import math
 import re
+import shutil
 import signal
 import time
 
 import pytest
-from conftest import cli, corpus_text, metrics, same_weights, tiny_flags, write_corpus
+from conftest import cli, corpus_text, metrics, same_weights, tiny_flags, write, write_corpus
 from conftest import tiny_config as base_config
 
 from chargpt.config import TrainConfig
-from chargpt.errors import ConfigError
+from chargpt.errors import CheckpointError, ConfigError
 from chargpt.launch import train
 from chargpt.optim import lr_at
+from chargpt.preparation import prepare
 
 
 def tiny_config(corpus, out, **train_overrides):
@@ -88,6 +90,22 @@ def test_resume_can_extend_training_but_not_change_the_model(corpus, tmp_path):
     assert result.step == 20
     with pytest.raises(ConfigError, match="cannot change model.n_layer"):
         train(resume=out, overrides={"model": {"n_layer": 3}}, quiet=True)
+
+
+def test_a_failed_resume_leaves_the_run_unchanged(corpus, tmp_path):
+    # The run's config.json once changed before the resume knew it could go ahead.
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_steps=10, eval_interval=10), quiet=True)
+    config = (out / "config.json").read_bytes()
+    more_steps = {"train": {"max_steps": 20}}
+    prepare(write(tmp_path / "other.txt", "xyz " * 500), out / "data")  # a foreign vocabulary
+    with pytest.raises(CheckpointError, match="different vocabularies"):
+        train(resume=out, overrides=more_steps, quiet=True)
+    assert (out / "config.json").read_bytes() == config
+    shutil.rmtree(out / "last")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        train(resume=out, overrides=more_steps, quiet=True)
+    assert (out / "config.json").read_bytes() == config
 
 
 def test_no_host_sync_per_step(corpus, tmp_path, item_calls):
