@@ -27,6 +27,7 @@ _EXPORTS = {
     "BigramLM": "bigram",
     "build_model": "lm",
     "KVCache": "sampling",
+    "SamplingSettings": "sampling",
     "generate": "sampling",
     "generate_tokens": "sampling",
     "sample_next_token": "sampling",
