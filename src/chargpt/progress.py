@@ -24,7 +24,9 @@ def progress_bar(total: int, desc: str = "", *, unit: str = "B", enabled: bool =
 
     `unit="B"` counts bytes with binary prefixes; any other unit ("step") counts items.
     """
-    from tqdm.auto import tqdm
+    # Plain tqdm, not tqdm.auto: a bar is only drawn on a terminal anyway, and tqdm.auto's
+    # extra imports (asyncio, notebook detection) would cost `prepare` a tenth of a second.
+    from tqdm import tqdm
 
     scale = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
     return tqdm(total=total, desc=desc or None, unit=unit, initial=initial, file=sys.stderr,
