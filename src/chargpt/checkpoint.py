@@ -126,6 +126,7 @@ class TrainState:
     cpu_rng: list[torch.Tensor] | None = None  # torch.get_rng_state() of each rank
     cuda_rng: list[torch.Tensor] | None = None  # torch.cuda.get_rng_state() of each rank
     optimizer: dict[str, Any] | None = None  # optimizer.state_dict()
+    imported_from: dict[str, Any] | None = None  # provenance of a model `chargpt import` made
 
     @property
     def resumable(self) -> bool:
@@ -151,6 +152,8 @@ class TrainState:
                         if not isinstance(v, torch.Tensor)},
             "torch_version": self.torch_version,
         }
+        if self.imported_from is not None:
+            numbers["imported_from"] = self.imported_from
         if self.cpu_rng is None:
             return numbers, None
         rng: dict[str, torch.Tensor] = {}
@@ -186,6 +189,7 @@ class TrainState:
                 cpu_rng=_per_rank(rng, "torch_cpu"),
                 cuda_rng=_per_rank(rng, "torch_cuda"),
                 optimizer=optimizer,
+                imported_from=numbers.get("imported_from"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"the saved training state is invalid ({e})") from None

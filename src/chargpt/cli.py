@@ -51,15 +51,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_sample(run_path: Path, chars: int, seed: int) -> None:
+def _print_sample(run_path: Path, chars: int, seed: int) -> tuple[int, str]:
+    """Stream a sample from the best checkpoint; returns its step and text."""
     from .run import load_run
 
     run = load_run(run_path, "best", device="auto")
     print(f"--- sample from {run.checkpoint} (step {run.step}, seed {seed}) ---")
+    text = []
     for ch in run.stream("", chars, seed=seed):
         sys.stdout.write(ch)
         sys.stdout.flush()
+        text.append(ch)
     print()
+    return run.step, "".join(text)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -78,9 +82,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 128 + result.interrupted_by
     print(f"done: {result.step} steps in {result.elapsed:.1f}s, best val loss "
           f"{result.best_val_loss:.4f} -> {result.run_dir / 'best'}")
-    tc = RunDir(result.run_dir).read_config().train
+    cfg = RunDir(result.run_dir).read_config()
+    tc = cfg.train
     if tc.sample_chars:
-        _print_sample(result.run_dir, tc.sample_chars, seed=tc.seed)
+        step, text = _print_sample(result.run_dir, tc.sample_chars, seed=tc.seed)
+        if tc.log_to:
+            from .trackers import log_sample
+
+            log_sample(cfg, result.run_dir, step, text)
     print(f"sample more with: chargpt sample {result.run_dir} --prompt \"ROMEO:\"")
     return 0
 
@@ -212,6 +221,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     request_timeout=args.request_timeout)
     serve(args.run_dir, args.host, args.port, limits=limits, checkpoint=args.checkpoint,
           device=args.device, threads=args.threads, name=args.name, log_level=args.log_level)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .hf import export_run
+
+    fmt, out = args.to
+    if fmt != "hf":
+        raise ConfigError(f"unknown export format {fmt!r} (known: hf)")
+    r = export_run(args.run_dir, out, checkpoint=args.checkpoint)
+    print(f"exported {r.checkpoint} (step {r.step}) as {r.architecture} -> {r.out_dir} "
+          f"(largest logit difference from chargpt {r.max_logit_diff:.1e} over "
+          f"{r.checked_tokens} tokens)")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .imports import import_model
+
+    imported, out = import_model(args.src, args.out, meta=args.meta)
+    m = imported.config
+    print(f"imported {imported.source['format']} model from {args.src} -> {out}: "
+          f"{m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}, "
+          f"vocab {m.vocab_size}")
+    print(f"sample with: chargpt sample {out}")
     return 0
 
 
@@ -364,6 +398,27 @@ def build_parser() -> Parser:
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"),
                    default="info")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="write a trained model in another library's format",
+                       description="Write a trained model as a Hugging Face transformers "
+                       "folder (model, config and character tokenizer); see "
+                       "docs/ecosystem.md. Needs the hf extra: pip install 'chargpt[hf]'.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint directory")
+    p.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "DIR"),
+                   help="format (hf) and a new or empty output directory")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="make a run directory from a Hugging Face or nanoGPT model",
+                       description="Bring a Hugging Face GPT-2-shaped character model folder, or "
+                       "a nanoGPT ckpt.pt with its meta.pkl, into a chargpt run directory. Only "
+                       "tensors and plain data are read; nothing in the files is executed.")
+    p.add_argument("src", metavar="SRC", help="Hugging Face folder, or nanoGPT ckpt.pt (or "
+                   "the out dir holding it)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="new run directory")
+    p.add_argument("--meta", metavar="FILE", default=None, help="nanoGPT meta.pkl with the "
+                   "characters (default: next to ckpt.pt, or data/<dataset>/meta.pkl)")
+    p.set_defaults(func=cmd_import)
     return parser
 
 

@@ -193,6 +193,9 @@ class TrainConfig:
     """Characters to sample at the end of training (0 = none)."""
     progress: bool = True
     """Show a progress bar when writing to a terminal."""
+    log_to: str = ""
+    """Experiment trackers mirroring metrics.jsonl: 'tensorboard', 'wandb' or both, comma-separated
+    or repeated (extras: pip install 'chargpt[tensorboard]' / 'chargpt[wandb]')."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_iters",
@@ -221,6 +224,10 @@ class TrainConfig:
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
             f"device must be auto, cpu, cuda[:N] or mps, got {self.device!r}",
         )
+
+        from .trackers import parse_log_to  # where the tracker names live
+
+        parse_log_to(self.log_to)
 
     @property
     def decay_steps(self) -> int:

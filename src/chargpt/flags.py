@@ -19,6 +19,7 @@ __all__ = ["add_config_flags", "config_overrides"]
 
 HIDDEN_FIELDS = {("model", "vocab_size")}  # set from the data, never by hand
 FLAG_ALIASES = {("train", "out_dir"): ["--out"]}
+REPEATABLE_FLAGS = {("train", "log_to")}  # each use adds to a comma-separated list
 
 
 def _flag(name: str) -> str:
@@ -44,6 +45,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             tp = types_[f.name]
             if tp is bool:
                 group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+            elif (section, f.name) in REPEATABLE_FLAGS:
+                group.add_argument(*names, action="append", metavar="NAME[,NAME]", **kw)
             elif typing.get_origin(tp) is Literal:
                 group.add_argument(*names, choices=typing.get_args(tp), **kw)
             else:
@@ -54,6 +57,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     overrides: dict[str, dict[str, Any]] = {}
     for dest, value in vars(args).items():
         if "." in dest and value is not None:
+            if isinstance(value, list):  # a repeatable flag
+                value = ",".join(value)
             section, key = dest.split(".", 1)
             overrides.setdefault(section, {})[key] = value
     return overrides

@@ -28,6 +28,7 @@ from .preparation import prepare
 from .prepared import check_split_lengths
 from .rundir import RunDir
 from .tokenizer import check_same_vocab
+from .trackers import require_trackers
 from .trainer import Trainer, TrainResult
 
 __all__ = ["new_trainer", "resume_trainer", "train"]
@@ -52,6 +53,7 @@ def _prepare_data(cfg: Config, rundir: RunDir, log: Callable[[str], None]) -> No
 
 def new_trainer(cfg: Config, quiet: bool = False) -> Trainer:
     """A Trainer for a new run of `cfg` in its out_dir (default: runs/<timestamp>)."""
+    require_trackers(cfg.train.log_to)  # before the run directory exists
     env, device = _join(cfg)
     if env.enabled and not cfg.train.out_dir:
         raise ConfigError("set --out when training with torchrun (all ranks need one run dir)")

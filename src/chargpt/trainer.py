@@ -37,6 +37,7 @@ from .prepared import PreparedData
 from .progress import progress_bar, wanted
 from .rundir import BEST, LAST, RunDir
 from .stopping import StopRequest
+from .trackers import open_trackers
 
 
 class TrainingError(ChargptError):
@@ -158,6 +159,7 @@ class Trainer:
         """Record one metrics row (rank 0): every log step's and every evaluation's numbers."""
         if self.is_main:
             self.rundir.append_metrics(row)
+            self.trackers.log(row)
 
     def _plot(self) -> None:
         if not self.is_main:
@@ -292,6 +294,7 @@ class Trainer:
         Stopping early leaves a `last/` checkpoint that a resume continues exactly."""
         tc = self.cfg.train
         end = tc.max_steps if stop_at_step is None else min(stop_at_step, tc.max_steps)
+        self.trackers = open_trackers(self.cfg, self.run_dir, self.step, self.is_main, self.log)
         self._t0 = time.perf_counter()
         deadline = None if time_limit is None else self._t0 + time_limit
         self._flops_per_token = estimate(self.cfg).flops_per_token
@@ -318,6 +321,7 @@ class Trainer:
                 if self._bar is not None:
                     self._bar.close()
                     self._bar = None
+                self.trackers.close()
         return TrainResult(self.run_dir, self.step, self.best_val_loss, self.last_val_loss,
                            self.elapsed(), stop.signum)
 
