@@ -87,10 +87,17 @@ def test_incremental_cached_logits_match_full_forward():
 # --- generate: cache versus recomputation -----------------------------------------------------
 
 
-@pytest.mark.parametrize("norm", ["pre", "post"])
+@pytest.mark.parametrize("switches", [
+    dict(norm="pre"),
+    dict(norm="post"),
+    # the lecture's early rungs: no residuals, no projections, PyTorch's init
+    dict(norm="none", residual=False, attn_proj=False, mlp_proj=False, mlp_ratio=1,
+         init="torch", attn_scale="embd", qkv_bias=False, head_bias=True),
+    dict(value_embeds=True, logit_softcap=4.0),
+])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_cache_matches_recompute_within_block_size(norm, temperature):
-    model = tiny_gpt(norm=norm)
+def test_cache_matches_recompute_within_block_size(switches, temperature):
+    model = tiny_gpt(**switches)
     idx = prompt(3, 4)
     kwargs = dict(temperature=temperature, top_k=8 if temperature else None)
     cached = generate(model, idx, 8, use_cache=True, generator=gen(5), **kwargs)
@@ -358,6 +365,8 @@ def test_batched_samples_match_single_samples_greedily():
         dict(pos_emb="rope", qk_norm=True, activation="relu2", norm_type="rmsnorm", bias=False),
         dict(pos_emb="none", mlp=False, norm="none", tie_weights=True),
         dict(pos_emb="rope", activation="relu", block_size=5),
+        dict(value_embeds=True, logit_softcap=5.0, head_bias=True, qkv_bias=False),
+        dict(attn_proj=False, mlp_proj=False, mlp_ratio=1, attn_scale="embd", init="torch"),
     ],
 )
 def test_decode_step_matches_the_cached_forward(overrides):

@@ -30,8 +30,10 @@ class BigramLM(nn.Module):
         super().__init__()
         self.config = config
         self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
-        # Like GPT: near-uniform initial predictions, so the step-0 loss is ~ln(vocab_size).
-        nn.init.normal_(self.token_embedding_table.weight, mean=0.0, std=0.02)
+        if config.init == "gpt2":
+            # Like GPT: near-uniform initial predictions, so the step-0 loss is ~ln(vocab_size).
+            # ('torch' keeps nn.Embedding's N(0, 1), the lecture's starting point.)
+            nn.init.normal_(self.token_embedding_table.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Number of parameters; all of them are the embedding table, so 0 with `non_embedding`."""

@@ -172,17 +172,15 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_ladder(args: argparse.Namespace) -> int:
     from . import ladder
+    from .ladder_run import run_ladder
 
     if args.list:
         print(ladder.format_list())
         return 0
-    steps = ladder.parse_steps(args.steps)
-    max_steps = None if args.seconds is not None else args.max_steps
-    if max_steps is None and args.seconds is None:
-        max_steps = ladder.DEFAULT_MAX_STEPS
-    results = ladder.run_ladder(steps, args.out, input=args.input, max_steps=max_steps,
-                                seconds=args.seconds, batch_size=args.batch_size,
-                                seed=args.seed, evals=args.evals)
+    budget = ladder.Budget(recipe=args.recipe, seeds=args.seeds, seed=args.seed,
+                           max_steps=args.max_steps, seconds=args.seconds,
+                           batch_size=args.batch_size, evals=args.evals)
+    results = run_ladder(ladder.parse_rungs(args.rungs), args.out, budget, input=args.input)
     if results and results[-1].status.startswith("interrupted"):
         return 130
     return 0
@@ -319,27 +317,37 @@ def build_parser() -> Parser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("ladder", help="train the lecture's steps (bigram ... GPT) and compare",
-                       description="Train each step of the lecture's model ladder with the same "
-                       "data, seed and budget, score each on the whole val split, and write a "
-                       "table, a plot of val curves and samples into --out.")
-    p.add_argument("--list", action="store_true", help="list the steps and their sizes, then exit")
-    p.add_argument("--steps", default="all", metavar="all|NAME,NAME",
-                   help="which steps to run, in ladder order (default: all); the 'gpu' "
-                   "step runs only where CUDA is available and is reported as not run otherwise")
+    p = sub.add_parser("ladder", help="retrace the lecture rung by rung, then go past it",
+                       description="Train each rung of the ladder (the lecture's model built "
+                       "up one idea at a time, then what small-model training added since), "
+                       "score each on the whole val split, and write a table with the "
+                       "lecture's own figures beside ours, curves and samples into --out.")
+    p.add_argument("--list", action="store_true", help="list the rungs and their sizes, then exit")
+    p.add_argument("--recipe", choices=("lecture", "fair"), default="lecture",
+                   help="'lecture': each lecture rung with the lecture's hyperparameters, so "
+                   "its figures can be checked; 'fair': one shared budget for every lecture "
+                   "rung (default: lecture). Rungs past the lecture share one budget in both")
+    p.add_argument("--rungs", "--steps", dest="rungs", default="all",
+                   metavar="all|lecture|modern|NAME,NAME",
+                   help="which rungs to run, in ladder order (default: all)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="train each rung N times with seeds seed, seed+1, ... and report the "
+                   "mean (default: 3 for the lecture's rungs, 1 past it)")
+    p.add_argument("--seed", type=int, default=1337, help="the first seed (default: 1337)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--max-steps", type=int, default=None, metavar="N",
-                        help="optimizer steps per ladder step (default: 2000)")
+                        help="train every rung N steps instead of its recipe's count")
     budget.add_argument("--seconds", type=float, default=None, metavar="S",
-                        help="train each step for S seconds instead of a step count")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size for every step")
-    p.add_argument("--seed", type=int, default=1337, help="seed shared by every step")
+                        help="train every rung for S seconds instead of a step count")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="batch size for every rung (default: the recipe's)")
     p.add_argument("--evals", type=int, default=20, metavar="N",
                    help="points on each val curve (training-time estimates; default: 20)")
     p.add_argument("--input", metavar="FILE", default=None,
                    help="text to train on (default: Tiny Shakespeare, downloaded once)")
     p.add_argument("--out", default="runs/ladder", metavar="DIR",
-                   help="one run directory per step plus the report (default: runs/ladder)")
+                   help="one run directory per rung and seed, plus the report "
+                   "(default: runs/ladder)")
     p.set_defaults(func=cmd_ladder)
 
     p = sub.add_parser("attention", help="draw a trained model's attention maps for a prompt")

@@ -78,6 +78,31 @@ class ModelConfig:
     """Initialise the projections into the residual stream to zero (blocks start as identity)."""
     norm_type: Literal["layernorm", "rmsnorm"] = "layernorm"
     """Normalisation layer used where `norm` places one: 'layernorm' or 'rmsnorm'."""
+    init: Literal["gpt2", "torch"] = "gpt2"
+    """Initial weights: 'gpt2' (normal, std 0.02, residual projections scaled down with depth)
+    or 'torch' (PyTorch's per-layer defaults, as the lecture's code uses)."""
+    attn_proj: bool = True
+    """Mix the concatenated heads with an output projection (the lecture adds it together
+    with residual connections)."""
+    mlp_proj: bool = True
+    """Project the MLP's hidden layer back to n_embd; off, the MLP is a single Linear plus
+    the activation, the lecture's first feed-forward layer (needs mlp_ratio 1)."""
+    qkv_bias: bool = True
+    """Biases on the query, key and value projections when `bias` is on (the lecture's heads
+    have none)."""
+    head_bias: bool = False
+    """A bias on the output head (the lecture's lm_head has one; GPT-2's has none)."""
+    attn_scale: Literal["head", "embd"] = "head"
+    """Divide attention scores by sqrt(head size), or by sqrt(n_embd) as the lecture's code
+    does (a slip its video corrects; it only differs with more than one head)."""
+    emb_dropout: bool = True
+    """Apply dropout to the summed embeddings too (GPT-2 does; the lecture's code does not)."""
+    value_embeds: bool = False
+    """Give each block a token-indexed table added to its attention values (value
+    embeddings, from the speedrun community); zero-initialised, so training switches it on."""
+    logit_softcap: float = 0.0
+    """Squash the output logits smoothly into (-cap, cap) with cap * tanh(logits / cap)
+    (0 = off)."""
 
     def __post_init__(self) -> None:
         _check(self.vocab_size >= 0, f"vocab_size must be >= 0, got {self.vocab_size}")
@@ -92,6 +117,11 @@ class ModelConfig:
             )
             _check(self.mlp_ratio >= 1, f"mlp_ratio must be >= 1, got {self.mlp_ratio}")
             _check(
+                self.mlp_proj or self.mlp_ratio == 1,
+                f"mlp_proj off makes the MLP one n_embd-wide layer; it needs mlp_ratio 1, "
+                f"got {self.mlp_ratio}",
+            )
+            _check(
                 self.pos_emb != "rope" or self.head_dim % 2 == 0,
                 f"pos_emb 'rope' needs an even head size, got n_embd/n_head = {self.head_dim}",
             )
@@ -100,6 +130,10 @@ class ModelConfig:
             f"rope_base must be > 1, got {self.rope_base}",
         )
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(
+            math.isfinite(self.logit_softcap) and self.logit_softcap >= 0.0,
+            f"logit_softcap must be >= 0, got {self.logit_softcap}",
+        )
 
     @property
     def head_dim(self) -> int:
@@ -166,8 +200,9 @@ class TrainConfig:
     """Muon's (Nesterov) momentum."""
     muon_ns_steps: int = 5
     """Newton-Schulz iterations Muon uses to orthogonalise each update."""
-    schedule: Literal["cosine", "wsd"] = "cosine"
-    """After warmup: 'cosine' decay to min_lr, or 'wsd' (stable at lr, then a linear cooldown)."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """After warmup: 'cosine' decay to min_lr, 'wsd' (stable at lr, then a linear cooldown)
+    or 'constant' (lr throughout, as in the lecture)."""
     cooldown_frac: float = 0.2
     """Fraction of the decay steps spent in the linear cooldown to min_lr (schedule 'wsd')."""
     eval_interval: int = 250

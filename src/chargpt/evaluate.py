@@ -61,11 +61,15 @@ def estimate_loss(
     return out
 
 
-def window_plan(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
-    """(start, first scored position) for windows that score each target exactly once."""
+def window_plan(n_tokens: int, block_size: int, tiled: bool = False) -> list[tuple[int, int]]:
+    """(start, first scored position) for windows that score each target exactly once.
+
+    Windows overlap by half, so every prediction after the first half-window has at least
+    half a block of history; `tiled` puts them back to back instead, so predictions see 1 to
+    block_size characters, the mix a training batch (and the lecture's estimate) averages."""
     n_targets = n_tokens - 1
     T = min(block_size, n_targets)
-    stride = max(1, T // 2)
+    stride = T if tiled else max(1, T // 2)
     starts = list(range(0, n_targets - T + 1, stride))
     if starts[-1] + T < n_targets:
         starts.append(n_targets - T)
@@ -85,12 +89,14 @@ def evaluate_tokens(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     autocast: Callable[[], Any] = contextlib.nullcontext,
+    tiled: bool = False,
 ) -> float:
-    """Mean cross-entropy (nats per character) of predicting every token after the first."""
+    """Mean cross-entropy (nats per character) of predicting every token after the first;
+    `tiled` scores back-to-back windows (see `window_plan`)."""
     if len(tokens) < 2:
         raise DataError("the text to evaluate needs at least 2 characters")
     T = min(block_size, len(tokens) - 1)
-    plan = window_plan(len(tokens), block_size)
+    plan = window_plan(len(tokens), block_size, tiled)
     offsets = np.arange(T + 1)
     total = torch.zeros((), dtype=torch.float64, device=device)
     with eval_mode(model):

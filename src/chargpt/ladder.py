@@ -1,129 +1,238 @@
-"""The lecture's ladder: each idea of "build GPT from scratch" as one preset, trained and scored.
+"""The ladder: the lecture's model built up one idea at a time, then what came after it, as data.
 
-The lecture grows its model one idea at a time (bigram, one attention head, several heads, an
-MLP, more blocks, residual connections, a wider MLP, LayerNorm, dropout, a bigger network) and
-quotes a loss after each. Here every rung is data, a `Step` naming the config switches it flips
-on the one `GPT` class, and `run_ladder` trains all requested rungs with the same data, seed,
-batch and step budget, then scores each on the whole validation split with `evaluate_tokens`.
-That makes the differences between rungs measurements rather than single-batch anecdotes.
-
-Steps are cumulative: a step's config is `BASE`, then the changes of every step on its chain of
-parents, then its own changes. Where chargpt's GPT differs from the lecture's code at a rung
-(it always has an attention output projection, and its MLP always projects back to n_embd),
-the step's `note` says so.
+"Build GPT from scratch" grows its model rung by rung (a bigram table, one attention head,
+several heads, a feed-forward layer, blocks, residual connections, LayerNorm, the scaled-up
+network) and quotes a validation loss after each. Every rung here is a `Rung`: the config
+switches it flips on the one `GPT` class, cumulative along its chain of parents. The lecture's
+part of the ladder uses the lecture's own modules (PyTorch-default initialisation, heads
+concatenated without a projection, a one-layer feed-forward net, ...); the part past the
+lecture starts from the lecture's model at laptop size and adds what small-model training
+learned since, one idea a rung. A `Recipe` says how each rung is trained: `lecture` with the
+hyperparameters the lecture's code uses at that rung (so its figures can be checked), `fair`
+with one shared budget for every lecture rung (so the rungs can be compared). The rungs past
+the lecture share one budget under both recipes. `Budget` holds what a user may change for a
+whole ladder run, validated once. Running is ladder_run.py; the report is ladder_report.py.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import math
-import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .config import Config, apply_overrides
 from .errors import ConfigError
 
 Overrides = dict[str, dict[str, Any]]
+Part = Literal["lecture", "modern"]
 
-DEFAULT_MAX_STEPS = 2000
-DEFAULT_BATCH_SIZE = 32
-DEFAULT_SEED = 1337
-DEFAULT_EVALS = 20
-SAMPLE_CHARS = 240
-# Seconds mode cannot know in advance how many steps fit, so the cosine schedule is stretched
-# over this many steps; within any practical time limit the learning rate barely decays.
-SECONDS_MODE_MAX_STEPS = 10_000_000
-
-# The lecture's small model: 32-wide embeddings, 8 characters of context, ReLU, no dropout.
-# Everything the later rungs add is switched off here. The optimiser recipe is chargpt's own
-# (AdamW, warmup then cosine decay, gradient clipping), the same for every rung.
-BASE: Overrides = {
-    "model": {
-        "arch": "gpt", "vocab_size": 0, "block_size": 8, "n_layer": 1, "n_head": 1,
-        "n_embd": 32, "dropout": 0.0, "bias": True, "norm": "none", "residual": False,
-        "mlp": False, "mlp_ratio": 1, "activation": "relu", "tie_weights": False,
-    },
-    "train": {
-        "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100, "weight_decay": 0.1,
-        "grad_clip": 1.0, "grad_accum": 1, "device": "auto", "dtype": "auto",
-    },
+# The lecture's first attention model: 32-wide embeddings, 8 characters of context, one head,
+# PyTorch's default initialisation, the lecture's module shapes. Later rungs switch parts on.
+BASE_MODEL: dict[str, Any] = {
+    "arch": "gpt", "vocab_size": 0, "block_size": 8, "n_layer": 1, "n_head": 1,
+    "n_embd": 32, "dropout": 0.0, "bias": True, "norm": "none", "norm_type": "layernorm",
+    "residual": False, "mlp": False, "mlp_ratio": 1, "mlp_proj": False, "activation": "relu",
+    "tie_weights": False, "pos_emb": "learned", "qk_norm": False, "zero_init_proj": False,
+    "init": "torch", "attn_proj": False, "qkv_bias": False, "head_bias": True,
+    "attn_scale": "embd", "emb_dropout": False, "value_embeds": False, "logit_softcap": 0.0,
 }
 
-# Budget keys belong to the ladder as a whole: a step may not give itself more training.
-_BUDGET_KEYS = {"max_steps", "batch_size", "seed", "grad_accum"}
+# The lecture's training loop: AdamW with PyTorch's defaults (weight decay 0.01, betas 0.9 and
+# 0.999), a constant learning rate, no warmup and no clipping, 5,000 steps of 32 sequences.
+LECTURE_TRAIN: dict[str, Any] = {
+    "optimizer": "adamw", "lr": 1e-3, "min_lr": 1e-3, "schedule": "constant",
+    "warmup_steps": 0, "weight_decay": 0.01, "beta1": 0.9, "beta2": 0.999, "grad_clip": 0.0,
+    "max_steps": 5000, "batch_size": 32,
+}
+
+# One budget for every lecture rung: the same steps, batch and schedule (warmup, cosine decay,
+# clipping), so that differences between rungs come from the models alone.
+FAIR_TRAIN: dict[str, Any] = {
+    "optimizer": "adamw", "lr": 1e-3, "min_lr": 1e-4, "schedule": "cosine",
+    "warmup_steps": 100, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.99, "grad_clip": 1.0,
+    "max_steps": 5000, "batch_size": 32,
+}
+
+# Past the lecture, under both recipes: the fair recipe's schedule at laptop size, 2,000 steps
+# of 16 sequences of 64 characters (two passes over Tiny Shakespeare).
+MODERN_TRAIN: dict[str, Any] = {**FAIR_TRAIN, "max_steps": 2000, "batch_size": 16}
+
+RECIPES: dict[str, str] = {
+    "lecture": "each lecture rung with the hyperparameters the lecture's code uses for it",
+    "fair": "every lecture rung with one budget: 5,000 steps of 32, warmup and cosine decay",
+}
+
+# Training-time estimates draw the curves only; cap their cost at about this many characters
+# per split (the lecture's 200 batches of 32 x 8), so that evaluation never dominates.
+EVAL_CHARS = 51_200
+LECTURE_EVAL_ITERS = 200  # the lecture's eval_iters
 
 
 @dataclass(frozen=True)
-class Step:
-    """One rung: a name, the idea in a few words, and the switches it changes."""
+class Rung:
+    """One idea: its switches, where it sits, and what the lecture says it scores.
+
+    `changes` are inherited by every rung whose chain of parents passes through this one;
+    `lecture_train` and `fair_train` apply to this rung alone under that recipe. `quote` is the
+    lecture's own figure (val loss), `quote_source` where it is said, and `reference` what the
+    lecture's scripts printed on a 2-core CPU like ours (their random-batch estimate).
+    """
 
     name: str
     idea: str
-    changes: Overrides
+    part: Part
+    changes: Overrides = field(default_factory=dict)
     parent: str | None = None
-    needs_cuda: bool = False
+    lecture_train: dict[str, Any] = field(default_factory=dict)
+    fair_train: dict[str, Any] = field(default_factory=dict)
+    quote: float | None = None
+    quote_source: str = ""
+    reference: float | None = None
+    cpu_max_steps: int | None = None
     note: str = ""
 
 
-STEPS: tuple[Step, ...] = (
-    Step("bigram", "next char from the current char alone (a lookup table)",
-         {"model": {"arch": "bigram"}, "train": {"lr": 1e-2, "min_lr": 1e-3}},
-         note="lr 1e-2 as in the lecture: a lone table learns slowly at 1e-3"),
-    Step("one-head", "one masked self-attention head over the last 8 chars",
-         {"model": {"n_layer": 1, "n_head": 1}},
-         note="chargpt's attention keeps its output projection (the lecture has none here)"),
-    Step("multi-head", "4 heads of size 8 instead of one of size 32",
-         {"model": {"n_head": 4}}, parent="one-head"),
-    Step("mlp", "a feed-forward layer after attention (n_embd wide, ReLU)",
-         {"model": {"mlp": True}}, parent="multi-head",
-         note="chargpt's MLP projects back to n_embd (the lecture's is Linear + ReLU only)"),
-    Step("three-blocks", "stack 3 attention + MLP blocks, no residuals",
-         {"model": {"n_layer": 3}}, parent="mlp"),
-    Step("residual", "add each sub-layer's output to its input",
-         {"model": {"residual": True}}, parent="three-blocks"),
-    Step("mlp-4x", "MLP hidden layer 4x wider than the stream",
-         {"model": {"mlp_ratio": 4}}, parent="residual"),
-    Step("post-ln", "LayerNorm after each residual add (2017 Transformer)",
-         {"model": {"norm": "post"}}, parent="mlp-4x"),
-    Step("pre-ln", "LayerNorm before each sub-layer (GPT-2)",
-         {"model": {"norm": "pre"}}, parent="mlp-4x"),
-    Step("dropout", "dropout 0.2 on attention, residual branches, embeddings",
-         {"model": {"dropout": 0.2}}, parent="pre-ln"),
-    Step("bigger", "4 layers, 4 heads, 128 wide, 64 chars of context",
-         {"model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64}},
-         parent="dropout",
-         note="a CPU-sized scale-up; the lecture's is 6 layers, 6 heads, 384 wide, 256 context"),
-    Step("gpu", "the lecture's full size (6x6x384, 256 context) on a CUDA GPU",
-         {"model": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256},
-          "train": {"lr": 3e-4, "min_lr": 3e-5, "device": "cuda"}},
-         parent="bigger", needs_cuda=True,
-         note="runs only when CUDA is available; never run on CPU, so no number is claimed"),
+def _m(**switches: Any) -> Overrides:
+    return {"model": switches}
+
+
+RUNGS: tuple[Rung, ...] = (
+    Rung("bigram", "next char from the current char alone (a lookup table)", "lecture",
+         _m(arch="bigram"), lecture_train={"lr": 1e-2, "min_lr": 1e-2, "max_steps": 3000},
+         fair_train={"lr": 1e-2, "min_lr": 1e-3}, quote=2.49, quote_source="video",
+         reference=2.491, note="learning rate 1e-2 under both recipes, as in the lecture: a "
+         "table started at PyTorch's N(0, 1) does not converge at 1e-3 (2.78 after 5,000 "
+         "steps, measured)"),
+    Rung("one-head", "one masked self-attention head (size 32) over the last 8 chars",
+         "lecture", quote=2.4, quote_source="video; commit: 2.5", reference=2.408),
+    Rung("multi-head", "4 heads of size 8, concatenated", "lecture", _m(n_head=4),
+         "one-head", quote=2.28, quote_source="commit", reference=2.286),
+    Rung("feed-forward", "a Linear + ReLU layer after attention", "lecture", _m(mlp=True),
+         "multi-head", quote=2.24, quote_source="commit", reference=2.241),
+    Rung("blocks", "3 blocks of attention + feed-forward, no residuals", "lecture",
+         _m(n_layer=3), "feed-forward"),
+    Rung("residual", "residual connections, projections, a 4x wider feed-forward", "lecture",
+         _m(residual=True, attn_proj=True, mlp_proj=True, mlp_ratio=4), "blocks",
+         quote=2.08, quote_source="video", reference=2.081),
+    Rung("layernorm", "LayerNorm before each sub-layer and before the head", "lecture",
+         _m(norm="pre"), "residual", quote=2.06, quote_source="commit", reference=2.059),
+    Rung("scaled-up", "6 layers, 6 heads, 384 wide, 256 chars, dropout 0.2", "lecture",
+         _m(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2), "layernorm",
+         lecture_train={"lr": 3e-4, "min_lr": 3e-4, "batch_size": 64},
+         quote=1.48, quote_source="video", cpu_max_steps=40,
+         note="on a CPU only the first 40 steps (a step takes ~20 s on 2 cores; the "
+         "lecture's 5,000 would take more than a day)"),
+    Rung("laptop", "the lecture's model at laptop size: 4 layers, 4 heads, 128 wide, "
+         "64 chars", "modern", _m(n_layer=4, n_head=4, n_embd=128, block_size=64),
+         "layernorm"),
+    Rung("gpt2", "GPT-2's conventions: std-0.02 init, GELU, tied head, scale by head size",
+         "modern", _m(init="gpt2", activation="gelu", tie_weights=True, head_bias=False,
+                      qkv_bias=True, attn_scale="head"), "laptop"),
+    Rung("rope", "rotary position embeddings instead of learned ones", "modern",
+         _m(pos_emb="rope"), "gpt2"),
+    Rung("rmsnorm", "RMSNorm instead of LayerNorm", "modern", _m(norm_type="rmsnorm"),
+         "rope"),
+    Rung("relu2", "ReLU squared instead of GELU", "modern", _m(activation="relu2"), "rmsnorm"),
+    Rung("qk-norm", "RMS-normalised queries and keys", "modern", _m(qk_norm=True), "relu2"),
+    Rung("zero-init", "projections into the residual stream start at zero", "modern",
+         _m(zero_init_proj=True), "qk-norm"),
+    Rung("no-bias", "no biases anywhere", "modern", _m(bias=False), "zero-init"),
+    Rung("untied", "separate input embedding and output head", "modern",
+         _m(tie_weights=False), "no-bias"),
+    Rung("muon", "Muon (orthogonalised momentum) for the blocks' matrices", "modern",
+         {"train": {"optimizer": "muon", "muon_lr": 0.02, "muon_momentum": 0.95}}, "untied"),
+    Rung("wsd", "warmup-stable-decay: full rate, then a linear cooldown", "modern",
+         {"train": {"schedule": "wsd", "cooldown_frac": 0.5}}, "muon"),
+    Rung("value-embeds", "a per-block token table added to the attention values", "modern",
+         _m(value_embeds=True), "wsd"),
+    Rung("softcap", "logits soft-capped at 15 with tanh", "modern", _m(logit_softcap=15.0),
+         "value-embeds"),
 )
 
-STEP_NAMES: tuple[str, ...] = tuple(s.name for s in STEPS)
-_BY_NAME = {s.name: s for s in STEPS}
+RUNG_NAMES: tuple[str, ...] = tuple(r.name for r in RUNGS)
+_BY_NAME = {r.name: r for r in RUNGS}
+PARTS: dict[str, Part] = {"lecture": "lecture", "modern": "modern"}
+DEFAULT_SEEDS: dict[Part, int] = {"lecture": 3, "modern": 1}
 
 
-def get_step(name: str) -> Step:
+def get_rung(name: str) -> Rung:
     if name not in _BY_NAME:
-        raise ConfigError(f"unknown ladder step {name!r} (available: {', '.join(STEP_NAMES)})")
+        raise ConfigError(f"unknown ladder rung {name!r} (available: {', '.join(RUNG_NAMES)})")
     return _BY_NAME[name]
 
 
-def parse_steps(spec: str) -> list[Step]:
-    """'all' or comma-separated step names, returned in ladder order without duplicates."""
-    spec = spec.strip()
-    if spec == "all":
-        return list(STEPS)
+def parse_rungs(spec: str) -> list[Rung]:
+    """'all', 'lecture', 'modern' or comma-separated names, in ladder order, no duplicates."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
-        raise ConfigError(f"--steps needs 'all' or step names (available: {', '.join(STEP_NAMES)})")
-    wanted = {get_step(n).name for n in names}
-    return [s for s in STEPS if s.name in wanted]
+        raise ConfigError("--rungs needs 'all', 'lecture', 'modern' or rung names "
+                          f"(available: {', '.join(RUNG_NAMES)})")
+    wanted: set[str] = set()
+    for n in names:
+        if n == "all":
+            wanted.update(RUNG_NAMES)
+        elif n in PARTS:
+            wanted.update(r.name for r in RUNGS if r.part == n)
+        else:
+            wanted.add(get_rung(n).name)
+    return [r for r in RUNGS if r.name in wanted]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How a whole ladder run is trained; anything left None comes from the recipe."""
+
+    recipe: str = "lecture"
+    seeds: int | None = None  # runs per rung; None: 3 for lecture rungs, 1 past the lecture
+    seed: int = 1337  # the first seed; further runs use seed + 1, seed + 2, ...
+    max_steps: int | None = None  # every rung trains this many steps instead
+    seconds: float | None = None  # every rung trains this long instead
+    batch_size: int | None = None
+    evals: int = 20  # points on each training curve
+    sample_chars: int = 240
+    cuda: bool = False  # whether rungs run on a CUDA GPU (then nothing is cut short)
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        check(self.recipe in RECIPES,
+              f"unknown recipe {self.recipe!r} (available: {', '.join(RECIPES)})")
+        check(self.seeds is None or self.seeds >= 1, f"--seeds must be >= 1, got {self.seeds}")
+        check(self.max_steps is None or self.max_steps >= 1,
+              f"--max-steps must be >= 1, got {self.max_steps}")
+        check(self.max_steps is None or self.seconds is None,
+              "give the ladder either --max-steps or --seconds, not both")
+        check(self.seconds is None or (self.seconds > 0 and self.seconds != float("inf")),
+              f"--seconds must be > 0, got {self.seconds}")
+        check(self.batch_size is None or self.batch_size >= 1,
+              f"--batch-size must be >= 1, got {self.batch_size}")
+        check(self.evals >= 1, f"--evals must be >= 1, got {self.evals}")
+        check(self.sample_chars >= 0, f"sample_chars must be >= 0, got {self.sample_chars}")
+
+    def seeds_for(self, rung: Rung) -> list[int]:
+        n = self.seeds if self.seeds is not None else DEFAULT_SEEDS[rung.part]
+        if rung.cpu_max_steps is not None and self.reduced(rung) and self.seeds is None:
+            n = 1  # a reduced run of the big model is a glimpse, not a measurement
+        return [self.seed + i for i in range(n)]
+
+    def reduced(self, rung: Rung) -> bool:
+        """Whether the rung is cut to its CPU budget (no CUDA, and no budget of the user's)."""
+        return (rung.cpu_max_steps is not None and not self.cuda
+                and self.max_steps is None and self.seconds is None)
+
+
+# Seconds mode cannot know in advance how many steps fit, so schedules are stretched over
+# this many steps; within any practical time limit a decaying rate barely moves.
+SECONDS_MODE_MAX_STEPS = 10_000_000
+
+
+def _chain(rung: Rung) -> list[Rung]:
+    chain = [rung]
+    while chain[-1].parent is not None:
+        chain.append(get_rung(chain[-1].parent))
+    return chain[::-1]  # oldest first
 
 
 def _merge(into: Overrides, changes: Overrides) -> None:
@@ -131,299 +240,69 @@ def _merge(into: Overrides, changes: Overrides) -> None:
         into.setdefault(section, {}).update(values)
 
 
-def step_overrides(step: Step | str) -> Overrides:
-    """BASE plus the changes of the step's parents (oldest first) and of the step itself."""
-    step = get_step(step) if isinstance(step, str) else step
-    chain = [step]
-    while chain[-1].parent is not None:
-        chain.append(get_step(chain[-1].parent))
-    merged: Overrides = {section: dict(values) for section, values in BASE.items()}
-    for s in reversed(chain):
-        leaked = _BUDGET_KEYS & set(s.changes.get("train", {}))
-        if leaked:  # a bug in STEPS, not user input
-            raise AssertionError(f"step {s.name} changes the shared budget: {sorted(leaked)}")
-        _merge(merged, s.changes)
-    return merged
+def rung_train(rung: Rung, budget: Budget) -> dict[str, Any]:
+    """The rung's [train] settings under the budget's recipe, before the budget's overrides."""
+    if rung.part == "modern":
+        return dict(MODERN_TRAIN)
+    if budget.recipe == "lecture":
+        return {**LECTURE_TRAIN, **rung.lecture_train}
+    return {**FAIR_TRAIN, **rung.fair_train}
 
 
-def step_config(
-    step: Step | str,
+def rung_config(
+    rung: Rung | str,
+    budget: Budget,
     *,
-    max_steps: int | None = DEFAULT_MAX_STEPS,
-    seconds: float | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    seed: int = DEFAULT_SEED,
+    seed: int | None = None,
     out_dir: str | Path = "",
     data_dir: str | Path = "",
     vocab_size: int = 0,
-    evals: int = DEFAULT_EVALS,
 ) -> Config:
-    """The full config of one step under the ladder's shared budget.
-
-    `evals` is how many points each val curve gets (with a step budget): the training-time
-    estimates that draw the curves, not the whole-split scores in the table.
-    """
-    overrides = step_overrides(step)
-    if evals < 1:
-        raise ConfigError(f"--evals must be >= 1, got {evals}")
-    if seconds is not None:
-        steps, eval_interval = SECONDS_MODE_MAX_STEPS, 250
-    else:
-        if max_steps is None or max_steps < 1:
-            raise ConfigError(f"--max-steps must be >= 1, got {max_steps}")
-        steps, eval_interval = max_steps, max(1, max_steps // evals)
+    """The full config of one run of `rung` under `budget`."""
+    rung = get_rung(rung) if isinstance(rung, str) else rung
+    overrides: Overrides = {"model": dict(BASE_MODEL), "train": rung_train(rung, budget)}
+    for r in _chain(rung):
+        _merge(overrides, r.changes)
+    train = overrides["train"]
+    if budget.batch_size is not None:
+        train["batch_size"] = budget.batch_size
+    if budget.seconds is not None:
+        train["max_steps"] = SECONDS_MODE_MAX_STEPS
+    elif budget.max_steps is not None:
+        train["max_steps"] = budget.max_steps
+    elif budget.reduced(rung):
+        train["max_steps"] = rung.cpu_max_steps
+    steps = train["max_steps"]
+    block = overrides["model"]["block_size"]
+    iters = min(LECTURE_EVAL_ITERS, max(1, EVAL_CHARS // (train["batch_size"] * block)))
     _merge(overrides, {
         "model": {"vocab_size": vocab_size},
         "data": {"data_dir": str(data_dir)},
         "train": {
-            "max_steps": steps, "batch_size": batch_size, "seed": seed,
-            "eval_interval": eval_interval, "eval_iters": 50, "log_interval": 50,
-            "warmup_steps": min(overrides["train"]["warmup_steps"], max(steps // 10, 1)),
-            "out_dir": str(out_dir), "sample_chars": 0, "progress": False,
+            "seed": budget.seed if seed is None else seed, "grad_accum": 1,
+            "eval_interval": 250 if budget.seconds is not None else max(1, steps // budget.evals),
+            "eval_iters": iters, "log_interval": 50, "out_dir": str(out_dir),
+            "warmup_steps": min(train["warmup_steps"], max(steps // 10, 0)),
+            "sample_chars": 0, "progress": False, "device": "auto", "dtype": "auto",
         },
     })
-    name = step if isinstance(step, str) else step.name
-    return apply_overrides(Config(), overrides, f"ladder step {name}")
+    return apply_overrides(Config(), overrides, f"ladder rung {rung.name}")
 
 
-def count_params(step: Step | str, vocab_size: int = 65) -> int:
-    """Parameters of the step's model at `vocab_size`, counted without allocating weights."""
+def count_params(rung: Rung | str, vocab_size: int = 65) -> int:
+    """Parameters of the rung's model at `vocab_size`, counted without allocating weights."""
     import torch
 
     from .model import build_model
 
-    cfg = step_config(step, vocab_size=vocab_size)
+    cfg = rung_config(rung, Budget(), vocab_size=vocab_size)
     with torch.device("meta"):
         return int(build_model(cfg.model).num_params())
 
 
 def format_list(vocab_size: int = 65) -> str:
-    """The `chargpt ladder --list` text: one line per step."""
-    lines = [f"{'step':<13} {'params':>10}  idea (parameters at vocab {vocab_size})"]
-    for s in STEPS:
-        extra = "  [needs CUDA]" if s.needs_cuda else ""
-        lines.append(f"{s.name:<13} {count_params(s, vocab_size):>10,}  {s.idea}{extra}")
+    """The `chargpt ladder --list` text: one line per rung."""
+    lines = [f"{'rung':<13} {'part':<8} {'params':>10}  idea (parameters at vocab {vocab_size})"]
+    for r in RUNGS:
+        lines.append(f"{r.name:<13} {r.part:<8} {count_params(r, vocab_size):>10,}  {r.idea}")
     return "\n".join(lines)
-
-
-# --- running ------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepResult:
-    """What one step measured (losses in nats per character over whole splits)."""
-
-    name: str
-    idea: str
-    params: int
-    status: str = "done"  # or "skipped: <reason>"
-    steps: int = 0
-    train_loss: float = math.nan
-    val_loss: float = math.nan
-    seconds: float = math.nan
-    device: str = ""
-    run_dir: str = ""
-    sample: str = ""
-    note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def bpc(self) -> float:
-        return self.val_loss / math.log(2)
-
-    @property
-    def ran(self) -> bool:
-        return self.status == "done"
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def train_slice(train: Any, n: int) -> Any:
-    """The last `n` training characters, the ones just before the val split.
-
-    Scoring all of a large train split would cost as much as the training itself; a slice as
-    long as the val split measures the fit just as well and keeps the two numbers comparable.
-    """
-    return train[max(0, len(train) - n):]
-
-
-def run_step(
-    step: Step,
-    out: Path,
-    data_dir: Path,
-    *,
-    max_steps: int | None,
-    seconds: float | None,
-    batch_size: int,
-    seed: int,
-    vocab_size: int,
-    sample_chars: int = SAMPLE_CHARS,
-    evals: int = DEFAULT_EVALS,
-    eval_batch_size: int = 256,
-) -> StepResult:
-    """Train one step in `out/<name>`, then score both whole splits and draw a sample."""
-    from .launch import new_trainer
-    from .run import load_run
-
-    result = StepResult(step.name, step.idea, count_params(step, vocab_size), note=step.note)
-    if step.needs_cuda and not _cuda_available():
-        result.status = "skipped: needs a CUDA GPU, none available"
-        return result
-    cfg = step_config(step, max_steps=max_steps, seconds=seconds, batch_size=batch_size,
-                      seed=seed, out_dir=out / step.name, data_dir=data_dir, evals=evals)
-    trainer = new_trainer(cfg, quiet=True)
-    trained = trainer.run(time_limit=seconds)
-    if trained.interrupted_by is not None:
-        # Ctrl-C or SIGTERM: the trainer saved last/; report the rung as unfinished and stop.
-        result.status = f"interrupted at step {trained.step}"
-        result.steps, result.run_dir = trained.step, str(trained.run_dir)
-        return result
-    # The final weights, not the best-on-a-few-batches ones: every step gets the same budget.
-    run = load_run(trained.run_dir, "last", device=str(trainer.device))
-    data = trainer.data
-    result.steps = trained.step
-    result.seconds = trained.elapsed
-    result.device = run.device.type
-    result.run_dir = str(trained.run_dir)
-    result.val_loss = run.evaluate_ids(data.val, batch_size=eval_batch_size)
-    result.train_loss = run.evaluate_ids(train_slice(data.train, len(data.val)),
-                                         batch_size=eval_batch_size)
-    if sample_chars:
-        # Recomputing the context keeps exactly block_size characters of history per step.
-        result.sample = run.generate("\n", sample_chars, seed=seed, use_cache=False)
-    return result
-
-
-def run_ladder(
-    steps: Sequence[Step],
-    out: str | Path,
-    *,
-    input: str | Path | None = None,
-    max_steps: int | None = DEFAULT_MAX_STEPS,
-    seconds: float | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    seed: int = DEFAULT_SEED,
-    sample_chars: int = SAMPLE_CHARS,
-    evals: int = DEFAULT_EVALS,
-    log: Callable[[str], None] = print,
-) -> list[StepResult]:
-    """Train and score `steps` on one prepared copy of `input`; write the report into `out`.
-
-    The report (ladder.md, ladder.csv, ladder.json, ladder.png, samples.md) is rewritten after
-    every step, so an interrupted ladder still leaves the rungs it finished.
-    """
-    from .datasets import fetch
-    from .preparation import prepare
-    from .prepared import load_prepared
-
-    if (max_steps is None) == (seconds is None):
-        raise ConfigError("give the ladder a budget of either max_steps or seconds")
-    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
-        raise ConfigError(f"--seconds must be > 0, got {seconds}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    out = Path(out)
-    taken = [s.name for s in steps if (out / s.name / "config.json").exists()]
-    if taken:
-        raise ConfigError(f"{out} already holds ladder runs ({', '.join(taken)}); "
-                          "choose another --out")
-    for s in steps:  # fail on an impossible config before any data or training work
-        step_config(s, max_steps=max_steps, seconds=seconds, batch_size=batch_size, seed=seed,
-                    evals=evals)
-    source = Path(input) if input else fetch("shakespeare", progress=True)
-    data_dir = out / "data"
-    prepare(source, data_dir)
-    data = load_prepared(data_dir)
-    budget = f"{max_steps} steps" if seconds is None else f"{seconds:g} s"
-    log(f"ladder: {len(steps)} step(s), {budget} each at batch {batch_size}, seed {seed}, "
-        f"on {source} ({len(data.train):,} train / {len(data.val):,} val chars) -> {out}")
-    results: list[StepResult] = []
-    for i, step in enumerate(steps, 1):
-        t0 = time.perf_counter()
-        r = run_step(step, out, data_dir, max_steps=max_steps, seconds=seconds,
-                     batch_size=batch_size, seed=seed, vocab_size=data.vocab_size,
-                     sample_chars=sample_chars, evals=evals)
-        results.append(r)
-        if r.ran:
-            log(f"[{i}/{len(steps)}] {r.name:<13} {r.params:>10,} params  train {r.train_loss:.4f}"
-                f"  val {r.val_loss:.4f}  {r.bpc:.3f} bits/char  {r.seconds:.0f}s train "
-                f"({time.perf_counter() - t0:.0f}s with scoring)")
-        else:
-            log(f"[{i}/{len(steps)}] {r.name:<13} {r.status}")
-        write_report(results, out, budget=budget, batch_size=batch_size, seed=seed,
-                     source=str(source))
-        if r.status.startswith("interrupted"):
-            log(f"stopped: the ladder was interrupted during {r.name}; the report in {out} "
-                "covers the steps before it")
-            return results
-    log(f"wrote {out / 'ladder.md'}, ladder.csv, ladder.png and samples.md")
-    return results
-
-
-# --- the report ---------------------------------------------------------------------------------
-
-
-def _num(x: float, fmt: str) -> str:
-    return format(x, fmt) if math.isfinite(x) else ""
-
-
-def format_markdown_table(results: Sequence[StepResult]) -> str:
-    lines = [
-        "| step | idea | parameters | train loss | val loss | bits/char | seconds |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        if r.ran:
-            cells = [f"{r.params:,}", _num(r.train_loss, ".4f"), _num(r.val_loss, ".4f"),
-                     _num(r.bpc, ".3f"), _num(r.seconds, ".0f")]
-            idea = r.idea
-        else:
-            cells = [f"{r.params:,}", "not run", "", "", ""]
-            idea = f"{r.idea} ({r.status.removeprefix('skipped: ')})"
-        lines.append(f"| {r.name} | {idea} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-CSV_COLUMNS = ("step", "idea", "parameters", "train_loss", "val_loss", "bits_per_char",
-               "seconds", "steps", "device", "status")
-
-
-def write_csv(results: Sequence[StepResult], path: Path) -> None:
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
-        for r in results:
-            w.writerow([r.name, r.idea, r.params, _num(r.train_loss, ".4f"),
-                        _num(r.val_loss, ".4f"), _num(r.bpc, ".4f"), _num(r.seconds, ".1f"),
-                        r.steps, r.device, r.status])
-
-
-def write_report(
-    results: Sequence[StepResult], out: Path, *, budget: str, batch_size: int, seed: int,
-    source: str,
-) -> None:
-    from .plots import plot_ladder_curves
-    from .rundir import RunDir
-
-    out.mkdir(parents=True, exist_ok=True)
-    header = (f"Each step trained for {budget} at batch {batch_size}, seed {seed}, on {source}. "
-              "Losses are nats per character of the final weights: val over the whole val "
-              "split, train over the last train characters (as many as val has).\n\n")
-    (out / "ladder.md").write_text(header + format_markdown_table(results), encoding="utf-8")
-    write_csv(results, out / "ladder.csv")
-    rows = [{**{k: v for k, v in vars(r).items() if k != "extra"}, "bits_per_char": r.bpc}
-            for r in results]
-    (out / "ladder.json").write_text(
-        json.dumps(rows, indent=2, default=str).replace("NaN", "null") + "\n", encoding="utf-8")
-    samples = []
-    for r in results:
-        body = f"```\n{r.sample.strip(chr(10))}\n```" if r.ran else f"({r.status})"
-        samples.append(f"### {r.name}\n\n{body}\n")
-    (out / "samples.md").write_text("\n".join(samples), encoding="utf-8")
-    curves = {r.name: RunDir(Path(r.run_dir)).read_metrics() for r in results if r.run_dir}
-    plot_ladder_curves(curves, out / "ladder.png",
-                       title=f"val loss per ladder step ({budget}, batch {batch_size})")

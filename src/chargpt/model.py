@@ -84,8 +84,14 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
         self.use_sdpa = True
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # the lecture's code divides by sqrt(n_embd) (a slip): keep it reproducible
+        self.scale = 1.0 / math.sqrt(config.head_dim if config.attn_scale == "head"
+                                     else config.n_embd)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd,
+                                bias=config.bias and config.qkv_bias)
+        # without a projection the heads' outputs, side by side, are the result
+        self.c_proj = (nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+                       if config.attn_proj else None)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -95,12 +101,16 @@ class CausalSelfAttention(nn.Module):
         kv_cache: KVCache | None = None,
         need_weights: bool = False,
         rope: tuple[Tensor, Tensor] | None = None,
+        ve: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Return the attention output (B, T, C) and, if `need_weights`, the softmax weights
         (B, nh, T, T_total), where T_total counts cached positions too. `rope` is the (cos,
-        sin) pair of the new tokens' positions when positions are rotary."""
+        sin) pair of the new tokens' positions when positions are rotary; `ve` (B, T, C), the
+        tokens' value embeddings, is added to the values."""
         B, T, C = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C)
+        if ve is not None:
+            qkv = torch.cat((qkv[..., : 2 * C], qkv[..., 2 * C :] + ve), dim=-1)
         if self.qk_norm or rope is not None:
             # queries and keys side by side, so each transform runs once for both
             qk = qkv[..., : 2 * C].view(B, T, 2 * self.n_head, self.head_dim)  # (B, T, 2nh, hs)
@@ -126,23 +136,27 @@ class CausalSelfAttention(nn.Module):
         if self.use_sdpa and not need_weights:
             p = self.dropout if self.training else 0.0
             if t_total == T:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                                   scale=self.scale)
             elif T == 1:
                 # the single newest query may see every cached key: nothing to mask
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
             else:
                 # is_causal aligns its triangle to the top-left, wrong when keys precede queries
                 mask = causal_mask(T, t_total, x.device)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                   scale=self.scale)
         else:
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, Tt)
+            att = (q @ k.transpose(-2, -1)) * self.scale  # (B, nh, T, T_total)
             att = att.masked_fill(~causal_mask(T, t_total, x.device), float("-inf"))
             att = F.softmax(att, dim=-1)
             if need_weights:
                 weights = att
             y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
-        return self.resid_dropout(self.c_proj(y)), weights
+        if self.c_proj is not None:
+            y = self.c_proj(y)
+        return self.resid_dropout(y), weights
 
 
 class MLP(nn.Module):
@@ -150,7 +164,8 @@ class MLP(nn.Module):
 
     Attention moves information between positions; this is where each position processes what
     it gathered. The hidden width is `mlp_ratio * n_embd` and the activation GELU, ReLU or
-    ReLU squared.
+    ReLU squared. Without `mlp_proj` it is the lecture's first feed-forward layer: one
+    n_embd-wide Linear and the activation, nothing projected back.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -162,11 +177,13 @@ class MLP(nn.Module):
             else ReLUSquared() if config.activation == "relu2"
             else nn.ReLU()
         )
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_proj = (nn.Linear(hidden, config.n_embd, bias=config.bias)
+                       if config.mlp_proj else None)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        h = self.act(self.c_fc(x))  # (B, T, mlp_ratio * C)
+        return self.dropout(self.c_proj(h) if self.c_proj is not None else h)
 
 
 class ReLUSquared(nn.Module):
@@ -207,15 +224,16 @@ class Block(nn.Module):
         kv_cache: KVCache | None = None,
         need_weights: bool = False,
         rope: tuple[Tensor, Tensor] | None = None,
+        ve: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Return the new residual stream (B, T, C) and the attention weights if asked for."""
         if self.norm == "post":
-            a, weights = self.attn(x, kv_cache, need_weights, rope)
+            a, weights = self.attn(x, kv_cache, need_weights, rope, ve)
             x = self.ln_1(self._sublayer(x, a))
             if self.mlp is not None and self.ln_2 is not None:
                 x = self.ln_2(self._sublayer(x, self.mlp(x)))
         else:  # 'pre', or 'none' where ln_1/ln_2 are identities
-            a, weights = self.attn(self.ln_1(x), kv_cache, need_weights, rope)
+            a, weights = self.attn(self.ln_1(x), kv_cache, need_weights, rope, ve)
             x = self._sublayer(x, a)
             if self.mlp is not None and self.ln_2 is not None:
                 x = self._sublayer(x, self.mlp(self.ln_2(x)))
@@ -241,10 +259,15 @@ class GPT(nn.Module):
         if config.pos_emb == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         modules.update(
-            drop=nn.Dropout(config.dropout),
+            drop=nn.Dropout(config.dropout) if config.emb_dropout else nn.Identity(),
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             ln_f=make_norm(config) if config.norm != "none" else nn.Identity(),
         )
+        if config.value_embeds:
+            # one table per block: (vocab_size, n_embd), added to that block's values
+            modules["ve"] = nn.ModuleList(
+                nn.Embedding(config.vocab_size, config.n_embd) for _ in range(config.n_layer)
+            )
         self.transformer = nn.ModuleDict(modules)
         self.use_rope = config.pos_emb == "rope"
         if self.use_rope:
@@ -253,10 +276,16 @@ class GPT(nn.Module):
                                    config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.head_bias)
         if config.tie_weights:
             self.transformer.wte.weight = self.lm_head.weight
-        self.apply(self._init_weights)
+        self._init_parameters()
+
+    def _init_parameters(self) -> None:
+        """GPT-2's initialisation, or PyTorch's layer defaults (already in place) for 'torch'."""
+        config = self.config
+        if config.init == "gpt2":
+            self.apply(self._init_weights)
         # Each block adds two projections into the residual stream; shrinking them keeps the
         # stream's variance from growing with depth (GPT-2's scaled initialisation).
         resid_std = 0.02 / math.sqrt(2 * config.n_layer)
@@ -266,8 +295,11 @@ class GPT(nn.Module):
                     # every block starts as the identity; the gradient still reaches c_proj
                     # (through its input), so the block switches on at the first step
                     nn.init.zeros_(p)
-                else:
+                elif config.init == "gpt2":
                     nn.init.normal_(p, mean=0.0, std=resid_std)
+            elif name.startswith("transformer.ve."):
+                # value embeddings start as a no-op; their gradient is that of the values
+                nn.init.zeros_(p)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -282,14 +314,14 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         """Number of parameters, a tied matrix counted once.
 
-        With `non_embedding`, the token and position embedding tables are left out (as in
-        scaling-law papers); with tied weights that also leaves out the output head's matrix.
+        With `non_embedding`, the token, position and value embedding tables are left out (as
+        in scaling-law papers); with tied weights that also leaves out the output head's
+        matrix.
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wte.weight.numel()
-            if "wpe" in self.transformer:
-                n -= self.transformer.wpe.weight.numel()
+            n -= sum(m.weight.numel() for m in self.transformer.modules()
+                     if isinstance(m, nn.Embedding))
         return n
 
     def forward(
@@ -299,13 +331,23 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         x, rope = self._embed(idx, kv_cache)
-        for block in self.transformer.h:
-            x, _ = block(x, kv_cache, False, rope)
+        for i, block in enumerate(self.transformer.h):
+            x, _ = block(x, kv_cache, False, rope, self._value_embed(i, idx))
         if kv_cache is not None:
             kv_cache.advance(idx.size(1))
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        logits = self._logits(self.lm_head(self.transformer.ln_f(x)))  # (B, T, vocab_size)
         loss = language_model_loss(logits, targets) if targets is not None else None
         return logits, loss
+
+    def _value_embed(self, layer: int, idx: Tensor) -> Tensor | None:
+        """Block `layer`'s value embeddings of the tokens `idx`, (B, T, C), if it has them."""
+        return self.transformer.ve[layer](idx) if "ve" in self.transformer else None
+
+    def _logits(self, logits: Tensor) -> Tensor:
+        """The head's output, soft-capped if the config asks for it."""
+        cap = self.config.logit_softcap
+        # tanh saturates smoothly: confident logits stop growing without a hard clip
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def _embed(
         self, idx: Tensor, kv_cache: KVCache | None
@@ -370,6 +412,9 @@ class GPT(nn.Module):
         for layer, block in enumerate(tr.h):
             attn = block.attn
             qkv = F.linear(block.ln_1(x), attn.c_attn.weight, attn.c_attn.bias)  # (B, 3C)
+            if "ve" in tr:
+                qkv = torch.cat((qkv[:, : 2 * C], qkv[:, 2 * C :] + tr.ve[layer].weight[idx[:, 0]]),
+                                dim=-1)
             qkv = qkv.view(B, 3, nh, hs)
             qk = qkv[:, :2]  # (B, 2, nh, hs)
             if attn.qk_norm:
@@ -381,15 +426,17 @@ class GPT(nn.Module):
             keys[:, :, slot] = qk[:, 1]
             values[:, :, slot] = qkv[:, 2]
             q = qk[:, 0].unsqueeze(2)  # (B, nh, 1, hs)
-            att = (q @ keys[:, :, :n_keys].transpose(-2, -1)) * (1.0 / math.sqrt(hs))
-            y = att.softmax(dim=-1) @ values[:, :, :n_keys]  # (B, nh, 1, hs)
-            x = x + F.linear(y.view(B, C), attn.c_proj.weight, attn.c_proj.bias)
+            att = (q @ keys[:, :, :n_keys].transpose(-2, -1)) * attn.scale  # (B, nh, 1, n_keys)
+            y = (att.softmax(dim=-1) @ values[:, :, :n_keys]).view(B, C)  # heads side by side
+            x = x + (y if attn.c_proj is None else F.linear(y, attn.c_proj.weight,
+                                                             attn.c_proj.bias))
             if block.mlp is not None and block.ln_2 is not None:
                 mlp = block.mlp
-                h = F.linear(block.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias)
-                x = x + F.linear(mlp.act(h), mlp.c_proj.weight, mlp.c_proj.bias)
+                h = mlp.act(F.linear(block.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias))
+                x = x + (h if mlp.c_proj is None else F.linear(h, mlp.c_proj.weight,
+                                                                mlp.c_proj.bias))
         kv_cache.advance(1)
-        return self.lm_head(tr.ln_f(x))  # (B, vocab_size)
+        return self._logits(self.lm_head(tr.ln_f(x)))  # (B, vocab_size)
 
     def _decode_rotation(self, pos: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """(cos, sin) rows (head_dim,) for `pos` from a table grown by doubling, so a long
@@ -416,8 +463,9 @@ class GPT(nn.Module):
         try:
             x, rope = self._embed(idx, None)
             maps = []
-            for block in self.transformer.h:
-                x, weights = block(x, need_weights=True, rope=rope)
+            for i, block in enumerate(self.transformer.h):
+                x, weights = block(x, need_weights=True, rope=rope,
+                                   ve=self._value_embed(i, idx))
                 assert weights is not None
                 maps.append(weights.float())
             return torch.stack(maps)

@@ -27,13 +27,16 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to lr, then cosine or WSD decay to min_lr at decay_steps, then flat.
+    """Linear warmup to lr, then cosine or WSD decay to min_lr at decay_steps, then flat; or,
+    with the 'constant' schedule, lr after the warmup.
 
     WSD holds lr until the last `cooldown_frac` of the decay steps, then falls linearly to
     min_lr; a run can be extended before its cooldown without disturbing what came earlier.
     """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
     if step >= cfg.decay_steps:
         return cfg.min_lr
     if cfg.schedule == "wsd":

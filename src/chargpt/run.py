@@ -121,9 +121,10 @@ class Run:
         with torch.inference_mode():
             return self.model.attention_maps(idx)[:, 0].cpu()  # (n_layer, B=1, ...): drop B
 
-    def evaluate_ids(self, ids, batch_size: int = 64) -> float:
+    def evaluate_ids(self, ids, batch_size: int = 64, tiled: bool = False) -> float:
+        """Mean loss over every token of `ids` (see `evaluate_tokens` for `tiled`)."""
         return evaluate_tokens(self.model, ids, block_size=self.block_size,
-                               batch_size=batch_size, device=self.device)
+                               batch_size=batch_size, device=self.device, tiled=tiled)
 
 
 def load_run(path: str | Path, checkpoint: str = BEST, device: str = "auto") -> Run:
