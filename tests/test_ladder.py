@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import corpus_text, one_line_error
 
 from chargpt import ladder
