@@ -135,6 +135,12 @@ REFUSED = {
     "norm_type=rmsnorm with pos_emb=learned": dict(norm_type="rmsnorm"),
     "qk_norm=true with pos_emb=learned": dict(qk_norm=True),
     "arch=bigram": dict(arch="bigram"),
+    "attn_proj=false": dict(attn_proj=False),
+    "mlp_proj=false": dict(mlp_proj=False, mlp_ratio=1),
+    "attn_scale=embd": dict(attn_scale="embd"),
+    "head_bias=true": dict(head_bias=True),
+    "value_embeds=true": dict(value_embeds=True),
+    "logit_softcap=15": dict(logit_softcap=15.0),
 }
 
 

@@ -63,10 +63,31 @@ def _refuse(switch: str, why: str) -> ConfigError:
     return ConfigError(f"cannot export {switch} to transformers: {why}")
 
 
+def _refuse_lecture_and_extra_switches(cfg: ModelConfig) -> None:
+    """The lecture's early modules and chargpt's additions have no transformers counterpart."""
+    if not cfg.attn_proj:
+        raise _refuse("attn_proj=false", "every transformers attention layer ends with an "
+                      "output projection")
+    if not cfg.mlp_proj:
+        raise _refuse("mlp_proj=false", "every transformers MLP projects back to the width")
+    if cfg.attn_scale != "head":
+        raise _refuse(f"attn_scale={cfg.attn_scale}", "transformers scales attention by the "
+                      "head size")
+    if cfg.head_bias:
+        raise _refuse("head_bias=true", "the GPT-2, Llama and Qwen3 heads have no bias")
+    if cfg.value_embeds:
+        raise _refuse("value_embeds=true", "no transformers decoder adds a token table to the "
+                      "attention values")
+    if cfg.logit_softcap:
+        raise _refuse(f"logit_softcap={cfg.logit_softcap:g}", "GPT-2, Llama and Qwen3 do not "
+                      "soft-cap their logits")
+
+
 def family_for(cfg: ModelConfig) -> str:
     """'gpt2', 'llama' or 'qwen3': the architecture that computes exactly what `cfg` does."""
     if cfg.arch != "gpt":
         raise _refuse(f"arch={cfg.arch}", "a bigram table is not a transformers architecture")
+    _refuse_lecture_and_extra_switches(cfg)
     if cfg.norm == "post":
         raise _refuse("norm=post", "GPT-2, Llama and Qwen3 normalise each sub-layer's input "
                       "(pre-norm); normalising after the residual addition is another function")
