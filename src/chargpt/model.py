@@ -95,6 +95,25 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
+    def _heads(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, ve: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values (B, nh, T, hs) of `x` (B, T, C), normalised and rotated
+        as the config says, the value embeddings `ve` (B, T, C) added to the values."""
+        B, T, C = x.shape
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        if ve is not None:
+            qkv = torch.cat((qkv[..., : 2 * C], qkv[..., 2 * C :] + ve), dim=-1)
+        v = qkv[..., 2 * C :].view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        # queries and keys side by side, so each transform runs once for both
+        qk = qkv[..., : 2 * C].view(B, T, 2 * self.n_head, self.head_dim)  # (B, T, 2nh, hs)
+        if self.qk_norm:
+            qk = F.rms_norm(qk, (self.head_dim,))
+        if rope is not None:
+            qk = apply_rope(qk, *rope)
+        q, k = qk.transpose(1, 2).split(self.n_head, dim=1)  # (B, nh, T, hs) each
+        return q, k, v
+
     def forward(
         self,
         x: Tensor,
@@ -108,24 +127,7 @@ class CausalSelfAttention(nn.Module):
         sin) pair of the new tokens' positions when positions are rotary; `ve` (B, T, C), the
         tokens' value embeddings, is added to the values."""
         B, T, C = x.shape
-        qkv = self.c_attn(x)  # (B, T, 3C)
-        if ve is not None:
-            qkv = torch.cat((qkv[..., : 2 * C], qkv[..., 2 * C :] + ve), dim=-1)
-        if self.qk_norm or rope is not None:
-            # queries and keys side by side, so each transform runs once for both
-            qk = qkv[..., : 2 * C].view(B, T, 2 * self.n_head, self.head_dim)  # (B, T, 2nh, hs)
-            if self.qk_norm:
-                qk = F.rms_norm(qk, (self.head_dim,))
-            if rope is not None:
-                qk = apply_rope(qk, *rope)
-            q, k = qk.split(self.n_head, dim=2)  # (B, T, nh, hs) each
-            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs)
-            v = qkv[..., 2 * C :].view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        else:
-            q, k, v = qkv.split(self.n_embd, dim=2)
-            q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-            k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-            v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = self._heads(x, rope, ve)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, T_total, hs)
             # a cache kept in another dtype than autocast's output must not break the matmuls
