@@ -18,7 +18,7 @@ from conftest import SHAKESPEARE, SHAKESPEARE_SHA256, all_text, write
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from chargpt import preparation
+from chargpt import splits
 from chargpt.errors import ConfigError, DataError, VocabError
 from chargpt.preparation import prepare
 from chargpt.prepared import load_prepared
@@ -173,7 +173,7 @@ def test_write_error_on_helper_thread(tmp_path: Path, monkeypatch) -> None:
     def full(self, ids):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(preparation._SplitWriter, "write", full)
+    monkeypatch.setattr(splits.SplitWriter, "write", full)
     with pytest.raises(DataError, match="cannot write prepared data .*No space left"):
         prepare(write(tmp_path / "a.txt", "hello world" * 1000), tmp_path / "out", chunk_bytes=8)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]

@@ -3,9 +3,10 @@
     plan -> scan (pass 1) -> choose the vocabulary -> split -> encode (pass 2) -> publish
 
 `_plan` checks the arguments and resolves the sources; `_scan` reads every file once to check
-it is UTF-8 text, hash it and collect the characters that occur; `_choose_vocabulary` builds
-(or checks) the vocabulary; `_split_sizes` fixes where validation starts; `_encode` reads the
-files again and writes the token ids straight into `train.npy` and `val.npy`; `_publish` writes
+it is UTF-8 text, hash it and collect the characters that occur (or, with unit "byte", the
+bytes, unchecked); `_choose_vocabulary` builds (or checks) the vocabulary; `_split` fixes where
+val and the optional test split start (splits.py); `_encode` reads the files again and writes
+the token ids straight into `train.npy`, `val.npy` and `test.npy`; `_publish` writes
 `vocab.json` and then `meta.json` (which marks the directory complete) and swaps the new
 directory in. Memory stays bounded whatever the corpus size: text is read in fixed-size pieces,
 hashing and writing overlap with reading on one helper thread, and everything is built in a
@@ -23,9 +24,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -35,69 +35,21 @@ from .prepared import (
     DATA_FORMAT,
     DATA_VERSION,
     META_FILE,
+    TEST_FILE,
     TRAIN_FILE,
     VAL_FILE,
     VOCAB_FILE,
 )
 from .progress import progress_bar
 from .sources import resolve_sources
-from .textfiles import Source, iter_codepoints
-from .tokenizer import N_CODEPOINTS, CharTokenizer, unknown_chars_message
+from .splits import SplitWriter, split_counts, split_sizes
+from .textfiles import Source, iter_units
+from .tokenizer import N_CODEPOINTS, UNITS, CharTokenizer, unknown_chars_message
 
 __all__ = ["prepare", "split_sizes"]
 
 
-def split_sizes(total: int, val_fraction: float) -> tuple[int, int]:
-    """(n_train, n_val): train is floor(total * (1 - val_fraction)), as in `int(0.9 * n)`."""
-    # Decimal of the shortest repr is the fraction the user wrote, so 0.9 * 10 is 9, not the
-    # 8 that binary floating point would give.
-    n_train = int((1 - Decimal(repr(float(val_fraction)))) * total)
-    return n_train, total - n_train
-
-
 # --- the helpers the stages use -----------------------------------------------------------------
-
-
-class _SplitWriter:
-    """Writes one stream of ids into train.npy then val.npy, switching at n_train."""
-
-    def __init__(self, out: Path, n_train: int, n_val: int, dtype: np.dtype) -> None:
-        self._files: list[tuple[BinaryIO, int]] = []
-        for name, n in ((TRAIN_FILE, n_train), (VAL_FILE, n_val)):
-            path = out / name
-            # open_memmap writes a proper .npy header and sizes the file; the data itself goes
-            # through ordinary writes because pages written through a mapping stay resident
-            # and would make the process's memory grow with the corpus.
-            mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n,))
-            offset = mm.offset
-            del mm
-            f = open(path, "r+b")  # noqa: SIM115 - closed in close()
-            f.seek(offset)
-            self._files.append((f, n))
-        self._index = 0
-        self._left = n_train
-        self.written = 0
-
-    def write(self, ids: np.ndarray) -> None:
-        while ids.size:
-            if self._left == 0:
-                self._index += 1
-                if self._index >= len(self._files):
-                    raise DataError("the input grew while it was being prepared; run it again")
-                self._left = self._files[self._index][1]
-            n = min(self._left, ids.size)
-            self._files[self._index][0].write(memoryview(np.ascontiguousarray(ids[:n])))
-            self._left -= n
-            self.written += n
-            ids = ids[n:]
-
-    def close(self, sync: bool) -> None:
-        for f, _ in self._files:
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-            f.close()
-        self._files = []
 
 
 class _Background:
@@ -167,6 +119,9 @@ class _Job:
     files: list[Path]
     out_dir: Path
     val_fraction: float
+    test_fraction: float
+    heldout: tuple[int, int] | None  # (val, test) tokens at the end, instead of the fractions
+    unit: str  # "char" or "byte": what one token is
     separator: str
     chunk_bytes: int
     progress: bool
@@ -183,26 +138,41 @@ class _Job:
 
     @property
     def separator_codepoints(self) -> np.ndarray:
-        return np.array([ord(c) for c in self.separator], dtype=np.uint32)
+        """The separator's units: code points, or in byte mode its UTF-8 bytes."""
+        sep = self.separator.encode("utf-8") if self.unit == "byte" else self.separator
+        return np.array([c if isinstance(c, int) else ord(c) for c in sep], dtype=np.uint32)
 
     def pieces(self, path: Path) -> Iterator[tuple[bytes, np.ndarray]]:
-        return iter_codepoints(path, self.chunk_bytes)
+        return iter_units(path, self.chunk_bytes, self.unit)
 
 
 @dataclass
 class _Scan:
     """What pass 1 learned about the corpus."""
 
-    seen: np.ndarray  # (N_CODEPOINTS,) bool: which characters occur
+    seen: np.ndarray  # (N_CODEPOINTS,) bool: which characters (or byte values) occur
     sources: list[dict[str, Any]]  # per file: absolute path, bytes, sha256
-    total_chars: int  # including separators
+    total_chars: int  # tokens (characters or bytes), including separators
     sha256: str  # of the whole corpus
 
 
-def _plan(source: Source | Sequence[Source], out_dir: Source, val_fraction: float,
-          separator: str, chunk_bytes: int, progress: bool) -> _Job:
+def _check_split(val_fraction: float, test_fraction: float,
+                 heldout: tuple[int, int] | None) -> None:
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        raise ConfigError(f"test_fraction must be in [0, 1) and leave some text for training "
+                          f"with val_fraction {val_fraction}, got {test_fraction}")
+    if heldout is not None and (len(heldout) != 2 or heldout[0] < 1 or heldout[1] < 0):
+        raise ConfigError(f"heldout must be (val tokens >= 1, test tokens >= 0), got {heldout}")
+
+
+def _plan(source: Source | Sequence[Source], out_dir: Source, val_fraction: float,
+          test_fraction: float, heldout: tuple[int, int] | None, unit: str,
+          separator: str, chunk_bytes: int, progress: bool) -> _Job:
+    _check_split(val_fraction, test_fraction, heldout)
+    if unit not in UNITS:
+        raise ConfigError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
     if not isinstance(separator, str):
         raise ConfigError(f"separator must be a string, got {separator!r}")
     if chunk_bytes < 1:
@@ -214,8 +184,8 @@ def _plan(source: Source | Sequence[Source], out_dir: Source, val_fraction: floa
             f"{out} exists and is not a prepared data directory; refusing to replace it "
             "(choose another output directory)"
         )
-    return _Job(files, out, val_fraction, separator, chunk_bytes, progress,
-                stats={p: _stat_key(p) for p in files})
+    return _Job(files, out, val_fraction, test_fraction, heldout, unit, separator, chunk_bytes,
+                progress, stats={p: _stat_key(p) for p in files})
 
 
 def _scan_file(job: _Job, path: Path, hashes: list[Any], seen: np.ndarray, bar: Any,
@@ -268,31 +238,45 @@ def _scan(job: _Job) -> _Scan:
 
 
 def _choose_vocabulary(job: _Job, scan: _Scan, vocab: CharTokenizer | None) -> CharTokenizer:
-    """Every character that occurs, in code point order; or `vocab`, if it has them all."""
+    """Every character (or byte) that occurs, in order; or `vocab`, if it has them all."""
     occurring = np.flatnonzero(scan.seen)
     if vocab is None:
+        if job.unit == "byte":
+            return CharTokenizer.from_bytes(occurring.tolist())
         return CharTokenizer.from_codepoints(occurring.tolist())
+    if vocab.unit != job.unit:
+        raise VocabError(f"the given vocabulary is of unit {vocab.unit!r}, but the corpus is "
+                         f"being prepared as {job.unit!r}")
     missing = occurring[vocab.lookup_table()[occurring] < 0]
     if missing.size:
         what = str(job.files[0]) if len(job.files) == 1 else "the corpus"
         chars = [chr(c) for c in missing.tolist()]
-        raise VocabError(unknown_chars_message(what, chars, hint=None))
+        raise VocabError(unknown_chars_message(what, chars, hint=None, unit=job.unit))
     return vocab
 
 
-def _split(job: _Job, total: int) -> tuple[int, int]:
-    n_train, n_val = split_sizes(total, job.val_fraction)
-    if n_train < 1 or n_val < 1:
+def _split(job: _Job, total: int) -> tuple[int, int, int]:
+    n_train, n_val, n_test = split_counts(total, job.val_fraction, job.test_fraction,
+                                          job.heldout)
+    wants_test = job.heldout[1] > 0 if job.heldout else job.test_fraction > 0
+    if n_train < 1 or n_val < 1 or (wants_test and n_test < 1):
+        how = (f"the last {job.heldout[0]} + {job.heldout[1]} tokens held out" if job.heldout
+               else f"val_fraction {job.val_fraction}"
+               + (f" and test_fraction {job.test_fraction}" if wants_test else ""))
+        test = f", {n_test} test" if wants_test else ""
+        noun = "bytes" if job.unit == "byte" else "characters"
         raise DataError(
-            f"the corpus has only {total} characters, too few to split with val_fraction "
-            f"{job.val_fraction} ({n_train} train, {n_val} val)"
+            f"the corpus has only {total} {noun}, too few to split with {how} "
+            f"({n_train} train, {n_val} val{test})"
         )
-    return n_train, n_val
+    return n_train, n_val, n_test
 
 
-def _encode(job: _Job, tokenizer: CharTokenizer, into: Path, n_train: int, n_val: int) -> None:
+def _encode(job: _Job, tokenizer: CharTokenizer, into: Path, n_train: int, n_val: int,
+            n_test: int) -> None:
     """Pass 2: encode every file into the token files of `into`."""
-    writer = _SplitWriter(into, n_train, n_val, tokenizer.id_dtype)
+    files = [(TRAIN_FILE, n_train), (VAL_FILE, n_val)] + ([(TEST_FILE, n_test)] * (n_test > 0))
+    writer = SplitWriter(into, files, tokenizer.id_dtype)
     try:
         sep_ids = tokenizer.encode_array(job.separator_codepoints) if job.joined else None
         # Writing happens on a helper thread, overlapping the kernel's copy into the page
@@ -307,7 +291,7 @@ def _encode(job: _Job, tokenizer: CharTokenizer, into: Path, n_train: int, n_val
                     bar.update(len(raw))
                 if _stat_key(path) != job.stats[path]:
                     raise DataError(f"{path} changed while it was being prepared; run again")
-        if writer.written != n_train + n_val:
+        if writer.written != n_train + n_val + n_test:
             raise DataError("the input changed while it was being prepared; run it again")
         writer.close(sync=True)
     finally:
@@ -315,17 +299,23 @@ def _encode(job: _Job, tokenizer: CharTokenizer, into: Path, n_train: int, n_val
 
 
 def _meta(job: _Job, scan: _Scan, tokenizer: CharTokenizer, n_train: int,
-          n_val: int) -> dict[str, Any]:
+          n_val: int, n_test: int) -> dict[str, Any]:
+    split: dict[str, Any] = (
+        {"heldout": list(job.heldout)} if job.heldout else {"test_fraction": job.test_fraction}
+    )
     return {
         "format": DATA_FORMAT,
         "version": DATA_VERSION,
         "dtype": tokenizer.id_dtype.name,
         "vocab_size": tokenizer.vocab_size,
         "vocab_fingerprint": tokenizer.fingerprint(),
+        "unit": job.unit,
         "train_tokens": n_train,
         "val_tokens": n_val,
+        "test_tokens": n_test,
         "total_chars": scan.total_chars,
         "val_fraction": job.val_fraction,
+        **split,
         "separator": job.separator,
         "sources": scan.sources,
         "source_sha256": scan.sha256,
@@ -378,6 +368,9 @@ def prepare(
     out_dir: Source,
     *,
     val_fraction: float = 0.1,
+    test_fraction: float = 0.0,
+    heldout: tuple[int, int] | None = None,
+    unit: str = "char",
     separator: str = "\n\n",
     chunk_bytes: int = 16 * 2**20,
     vocab: CharTokenizer | None = None,
@@ -386,15 +379,18 @@ def prepare(
     """Tokenize a corpus into a prepared-data directory and return its metadata.
 
     Documents are joined with `separator`; the vocabulary is every code point that occurs
-    (including the separator's, when there is more than one document) unless a fixed `vocab` is
-    given. The last `val_fraction` of the tokens is the validation split.
+    (including the separator's, when there is more than one document), or with unit "byte"
+    every byte value, unless a fixed `vocab` is given. The last `test_fraction` of the tokens
+    is the test split (none by default) and the `val_fraction` before it the validation split;
+    `heldout` = (val tokens, test tokens) fixes those counts instead (a standard split).
     """
-    job = _plan(source, out_dir, val_fraction, separator, chunk_bytes, progress)
+    job = _plan(source, out_dir, val_fraction, test_fraction, heldout, unit, separator,
+                chunk_bytes, progress)
     scan = _scan(job)
     tokenizer = _choose_vocabulary(job, scan, vocab)
-    n_train, n_val = _split(job, scan.total_chars)
-    meta = _meta(job, scan, tokenizer, n_train, n_val)
+    n_train, n_val, n_test = _split(job, scan.total_chars)
+    meta = _meta(job, scan, tokenizer, n_train, n_val, n_test)
     with _staging_dir(job.out_dir) as tmp:
-        _encode(job, tokenizer, tmp, n_train, n_val)
+        _encode(job, tokenizer, tmp, n_train, n_val, n_test)
         _publish(tmp, job.out_dir, tokenizer, meta)
     return meta

@@ -1,8 +1,10 @@
 """The prepared-data directory: its format, and opening one for training or evaluation.
 
 A directory made by `prepare` (see preparation.py) holds `train.npy` and `val.npy` (token ids,
-the validation split taken from the end of the text), `vocab.json` and `meta.json`, which is
-written last and marks the directory as complete. `load_prepared` opens one with memory-mapped,
+the validation split taken from the end of the text), optionally `test.npy` (a test split after
+val, at the very end), `vocab.json` and `meta.json`, which is written last and marks the
+directory as complete. `meta.json`'s `test_tokens` and `unit` came later: a directory without
+them has no test split and character tokens. `load_prepared` opens one with memory-mapped,
 read-only token arrays and checks that the files agree with each other; `check_split_lengths`
 refuses a context longer than a split. Nothing here needs torch.
 """
@@ -24,6 +26,7 @@ __all__ = [
     "DATA_FORMAT",
     "DATA_VERSION",
     "META_FILE",
+    "SPLITS",
     "PreparedData",
     "check_split_lengths",
     "load_prepared",
@@ -32,6 +35,8 @@ __all__ = [
 DATA_FORMAT = "chargpt-data"
 DATA_VERSION = 1
 TRAIN_FILE, VAL_FILE, VOCAB_FILE, META_FILE = "train.npy", "val.npy", "vocab.json", "meta.json"
+TEST_FILE = "test.npy"
+SPLITS = ("train", "val", "test")
 TOKEN_DTYPES = ("uint16", "uint32")
 
 _META_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -52,14 +57,22 @@ class PreparedData:
     tokenizer: CharTokenizer
     meta: dict[str, Any]
     path: Path
+    test: np.ndarray | None = None  # only where the data was prepared with a test split
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
     def split(self, name: str) -> np.ndarray:
-        if name not in ("train", "val"):
-            raise ConfigError(f"split must be 'train' or 'val', got {name!r}")
+        if name not in SPLITS:
+            raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {name!r}")
+        if name == "test":
+            if self.test is None:
+                raise DataError(
+                    f"{self.path} has no test split (prepare it with --test-fraction, or "
+                    "train on a benchmark dataset such as --dataset enwik8)"
+                )
+            return self.test
         return self.train if name == "train" else self.val
 
 
@@ -104,6 +117,11 @@ def _read_meta(path: Path) -> dict[str, Any]:
             raise DataError(f"{not_prepared}: meta.json has no valid {key!r}")
     if meta["dtype"] not in TOKEN_DTYPES:
         raise DataError(f"{not_prepared}: meta.json has unknown dtype {meta['dtype']!r}")
+    test = meta.get("test_tokens", 0)
+    if type(test) is not int or test < 0:
+        raise DataError(f"{not_prepared}: meta.json has no valid 'test_tokens'")
+    if meta.get("unit", "char") not in ("char", "byte"):
+        raise DataError(f"{not_prepared}: meta.json has unknown unit {meta.get('unit')!r}")
     return meta
 
 
@@ -123,9 +141,15 @@ def load_prepared(data_dir: Source) -> PreparedData:
         )
     if tokenizer.vocab_size != meta["vocab_size"]:
         raise DataError(f"{path / VOCAB_FILE} size does not match meta.json")
+    if tokenizer.unit != meta.get("unit", "char"):
+        raise DataError(f"{path / VOCAB_FILE} is a {tokenizer.unit} vocabulary but meta.json "
+                        f"says {meta.get('unit', 'char')}; run `chargpt prepare` again")
     train = _load_tokens(path / TRAIN_FILE, meta["dtype"], meta["train_tokens"], path)
     val = _load_tokens(path / VAL_FILE, meta["dtype"], meta["val_tokens"], path)
-    return PreparedData(train=train, val=val, tokenizer=tokenizer, meta=meta, path=path)
+    n_test = meta.get("test_tokens", 0)
+    test = _load_tokens(path / TEST_FILE, meta["dtype"], n_test, path) if n_test else None
+    return PreparedData(train=train, val=val, tokenizer=tokenizer, meta=meta, path=path,
+                        test=test)
 
 
 def check_split_lengths(prepared: PreparedData, block_size: int) -> None:

@@ -4,7 +4,9 @@ Every text chargpt reads from a user (corpus files, prompt files, evaluation tex
 here, so the same problems get the same one-line messages: a file that is missing, a directory,
 unreadable, not valid UTF-8 (with the byte offset), binary (a NUL byte) or empty.
 `iter_codepoints` streams a file of any size as (raw bytes, code points) pieces of bounded
-size; `read_text_file` reads a small file whole; `encode_file` turns a file into token ids.
+size, and `iter_bytes` as its bytes, unchecked, for a byte-level vocabulary (`iter_units` picks
+one by unit); `read_text_file` reads a small file whole; `encode_file` turns a file into token
+ids.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from .errors import DataError, VocabError
 from .io import read_bytes, read_error
 from .tokenizer import CharTokenizer, unknown_chars_message
 
-__all__ = ["PIECE_BYTES", "Source", "encode_file", "iter_codepoints", "read_text_file"]
+__all__ = [
+    "PIECE_BYTES",
+    "Source",
+    "encode_file",
+    "iter_bytes",
+    "iter_codepoints",
+    "iter_units",
+    "read_text_file",
+]
 
 Source = str | os.PathLike[str]
 # Work is done in pieces of at most this many bytes whatever the read size, which bounds the
@@ -113,6 +123,27 @@ def iter_codepoints(path: Path, chunk_bytes: int) -> Iterator[tuple[bytes, np.nd
             raise _utf8_error(path, e, offset - len(pending) + e.start) from None
 
 
+def iter_bytes(path: Path, chunk_bytes: int) -> Iterator[tuple[bytes, np.ndarray]]:
+    """Yield (raw bytes, byte values) pieces of any file, as they are.
+
+    For a byte-level vocabulary every byte is a token, so nothing is checked or removed: not
+    UTF-8, not NUL bytes, not a BOM (the byte-level benchmarks count every byte of the file).
+    """
+    with _open_binary(path) as f:
+        while chunk := _read(f, chunk_bytes, path):
+            for start in range(0, len(chunk), PIECE_BYTES):
+                raw = chunk if len(chunk) <= PIECE_BYTES else chunk[start : start + PIECE_BYTES]
+                yield raw, np.frombuffer(raw, dtype=np.uint8)
+            del chunk, raw
+
+
+def iter_units(path: Path, chunk_bytes: int, unit: str) -> Iterator[tuple[bytes, np.ndarray]]:
+    """`iter_bytes` for unit "byte", else `iter_codepoints`."""
+    if unit == "byte":
+        return iter_bytes(path, chunk_bytes)
+    return iter_codepoints(path, chunk_bytes)
+
+
 def read_text_file(path: Source, *, allow_empty: bool = False) -> str:
     """Read a small UTF-8 file (a prompt, say) with the same checks and messages as `prepare`."""
     path = Path(path).expanduser()
@@ -141,22 +172,24 @@ def encode_file(
     """Token ids of a whole UTF-8 file, in memory (for evaluation text, not training corpora).
 
     With `unknown="error"` the whole file is scanned first so the error names every distinct
-    unknown character, not just those of the first piece that has one.
+    unknown character, not just those of the first piece that has one. A byte-level
+    tokenizer reads the file's bytes as they are.
     """
     path = Path(path).expanduser()
+    unit = tokenizer.unit
     if unknown == "error":
         lut = tokenizer.lookup_table()
         missing: set[int] = set()
-        for _, cps in iter_codepoints(path, chunk_bytes):
+        for _, cps in iter_units(path, chunk_bytes, unit):
             ids = np.take(lut, cps)
             if (ids < 0).any():
                 missing.update(np.unique(cps[ids < 0]).tolist())
         if missing:
             chars = [chr(c) for c in sorted(missing)]
-            raise VocabError(unknown_chars_message(str(path), chars))
+            raise VocabError(unknown_chars_message(str(path), chars, unit=unit))
     parts = [
         tokenizer.encode_array(cps, unknown=unknown, replacement=replacement, what=str(path))
-        for _, cps in iter_codepoints(path, chunk_bytes)
+        for _, cps in iter_units(path, chunk_bytes, unit)
     ]
     if not parts:
         return np.zeros(0, dtype=tokenizer.id_dtype)

@@ -1,15 +1,19 @@
-"""Character-level tokenizer: one token per Unicode code point.
+"""Character-level tokenizer: one token per Unicode code point, or per byte.
 
 `CharTokenizer` maps each character of a fixed vocabulary to its position in that vocabulary.
 A character is one code point (a Python str of length 1), so any script works; a grapheme made of
 several code points (an emoji with a zero-width joiner, a letter with a combining accent) is
-several tokens. Text with characters outside the vocabulary is refused, skipped or replaced
-according to an explicit policy. A vocabulary is saved as a small, human-readable JSON file and
-is identified by a fingerprint so a model is never paired with a foreign vocabulary.
+several tokens. With `unit="byte"` a token is one byte of the text's UTF-8 encoding instead
+(the unit enwik8 results are reported in): the vocabulary is the bytes that occur, at most 256,
+held as the code points 0-255 (byte b is `chr(b)`), so the same lookup tables serve both units.
+Text with characters outside the vocabulary is refused, skipped or replaced according to an
+explicit policy. A vocabulary is saved as a small, human-readable JSON file and is identified by
+a fingerprint so a model is never paired with a foreign vocabulary.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -22,26 +26,37 @@ import numpy as np
 from .errors import ChargptError, ConfigError, DataError, VocabError
 from .io import atomic_write_text, read_bytes
 
-__all__ = ["CharTokenizer", "UNKNOWN_POLICIES", "check_same_vocab", "unknown_chars_message"]
+__all__ = [
+    "UNITS",
+    "UNKNOWN_POLICIES",
+    "CharTokenizer",
+    "TextStream",
+    "check_same_vocab",
+    "unknown_chars_message",
+]
 
 VOCAB_FORMAT = "chargpt-vocab"
-VOCAB_VERSION = 1
+VOCAB_VERSION = 1  # a vocabulary of characters, readable by every chargpt
+BYTE_VOCAB_VERSION = 2  # adds "unit": a byte vocabulary, which older versions cannot use
+UNITS = ("char", "byte")
 UNKNOWN_POLICIES = ("error", "skip", "replace")
 N_CODEPOINTS = 0x110000
 _MAX_NAMED = 10
 _UNKNOWN_HINT = "use --unknown skip or --unknown replace"
 
 
-def _describe_char(c: str) -> str:
-    return f"{c!r} (U+{ord(c):04X})"
+def _describe_char(c: str, unit: str = "char") -> str:
+    return f"byte 0x{ord(c):02X}" if unit == "byte" else f"{c!r} (U+{ord(c):04X})"
 
 
-def unknown_chars_message(what: str, chars: Sequence[str], hint: str | None = _UNKNOWN_HINT) -> str:
-    """One line naming up to ten distinct unknown characters and how many there are in total."""
+def unknown_chars_message(what: str, chars: Sequence[str], hint: str | None = _UNKNOWN_HINT,
+                          unit: str = "char") -> str:
+    """One line naming up to ten distinct unknown characters (or bytes) and how many there are."""
     n = len(chars)
-    shown = ", ".join(_describe_char(c) for c in chars[:_MAX_NAMED])
+    shown = ", ".join(_describe_char(c, unit) for c in chars[:_MAX_NAMED])
     more = f" and {n - _MAX_NAMED} more" if n > _MAX_NAMED else ""
-    noun = "character" if n == 1 else "characters"
+    noun = unit if unit == "byte" else "character"
+    noun = noun if n == 1 else noun + "s"
     tail = f" ({hint})" if hint else ""
     return f"{what} has {n} {noun} not in the vocabulary: {shown}{more}{tail}"
 
@@ -55,9 +70,14 @@ def _check_policy(unknown: str) -> None:
 
 
 class CharTokenizer:
-    """A fixed vocabulary of single code points; token ids are positions in `chars`."""
+    """A fixed vocabulary of single code points; token ids are positions in `chars`.
 
-    def __init__(self, chars: Sequence[str]) -> None:
+    With `unit="byte"` each entry is a byte value b held as `chr(b)`; text is encoded to UTF-8
+    first and decoded from it at the end (see `decode` for bytes that are not UTF-8)."""
+
+    def __init__(self, chars: Sequence[str], unit: str = "char") -> None:
+        if unit not in UNITS:
+            raise ConfigError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
         chars = tuple(chars)
         if not chars:
             raise DataError("the vocabulary is empty")
@@ -67,6 +87,8 @@ class CharTokenizer:
                 raise DataError(
                     f"vocabulary entry {i} is {c!r}; each entry must be exactly one character"
                 )
+            if unit == "byte" and ord(c) > 0xFF:
+                raise DataError(f"vocabulary entry {i} is U+{ord(c):04X}, not a byte (0-255)")
             if 0xD800 <= ord(c) <= 0xDFFF:
                 # Lone surrogates cannot be written as UTF-8, so they can never appear in a
                 # corpus or a saved vocabulary.
@@ -75,6 +97,7 @@ class CharTokenizer:
                 raise DataError(f"vocabulary has the character {c!r} twice")
             index[c] = i
         self._chars = chars
+        self._unit = unit
         self._index = index
         self._lut: np.ndarray | None = None
         self._byte_tables: tuple[bytes, bytes] | None = None
@@ -91,11 +114,22 @@ class CharTokenizer:
         """A vocabulary from code point numbers, kept in the given order."""
         return cls([chr(int(c)) for c in codepoints])
 
+    @classmethod
+    def from_bytes(cls, values: Iterable[int]) -> CharTokenizer:
+        """A byte vocabulary from byte values (0-255), kept in the given order."""
+        return cls([chr(int(b)) for b in values], unit="byte")
+
     # --- properties -------------------------------------------------------------------------
 
     @property
     def chars(self) -> tuple[str, ...]:
+        """The vocabulary in id order (in byte mode, byte b is `chr(b)`)."""
         return self._chars
+
+    @property
+    def unit(self) -> str:
+        """What one token is: "char" (a code point) or "byte" (a byte of UTF-8)."""
+        return self._unit
 
     @property
     def vocab_size(self) -> int:
@@ -113,27 +147,35 @@ class CharTokenizer:
         return c in self._index
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, CharTokenizer) and self._chars == other._chars
+        return (isinstance(other, CharTokenizer) and self._chars == other._chars
+                and self._unit == other._unit)
 
     def __hash__(self) -> int:
-        return hash(self._chars)
+        return hash((self._chars, self._unit))
 
     def __repr__(self) -> str:
-        return f"CharTokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()[:12]})"
+        unit = ", unit='byte'" if self._unit == "byte" else ""
+        return (f"CharTokenizer(vocab_size={self.vocab_size}{unit}, "
+                f"fingerprint={self.fingerprint()[:12]})")
+
+    def units_of(self, text: str) -> str:
+        """`text` as this vocabulary's units: itself, or its UTF-8 bytes as code points 0-255."""
+        return text.encode("utf-8").decode("latin-1") if self._unit == "byte" else text
 
     # --- encoding ---------------------------------------------------------------------------
 
     def _replacement_id(self, replacement: str | None) -> int:
         if replacement is None:
             return self._index.get(" ", 0)
-        if not isinstance(replacement, str) or len(replacement) != 1:
-            raise ConfigError(f"the replacement must be one character, got {replacement!r}")
-        if replacement not in self._index:
-            raise VocabError(
-                f"the replacement character {_describe_char(replacement)} is not in the "
-                "vocabulary"
-            )
-        return self._index[replacement]
+        if not isinstance(replacement, str) or len(self.units_of(replacement)) != 1:
+            noun = "byte" if self._unit == "byte" else "character"
+            raise ConfigError(f"the replacement must be one {noun}, got {replacement!r}")
+        unit = self.units_of(replacement)
+        if unit not in self._index:
+            noun = "" if self._unit == "byte" else "character "
+            raise VocabError(f"the replacement {noun}{_describe_char(unit, self._unit)} is not "
+                             "in the vocabulary")
+        return self._index[unit]
 
     def encode(
         self,
@@ -146,18 +188,20 @@ class CharTokenizer:
 
         `unknown` is "error" (raise `VocabError` naming them), "skip" (drop them) or "replace"
         (use `replacement`; by default a space if the vocabulary has one, else its first
-        character). `what` names the text in error messages, e.g. "prompt".
+        character). `what` names the text in error messages, e.g. "prompt". In byte mode the
+        ids are those of the text's UTF-8 bytes, and the policies apply to bytes.
         """
         _check_policy(unknown)
         rep_id = self._replacement_id(replacement) if unknown == "replace" else 0
         index = self._index
+        text = self.units_of(text)
         try:
             return [index[c] for c in text]
         except KeyError:
             pass
         if unknown == "error":
             missing = [c for c in dict.fromkeys(text) if c not in index]
-            raise VocabError(unknown_chars_message(what, missing))
+            raise VocabError(unknown_chars_message(what, missing, unit=self._unit))
         if unknown == "skip":
             return [index[c] for c in text if c in index]
         return [index.get(c, rep_id) for c in text]
@@ -202,7 +246,8 @@ class CharTokenizer:
         replacement: str | None = None,
         what: str = "text",
     ) -> np.ndarray:
-        """Vectorised `encode` of an integer array of code points; returns `id_dtype` ids."""
+        """Vectorised `encode` of an integer array of code points (in byte mode: of byte
+        values); returns `id_dtype` ids."""
         _check_policy(unknown)
         rep_id = self._replacement_id(replacement) if unknown == "replace" else 0
         cps = np.asarray(codepoints)
@@ -219,7 +264,7 @@ class CharTokenizer:
         if bad.any():
             if unknown == "error":
                 missing = [chr(c) for c in np.unique(cps[bad]).tolist()]
-                raise VocabError(unknown_chars_message(what, missing))
+                raise VocabError(unknown_chars_message(what, missing, unit=self._unit))
             if unknown == "skip":
                 ids = ids[~bad]
             else:
@@ -227,7 +272,11 @@ class CharTokenizer:
         return ids.astype(self.id_dtype, copy=False)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """The text of a sequence of ids (a list, a NumPy array or a 1-D torch tensor)."""
+        """The text of a sequence of ids (a list, a NumPy array or a 1-D torch tensor).
+
+        In byte mode the bytes are decoded as UTF-8; a byte sequence that is not UTF-8 (a
+        model can sample one) becomes U+FFFD, the replacement character, and is never an
+        error."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()  # numpy arrays and torch tensors -> Python ints, fast
         if isinstance(ids, int):
@@ -242,16 +291,34 @@ class CharTokenizer:
                 f"token id {bad} is out of range for a vocabulary of {self.vocab_size} characters"
             )
         chars = self._chars
-        return "".join([chars[i] for i in ids])
+        text = "".join([chars[i] for i in ids])
+        if self._unit == "byte":
+            return text.encode("latin-1").decode("utf-8", errors="replace")
+        return text
+
+    def stream(self) -> TextStream:
+        """A `TextStream` that decodes this vocabulary's ids one at a time."""
+        return TextStream(self)
 
     # --- identity and persistence -----------------------------------------------------------
 
+    def _byte_values(self) -> list[int]:
+        return [ord(c) for c in self._chars]
+
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON of the characters; equal iff the vocabularies are."""
-        canonical = json.dumps(list(self._chars), ensure_ascii=True, separators=(",", ":"))
+        """sha256 of the canonical JSON of the vocabulary; equal iff the vocabularies are."""
+        # A character vocabulary hashes its list alone, as it always has; a byte vocabulary
+        # hashes its unit too, so bytes and the characters 0-255 never share a fingerprint.
+        content: Any = list(self._chars)
+        if self._unit == "byte":
+            content = {"unit": "byte", "bytes": self._byte_values()}
+        canonical = json.dumps(content, ensure_ascii=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
+        if self._unit == "byte":
+            return {"format": VOCAB_FORMAT, "version": BYTE_VOCAB_VERSION, "unit": "byte",
+                    "bytes": self._byte_values()}
         return {"format": VOCAB_FORMAT, "version": VOCAB_VERSION, "chars": list(self._chars)}
 
     def to_json(self) -> str:
@@ -263,15 +330,24 @@ class CharTokenizer:
     def from_dict(cls, d: Any, source: str = "vocabulary") -> CharTokenizer:
         if not isinstance(d, dict) or d.get("format") != VOCAB_FORMAT:
             raise DataError(f"{source} is not a chargpt vocabulary (format {VOCAB_FORMAT!r})")
-        if d.get("version") != VOCAB_VERSION:
+        if d.get("version") not in (VOCAB_VERSION, BYTE_VOCAB_VERSION):
             raise DataError(
                 f"{source} has unsupported vocabulary version {d.get('version')!r} "
-                f"(expected {VOCAB_VERSION})"
+                f"(expected {VOCAB_VERSION} or {BYTE_VOCAB_VERSION})"
             )
-        chars = d.get("chars")
-        if not isinstance(chars, list):
-            raise DataError(f"{source}: 'chars' must be a list of characters")
+        unit = d.get("unit", "char") if d["version"] == BYTE_VOCAB_VERSION else "char"
+        if unit not in UNITS:
+            raise DataError(f"{source}: unknown unit {unit!r} (expected char or byte)")
         try:
+            if unit == "byte":
+                values = d.get("bytes")
+                if not isinstance(values, list) or not all(
+                        type(b) is int and 0 <= b <= 0xFF for b in values):
+                    raise DataError("'bytes' must be a list of byte values (0-255)")
+                return cls.from_bytes(values)
+            chars = d.get("chars")
+            if not isinstance(chars, list):
+                raise DataError("'chars' must be a list of characters")
             return cls(chars)
         except DataError as e:
             raise DataError(f"{source}: {e}") from None
@@ -299,6 +375,28 @@ class CharTokenizer:
         except UnicodeDecodeError as e:
             raise DataError(f"{path} is not valid UTF-8 (byte offset {e.start})") from None
         return cls.from_json(text, source=str(path))
+
+
+class TextStream:
+    """Decodes ids one at a time into text, for streaming a sample.
+
+    For characters every id is one character. For bytes, a character's UTF-8 bytes are held
+    back until the last one arrives (`feed` returns "" meanwhile); a sequence that cannot be
+    UTF-8 comes out as U+FFFD, as `decode` does, so a model that samples invalid bytes never
+    stops a stream; `flush` ends the stream, turning a character left unfinished into U+FFFD.
+    """
+
+    def __init__(self, tokenizer: CharTokenizer) -> None:
+        self._chars = tokenizer.chars
+        self._bytes = tokenizer.unit == "byte"
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int) -> str:
+        c = self._chars[token_id]
+        return self._decoder.decode(c.encode("latin-1")) if self._bytes else c
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True) if self._bytes else ""
 
 
 def check_same_vocab(
