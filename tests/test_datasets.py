@@ -136,7 +136,8 @@ def test_server_unreachable(monkeypatch, isolated: Path) -> None:
 
 
 def test_unknown_name() -> None:
-    with pytest.raises(ConfigError, match="unknown dataset 'nope' .*available: shakespeare"):
+    with pytest.raises(ConfigError,
+                       match="unknown dataset 'nope' .*available: enwik8, shakespeare, text8"):
         fetch("nope")
 
 

@@ -41,11 +41,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     sources = args.input if len(args.input) > 1 else args.input[0]
     meta = prepare(sources, Path(args.out), val_fraction=args.val_fraction,
-                   separator=args.separator, progress=True)
+                   test_fraction=args.test_fraction, unit=args.unit, separator=args.separator,
+                   progress=True)
+    test = f" / {meta['test_tokens']:,} test" if meta["test_tokens"] else ""
     print(
-        f"prepared {meta['total_chars']:,} characters ({meta['vocab_size']} distinct) from "
+        f"prepared {meta['total_chars']:,} {args.unit}s ({meta['vocab_size']} distinct) from "
         f"{len(meta['sources'])} file(s) in {time.perf_counter() - t0:.1f}s: "
-        f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
+        f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val{test} tokens "
         f"({meta['dtype']}) -> {args.out}"
     )
     return 0
@@ -139,19 +141,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tokens = data.split(args.split)
         what = f"the {args.split} split"
     loss = run.evaluate_ids(tokens, batch_size=args.batch_size)
-    print(f"{what}: loss {loss:.4f}, {bits_per_char(loss):.3f} bits/char over "
+    # bits per token: per byte for a byte-level run, the unit enwik8 results are given in
+    print(f"{what}: loss {loss:.4f}, {bits_per_char(loss):.3f} bits/{run.tokenizer.unit} over "
           f"{len(tokens) - 1:,} predictions ({run.checkpoint}, step {run.step})")
     return 0
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
+    from .config import apply_overrides
+    from .datasets import DATASETS
     from .flops import report
 
-    overrides = config_overrides(args)
-    overrides.setdefault("model", {})["vocab_size"] = args.vocab_size
-    cfg = resolve_config(args.preset, args.config, overrides)
+    cfg = resolve_config(args.preset, args.config, config_overrides(args))
+    # The named dataset's sizes, unless the run reads the user's own text.
+    named = not (cfg.data.input or cfg.data.data_dir)
+    vocab, chars = DATASETS[cfg.data.dataset if named else "shakespeare"].estimate_sizes
+    vocab = args.vocab_size or vocab
+    cfg = apply_overrides(cfg, {"model": {"vocab_size": vocab}}, "command line")
     print(report(cfg, gpu=args.gpu, gpus=args.gpus, mfu=args.mfu,
-                 corpus_chars=args.corpus_chars))
+                 corpus_chars=args.corpus_chars or chars))
     return 0
 
 
@@ -271,6 +279,12 @@ def build_parser() -> Parser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="fraction held out for validation, from the end (default: 0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.0,
+                   help="fraction held out after val, at the very end, as a test split "
+                   "(default: 0, none)")
+    p.add_argument("--unit", choices=("char", "byte"), default="char",
+                   help="one token per character (code point) or per byte of UTF-8 "
+                   "(default: char)")
     p.add_argument("--separator", default="\n\n",
                    help="text placed between documents when several files are given")
     p.set_defaults(func=cmd_prepare)
@@ -307,10 +321,12 @@ def build_parser() -> Parser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="loss and bits/char on the val split or any text")
+    p = sub.add_parser("eval", help="loss and bits/char (bits/byte) on a split or any text")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--input", metavar="FILE", help="evaluate on this UTF-8 file instead")
-    p.add_argument("--split", choices=("val", "train"), default="val")
+    p.add_argument("--split", choices=("val", "train", "test"), default="val",
+                   help="which split of the run's data (default: val); test needs data "
+                   "prepared with a test split (--test-fraction, or a benchmark dataset)")
     _checkpoint_flag(p)
     p.add_argument("--unknown", choices=("error", "skip"), default="error")
     p.add_argument("--batch-size", type=int, default=64)
@@ -362,10 +378,12 @@ def build_parser() -> Parser:
                        description="Estimate what a configuration costs before training it.")
     p.add_argument("--preset", choices=preset_names(), default=None)
     p.add_argument("--config", metavar="FILE")
-    p.add_argument("--vocab-size", type=int, default=65,
-                   help="characters in the corpus (default: 65, Tiny Shakespeare)")
-    p.add_argument("--corpus-chars", type=int, default=1_003_854,
-                   help="training characters, for the time per epoch (default: Tiny Shakespeare)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="tokens in the vocabulary (default: the config's dataset's, e.g. 65 "
+                   "for Tiny Shakespeare)")
+    p.add_argument("--corpus-chars", type=int, default=None,
+                   help="training tokens, for the time per epoch (default: the config's "
+                   "dataset's)")
     p.add_argument("--gpu", default="A100", help="GPU model for the time estimate")
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (data parallel)")
     p.add_argument("--mfu", type=float, default=0.4,

@@ -152,12 +152,27 @@ class DataConfig:
     """Named corpus downloaded on first use when neither --input nor --data-dir is given."""
     val_fraction: float = 0.1
     """Fraction of the text (taken from the end) held out for validation."""
+    test_fraction: float = 0.0
+    """Fraction held out after val, at the very end, as a test split for `chargpt eval --split
+    test` (0 = none). A benchmark dataset (enwik8, text8) uses its standard split instead."""
+    unit: Literal["char", "byte"] = "char"
+    """What one token is: 'char' (a Unicode code point) or 'byte' (one byte of the UTF-8 text,
+    the unit enwik8 results are reported in)."""
 
     def __post_init__(self) -> None:
         _check(
             0.0 < self.val_fraction < 1.0,
             f"val_fraction must be in (0, 1), got {self.val_fraction}",
         )
+        _check(
+            0.0 <= self.test_fraction < 1.0 and self.val_fraction + self.test_fraction < 1.0,
+            f"test_fraction must be in [0, 1) and leave text to train on with val_fraction "
+            f"{self.val_fraction}, got {self.test_fraction}",
+        )
+
+        from .datasets import dataset  # where the names live
+
+        dataset(self.dataset)
         _check(
             not (self.input and self.data_dir),
             "give either --input or --data-dir, not both",

@@ -1,10 +1,10 @@
 """Models from elsewhere into chargpt run directories: `chargpt import SRC --out RUN_DIR`.
 
-A reader (hf.py for Hugging Face folders, nanogpt.py for nanoGPT's ckpt.pt + meta.pkl) turns a
-source into an `ImportedModel`: a chargpt `ModelConfig`, a `CharTokenizer` and a state_dict
-with chargpt's parameter names. `write_run` checks that the weights fit the model exactly and
-writes a normal run directory with chargpt's own checkpoint writer (a weights-only `last/`
-checkpoint, which `sample`, `eval`, `serve` and `export` use like any other). Nothing a
+A reader (hf_import.py for Hugging Face folders, nanogpt.py for nanoGPT's ckpt.pt + meta.pkl)
+turns a source into an `ImportedModel`: a chargpt `ModelConfig`, a `CharTokenizer` and a
+state_dict with chargpt's parameter names. `write_run` checks that the weights fit the model
+exactly and writes a normal run directory with chargpt's own checkpoint writer (a weights-only
+`last/` checkpoint, which `sample`, `eval`, `serve` and `export` use like any other). Nothing a
 source holds is ever executed: tensors come from safetensors or `torch.load(weights_only=True)`
 (`load_plain_torch`), and other metadata from JSON or a pickle reader that refuses every
 object (nanogpt.py).
@@ -136,7 +136,7 @@ def import_model(src: str | Path, out_dir: str | Path, meta: str | Path | None =
     if meta is not None and kind != "nanogpt":
         raise ConfigError("--meta is only for nanoGPT checkpoints")
     if kind == "hf":
-        from .hf import read_hf
+        from .hf_import import read_hf
 
         imported = read_hf(src)
     else:

@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, apply_overrides
-from .datasets import fetch
+from .datasets import dataset, fetch
 from .device import pick_device
 from .distributed import DistEnv
 from .errors import CheckpointError, ConfigError
@@ -44,11 +44,21 @@ def _join(cfg: Config) -> tuple[DistEnv, torch.device]:
 
 def _prepare_data(cfg: Config, rundir: RunDir, log: Callable[[str], None]) -> None:
     """Prepare the run's own data/ from --input or the named dataset (not with --data-dir)."""
-    if cfg.data.data_dir:
+    dc = cfg.data
+    if dc.data_dir:
         return
-    source = cfg.data.input or str(fetch(cfg.data.dataset, progress=True))
+    heldout = None
+    if dc.input:
+        source = dc.input
+    else:
+        source = str(fetch(dc.dataset, progress=True))
+        heldout = dataset(dc.dataset).split
+        if heldout:
+            log(f"{dc.dataset}'s standard split: the last {heldout[1]:,} {dc.unit}s are test, "
+                f"the {heldout[0]:,} before them val, the rest train")
     log(f"preparing {source}")
-    prepare(source, rundir.data_dir(cfg), val_fraction=cfg.data.val_fraction, progress=True)
+    prepare(source, rundir.data_dir(cfg), val_fraction=dc.val_fraction,
+            test_fraction=dc.test_fraction, heldout=heldout, unit=dc.unit, progress=True)
 
 
 def new_trainer(cfg: Config, quiet: bool = False) -> Trainer:

@@ -82,16 +82,21 @@ class Run:
 
     def stream_ids(self, ids: Sequence[int], max_new_tokens: int,
                    settings: SamplingSettings) -> Iterator[str]:
-        """Yield the characters generated after the prompt `ids`, one at a time.
+        """Yield the text of each token generated after the prompt `ids`, one at a time.
 
+        A character run yields one character per token. A byte-level run yields "" for a
+        byte that does not finish a character yet, U+FFFD where the bytes are not UTF-8, and
+        a last U+FFFD if the sample ends inside a character (see `TextStream`).
         Close the iterator to stop early: the model's mode is restored at once."""
         idx = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         tokens = generate_tokens(self.model, idx, max_new_tokens, settings,
                                  generator=settings.generator(self.device))
-        decode = self.tokenizer.decode
+        text = self.tokenizer.stream()
         with contextlib.closing(tokens):
             for token in tokens:
-                yield decode([int(token[0])])
+                yield text.feed(int(token[0]))
+        if tail := text.flush():
+            yield tail
 
     def stream(self, prompt: str = "", max_new_tokens: int = 500,
                settings: SamplingSettings | None = None, *, unknown: str = "error",

@@ -222,7 +222,8 @@ class Trainer:
         elapsed = self.elapsed()
         self.log(
             f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-            f"val bpc {bpc:.3f}, {elapsed:.1f}s"
+            f"val {'bpb' if self.data.tokenizer.unit == 'byte' else 'bpc'} {bpc:.3f}, "
+            f"{elapsed:.1f}s"
         )
         self._record({"kind": "eval", "step": self.step, "train_loss": train_loss,
                       "val_loss": val_loss, "val_bpc": bpc, "elapsed": round(elapsed, 3)})
