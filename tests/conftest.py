@@ -7,9 +7,14 @@ Shakespeare lives or what a tiny model is exists once.
 
 from __future__ import annotations
 
+import http.server
+import io
 import os
 import subprocess
 import sys
+import threading
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,7 @@ from safetensors.torch import load_file
 
 from chargpt.cli import main
 from chargpt.config import Config, apply_overrides
+from chargpt.datasets import DATASETS, Dataset
 from chargpt.preparation import prepare
 from chargpt.prepared import PreparedData
 from chargpt.rundir import RunDir
@@ -156,3 +162,70 @@ def item_calls(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
     return calls
+
+
+# --- named datasets, served from 127.0.0.1 (never the internet) -----------------------------
+
+
+class FileHandler(http.server.BaseHTTPRequestHandler):
+    """Serves `files` (URL path -> bytes) and records every requested path in `requests`."""
+
+    files: dict[str, bytes] = {}
+    requests: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
+        type(self).requests.append(self.path)
+        body = type(self).files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:  # keep test output quiet
+        pass
+
+
+@pytest.fixture()
+def file_server() -> Iterator[tuple[str, type[FileHandler]]]:
+    """(base URL, handler class): put bytes in handler.files["/name"], read handler.requests."""
+    handler = type("Handler", (FileHandler,), {"files": {}, "requests": []})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", handler
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+@pytest.fixture()
+def dataset_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty download cache of the test's own, and no proxy in the way of 127.0.0.1."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CHARGPT_CACHE", str(cache))
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
+                "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "*")
+    return cache
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    """A deflated zip archive holding `members` (name -> content)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, content in members.items():
+            zf.writestr(name, content)
+    return buf.getvalue()
+
+
+def register_dataset(monkeypatch: pytest.MonkeyPatch, name: str, **fields: Any) -> Dataset:
+    """Replace the table entry `name` with one whose `fields` (url, checksums...) a test set."""
+    ds = Dataset(name, **fields)
+    monkeypatch.setitem(DATASETS, name, ds)
+    return ds

@@ -149,7 +149,8 @@ class DataConfig:
     data_dir: str = ""
     """A directory made by `chargpt prepare`; used instead of --input."""
     dataset: str = "shakespeare"
-    """Named corpus downloaded on first use when neither --input nor --data-dir is given."""
+    """Named corpus downloaded on first use when neither --input nor --data-dir is given:
+    shakespeare, or the benchmarks enwik8 and text8 with their standard split."""
     val_fraction: float = 0.1
     """Fraction of the text (taken from the end) held out for validation."""
     test_fraction: float = 0.0
