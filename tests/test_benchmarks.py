@@ -208,6 +208,10 @@ def test_enwik8_stand_in_trained_and_scored_on_its_test_split(
     assert main(["sample", str(run), "--max-new-tokens", "200", "--seed", "1",
                  "--prompt", "Grüße"]) == 0
     assert capsys.readouterr().out.startswith("Grüße")
+    # a byte vocabulary has no transformers character tokenizer: export says so, writes nothing
+    code = main(["export", str(run), "--to", "hf", str(tmp_path / "hf")])
+    assert "cannot export a byte-level run" in one_line_error(capsys, code)
+    assert not (tmp_path / "hf").exists()
 
 
 def test_eval_test_split_without_one_is_one_line(tmp_path, capsys) -> None:

@@ -300,10 +300,12 @@ class Trainer:
         deadline = None if time_limit is None else self._t0 + time_limit
         self._flops_per_token = estimate(self.cfg).flops_per_token
         world = f" x {self.env.world_size} processes" if self.env.enabled else ""
+        test = "" if self.data.test is None else f" / {len(self.data.test):,} test"
+        unit = " bytes" if self.data.tokenizer.unit == "byte" else ""
         self.log(
             f"{self.model.num_params() / 1e6:.2f} M parameters | vocab "
-            f"{self.data.tokenizer.vocab_size} | "
-            f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens | "
+            f"{self.data.tokenizer.vocab_size}{unit} | "
+            f"{len(self.data.train):,} train / {len(self.data.val):,} val{test} tokens | "
             f"{self.device.type}{world}, "
             f"{str(self.amp_dtype or torch.float32).removeprefix('torch.')} | "
             f"run dir {self.run_dir}"
