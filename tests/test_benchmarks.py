@@ -21,6 +21,7 @@ from chargpt.prepared import load_prepared
 from chargpt.run import load_run
 from chargpt.splits import split_counts
 from chargpt.textfiles import encode_file
+from chargpt.textstream import TextStream
 from chargpt.tokenizer import CharTokenizer
 
 MULTI = "Grüße aus 東京 🙂, naïve café!\n"  # 1-, 2-, 3- and 4-byte UTF-8
@@ -69,16 +70,16 @@ def test_byte_unknowns_are_named_as_bytes() -> None:
 
 def test_streaming_bytes_never_breaks_on_invalid_utf8() -> None:
     tok = CharTokenizer.from_bytes(range(256))
-    stream = tok.stream()
+    stream = TextStream(tok)
     assert [stream.feed(b) for b in "é🙂".encode()] == ["", "é", "", "", "", "🙂"]
     assert stream.flush() == ""
     # a stray continuation byte, an invalid lead byte, then a character cut off at the end
-    stream = tok.stream()
+    stream = TextStream(tok)
     pieces = [stream.feed(b) for b in b"a\x80b\xff" + "🙂".encode()[:2]]
     assert "".join(pieces) + stream.flush() == "a\ufffdb\ufffd\ufffd"
     assert tok.decode(list(b"a\x80b\xff")) == "a\ufffdb\ufffd"  # the same rule, all at once
     chars = CharTokenizer(list("ab"))
-    char_stream = chars.stream()
+    char_stream = TextStream(chars)
     assert [char_stream.feed(i) for i in (0, 1)] == ["a", "b"] and char_stream.flush() == ""
 
 

@@ -25,6 +25,7 @@ from .evaluate import evaluate_tokens
 from .lm import build_model
 from .rundir import BEST, find_checkpoint
 from .sampling import SamplingSettings, generate_tokens
+from .textstream import TextStream
 from .tokenizer import CharTokenizer, check_same_vocab
 
 
@@ -86,12 +87,12 @@ class Run:
 
         A character run yields one character per token. A byte-level run yields "" for a
         byte that does not finish a character yet, U+FFFD where the bytes are not UTF-8, and
-        a last U+FFFD if the sample ends inside a character (see `TextStream`).
+        a last U+FFFD if the sample ends inside a character (see textstream.py).
         Close the iterator to stop early: the model's mode is restored at once."""
         idx = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         tokens = generate_tokens(self.model, idx, max_new_tokens, settings,
                                  generator=settings.generator(self.device))
-        text = self.tokenizer.stream()
+        text = TextStream(self.tokenizer)
         with contextlib.closing(tokens):
             for token in tokens:
                 yield text.feed(int(token[0]))

@@ -13,7 +13,6 @@ a fingerprint so a model is never paired with a foreign vocabulary.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import os
@@ -26,14 +25,8 @@ import numpy as np
 from .errors import ChargptError, ConfigError, DataError, VocabError
 from .io import atomic_write_text, read_bytes
 
-__all__ = [
-    "UNITS",
-    "UNKNOWN_POLICIES",
-    "CharTokenizer",
-    "TextStream",
-    "check_same_vocab",
-    "unknown_chars_message",
-]
+__all__ = ["UNITS", "UNKNOWN_POLICIES", "CharTokenizer", "check_same_vocab",
+           "unknown_chars_message"]
 
 VOCAB_FORMAT = "chargpt-vocab"
 VOCAB_VERSION = 1  # a vocabulary of characters, readable by every chargpt
@@ -55,8 +48,7 @@ def unknown_chars_message(what: str, chars: Sequence[str], hint: str | None = _U
     n = len(chars)
     shown = ", ".join(_describe_char(c, unit) for c in chars[:_MAX_NAMED])
     more = f" and {n - _MAX_NAMED} more" if n > _MAX_NAMED else ""
-    noun = unit if unit == "byte" else "character"
-    noun = noun if n == 1 else noun + "s"
+    noun = ("byte" if unit == "byte" else "character") + ("" if n == 1 else "s")
     tail = f" ({hint})" if hint else ""
     return f"{what} has {n} {noun} not in the vocabulary: {shown}{more}{tail}"
 
@@ -276,7 +268,7 @@ class CharTokenizer:
 
         In byte mode the bytes are decoded as UTF-8; a byte sequence that is not UTF-8 (a
         model can sample one) becomes U+FFFD, the replacement character, and is never an
-        error."""
+        error (`textstream.TextStream` does the same one id at a time)."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()  # numpy arrays and torch tensors -> Python ints, fast
         if isinstance(ids, int):
@@ -295,10 +287,6 @@ class CharTokenizer:
         if self._unit == "byte":
             return text.encode("latin-1").decode("utf-8", errors="replace")
         return text
-
-    def stream(self) -> TextStream:
-        """A `TextStream` that decodes this vocabulary's ids one at a time."""
-        return TextStream(self)
 
     # --- identity and persistence -----------------------------------------------------------
 
@@ -335,20 +323,17 @@ class CharTokenizer:
                 f"{source} has unsupported vocabulary version {d.get('version')!r} "
                 f"(expected {VOCAB_VERSION} or {BYTE_VOCAB_VERSION})"
             )
-        unit = d.get("unit", "char") if d["version"] == BYTE_VOCAB_VERSION else "char"
+        unit = d.get("unit") if d["version"] == BYTE_VOCAB_VERSION else "char"
+        values, chars = d.get("bytes"), d.get("chars")
+        if unit == "byte" and not (isinstance(values, list) and all(
+                type(b) is int and 0 <= b <= 0xFF for b in values)):
+            raise DataError(f"{source}: 'bytes' must be a list of byte values (0-255)")
+        if unit == "char" and not isinstance(chars, list):
+            raise DataError(f"{source}: 'chars' must be a list of characters")
         if unit not in UNITS:
             raise DataError(f"{source}: unknown unit {unit!r} (expected char or byte)")
         try:
-            if unit == "byte":
-                values = d.get("bytes")
-                if not isinstance(values, list) or not all(
-                        type(b) is int and 0 <= b <= 0xFF for b in values):
-                    raise DataError("'bytes' must be a list of byte values (0-255)")
-                return cls.from_bytes(values)
-            chars = d.get("chars")
-            if not isinstance(chars, list):
-                raise DataError("'chars' must be a list of characters")
-            return cls(chars)
+            return cls.from_bytes(values) if unit == "byte" else cls(chars)
         except DataError as e:
             raise DataError(f"{source}: {e}") from None
 
@@ -375,28 +360,6 @@ class CharTokenizer:
         except UnicodeDecodeError as e:
             raise DataError(f"{path} is not valid UTF-8 (byte offset {e.start})") from None
         return cls.from_json(text, source=str(path))
-
-
-class TextStream:
-    """Decodes ids one at a time into text, for streaming a sample.
-
-    For characters every id is one character. For bytes, a character's UTF-8 bytes are held
-    back until the last one arrives (`feed` returns "" meanwhile); a sequence that cannot be
-    UTF-8 comes out as U+FFFD, as `decode` does, so a model that samples invalid bytes never
-    stops a stream; `flush` ends the stream, turning a character left unfinished into U+FFFD.
-    """
-
-    def __init__(self, tokenizer: CharTokenizer) -> None:
-        self._chars = tokenizer.chars
-        self._bytes = tokenizer.unit == "byte"
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def feed(self, token_id: int) -> str:
-        c = self._chars[token_id]
-        return self._decoder.decode(c.encode("latin-1")) if self._bytes else c
-
-    def flush(self) -> str:
-        return self._decoder.decode(b"", final=True) if self._bytes else ""
 
 
 def check_same_vocab(
