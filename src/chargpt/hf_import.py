@@ -127,9 +127,8 @@ def _unsupported(where: Path, what: str, why: str) -> CheckpointError:
     return CheckpointError(f"cannot import {where}: {what} ({why})")
 
 
-def _from_gpt2(config: dict[str, Any], weights: dict[str, Tensor], src: Path
-               ) -> tuple[ModelConfig, dict[str, Tensor]]:
-    cpath = src / "config.json"
+def _gpt2_activation(config: dict[str, Any], src: Path) -> str:
+    """The config's activation, if chargpt computes GPT-2's blocks with it exactly."""
     act = config.get("activation_function", "gelu_new")
     if act not in ("gelu", "relu", "relu2"):
         why = ("the tanh approximation of GELU; chargpt's GELU is the exact one"
@@ -143,6 +142,32 @@ def _from_gpt2(config: dict[str, Any], weights: dict[str, Tensor], src: Path
         if config.get(key, want) != want:
             raise _unsupported(src, f"{key}={config[key]}", "chargpt's attention is plain "
                                "causal self-attention scaled by 1/sqrt(head size)")
+    return act
+
+
+def _gpt2_blocks(w: dict[str, Tensor], n_layer: int, src: Path,
+                 sd: dict[str, Tensor]) -> list[str]:
+    """Move the blocks' and final norm's tensors from `w` into `sd`; return the bias names."""
+    biases: list[str] = []
+    for i in range(n_layer):
+        p = f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            sd[p + ln + ".weight"] = _take(w, p + ln + ".weight", src)
+            sd[p + ln + ".bias"] = _take(w, p + ln + ".bias", src)
+            biases.append(p + ln + ".bias")
+        for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            sd[p + name + ".weight"] = _take(w, p + name + ".weight", src).t().contiguous()
+            sd[p + name + ".bias"] = _take(w, p + name + ".bias", src)
+            biases.append(p + name + ".bias")
+    sd["transformer.ln_f.weight"] = _take(w, "transformer.ln_f.weight", src)
+    sd["transformer.ln_f.bias"] = _take(w, "transformer.ln_f.bias", src)
+    return [*biases, "transformer.ln_f.bias"]
+
+
+def _from_gpt2(config: dict[str, Any], weights: dict[str, Tensor], src: Path
+               ) -> tuple[ModelConfig, dict[str, Tensor]]:
+    cpath = src / "config.json"
+    act = _gpt2_activation(config, src)
     n_embd = _int(config, "n_embd", cpath)
     n_head = _int(config, "n_head", cpath)
     n_layer = _int(config, "n_layer", cpath)
@@ -158,20 +183,7 @@ def _from_gpt2(config: dict[str, Any], weights: dict[str, Tensor], src: Path
     sd: dict[str, Tensor] = {"transformer.wte.weight": _take(w, "transformer.wte.weight", src)}
     wpe = _take(w, "transformer.wpe.weight", src)
     vocab_size = sd["transformer.wte.weight"].size(0)
-    biases: list[str] = []
-    for i in range(n_layer):
-        p = f"transformer.h.{i}."
-        for ln in ("ln_1", "ln_2"):
-            sd[p + ln + ".weight"] = _take(w, p + ln + ".weight", src)
-            sd[p + ln + ".bias"] = _take(w, p + ln + ".bias", src)
-            biases.append(p + ln + ".bias")
-        for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
-            sd[p + name + ".weight"] = _take(w, p + name + ".weight", src).t().contiguous()
-            sd[p + name + ".bias"] = _take(w, p + name + ".bias", src)
-            biases.append(p + name + ".bias")
-    sd["transformer.ln_f.weight"] = _take(w, "transformer.ln_f.weight", src)
-    sd["transformer.ln_f.bias"] = _take(w, "transformer.ln_f.bias", src)
-    biases.append("transformer.ln_f.bias")
+    biases = _gpt2_blocks(w, n_layer, src, sd)
     tie = bool(config.get("tie_word_embeddings", True))
     head = w.pop("lm_head.weight", None)
     if tie or head is None:
@@ -212,9 +224,8 @@ def _rope_theta(config: dict[str, Any], src: Path) -> float:
     return float(theta)
 
 
-def _from_rotary(config: dict[str, Any], weights: dict[str, Tensor], src: Path, family: str
-                 ) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """The inverse of `_rotary_weights`: Llama/Qwen3 folders shaped like chargpt's exports."""
+def _rotary_shape(config: dict[str, Any], src: Path) -> tuple[int, int, int, int]:
+    """(n_embd, n_head, n_layer, MLP width) of a Llama/Qwen3 config chargpt can express."""
     cpath = src / "config.json"
     n_embd = _int(config, "hidden_size", cpath)
     n_head = _int(config, "num_attention_heads", cpath)
@@ -231,6 +242,41 @@ def _from_rotary(config: dict[str, Any], weights: dict[str, Tensor], src: Path, 
         raise _unsupported(src, f"rms_norm_eps {eps}", f"chargpt's RMSNorm uses {RMS_NORM_EPS}")
     if config.get("use_sliding_window"):
         raise _unsupported(src, "sliding-window attention", "chargpt attends to the whole block")
+    return n_embd, n_head, n_layer, hidden
+
+
+def _gated_mlp(w: dict[str, Tensor], q: str, act: Any, src: Path
+               ) -> tuple[str, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Undo the gated forms chargpt exports: (activation, c_fc and c_proj weights, biases)."""
+    gate = _take(w, q + "mlp.gate_proj.weight", src)
+    up = _take(w, q + "mlp.up_proj.weight", src)
+    down = _take(w, q + "mlp.down_proj.weight", src)
+    b_gate = w.pop(q + "mlp.gate_proj.bias", None)
+    b_up = w.pop(q + "mlp.up_proj.bias", None)
+    b_down = w.pop(q + "mlp.down_proj.bias", None)
+    same_bias = (b_gate is None and b_up is None) or (
+        b_gate is not None and b_up is not None and torch.equal(b_gate, b_up))
+    if act == "relu" and torch.equal(gate, up) and same_bias:
+        return "relu2", gate, down, b_gate, b_down  # relu(a) * a
+    if (act in ("gelu", "relu", "relu2") and torch.count_nonzero(up) == 0
+            and b_up is not None and torch.all(b_up == 1)):
+        return act, gate, down, b_gate, b_down  # act(a) * 1
+    raise _unsupported(src, f"a gated MLP with hidden_act {act!r}", "chargpt's MLP is not "
+                       "gated; only the gated forms chargpt exports (relu(a)*a, or an up "
+                       "projection that is constant 1) can be read")
+
+
+def _check_qk_norm_gains(w: dict[str, Tensor], q: str, src: Path) -> None:
+    """Qwen3's per-head norm gains must be the ones chargpt exports: chargpt's have none."""
+    for norm in ("q_norm", "k_norm"):
+        if not torch.all(_take(w, f"{q}self_attn.{norm}.weight", src) == 1):
+            raise _unsupported(src, f"learned {norm} gains", "chargpt's QK-norm has no weights")
+
+
+def _from_rotary(config: dict[str, Any], weights: dict[str, Tensor], src: Path, family: str
+                 ) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """The inverse of `_rotary_weights`: Llama/Qwen3 folders shaped like chargpt's exports."""
+    n_embd, n_head, n_layer, hidden = _rotary_shape(config, src)
     theta = _rope_theta(config, src)
     act = config.get("hidden_act")
     w = dict(weights)
@@ -244,10 +290,7 @@ def _from_rotary(config: dict[str, Any], weights: dict[str, Tensor], src: Path, 
         sd[p + "ln_1.weight"] = _take(w, q + "input_layernorm.weight", src)
         sd[p + "ln_2.weight"] = _take(w, q + "post_attention_layernorm.weight", src)
         if family == "qwen3":
-            for norm in ("q_norm", "k_norm"):
-                if not torch.all(_take(w, f"{q}self_attn.{norm}.weight", src) == 1):
-                    raise _unsupported(src, f"learned {norm} gains", "chargpt's QK-norm has no "
-                                       "weights")
+            _check_qk_norm_gains(w, q, src)
         if flip is None:
             flip = half_flip(ModelConfig(n_embd=n_embd, n_head=n_head))
         proj = {n: _take(w, f"{q}self_attn.{n}.weight", src) for n in ("q_proj", "k_proj",
@@ -256,24 +299,9 @@ def _from_rotary(config: dict[str, Any], weights: dict[str, Tensor], src: Path, 
             (proj["q_proj"] * flip[:, None], proj["k_proj"] * flip[:, None], proj["v_proj"]))
         sd[p + "attn.c_proj.weight"] = proj["o_proj"]
         b = {n: w.pop(f"{q}self_attn.{n}.bias", None) for n in proj}
-        gate = _take(w, q + "mlp.gate_proj.weight", src)
-        up = _take(w, q + "mlp.up_proj.weight", src)
-        sd[p + "mlp.c_fc.weight"] = gate
-        sd[p + "mlp.c_proj.weight"] = _take(w, q + "mlp.down_proj.weight", src)
-        b_gate = w.pop(q + "mlp.gate_proj.bias", None)
-        b_up = w.pop(q + "mlp.up_proj.bias", None)
-        b_down = w.pop(q + "mlp.down_proj.bias", None)
-        same_bias = (b_gate is None and b_up is None) or (
-            b_gate is not None and b_up is not None and torch.equal(b_gate, b_up))
-        if act == "relu" and torch.equal(gate, up) and same_bias:
-            activations.add("relu2")  # relu(a) * a
-        elif (act in ("gelu", "relu", "relu2") and torch.count_nonzero(up) == 0
-              and b_up is not None and torch.all(b_up == 1)):
-            activations.add(act)  # act(a) * 1
-        else:
-            raise _unsupported(src, f"a gated MLP with hidden_act {act!r}", "chargpt's MLP "
-                               "is not gated; only the gated forms chargpt exports (relu(a)*a, "
-                               "or an up projection that is constant 1) can be read")
+        activation, sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_proj.weight"], b_gate, b_down = (
+            _gated_mlp(w, q, act, src))
+        activations.add(activation)
         qkv_bias = None if b["q_proj"] is None else torch.cat(
             (b["q_proj"] * flip, b["k_proj"] * flip, b["v_proj"]))
         # chargpt has all four biases or none: missing ones are zeros, dropped below if all are
@@ -298,7 +326,7 @@ def _from_rotary(config: dict[str, Any], weights: dict[str, Tensor], src: Path, 
     if not any_bias:
         sd = {k: v for k, v in sd.items() if not k.endswith(".bias")}
     cfg = ModelConfig(arch="gpt", vocab_size=vocab_size,
-                      block_size=_int(config, "max_position_embeddings", cpath),
+                      block_size=_int(config, "max_position_embeddings", src / "config.json"),
                       n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                       dropout=_dropout(config, "attention_dropout"), bias=any_bias,
                       norm="pre", mlp_ratio=hidden // n_embd, activation=activations.pop(),
