@@ -223,3 +223,43 @@ def test_eval_test_split_without_one_is_one_line(tmp_path, capsys) -> None:
     capsys.readouterr()
     code = main(["eval", str(run), "--split", "test"])
     assert "has no test split" in one_line_error(capsys, code)
+
+
+# --- the command line and the config -------------------------------------------------------
+
+
+def test_prepare_command_with_bytes_and_a_test_split(tmp_path, capsys) -> None:
+    src = write(tmp_path / "in.txt", MULTI * 40)
+    assert main(["prepare", "--input", str(src), "--out", str(tmp_path / "out"), "--unit",
+                 "byte", "--val-fraction", "0.1", "--test-fraction", "0.1"]) == 0
+    n = len((MULTI * 40).encode())
+    out = capsys.readouterr().out
+    assert out.startswith(f"prepared {n:,} bytes (")
+    d = load_prepared(tmp_path / "out")
+    assert f"{len(d.train):,} train / {len(d.val):,} val / {len(d.test):,} test tokens" in out
+    assert len(d.train) + len(d.val) + len(d.test) == n and len(d.test) == n // 10 + (n % 10 > 0)
+
+
+def test_config_checks_dataset_and_fractions() -> None:
+    from chargpt.config import resolve_config
+
+    with pytest.raises(ConfigError, match="unknown dataset 'enwik9'"):
+        resolve_config(overrides={"data": {"dataset": "enwik9"}})
+    with pytest.raises(ConfigError, match="test_fraction must be in"):
+        resolve_config(overrides={"data": {"val_fraction": 0.5, "test_fraction": 0.5}})
+    cfg = resolve_config("enwik8-cpu")
+    assert (cfg.data.dataset, cfg.data.unit) == ("enwik8", "byte")
+    assert (resolve_config("text8-gpu").data.dataset, resolve_config("text8-gpu").data.unit) == (
+        "text8", "char")
+
+
+def test_estimate_takes_sizes_from_the_presets_dataset(capsys) -> None:
+    assert main(["estimate", "--preset", "enwik8-gpu"]) == 0
+    out = capsys.readouterr().out
+    assert "12 layers, 8 heads, 512 embd, block 512, vocab 256" in out
+    assert "one epoch of 90,000,000 characters = 5,493 steps" in out
+    assert main(["estimate", "--preset", "text8-cpu", "--vocab-size", "30"]) == 0
+    assert "vocab 30" in capsys.readouterr().out
+    assert main(["estimate"]) == 0  # the default preset: Tiny Shakespeare, as before
+    out = capsys.readouterr().out
+    assert "vocab 65" in out and "one epoch of 1,003,854 characters" in out
