@@ -54,7 +54,8 @@ def _prepare_data(cfg: Config, rundir: RunDir, log: Callable[[str], None]) -> No
         source = str(fetch(dc.dataset, progress=True))
         heldout = dataset(dc.dataset).split
         if heldout:
-            log(f"{dc.dataset}'s standard split: the last {heldout[1]:,} {dc.unit}s are test, "
+            noun = "bytes" if dc.unit == "byte" else "characters"
+            log(f"{dc.dataset}'s standard split: the last {heldout[1]:,} {noun} are test, "
                 f"the {heldout[0]:,} before them val, the rest train")
     log(f"preparing {source}")
     prepare(source, rundir.data_dir(cfg), val_fraction=dc.val_fraction,
