@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,19 @@ def test_tensorboard_drops_steps_a_crashed_process_logged_after_its_checkpoint(c
     train(resume=run, quiet=True)
     scalars, _ = tensorboard_scalars(run)  # asserts no step appears twice
     assert_mirrors_metrics(scalars, run)
+
+
+def test_a_resumed_event_file_sorts_after_one_opened_in_the_same_second(tmp_path):
+    # The reader applies a purge only to files that sort before the purging one; a file from
+    # this same second with a larger host/pid name would otherwise sort last and keep its steps.
+    log_dir = tmp_path / "run" / trackers.TENSORBOARD_DIR
+    log_dir.mkdir(parents=True)
+    planted = f"events.out.tfevents.{int(time.time()):010d}.~crashed.99999999.0"
+    (log_dir / planted).write_bytes(b"")
+    tracker = trackers.TensorBoardTracker(tmp_path / "run", start_step=10)
+    tracker.close()
+    names = sorted(p.name for p in log_dir.iterdir())
+    assert len(names) == 2 and names[-1] != planted
 
 
 # --- Weights & Biases (offline) ----------------------------------------------------------------

@@ -21,6 +21,7 @@ import html
 import importlib.util
 import os
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -70,6 +71,25 @@ class Tracker(Protocol):
     def close(self) -> None: ...
 
 
+def _wait_past_event_files(log_dir: Path) -> None:
+    """Return once this second is later than every existing event file's creation second.
+
+    TensorBoard reads a run's event files in name order and a name starts with the second the
+    file was opened, then host and pid. A resumed process that opened its file within the same
+    second as the interrupted one could sort first, and its purge would then be read before the
+    events it is meant to drop. Waiting (at most a second) makes the new file sort last.
+    """
+    stamps = []
+    for path in log_dir.glob("events.out.tfevents.*"):
+        parts = path.name.split(".")
+        if len(parts) > 3 and parts[3].isdigit():
+            stamps.append(int(parts[3]))
+    if stamps:
+        delay = max(stamps) + 1 - time.time()
+        if delay > 0:
+            time.sleep(min(delay, 1.0))
+
+
 class TensorBoardTracker:
     """Scalars and text in RUN/tensorboard, read by `tensorboard --logdir RUN`."""
 
@@ -79,7 +99,9 @@ class TensorBoardTracker:
         # purge_step: the reader drops earlier events at or after it, i.e. whatever an
         # interrupted process logged after the checkpoint this process resumes from.
         purge = start_step + 1 if start_step else None
-        self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=purge)
+        log_dir = run_dir / TENSORBOARD_DIR
+        _wait_past_event_files(log_dir)
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
 
     def log(self, row: dict[str, Any]) -> None:
         _, step, values = _fields(row)
