@@ -32,7 +32,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .config import Config
 from .errors import CheckpointError
-from .io import fsync_dir, fsync_file, os_reason, read_bytes, sha256_file
+from .io import fsync_dir, fsync_file, os_reason, read_bytes, read_error, sha256_file
 from .tokenizer import CharTokenizer
 
 FORMAT = "chargpt-checkpoint"
@@ -53,13 +53,20 @@ def _write_json(path: Path, obj: Any) -> None:
         f.write("\n")
 
 
+# The JSON files of a run are a few kB (a vocabulary of every Unicode character is ~5 MB); a
+# larger one is refused before it is read.
+MAX_JSON_BYTES = 64 * 2**20
+
+
 def read_json(path: Path) -> Any:
     """A JSON file of a checkpoint or run directory; a missing or broken one is a user error."""
-    raw = read_bytes(path, what="file", error=CheckpointError)
+    raw = read_bytes(path, what="file", error=CheckpointError, max_bytes=MAX_JSON_BYTES)
     try:
         return json.loads(raw)
     except ValueError as e:  # includes bytes that are not UTF-8
-        raise CheckpointError(f"{path} is unreadable: {e}") from None
+        raise CheckpointError(f"{path} is unreadable: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is unreadable: JSON nested too deeply") from None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -83,6 +90,18 @@ def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor
             else:
                 scalars.setdefault(str(idx), {})[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, where: Path) -> None:
+    """Every loaded per-parameter tensor (momenta) has its parameter's shape, or is a scalar
+    (step counts): torch's load_state_dict does not check, and the first step would fail."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                    raise CheckpointError(f"{where}: the optimizer's {key} has shape "
+                                          f"{tuple(value.shape)} for a parameter of shape "
+                                          f"{tuple(p.shape)}")
 
 
 def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict[str, Any]:
@@ -207,6 +226,15 @@ class CheckpointData:
     state: TrainState
 
 
+class SaveError(CheckpointError):
+    """A checkpoint could not be written; the previous one under its name was kept."""
+
+    def __init__(self, target: Path, reason: str, kept: bool):
+        self.target, self.reason, self.kept = target, reason, kept
+        intact = " (the previous checkpoint is intact)" if kept else ""
+        super().__init__(f"could not write checkpoint {target}: {reason}{intact}")
+
+
 def _no_pause() -> None:
     pass
 
@@ -232,8 +260,7 @@ def save(run_dir: str | Path, name: str, model: torch.nn.Module, data: Checkpoin
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "no space left on device" if e.errno == errno.ENOSPC else os_reason(e)
-        kept = " (the previous checkpoint is intact)" if resolve(run_dir, name) else ""
-        raise CheckpointError(f"could not write checkpoint {final}: {reason}{kept}") from None
+        raise SaveError(final, reason, kept=resolve(run_dir, name) is not None) from None
     return final
 
 
@@ -274,18 +301,15 @@ def _swap_in(final: Path, tmp: Path, old: Path, pause: Callable[[], None]) -> No
 # --- verify and load --------------------------------------------------------------------------
 
 
-def verify(ckpt_dir: str | Path) -> dict[str, Any]:
-    """Check the manifest and every file's sha256; return the manifest or raise."""
-    ckpt_dir = Path(ckpt_dir)
-    manifest_path = ckpt_dir / MANIFEST
-    if not ckpt_dir.is_dir():
-        raise CheckpointError(f"no checkpoint at {ckpt_dir}")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt_dir} is incomplete: {MANIFEST} is missing") from None
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{manifest_path} is unreadable: {e}") from None
+REQUIRED_FILES = (MODEL_FILE, CONFIG_FILE, VOCAB_FILE, STATE_FILE)
+
+
+def _read_manifest(ckpt_dir: Path) -> dict[str, Any]:
+    """The manifest's header and file list, checked for shape (not yet against the files)."""
+    path = ckpt_dir / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir} is incomplete: {MANIFEST} is missing")
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt_dir} is not a chargpt checkpoint")
     if manifest.get("version") != VERSION:
@@ -294,14 +318,48 @@ def verify(ckpt_dir: str | Path) -> dict[str, Any]:
             f"this chargpt reads version {VERSION}"
         )
     files = manifest.get("files")
-    if not isinstance(files, dict) or MODEL_FILE not in files:
-        raise CheckpointError(f"{manifest_path} lists no model weights")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path} has no list of files")
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise CheckpointError(f"{path} does not list {name}")
     for name, entry in files.items():
-        path = ckpt_dir / name
-        if Path(name).name != name or not path.is_file():
-            raise CheckpointError(f"{ckpt_dir} is incomplete: {name} is missing")
-        if path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
-            raise CheckpointError(f"{path} is corrupted (its sha256 does not match the manifest)")
+        if name in ("", ".", "..", MANIFEST) or Path(name).name != name:
+            raise CheckpointError(f"{path} lists {name!r}, which is not a file of a checkpoint")
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and type(entry.get("bytes")) is int):
+            raise CheckpointError(f"{path}: the entry of {name} has no sha256 and size")
+    return manifest
+
+
+def _check_file(path: Path, entry: dict[str, Any]) -> None:
+    """`path` is exactly the file the manifest describes; else one line saying what differs."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing (its manifest lists it)")
+    size, expected = path.stat().st_size, entry["bytes"]
+    if size < expected:
+        raise CheckpointError(f"{path} is truncated: {size:,} bytes where its manifest says "
+                              f"{expected:,}")
+    if size > expected:
+        raise CheckpointError(f"{path} has {size:,} bytes where its manifest says {expected:,} "
+                              "(it was changed after it was written)")
+    if sha256_file(path) != entry["sha256"]:
+        raise CheckpointError(f"{path} does not match its manifest (sha256 mismatch: the file "
+                              "was corrupted or changed after it was written)")
+
+
+def verify(ckpt_dir: str | Path) -> dict[str, Any]:
+    """Check the manifest and every file's size and sha256; return the manifest or raise a
+    one-line CheckpointError naming the file and the check that failed."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"no checkpoint at {ckpt_dir}")
+    manifest = _read_manifest(ckpt_dir)
+    try:
+        for name, entry in manifest["files"].items():
+            _check_file(ckpt_dir / name, entry)
+    except OSError as e:
+        raise read_error(e.filename or ckpt_dir, e, error=CheckpointError) from None
     return manifest
 
 

@@ -54,10 +54,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _print_sample(run_path: Path, chars: int, seed: int) -> tuple[int, str]:
-    """Stream a sample from the best checkpoint; returns its step and text."""
+    """Stream a sample from the best checkpoint (or last); returns its step and text."""
     from .run import load_run
 
-    run = load_run(run_path, "best", device="auto")
+    run = load_run(run_path, device="auto")
     print(f"--- sample from {run.checkpoint} (step {run.step}, seed {seed}) ---")
     text = []
     for ch in run.stream("", chars, seed=seed):
@@ -262,8 +262,11 @@ CHECKPOINT_CHOICES = ("best", "last")
 
 
 def _checkpoint_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default=CHECKPOINT_CHOICES[0],
-                   help="which checkpoint of the run (default: best, or last if none)")
+    # Not given (None) differs from a typed "best": a damaged best is then passed over for last
+    # with a warning, while a checkpoint the user named is refused (rundir.find_checkpoint).
+    p.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default=None,
+                   help="which checkpoint of the run; a damaged one is refused (default: best, "
+                   "or last, with a warning, when best is missing or damaged)")
 
 
 def build_parser() -> Parser:
@@ -432,7 +435,7 @@ def build_parser() -> Parser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint directory")
     p.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "DIR"),
                    help="format (hf) and a new or empty output directory")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    _checkpoint_flag(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="make a run directory from a Hugging Face or nanoGPT model",

@@ -2,8 +2,11 @@
 
 Every problem caused by input (a file, a flag, a checkpoint, a prompt) is raised as a
 `ChargptError` whose message is one self-contained line; the CLI prints it as
-`chargpt: error: <message>` and exits non-zero instead of showing a traceback.
+`chargpt: error: <message>` and exits non-zero instead of showing a traceback. `warn` is the
+one way to tell the user that chargpt went on differently from what was asked.
 """
+
+import sys
 
 
 class ChargptError(Exception):
@@ -24,3 +27,9 @@ class VocabError(ChargptError):
 
 class CheckpointError(ChargptError):
     """A run directory or checkpoint that is missing, corrupted or foreign."""
+
+
+def warn(message: str) -> None:
+    """Tell the user, in one line on stderr, about something chargpt did instead of what was
+    asked (a damaged checkpoint passed over, a plot not drawn); the command goes on."""
+    print(f"chargpt: warning: {message}", file=sys.stderr, flush=True)

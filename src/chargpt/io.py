@@ -117,10 +117,22 @@ def read_error(
 
 
 def read_bytes(
-    path: str | os.PathLike[str], *, what: str = "file", error: type[ChargptError] = DataError
+    path: str | os.PathLike[str],
+    *,
+    what: str = "file",
+    error: type[ChargptError] = DataError,
+    max_bytes: int | None = None,
 ) -> bytes:
-    """The whole content of a user's file, or one `error` line saying why it cannot be read."""
+    """The whole content of a user's file, or one `error` line saying why it cannot be read.
+
+    With `max_bytes`, a larger file is refused before it is read (a hostile or mistaken file
+    must not fill the memory)."""
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as f:
+            # Read one byte past the limit rather than trust the size: /dev/zero has none.
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     except OSError as e:
         raise read_error(path, e, what=what, error=error) from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise error(f"{path} is too large for a {what} (more than {max_bytes:,} bytes)")
+    return data

@@ -19,11 +19,12 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from . import errors
 from .config import Config, apply_overrides
 from .datasets import dataset, fetch
 from .device import pick_device
 from .distributed import DistEnv
-from .errors import CheckpointError, ConfigError
+from .errors import ChargptError, CheckpointError, ConfigError
 from .preparation import prepare
 from .prepared import check_split_lengths
 from .rundir import RunDir
@@ -100,15 +101,24 @@ def resume_trainer(
     if train_overrides:
         cfg = apply_overrides(cfg, {"train": train_overrides}, "command line")
     env, device = _join(cfg)
-    last = rundir.last_checkpoint()
-    if last is None:
-        raise CheckpointError(f"{run_dir} has no complete checkpoint to resume from")
-    state = ckpt.load_train_state(last, resumable=True)
+    found = rundir.resume_checkpoint(warn=errors.warn if env.is_main else lambda _: None)
+    if found.config.model != cfg.model:
+        raise CheckpointError(f"{rundir.config_file} and {found.path / ckpt.CONFIG_FILE} "
+                              "describe different models; the run directory was changed")
+    state = ckpt.load_train_state(found.path, resumable=True)
     data = rundir.load_data(cfg)
-    check_same_vocab(data.tokenizer, ckpt.load_vocab(last), error=CheckpointError,
-                     what=f"{last} and its data in {data.path}")
+    check_same_vocab(data.tokenizer, found.tokenizer, error=CheckpointError,
+                     what=f"{found.path} and its data in {data.path}")
     trainer = Trainer(cfg, rundir, data, env, device, quiet)
-    trainer.restore(last, state)
+    try:
+        trainer.restore(found.path, state)
+    except ChargptError:
+        raise
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+        # A consistent but hostile state: torch's own checks speak, in one line.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{found.path}: the training state cannot be restored "
+                              f"({first})") from None
     if train_overrides and env.is_main:
         rundir.write_config(cfg)
     env.barrier()  # rank 0 rewrites metrics.jsonl in restore(); nobody runs ahead of it
@@ -157,7 +167,7 @@ def _start_or_continue(cfg: Config, auto_resume: bool, quiet: bool) -> Trainer:
     rundir = RunDir(Path(cfg.train.out_dir)) if cfg.train.out_dir else None
     if not (auto_resume and rundir is not None and rundir.holds_run()):
         return new_trainer(cfg, quiet=quiet)
-    if rundir.last_checkpoint() is not None:
+    if rundir.has_checkpoint():
         return resume_trainer(rundir.path, {"train": _changed_train_values(cfg, rundir)},
                               quiet=quiet)
     if DistEnv.from_env().is_main:  # killed before its first checkpoint: nothing to keep

@@ -38,6 +38,8 @@ TRAIN_FILE, VAL_FILE, VOCAB_FILE, META_FILE = "train.npy", "val.npy", "vocab.jso
 TEST_FILE = "test.npy"
 SPLITS = ("train", "val", "test")
 TOKEN_DTYPES = ("uint16", "uint32")
+# meta.json lists every source file (~200 bytes each): this is about a million files.
+MAX_META_BYTES = 1 << 28
 
 _META_TYPES: dict[str, type | tuple[type, ...]] = {
     "dtype": str,
@@ -82,7 +84,7 @@ def _load_tokens(path: Path, dtype: str, length: int, data_dir: Path) -> np.ndar
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise DataError(f"{path.name} is missing; {rerun}") from None
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, OverflowError) as e:  # a header's absurd shape
         reason = " ".join(str(e).split())
         raise DataError(f"{path.name} cannot be read ({reason}); {rerun}") from None
     if not isinstance(arr, np.ndarray) or arr.ndim != 1:
@@ -99,11 +101,13 @@ def _load_tokens(path: Path, dtype: str, length: int, data_dir: Path) -> np.ndar
 def _read_meta(path: Path) -> dict[str, Any]:
     not_prepared = f"{path} is not a prepared data directory (run `chargpt prepare`)"
     try:
+        if (path / META_FILE).stat().st_size > MAX_META_BYTES:
+            raise DataError(f"{not_prepared}: meta.json is larger than any chargpt metadata")
         meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{not_prepared}: meta.json is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        reason = " ".join(str(e).split())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        reason = " ".join(str(e).split()) or "JSON nested too deeply"
         raise DataError(f"{not_prepared}: meta.json cannot be read ({reason})") from None
     if not isinstance(meta, dict) or meta.get("format") != DATA_FORMAT:
         raise DataError(f"{not_prepared}: meta.json is not chargpt data metadata")

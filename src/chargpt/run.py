@@ -1,8 +1,10 @@
 """A trained model ready to use: load a run directory or checkpoint, generate text, evaluate.
 
-`Run.load("runs/x")` picks the best checkpoint (or `last`), verifies its manifest, rebuilds the
-model from the checkpoint's own config and vocabulary, and loads the weights; nothing is
-unpickled, so a run directory from a stranger can be loaded without running their code. A `Run`
+`Run.load("runs/x")` picks the best checkpoint (or `last`: see rundir.find_checkpoint for what
+happens when one is damaged), checks it completely before allocating anything (safety.py), then
+builds the model from the checkpoint's own config and vocabulary and loads the weights. Nothing
+is unpickled, so a run directory from a stranger can be loaded without running their code, and
+no config from a stranger can make it build a model the machine cannot hold. A `Run`
 offers what every front end needs (the CLI, the web server, notebooks): a stream of generated
 characters, the attention maps of a prompt, and the loss on a text.
 """
@@ -20,13 +22,13 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config
 from .device import pick_device
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 from .evaluate import evaluate_tokens
 from .lm import build_model
-from .rundir import BEST, find_checkpoint
+from .rundir import find_checkpoint
 from .sampling import SamplingSettings, generate_tokens
 from .textstream import TextStream
-from .tokenizer import CharTokenizer, check_same_vocab
+from .tokenizer import CharTokenizer
 
 
 @dataclass
@@ -41,18 +43,15 @@ class Run:
     device: torch.device
 
     @classmethod
-    def load(cls, path: str | Path, checkpoint: str = BEST, device: str = "auto") -> Run:
-        ckpt_dir = find_checkpoint(path, checkpoint)
-        config = ckpt.load_config(ckpt_dir)
-        tokenizer = ckpt.load_vocab(ckpt_dir)
-        check_same_vocab(tokenizer, config.model.vocab_size, error=CheckpointError,
-                         what=f"{ckpt_dir}: the vocabulary and the model in the config")
-        model = build_model(config.model)
-        ckpt.load_weights(model, ckpt_dir)
+    def load(cls, path: str | Path, checkpoint: str | None = None, device: str = "auto") -> Run:
+        """The model in run directory (or checkpoint directory) `path`. `checkpoint` names
+        best or last; None (the default) is best, or last when best is missing or damaged."""
+        found = find_checkpoint(path, checkpoint)
         dev = pick_device(device)
+        model = build_model(found.config.model)
+        ckpt.load_weights(model, found.path)
         model.to(dev).eval()
-        state = ckpt.load_train_state(ckpt_dir)
-        return cls(ckpt_dir, config, tokenizer, model, state, dev)
+        return cls(found.path, found.config, found.tokenizer, model, found.state, dev)
 
     @property
     def step(self) -> int:
@@ -133,6 +132,6 @@ class Run:
                                batch_size=batch_size, device=self.device, tiled=tiled)
 
 
-def load_run(path: str | Path, checkpoint: str = BEST, device: str = "auto") -> Run:
+def load_run(path: str | Path, checkpoint: str | None = None, device: str = "auto") -> Run:
     """Load a trained model from a run directory (or a checkpoint directory)."""
     return Run.load(path, checkpoint=checkpoint, device=device)

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
+from . import errors
 from .config import Config
-from .errors import CheckpointError, ConfigError
-from .io import atomic_write_text
+from .errors import ChargptError, CheckpointError, ConfigError
+from .io import atomic_write_text, os_reason, read_error
 from .prepared import PreparedData, load_prepared
+from .safety import LOAD_FACTOR, TRAIN_FACTOR, CheckedCheckpoint, check_bounds, check_checkpoint
 
 __all__ = ["BEST", "CHECKPOINTS", "LAST", "RunDir", "find_checkpoint"]
 
@@ -99,29 +102,61 @@ class RunDir:
             raise CheckpointError(
                 f"{self.path} is not a chargpt run directory ({CONFIG_FILE} missing)"
             )
-        return Config.from_dict(ckpt.read_json(self.config_file), source=str(self.config_file))
+        cfg = Config.from_dict(ckpt.read_json(self.config_file), source=str(self.config_file))
+        check_bounds(cfg.model, self.config_file)
+        return cfg
 
     def write_config(self, cfg: Config) -> None:
-        atomic_write_text(self.config_file, json.dumps(cfg.to_dict(), indent=2) + "\n")
+        self._replace(self.config_file, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
-    def last_checkpoint(self) -> Path | None:
-        """The complete checkpoint a resume continues from, if there is one."""
-        return ckpt.resolve(self.path, LAST)
+    def _replace(self, path: Path, text: str) -> None:
+        """Replace a run-level file atomically: on any failure (a full disk) the old one stays,
+        and the error is one line."""
+        try:
+            atomic_write_text(path, text)
+        except OSError as e:
+            raise CheckpointError(f"could not write {path}: {os_reason(e)}; the file is as it "
+                                  "was") from None
+
+    def has_checkpoint(self) -> bool:
+        """Whether a resume has something to continue from: a `last/` (complete or not, a
+        damaged one must be reported, never trained over), or what a crash left of it."""
+        return self.checkpoint(LAST).is_dir() or ckpt.resolve(self.path, LAST) is not None
+
+    def resume_checkpoint(self, warn: Callable[[str], None] = errors.warn) -> CheckedCheckpoint:
+        """The checkpoint a resume continues from: `last/`, or what a crash left of it; a
+        damaged `last/` is passed over with `warn` for an intact leftover, else refused."""
+        if not any(c.is_dir() for c in ckpt.candidates(self.path, LAST)):
+            raise CheckpointError(f"{self.path} has no complete checkpoint to resume from")
+        try:
+            return _first_usable(self.path, (LAST,), named=False, factor=TRAIN_FACTOR,
+                                 warn=warn)
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot resume {self.path}: {e}") from None
 
     # -- metrics
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """The rows of metrics.jsonl; lines torn by a kill or otherwise unreadable are skipped."""
+        """The rows of metrics.jsonl. A line that is not JSON was torn by a kill and is skipped;
+        a JSON line that is not a metrics row means the file was damaged or edited: that is a
+        one-line CheckpointError naming the line."""
         if not self.metrics_file.exists():
             return []
         rows = []
-        for line in self.metrics_file.read_bytes().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:  # includes undecodable bytes
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int):
-                rows.append(row)
+        try:
+            with open(self.metrics_file, "rb") as f:
+                # readline's limit bounds the memory a line without newlines could take
+                for number, line in enumerate(iter(lambda: f.readline(MAX_ROW_BYTES + 1), b""),
+                                              1):
+                    if len(line) > MAX_ROW_BYTES:
+                        raise CheckpointError(f"{self.metrics_file} line {number} is longer "
+                                              "than any metrics row; remove or fix it")
+                    row = _metrics_row(line, f"{self.metrics_file} line {number}")
+                    if row is not None:
+                        rows.append(row)
+        except OSError as e:
+            raise read_error(self.metrics_file, e, what="metrics file",
+                             error=CheckpointError) from None
         return rows
 
     def append_metrics(self, row: dict[str, Any]) -> None:
@@ -131,27 +166,100 @@ class RunDir:
     def truncate_metrics(self, step: int) -> None:
         """Drop rows after `step` (logged after the checkpoint a resume starts from)."""
         rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
-        atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
+        self._replace(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def find_checkpoint(path: str | Path, which: str = BEST) -> Path:
-    """A verified checkpoint directory: `path` itself, or `path/which` (best falls back to last)."""
+# A metrics row is a few hundred bytes; these are the numbers rows carry, and those each kind
+# must have (the loss curve reads them).
+MAX_ROW_BYTES = 1 << 16
+_ROW_NUMBERS = ("loss", "lr", "tok_per_s", "elapsed", "mfu", "skipped", "train_loss",
+                "val_loss", "val_bpc")
+_ROW_NEEDS = {"train": ("loss",), "eval": ("train_loss", "val_loss")}
+
+
+def _metrics_row(line: bytes, where: str) -> dict[str, Any] | None:
+    """One line of metrics.jsonl as a row; None for a line torn by a kill (or empty)."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):  # ValueError includes undecodable bytes
+        return None
+    problem = None
+    if not isinstance(row, dict):
+        problem = "is not a JSON object"
+    elif not (type(row.get("step")) is int and row["step"] >= 0):
+        problem = "has no step number"
+    elif not isinstance(row.get("kind", ""), str):
+        problem = "has a kind that is not a string"
+    else:
+        needs = _ROW_NEEDS.get(row.get("kind", ""), ())
+        bad = [k for k in _ROW_NUMBERS if (k in row or k in needs)
+               and not (isinstance(row.get(k), (int, float)) and type(row.get(k)) is not bool)]
+        if bad:
+            problem = f"has no number for {bad[0]!r}"
+    if problem:
+        raise CheckpointError(f"{where} {problem}, so it is not a metrics row; remove or fix "
+                              "that line")
+    return row
+
+
+def _first_usable(path: Path, names: Sequence[str], *, named: bool, factor: int,
+                  warn: Callable[[str], None]) -> CheckedCheckpoint:
+    """The first checkpoint of `names` (each with its crash leftovers NAME.tmp, NAME.old) that
+    passes every check. A damaged one is refused when `named`, else passed over with `warn`."""
+    damaged: list[str] = []  # what was wrong with each damaged checkpoint passed over
+    leftovers: list[str] = []  # why crash leftovers could not be used
+    for name in names:
+        primary, *recovered = ckpt.candidates(path, name)
+        if primary.is_dir():
+            try:
+                return _used(check_checkpoint(primary, factor), damaged, warn)
+            except ChargptError as e:
+                if named:
+                    raise
+                damaged.append(str(e))
+        for candidate in recovered:  # a crash between save's two renames leaves these
+            if candidate.is_dir():
+                try:
+                    return _used(check_checkpoint(candidate, factor), damaged, warn)
+                except ChargptError as e:
+                    leftovers.append(str(e))
+    if damaged:
+        raise CheckpointError("; ".join(damaged) + f"; {path} has no other complete checkpoint")
+    which = f"{names[0]} checkpoint" if named else "checkpoint"
+    if leftovers:
+        raise CheckpointError(f"{path} has no complete {which} ({leftovers[0]})")
+    hint = "" if named else " (is it a chargpt run directory?)"
+    raise CheckpointError(f"{path} has no {which}{hint}")
+
+
+def _used(found: CheckedCheckpoint, damaged: list[str], warn: Callable[[str], None]
+          ) -> CheckedCheckpoint:
+    if damaged:
+        warn(f"{'; '.join(damaged)}; using {found.path} instead")
+    return found
+
+
+def find_checkpoint(path: str | Path, which: str | None = None, *,
+                    warn: Callable[[str], None] = errors.warn) -> CheckedCheckpoint:
+    """The checkpoint a command uses, checked before its model is built (safety.py).
+
+    `path` is a run directory or a checkpoint directory. `which` is the checkpoint the user
+    named (best or last), None when they named none. A named checkpoint, or a checkpoint
+    directory given itself, that fails a check is refused. Without a name, best is used, or
+    last when the run has no best; a damaged best is passed over with a one-line warning that
+    says what is wrong and what is used instead. Either way a checkpoint a crash left between
+    its save's two renames is found (checkpoint.candidates)."""
     path = Path(path)
-    if which not in CHECKPOINTS:
+    if which is not None and which not in CHECKPOINTS:
         raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}")
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
-    if (path / ckpt.MANIFEST).is_file():
-        ckpt.verify(path)
-        return path
+    if (path / ckpt.MANIFEST).is_file() or (path / ckpt.MODEL_FILE).is_file():
+        if which is not None and path.name != which:
+            raise ConfigError(f"{path} is a checkpoint directory, not a run directory; drop "
+                              f"--checkpoint {which} or give the run directory")
+        return check_checkpoint(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a chargpt run directory or checkpoint")
-    for name in (which, LAST) if which == BEST else (which,):
-        found = ckpt.resolve(path, name)
-        if found is not None:
-            return found
-    # Nothing verified: explain the first problem found, or that this is not a run at all.
-    for candidate in ckpt.candidates(path, which):
-        if candidate.is_dir():
-            ckpt.verify(candidate)
-    raise CheckpointError(f"{path} has no checkpoint (is it a chargpt run directory?)")
+    names = CHECKPOINTS if which is None else (which,)
+    return _first_usable(path, names, named=which is not None, factor=LOAD_FACTOR, warn=warn)

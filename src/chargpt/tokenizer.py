@@ -345,6 +345,8 @@ class CharTokenizer:
             raise DataError(
                 f"{source} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
             ) from None
+        except RecursionError:
+            raise DataError(f"{source} is not a vocabulary (JSON nested too deeply)") from None
         return cls.from_dict(d, source)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -354,7 +356,8 @@ class CharTokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CharTokenizer:
         path = Path(path)
-        raw = read_bytes(path, what="vocabulary file")
+        # Every Unicode character as JSON is ~5 MB: a larger file is no vocabulary.
+        raw = read_bytes(path, what="vocabulary file", max_bytes=64 * 2**20)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:

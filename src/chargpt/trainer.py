@@ -28,9 +28,10 @@ from .batches import BatchSampler
 from .config import Config
 from .device import allow_tf32, autocast_context, autocast_dtype
 from .distributed import DistEnv, all_reduce_mean, gather_tensors
-from .errors import ChargptError, CheckpointError
+from .errors import ChargptError, CheckpointError, warn
 from .evaluate import estimate_loss
 from .flops import estimate, mfu
+from .io import os_reason
 from .lm import build_model
 from .optim import lr_at, make_optimizer
 from .prepared import PreparedData
@@ -120,6 +121,7 @@ class Trainer:
         self.elapsed_before = 0.0
         self._bar = None
         self.skipped_steps = 0
+        self._plot_failed = False
 
     def restore(self, last: Path, state: ckpt.TrainState) -> None:
         """Continue from checkpoint `last`: its weights and its training state."""
@@ -128,6 +130,7 @@ class Trainer:
             self.optimizer.load_state_dict(state.optimizer)
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{last}: optimizer state does not fit the model: {e}") from None
+        ckpt.check_optimizer_state(self.optimizer, last)
         if state.world_size != self.env.world_size:
             self.log(f"warning: {last} was written by {state.world_size} process(es), this run "
                      f"has {self.env.world_size}; training continues but is not bit-identical")
@@ -158,15 +161,41 @@ class Trainer:
     def _record(self, row: dict[str, Any]) -> None:
         """Record one metrics row (rank 0): every log step's and every evaluation's numbers."""
         if self.is_main:
-            self.rundir.append_metrics(row)
+            try:
+                self.rundir.append_metrics(row)
+            except OSError as e:
+                raise self._write_failed(self.rundir.metrics_file, os_reason(e)) from None
             self.trackers.log(row)
 
     def _plot(self) -> None:
+        """Redraw the loss curve; one that cannot be written costs a warning, not the run."""
         if not self.is_main:
             return
         from .plots import plot_loss_curve
 
-        plot_loss_curve(self.rundir.read_metrics(), self.rundir.plot_file)
+        try:
+            plot_loss_curve(self.rundir.read_metrics(), self.rundir.plot_file)
+        except OSError as e:
+            if not self._plot_failed:
+                warn(f"could not write {self.rundir.plot_file}: {os_reason(e)}; training goes "
+                     "on (metrics.jsonl keeps every number; the next curve that can be "
+                     "written replaces it)")
+            self._plot_failed = True
+
+    def _write_failed(self, what: Path | str, reason: str) -> TrainingError:
+        """The one line for a file training could not write (a full disk, mostly): what and
+        why, the last good checkpoint, and how to go on from it."""
+        last = ckpt.resolve(self.run_dir, LAST)
+        try:
+            step = None if last is None else ckpt.load_train_state(last).step
+        except ChargptError:
+            step = None
+        if step is None:
+            hint = "no checkpoint has been written yet; start the run again once there is space"
+        else:
+            hint = (f"the last good checkpoint is {last} (step {step}), intact; once there is "
+                    f"space, `chargpt train --resume {self.run_dir}` continues from step {step}")
+        return TrainingError(f"could not write {what}: {reason}; {hint}")
 
     # checkpoints
 
@@ -193,7 +222,10 @@ class Trainer:
         )
         data = ckpt.CheckpointData(config=self.cfg.to_dict(),
                                    vocab=self.data.tokenizer.to_dict(), state=state)
-        ckpt.save(self.run_dir, name, self.model, data, pause=self.faults.pause)
+        try:
+            ckpt.save(self.run_dir, name, self.model, data, pause=self.faults.pause)
+        except ckpt.SaveError as e:
+            raise self._write_failed(f"checkpoint {e.target}", e.reason) from None
 
     # evaluation
 

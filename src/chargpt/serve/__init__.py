@@ -52,7 +52,7 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
-          limits: Limits | None = None, checkpoint: str = "best", device: str = "auto",
+          limits: Limits | None = None, checkpoint: str | None = None, device: str = "auto",
           threads: int | None = None, name: str | None = None, log_level: str = "info") -> None:
     """Load `run_dir` and serve it on http://host:port until interrupted."""
     require_extra()
