@@ -7,9 +7,16 @@ Shakespeare lives or what a tiny model is exists once.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import hashlib
 import http.server
 import io
+import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -25,13 +32,19 @@ from safetensors.torch import load_file
 
 from chargpt.cli import main
 from chargpt.config import Config, apply_overrides
-from chargpt.datasets import DATASETS, Dataset
+from chargpt.datasets import DATASETS, Dataset, cache_dir, fetch
+from chargpt.io import sha256_file
 from chargpt.preparation import prepare
 from chargpt.prepared import PreparedData
 from chargpt.rundir import RunDir
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+# Tiny Shakespeare: chargpt's dataset cache (where `chargpt train` downloads it), else the copy
+# in ../shared beside the clone; see `shakespeare()`.
+SHARED_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE_SHA256 = DATASETS["shakespeare"].sha256
+# Its 65 characters: the stand-in text uses exactly these.
+SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
 
 # A model and budget that train in a second or two; tests override what they need.
 TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16}
@@ -39,16 +52,125 @@ TINY_TRAIN = {"batch_size": 4, "max_steps": 30, "eval_interval": 10, "eval_iters
               "log_interval": 5}
 
 
+def _is_shakespeare(path: Path) -> bool:
+    ds = DATASETS["shakespeare"]
+    return path.is_file() and path.stat().st_size == ds.size and sha256_file(path) == ds.sha256
+
+
+@functools.cache
+def shakespeare() -> Path | None:
+    """A verified copy of Tiny Shakespeare on this machine, or None."""
+    cached = cache_dir() / DATASETS["shakespeare"].filename
+    return next((p for p in (cached, SHARED_SHAKESPEARE) if _is_shakespeare(p)), None)
+
+
+def shakespeare_wanted() -> str:
+    """Where a test that needs the real corpus looks for it: the skip reason's advice."""
+    ds = DATASETS["shakespeare"]
+    return (f"Tiny Shakespeare ({ds.size:,} bytes, sha256 {ds.sha256[:12]}...) is not on this "
+            f"machine: put it at {cache_dir() / ds.filename} (`chargpt train` downloads it "
+            f"there) or at {SHARED_SHAKESPEARE}")
+
+
+def require_shakespeare() -> Path:
+    """The real corpus, for a test whose assertions are about it; else a skip saying where to
+    put it."""
+    found = shakespeare()
+    if found is None:
+        pytest.skip(shakespeare_wanted())
+    return found
+
+
+_SPEAKERS = ("ROMEO", "JULIET", "FIRST CITIZEN", "MENENIUS", "KING RICHARD III", "QUEEN",
+             "DUKE VINCENTIO", "LADY CAPULET", "GLOUCESTER", "BUCKINGHAM", "PETRUCHIO")
+_WORDS = ("the and I to of you my a that in is not me it with be his your this but he have as "
+          "thou so him will what thy all her no by do shall if are we thee on lord our king "
+          "good now sir from come at they or well would was love night man sweet death fair "
+          "heaven grace blood tongue quick zeal jest wax vex fox joy Jove York Zounds Queen "
+          "Kate Xantippe Verona")
+
+
+def stand_in_text(n_chars: int) -> str:
+    """Play-shaped text over Tiny Shakespeare's 65 characters (all within the first 200), for
+    tests that need some text where the corpus is missing; the same for every call."""
+    rng = random.Random(1337)
+    parts = ["ALL:\nTHE QUICK BROWN FOX JUMPS OVER THE LAZY DOG! The quick brown fox jumps "
+             "over the lazy dog, 'tis 3 $ & -- said; and why? Aye: so.\n\n"]
+    total = len(parts[0])
+    while total < n_chars:
+        lines = []
+        for _ in range(rng.randint(1, 3)):
+            words = rng.choices(_WORDS.split(), k=rng.randint(4, 10))
+            line = " ".join(words)
+            lines.append(line[0].upper() + line[1:] + rng.choice(",.;:?!") + rng.choice(
+                ("", "", "", " -- 'tis so.", " & more")))
+        part = f"{rng.choice(_SPEAKERS)}:\n" + "\n".join(lines) + "\n\n"
+        parts.append(part)
+        total += len(part)
+    return "".join(parts)[:n_chars]
+
+
+class _OneFile(http.server.BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: Any) -> None:  # keep test output quiet
+        pass
+
+
+@contextlib.contextmanager
+def serving(body: bytes) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 answering every GET with `body`; yields a URL for it."""
+    handler = type("Handler", (_OneFile,), {"body": body})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/input.txt"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
+                   "ALL_PROXY")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_file(tmp_path_factory) -> Path:
+    """Tiny Shakespeare for a test that needs the dataset rather than its exact text: the real
+    corpus where this machine has it (`shakespeare()`); otherwise the stand-in text fetched
+    through chargpt's own downloader (`datasets.fetch`) from a server on 127.0.0.1, with the
+    dataset's URL, size and checksum pointed at it for that download only."""
+    found = shakespeare()
+    if found is not None:
+        return found
+    body = stand_in_text(DATASETS["shakespeare"].size).encode("utf-8")
+    ds = DATASETS["shakespeare"]
+    with serving(body) as url, pytest.MonkeyPatch.context() as mp:
+        mp.setitem(DATASETS, "shakespeare", dataclasses.replace(
+            ds, url=url, size=len(body), sha256=hashlib.sha256(body).hexdigest()))
+        mp.setenv("CHARGPT_CACHE", str(tmp_path_factory.mktemp("cache")))
+        for var in PROXY_VARIABLES:  # a proxy would route the loopback request elsewhere
+            mp.delenv(var, raising=False)
+        return fetch("shakespeare")
+
+
 def corpus_text(n_chars: int, *, fallback: bool = True) -> str:
-    """The first `n_chars` of Tiny Shakespeare. Where it is missing: plain text of the same
-    length (with "ROMEO", for prompts), or a skip for tests that need the real corpus."""
-    if SHAKESPEARE.exists():
-        return SHAKESPEARE.read_text(encoding="utf-8")[:n_chars]
+    """The first `n_chars` of Tiny Shakespeare. Where it is missing: the stand-in text (with
+    "ROMEO" and "JULIET", for prompts), or a skip for tests that need the real corpus."""
+    found = shakespeare()
+    if found is not None:
+        return found.read_text(encoding="utf-8")[:n_chars]
     if not fallback:
-        pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE}")
-    text = "".join(f"ROMEO {i}: to be or not to be, that is the question.\n"
-                   for i in range(n_chars // 40 + 1))
-    return text[:n_chars]
+        pytest.skip(shakespeare_wanted())
+    return stand_in_text(n_chars)
 
 
 def write_corpus(directory: Path, n_chars: int = 40_000) -> Path:
@@ -229,3 +351,36 @@ def register_dataset(monkeypatch: pytest.MonkeyPatch, name: str, **fields: Any) 
     ds = Dataset(name, **fields)
     monkeypatch.setitem(DATASETS, name, ds)
     return ds
+def reseal(ckpt_dir: Path) -> Path:
+    """Rewrite a checkpoint's manifest to match its files, as the author of a hostile run
+    directory would: every file then verifies, and only chargpt's other checks remain."""
+    manifest_path = Path(ckpt_dir) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                         for p in sorted(Path(ckpt_dir).iterdir()) if p.name != "manifest.json"}
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    return Path(ckpt_dir)
+
+
+def edit_json(path: Path, change) -> None:
+    """Apply `change(obj)` to a JSON file in place."""
+    obj = json.loads(path.read_text(encoding="utf-8"))
+    change(obj)
+    path.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The tiny model trained for 20 steps (best/ and last/ at step 20); copy it to change it."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    corpus = write_corpus(root, 30_000)
+    out = root / "run"
+    assert main(["train", "--input", str(corpus), "--out", str(out),
+                 *tiny_flags(max_steps=20, eval_interval=10, sample_chars=0)]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    """A copy of `tiny_run` this test may damage."""
+    return Path(shutil.copytree(tiny_run, tmp_path / "run"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHAKESPEARE, SHAKESPEARE_SHA256, all_text, write
+from conftest import SHAKESPEARE_SHA256, all_text, corpus_text, require_shakespeare, write
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -186,16 +186,14 @@ def test_progress_flag_is_harmless(tmp_path: Path) -> None:
 # --- Tiny Shakespeare -----------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    not SHAKESPEARE.is_file(), reason=f"Tiny Shakespeare not found at {SHAKESPEARE}"
-)
 def test_tiny_shakespeare(tmp_path: Path) -> None:
-    meta = prepare(SHAKESPEARE, tmp_path / "out")
+    corpus = require_shakespeare()  # the numbers below are the real corpus's
+    meta = prepare(corpus, tmp_path / "out")
     assert meta["vocab_size"] == 65
     assert meta["train_tokens"] == 1_003_854 and meta["val_tokens"] == 111_540
     assert meta["source_sha256"] == SHAKESPEARE_SHA256
     d = load_prepared(tmp_path / "out")
-    text = SHAKESPEARE.read_text(encoding="utf-8")
+    text = corpus.read_text(encoding="utf-8")
     # identical to the lecture's: stoi over sorted(set(text)), data[:int(0.9 * len(data))]
     chars = sorted(set(text))
     assert d.tokenizer.chars == tuple(chars)
@@ -304,10 +302,7 @@ _MEMORY_CHILD = textwrap.dedent(
 
 
 def test_prepare_memory_does_not_grow_with_corpus(tmp_path: Path) -> None:
-    if SHAKESPEARE.is_file():
-        unit = SHAKESPEARE.read_bytes()
-    else:
-        unit = b"".join(b"line %d: some plain ASCII text.\n" % i for i in range(30_000))
+    unit = corpus_text(1_000_000).encode("utf-8")
     corpus = tmp_path / "big.txt"
     with open(corpus, "wb") as f:
         for _ in range(60_000_000 // len(unit) + 1):
