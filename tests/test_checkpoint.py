@@ -73,12 +73,41 @@ def test_bit_flip_and_truncation_are_detected(tmp_path):
     raw = bytearray(weights.read_bytes())
     raw[-1] ^= 0x01
     weights.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="corrupted"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors does not match its manifest "
+                       r"\(sha256 mismatch"):
         ckpt.verify(path)
     weights.write_bytes(bytes(raw[:-10]))
-    with pytest.raises(CheckpointError, match="corrupted"):
+    n = len(raw)
+    with pytest.raises(CheckpointError, match=f"model.safetensors is truncated: {n - 10:,} "
+                       f"bytes where its manifest says {n:,}"):
+        ckpt.verify(path)
+    weights.write_bytes(bytes(raw) + b"x")
+    with pytest.raises(CheckpointError, match=f"has {n + 1:,} bytes where its manifest says"):
+        ckpt.verify(path)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=r"model.safetensors is missing \(its manifest"):
         ckpt.verify(path)
     assert ckpt.resolve(tmp_path, "last") is None
+
+
+@pytest.mark.parametrize("files, says", [
+    ({"model.safetensors": 5}, "the entry of model.safetensors has no sha256 and size"),
+    ({"model.safetensors": {"sha256": "0", "bytes": True}}, "has no sha256 and size"),
+    ({"../config.json": {"sha256": "0", "bytes": 1}}, "lists '../config.json', which is not"),
+    ({}, "does not list model.safetensors"),
+    ([], "has no list of files"),
+], ids=["entry", "bool size", "outside", "empty", "not a table"])
+def test_a_malformed_manifest_is_one_line(tmp_path, files, says):
+    path = ckpt.save(tmp_path, "last", Tiny(), _data(1))
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    if isinstance(files, dict) and files:
+        manifest["files"].update(files)
+    else:
+        manifest["files"] = files
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="^[^\n]*$") as e:
+        ckpt.verify(path)
+    assert says in str(e.value)
 
 
 def test_missing_manifest_and_foreign_directory(tmp_path):

@@ -59,11 +59,11 @@ def test_metrics_rows_survive_torn_lines_and_can_be_cut_back(tmp_path):
 def test_find_checkpoint(corpus, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_steps=4, eval_interval=2), quiet=True)
-    assert find_checkpoint(out) == out / "best"
-    assert find_checkpoint(out, "last") == out / "last"
-    assert find_checkpoint(out / "last") == out / "last"  # a checkpoint directory itself
+    assert find_checkpoint(out).path == out / "best"
+    assert find_checkpoint(out, "last").path == out / "last"
+    assert find_checkpoint(out / "last").path == out / "last"  # a checkpoint directory itself
     shutil.rmtree(out / "best")
-    assert find_checkpoint(out) == out / "last"  # best falls back to last
+    assert find_checkpoint(out).path == out / "last"  # a run without best uses last
     with pytest.raises(ConfigError, match="best, last"):
         find_checkpoint(out, "first")
     with pytest.raises(CheckpointError, match="no checkpoint"):

@@ -20,6 +20,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -257,11 +258,23 @@ def save(run_dir: str | Path, name: str, model: torch.nn.Module, data: Checkpoin
         pause()
         _swap_in(final, tmp, old, pause)
         fsync_dir(run_dir)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = "no space left on device" if e.errno == errno.ENOSPC else os_reason(e)
-        raise SaveError(final, reason, kept=resolve(run_dir, name) is not None) from None
+        raise SaveError(final, _write_reason(e), kept=resolve(run_dir, name) is not None) from None
     return final
+
+
+def _write_reason(e: OSError | SafetensorError) -> str:
+    """Why a write failed, in a few words. safetensors reports its own I/O errors as a
+    SafetensorError: "Error while serializing: I/O error: No space left on device (os error
+    28)"."""
+    if isinstance(e, OSError):
+        return "no space left on device" if e.errno == errno.ENOSPC else os_reason(e)
+    text = " ".join(str(e).split())
+    if "(os error 28)" in text:
+        return "no space left on device"
+    match = re.search(r"I/O error: (.+?) \(os error \d+\)", text)
+    return match.group(1) if match else text
 
 
 def _write_files(tmp: Path, model: torch.nn.Module, data: CheckpointData) -> None:

@@ -12,11 +12,13 @@ refuses a context longer than a split. Nothing here needs torch.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from .errors import ConfigError, DataError
 from .textfiles import Source
@@ -78,23 +80,42 @@ class PreparedData:
         return self.train if name == "train" else self.val
 
 
-def _load_tokens(path: Path, dtype: str, length: int, data_dir: Path) -> np.ndarray:
-    rerun = f"the prepared data in {data_dir} is damaged (run `chargpt prepare` again)"
+def _check_header(path: Path, dtype: str, length: int, rerun: str) -> None:
+    """The .npy header describes exactly `length` ids of `dtype` filling the file: checked
+    before the file is mapped, so a hostile header never reaches numpy's memory map."""
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        with open(path, "rb") as f:
+            version = npy_format.read_magic(f)
+            read = {(1, 0): npy_format.read_array_header_1_0,
+                    (2, 0): npy_format.read_array_header_2_0}.get(version)
+            if read is None:
+                raise ValueError(f".npy format version {version} is not one chargpt writes")
+            shape, fortran, descr = read(f)
+            offset, size = f.tell(), os.fstat(f.fileno()).st_size
     except FileNotFoundError:
         raise DataError(f"{path.name} is missing; {rerun}") from None
-    except (OSError, ValueError, EOFError, OverflowError) as e:  # a header's absurd shape
+    except (OSError, ValueError, EOFError, SyntaxError) as e:
+        raise DataError(f"{path.name} cannot be read ({' '.join(str(e).split())}); "
+                        f"{rerun}") from None
+    if len(shape) != 1 or fortran:
+        raise DataError(f"{path.name} is not a 1-D token array; {rerun}")
+    if descr != np.dtype(dtype):
+        raise DataError(f"{path.name} holds {descr} but meta.json says {dtype}; {rerun}")
+    if shape[0] != length:
+        raise DataError(f"{path.name} has {shape[0]} tokens but meta.json says {length}; {rerun}")
+    if offset + length * descr.itemsize != size:
+        raise DataError(f"{path.name} has {size:,} bytes, not the {length:,} tokens its header "
+                        f"promises; {rerun}")
+
+
+def _load_tokens(path: Path, dtype: str, length: int, data_dir: Path) -> np.ndarray:
+    rerun = f"the prepared data in {data_dir} is damaged (run `chargpt prepare` again)"
+    _check_header(path, dtype, length, rerun)
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
         reason = " ".join(str(e).split())
         raise DataError(f"{path.name} cannot be read ({reason}); {rerun}") from None
-    if not isinstance(arr, np.ndarray) or arr.ndim != 1:
-        raise DataError(f"{path.name} is not a 1-D token array; {rerun}")
-    if arr.dtype != np.dtype(dtype):
-        raise DataError(f"{path.name} holds {arr.dtype} but meta.json says {dtype}; {rerun}")
-    if arr.shape[0] != length:
-        raise DataError(
-            f"{path.name} has {arr.shape[0]} tokens but meta.json says {length}; {rerun}"
-        )
     return arr
 
 

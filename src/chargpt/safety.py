@@ -64,9 +64,6 @@ def check_bounds(model: ModelConfig, source: str | Path) -> None:
         if value > limit:
             raise CheckpointError(f"{source}: model.{name} is {value:,}, more than chargpt "
                                   f"loads (at most {limit:,}); the file is damaged or hostile")
-    if model.vocab_size < 1:
-        raise CheckpointError(f"{source}: model.vocab_size is {model.vocab_size}; a trained "
-                              "model has at least one character")
 
 
 def _expected_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[set[str]]]:

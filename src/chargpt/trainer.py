@@ -191,7 +191,8 @@ class Trainer:
         except ChargptError:
             step = None
         if step is None:
-            hint = "no checkpoint has been written yet; start the run again once there is space"
+            hint = ("no checkpoint to resume from has been written yet; start the run again once "
+                    "there is space")
         else:
             hint = (f"the last good checkpoint is {last} (step {step}), intact; once there is "
                     f"space, `chargpt train --resume {self.run_dir}` continues from step {step}")
