@@ -178,7 +178,7 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "save_file", no_space)
     with pytest.raises(CheckpointError) as e:
         ckpt.save(tmp_path, "last", m, _data(2))
-    assert "no space left on device" in str(e.value)
+    assert "No space left on device" in str(e.value)
     assert "previous checkpoint is intact" in str(e.value)
     assert "\n" not in str(e.value)
     assert _step(ckpt.resolve(tmp_path, "last")) == 1

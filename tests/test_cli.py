@@ -161,9 +161,16 @@ def test_missing_and_corrupted_runs(trained, tmp_path, capsys):
         weights = bad / name / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-100])  # truncated
     code = main(["sample", str(bad)])
-    assert "corrupted" in one_line_error(capsys, code)
+    line = one_line_error(capsys, code)
+    assert f"{bad / 'best' / 'model.safetensors'} is truncated" in line
+    assert f"{bad / 'last' / 'model.safetensors'} is truncated" in line
     code = main(["train", "--resume", str(bad)])
-    assert "no complete checkpoint" in one_line_error(capsys, code)
+    line = one_line_error(capsys, code)
+    assert line.startswith(f"chargpt: error: cannot resume {bad}: ")
+    assert line.endswith(f"{bad} has no other complete checkpoint")
+    shutil.rmtree(bad / "last")
+    code = main(["train", "--resume", str(bad)])
+    assert "no complete checkpoint to resume from" in one_line_error(capsys, code)
 
 
 def test_foreign_checkpoint_file(tmp_path, capsys):

@@ -40,11 +40,11 @@ def stderr_lines(capsys) -> list[str]:
 
 def full_disk_error(line: str, run: Path, what: str) -> int:
     """Check the one error line and return the step it says training continues from."""
-    pattern = (rf"chargpt: error: could not write {re.escape(what)}: no space left on device; "
+    pattern = (rf"chargpt: error: could not write {re.escape(what)}: No space left on device; "
                rf"the last good checkpoint is {re.escape(str(run / 'last'))} \(step (\d+)\), "
                rf"intact; once there is space, `chargpt train --resume {re.escape(str(run))}` "
                r"continues from step (\d+)")
-    match = re.fullmatch(pattern, line, flags=re.IGNORECASE)
+    match = re.fullmatch(pattern, line)
     assert match and match[1] == match[2], line
     step = int(match[1])
     assert json.loads((run / "last" / "state.json").read_text())["step"] == step
@@ -158,7 +158,7 @@ def test_a_safetensors_write_error_is_a_full_disk(data, tmp_path, monkeypatch, c
     monkeypatch.setattr(ckpt_mod, "save_file", rust_no_space)  # optimizer.safetensors of last/
     assert train(data, run) == 1
     [line] = stderr_lines(capsys)
-    assert line == (f"chargpt: error: could not write checkpoint {run / 'last'}: no space left "
+    assert line == (f"chargpt: error: could not write checkpoint {run / 'last'}: No space left "
                     "on device; no checkpoint to resume from has been written yet; start the run "
                     "again once there is space")
     assert not (run / "last").exists() and not (run / "last.tmp").exists()

@@ -296,3 +296,15 @@ def test_hostile_data_of_a_run_is_one_line_for_eval_and_resume(run_copy, capsys)
     shutil.rmtree(data)
     assert "data directory not found" in refused(capsys, "eval", str(run_copy))
 
+
+
+def test_an_imported_model_is_bounded_before_it_is_built(tmp_path, no_huge_models):
+    from chargpt.errors import CheckpointError
+    from chargpt.imports import ImportedModel, write_run
+    from chargpt.tokenizer import CharTokenizer
+
+    hostile = ImportedModel(ModelConfig(vocab_size=3, n_layer=1_000_000), CharTokenizer("abc"),
+                            {}, source={"format": "nanogpt", "path": "ckpt.pt"})
+    with pytest.raises(CheckpointError, match=r"ckpt.pt: model.n_layer is 1,000,000"):
+        write_run(hostile, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

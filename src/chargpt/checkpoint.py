@@ -16,11 +16,9 @@ this whole layout; `TrainState.from_saved` is the one place that reads older var
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +31,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .config import Config
 from .errors import CheckpointError
-from .io import fsync_dir, fsync_file, os_reason, read_bytes, read_error, sha256_file
+from .io import fsync_dir, fsync_file, os_reason, read_error, sha256_file
+from .io import read_json as io_read_json
 from .tokenizer import CharTokenizer
 
 FORMAT = "chargpt-checkpoint"
@@ -61,13 +60,7 @@ MAX_JSON_BYTES = 64 * 2**20
 
 def read_json(path: Path) -> Any:
     """A JSON file of a checkpoint or run directory; a missing or broken one is a user error."""
-    raw = read_bytes(path, what="file", error=CheckpointError, max_bytes=MAX_JSON_BYTES)
-    try:
-        return json.loads(raw)
-    except ValueError as e:  # includes bytes that are not UTF-8
-        raise CheckpointError(f"{path} is unreadable: {' '.join(str(e).split())}") from None
-    except RecursionError:
-        raise CheckpointError(f"{path} is unreadable: JSON nested too deeply") from None
+    return io_read_json(path, error=CheckpointError, max_bytes=MAX_JSON_BYTES)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -91,18 +84,6 @@ def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor
             else:
                 scalars.setdefault(str(idx), {})[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def check_optimizer_state(optimizer: torch.optim.Optimizer, where: Path) -> None:
-    """Every loaded per-parameter tensor (momenta) has its parameter's shape, or is a scalar
-    (step counts): torch's load_state_dict does not check, and the first step would fail."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
-                    raise CheckpointError(f"{where}: the optimizer's {key} has shape "
-                                          f"{tuple(value.shape)} for a parameter of shape "
-                                          f"{tuple(p.shape)}")
 
 
 def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict[str, Any]:
@@ -260,21 +241,9 @@ def save(run_dir: str | Path, name: str, model: torch.nn.Module, data: Checkpoin
         fsync_dir(run_dir)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SaveError(final, _write_reason(e), kept=resolve(run_dir, name) is not None) from None
+        # safetensors reports its own I/O errors as SafetensorErrors
+        raise SaveError(final, os_reason(e), kept=resolve(run_dir, name) is not None) from None
     return final
-
-
-def _write_reason(e: OSError | SafetensorError) -> str:
-    """Why a write failed, in a few words. safetensors reports its own I/O errors as a
-    SafetensorError: "Error while serializing: I/O error: No space left on device (os error
-    28)"."""
-    if isinstance(e, OSError):
-        return "no space left on device" if e.errno == errno.ENOSPC else os_reason(e)
-    text = " ".join(str(e).split())
-    if "(os error 28)" in text:
-        return "no space left on device"
-    match = re.search(r"I/O error: (.+?) \(os error \d+\)", text)
-    return match.group(1) if match else text
 
 
 def _write_files(tmp: Path, model: torch.nn.Module, data: CheckpointData) -> None:

@@ -73,10 +73,14 @@ def write_run(imported: ImportedModel, out_dir: str | Path) -> Path:
     from . import checkpoint as ckpt
     from .model import build_model
     from .rundir import RunDir
+    from .safety import LOAD_FACTOR, check_bounds, require_memory
 
     out = Path(out_dir)
     _check_out(out)
     cfg = Config(model=imported.config)
+    source = imported.source.get("path", "the source")  # its sizes are a stranger's numbers
+    check_bounds(cfg.model, source)
+    require_memory(cfg.model, LOAD_FACTOR, source)
     model = build_model(cfg.model)
     sd = dict(imported.state_dict)
     if cfg.model.tie_weights:  # one matrix under two names; either may be given

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import ChargptError, DataError
 
@@ -30,6 +32,7 @@ __all__ = [
     "os_reason",
     "read_bytes",
     "read_error",
+    "read_json",
     "sha256_file",
     "temp_path_for",
 ]
@@ -96,9 +99,15 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
     atomic_write_bytes(path, text.encode(encoding))
 
 
-def os_reason(e: OSError) -> str:
-    """An OSError's reason as one line: "No space left on device", not "[Errno 28] ...: path"."""
-    return e.strerror or " ".join(str(e).split()) or type(e).__name__
+def os_reason(e: BaseException) -> str:
+    """An OS error's reason as one line: "No space left on device", not "[Errno 28] ...: path";
+    also when a library wraps it in its own error, as safetensors does ("Error while
+    serializing: I/O error: No space left on device (os error 28)")."""
+    if isinstance(e, OSError):
+        return e.strerror or " ".join(str(e).split()) or type(e).__name__
+    text = " ".join(str(e).split())
+    wrapped = re.search(r"I/O error: (.+?) \(os error \d+\)", text)
+    return wrapped.group(1) if wrapped else text or type(e).__name__
 
 
 def read_error(
@@ -136,3 +145,16 @@ def read_bytes(
     if max_bytes is not None and len(data) > max_bytes:
         raise error(f"{path} is too large for a {what} (more than {max_bytes:,} bytes)")
     return data
+
+
+def read_json(
+    path: str | os.PathLike[str], *, error: type[ChargptError] = DataError, max_bytes: int
+) -> Any:
+    """A user's JSON file, at most `max_bytes`; anything else is one `error` line."""
+    raw = read_bytes(path, error=error, max_bytes=max_bytes)
+    try:
+        return json.loads(raw)
+    except ValueError as e:  # includes bytes that are not UTF-8
+        raise error(f"{path} is unreadable: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise error(f"{path} is unreadable: JSON nested too deeply") from None

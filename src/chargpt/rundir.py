@@ -123,6 +123,19 @@ class RunDir:
         damaged one must be reported, never trained over), or what a crash left of it."""
         return self.checkpoint(LAST).is_dir() or ckpt.resolve(self.path, LAST) is not None
 
+    def how_to_go_on(self, once: str = "once there is space") -> str:
+        """For an error that stopped training: the last good checkpoint (read from the disk,
+        so it is the one a resume finds) and the command that continues from it `once`."""
+        last = ckpt.resolve(self.path, LAST)
+        try:
+            step = None if last is None else ckpt.load_train_state(last).step
+        except ChargptError:
+            step = None
+        if step is None:
+            return f"no checkpoint to resume from has been written yet; start the run again {once}"
+        return (f"the last good checkpoint is {last} (step {step}), intact; {once}, "
+                f"`chargpt train --resume {self.path}` continues from step {step}")
+
     def resume_checkpoint(self, warn: Callable[[str], None] = errors.warn) -> CheckedCheckpoint:
         """The checkpoint a resume continues from: `last/`, or what a crash left of it; a
         damaged `last/` is passed over with `warn` for an intact leftover, else refused."""

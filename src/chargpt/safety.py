@@ -29,8 +29,8 @@ from .lm import build_model
 from .tokenizer import CharTokenizer, check_same_vocab
 
 __all__ = ["BOUNDS", "LOAD_FACTOR", "TRAIN_FACTOR", "CheckedCheckpoint", "available_memory",
-           "check_bounds", "check_checkpoint", "check_weights", "estimate_params",
-           "require_memory"]
+           "check_bounds", "check_checkpoint", "check_optimizer_state", "check_weights",
+           "estimate_params", "require_memory"]
 
 # The largest value of each size a loaded config may have: far past any model this machine
 # class trains (GPT-3 has 96 layers of width 12,288), yet small enough that the meta-device
@@ -151,6 +151,18 @@ def check_checkpoint(ckpt_dir: str | Path, factor: int = LOAD_FACTOR) -> Checked
         raise CheckpointError(f"{config_file}: {e}") from None
     check_weights(ckpt_dir / ckpt.MODEL_FILE, model, config_file)
     return CheckedCheckpoint(ckpt_dir, config, tokenizer, ckpt.load_train_state(ckpt_dir))
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, where: Path) -> None:
+    """Every loaded per-parameter tensor (momenta) has its parameter's shape, or is a scalar
+    (step counts): torch's load_state_dict does not check, and the first step would fail."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                    raise CheckpointError(f"{where}: the optimizer's {key} has shape "
+                                          f"{tuple(value.shape)} for a parameter of shape "
+                                          f"{tuple(p.shape)}")
 
 
 def available_memory() -> int | None:

@@ -37,6 +37,7 @@ from .optim import lr_at, make_optimizer
 from .prepared import PreparedData
 from .progress import progress_bar, wanted
 from .rundir import BEST, LAST, RunDir
+from .safety import check_optimizer_state
 from .stopping import StopRequest
 from .trackers import open_trackers
 
@@ -130,7 +131,7 @@ class Trainer:
             self.optimizer.load_state_dict(state.optimizer)
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{last}: optimizer state does not fit the model: {e}") from None
-        ckpt.check_optimizer_state(self.optimizer, last)
+        check_optimizer_state(self.optimizer, last)
         if state.world_size != self.env.world_size:
             self.log(f"warning: {last} was written by {state.world_size} process(es), this run "
                      f"has {self.env.world_size}; training continues but is not bit-identical")
@@ -183,20 +184,9 @@ class Trainer:
             self._plot_failed = True
 
     def _write_failed(self, what: Path | str, reason: str) -> TrainingError:
-        """The one line for a file training could not write (a full disk, mostly): what and
-        why, the last good checkpoint, and how to go on from it."""
-        last = ckpt.resolve(self.run_dir, LAST)
-        try:
-            step = None if last is None else ckpt.load_train_state(last).step
-        except ChargptError:
-            step = None
-        if step is None:
-            hint = ("no checkpoint to resume from has been written yet; start the run again once "
-                    "there is space")
-        else:
-            hint = (f"the last good checkpoint is {last} (step {step}), intact; once there is "
-                    f"space, `chargpt train --resume {self.run_dir}` continues from step {step}")
-        return TrainingError(f"could not write {what}: {reason}; {hint}")
+        """The one line for a file training could not write (a full disk, mostly)."""
+        once = "once there is space" if "space" in reason else "once that is fixed"
+        return TrainingError(f"could not write {what}: {reason}; {self.rundir.how_to_go_on(once)}")
 
     # checkpoints
 
