@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import edit_json, one_line_error, reseal
+from conftest import edit_json, one_line_error, reseal, tiny_config
 from numpy.lib import format as npy_format
 from safetensors.torch import load_file, save_file
 
@@ -22,9 +22,13 @@ from chargpt import prepared as prepared_mod
 from chargpt import safety
 from chargpt.cli import main
 from chargpt.config import ModelConfig
-from chargpt.errors import DataError
+from chargpt.errors import CheckpointError, DataError
+from chargpt.imports import ImportedModel, write_run
+from chargpt.launch import train
 from chargpt.lm import build_model
 from chargpt.prepared import load_prepared
+from chargpt.run import load_run
+from chargpt.tokenizer import CharTokenizer
 
 SAMPLE = ["--max-new-tokens", "5", "--seed", "0"]
 
@@ -299,12 +303,19 @@ def test_hostile_data_of_a_run_is_one_line_for_eval_and_resume(run_copy, capsys)
 
 
 def test_an_imported_model_is_bounded_before_it_is_built(tmp_path, no_huge_models):
-    from chargpt.errors import CheckpointError
-    from chargpt.imports import ImportedModel, write_run
-    from chargpt.tokenizer import CharTokenizer
-
     hostile = ImportedModel(ModelConfig(vocab_size=3, n_layer=1_000_000), CharTokenizer("abc"),
                             {}, source={"format": "nanogpt", "path": "ckpt.pt"})
     with pytest.raises(CheckpointError, match=r"ckpt.pt: model.n_layer is 1,000,000"):
         write_run(hostile, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("model", [
+    {"tie_weights": True}, {"arch": "bigram"}, {"value_embeds": True, "pos_emb": "rope"},
+    {"attn_proj": False, "mlp_proj": False, "mlp_ratio": 1, "head_bias": True},
+], ids=["tied head", "bigram", "value embeddings, rotary", "lecture heads"])
+def test_every_kind_of_model_passes_the_gate(corpus, tmp_path, model):
+    train(tiny_config(corpus, tmp_path / "run", model=model, max_steps=2, eval_interval=2),
+          quiet=True)
+    checked = safety.check_checkpoint(tmp_path / "run" / "best")
+    assert load_run(tmp_path / "run").checkpoint == checked.path

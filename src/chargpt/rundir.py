@@ -7,9 +7,12 @@
     RUN/best/ RUN/last/ checkpoints (see checkpoint.py): the best val loss, and the latest
                         complete state, which is what a resume continues from
 
-`RunDir` answers every question about these paths, and reads and writes the run-level files;
-`find_checkpoint` turns what a user typed (a run directory or a checkpoint directory) into a
-verified checkpoint.
+`RunDir` answers every question about these paths, and reads and writes the run-level files
+(a metrics row that is not one is an error; a line torn by a kill is skipped). Which checkpoint
+a command uses is decided here, once: `find_checkpoint` for what a user typed (a run directory
+or a checkpoint directory, and --checkpoint if given) and `RunDir.resume_checkpoint` for a
+resume. A checkpoint the user named that fails a check (safety.check_checkpoint) is refused; one
+they did not name is passed over for the next with a one-line warning: never in silence.
 """
 
 from __future__ import annotations

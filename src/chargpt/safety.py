@@ -1,4 +1,4 @@
-"""A loaded model, checked before any tensor is allocated: bounds, weights header, memory.
+"""A loaded model, checked before any tensor is allocated: bounds, memory, weights header.
 
 A checkpoint's manifest proves that its files are the ones written together, not that whoever
 wrote them meant well: a run directory from a stranger can carry a consistent manifest over a
@@ -32,9 +32,9 @@ __all__ = ["BOUNDS", "LOAD_FACTOR", "TRAIN_FACTOR", "CheckedCheckpoint", "availa
            "check_bounds", "check_checkpoint", "check_optimizer_state", "check_weights",
            "estimate_params", "require_memory"]
 
-# The largest value of each size a loaded config may have: far past any model this machine
-# class trains (GPT-3 has 96 layers of width 12,288), yet small enough that the meta-device
-# model is built in a second. vocab_size is bounded by the number of Unicode code points.
+# The largest value of each size a loaded config may have: far past any model chargpt trains
+# (GPT-3 has 96 layers of width 12,288), yet finite, so that a config from a stranger never
+# makes chargpt even count a million modules. vocab_size: the number of Unicode code points.
 BOUNDS = {"n_layer": 1024, "n_head": 1024, "n_embd": 65_536, "mlp_ratio": 64,
           "block_size": 1 << 20, "vocab_size": 0x110000}
 
