@@ -17,8 +17,8 @@ from .config import SECTIONS, field_docs, field_types, resolve_config
 
 __all__ = ["add_config_flags", "config_overrides"]
 
-HIDDEN_FIELDS = {("model", "vocab_size")}  # set from the data, never by hand
-FLAG_ALIASES = {("train", "out_dir"): ["--out"]}
+HIDDEN_FIELDS = {("model", "vocab_size"), ("train", "planned_steps")}  # set by the run itself
+FLAG_ALIASES = {("train", "out_dir"): ["--out"], ("train", "time_budget"): ["--time"]}
 REPEATABLE_FLAGS = {("train", "log_to")}  # each use adds to a comma-separated list
 
 

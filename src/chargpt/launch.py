@@ -98,6 +98,9 @@ def resume_trainer(
     rundir = RunDir(Path(run_dir))
     cfg = rundir.read_config()
     train_overrides = _train_overrides_only(overrides or {})
+    if cfg.train.planned_steps and "time_budget" in train_overrides:
+        raise ConfigError(f"{run_dir} planned {cfg.train.planned_steps} steps for its time "
+                          "budget; a resumed run keeps them (change --max-steps instead)")
     if train_overrides:
         cfg = apply_overrides(cfg, {"train": train_overrides}, "command line")
     env, device = _join(cfg)
@@ -189,5 +192,7 @@ def _changed_train_values(cfg: Config, rundir: RunDir) -> dict[str, Any]:
                     f"{getattr(theirs, f.name)!r}, not {getattr(ours, f.name)!r}; "
                     "use another --out"
                 )
+    # a time-budget run's step count is its own plan, not a value the caller changed
+    planned = {"planned_steps", "max_steps"} if saved.train.planned_steps else {"planned_steps"}
     return {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(cfg.train)
-            if getattr(cfg.train, f.name) != getattr(saved.train, f.name)}
+            if f.name not in planned and getattr(cfg.train, f.name) != getattr(saved.train, f.name)}

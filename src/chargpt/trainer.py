@@ -12,6 +12,7 @@ Ctrl-C aborts at once (the previous checkpoint is never damaged, see checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -25,6 +26,7 @@ import torch
 from . import checkpoint as ckpt
 from . import faults as faults_mod
 from .batches import BatchSampler
+from .budget import Calibration, plan_steps
 from .config import Config
 from .device import allow_tf32, autocast_context, autocast_dtype
 from .distributed import DistEnv, all_reduce_mean, gather_tensors
@@ -123,6 +125,9 @@ class Trainer:
         self._bar = None
         self.skipped_steps = 0
         self._plot_failed = False
+        # a time budget not yet turned into a step count: the first steps are timed (budget.py)
+        self._calibration = Calibration.of(tc)
+        self._eval_seconds: float | None = None
 
     def restore(self, last: Path, state: ckpt.TrainState) -> None:
         """Continue from checkpoint `last`: its weights and its training state."""
@@ -239,6 +244,7 @@ class Trainer:
         return self.elapsed_before + (time.perf_counter() - self._t0)
 
     def _eval_and_checkpoint(self) -> None:
+        t0 = time.perf_counter()
         train_loss, val_loss = self.evaluate()
         self.last_val_loss = val_loss
         bpc = val_loss / math.log(2)
@@ -260,6 +266,7 @@ class Trainer:
             self.save(BEST)
         self.save(LAST)
         self._plot()
+        self._eval_seconds = time.perf_counter() - t0
 
     # the loop
 
@@ -317,7 +324,7 @@ class Trainer:
 
         Stopping early leaves a `last/` checkpoint that a resume continues exactly."""
         tc = self.cfg.train
-        end = tc.max_steps if stop_at_step is None else min(stop_at_step, tc.max_steps)
+        self._stop_at = stop_at_step
         self.trackers = open_trackers(self.cfg, self.run_dir, self.step, self.is_main, self.log)
         self._t0 = time.perf_counter()
         deadline = None if time_limit is None else self._t0 + time_limit
@@ -342,7 +349,7 @@ class Trainer:
             try:
                 if self.step == 0:
                     self._eval_and_checkpoint()
-                self._loop(end, stop)
+                self._loop(stop)
             finally:
                 if self._bar is not None:
                     self._bar.close()
@@ -351,14 +358,23 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, self.best_val_loss, self.last_val_loss,
                            self.elapsed(), stop.signum)
 
-    def _loop(self, end: int, stop: StopRequest) -> None:
+    def _end(self) -> int:
+        """The step this call stops at: max_steps (planned, with a time budget) or earlier."""
+        max_steps = self.cfg.train.max_steps
+        return max_steps if self._stop_at is None else min(self._stop_at, max_steps)
+
+    def _loop(self, stop: StopRequest) -> None:
         tc = self.cfg.train
         since = _SinceLog(torch.zeros((), device=self.device))
         saved_at = self.step
         stopping = stop.due(at_log_step=True)
+        end = self._end()
         while self.step < end and not stopping:
             since.add(self.train_step())
             self.faults.after_step(self.step)
+            if self._calibration is not None and self._calibration.tick():
+                self._plan()
+                tc, end = self.cfg.train, self._end()
             at_log = self.step % tc.log_interval == 0 or self.step == end
             if at_log:
                 self._log_train(since)
@@ -381,6 +397,29 @@ class Trainer:
             self.log(f"{name} received: stopped after step {self.step}; checkpoint written to "
                      f"{self.rundir.checkpoint(LAST)}; continue with: chargpt train --resume "
                      f"{self.run_dir}")
+
+    def _plan(self) -> None:
+        """Fix max_steps from the time budget, the timed steps and the evaluation cost."""
+        calibration, tc = self._calibration, self.cfg.train
+        assert calibration is not None
+        if self._eval_seconds is None:  # resumed after step 0: time one evaluation now
+            t0 = time.perf_counter()
+            self.evaluate()
+            self._eval_seconds = time.perf_counter() - t0
+        measured = torch.tensor([calibration.step_seconds(), self._eval_seconds])
+        step_s, eval_s = all_reduce_mean(measured, self.env).tolist()  # one plan for all ranks
+        plan = plan_steps(budget=calibration.budget, elapsed=self.elapsed(), step=self.step,
+                          step_seconds=step_s, eval_seconds=eval_s,
+                          eval_interval=tc.eval_interval)
+        self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(
+            tc, max_steps=plan.steps, planned_steps=plan.steps))
+        if self.is_main:
+            self.rundir.write_config(self.cfg)
+        self._calibration = None
+        self.log(plan.describe())
+        if self._bar is not None:
+            self._bar.total = plan.steps
+            self._bar.refresh()
 
     def _log_train(self, since: _SinceLog) -> None:
         """A log step: the mean loss since the last one (the only per-log sync), speed, MFU."""
