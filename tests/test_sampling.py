@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from chargpt.config import ModelConfig
+from chargpt.decode import decode_step
 from chargpt.errors import ConfigError
 from chargpt.model import build_model
 from chargpt.sampling import (
@@ -57,7 +58,7 @@ def test_kv_cache_update_advance_reset():
     k_all, v_all = cache.update(0, k2, v2)
     torch.testing.assert_close(k_all, torch.cat([k1, k2], dim=2))
     torch.testing.assert_close(v_all, torch.cat([v1, v2], dim=2))
-    assert k_all.data_ptr() == cache.k.data_ptr()  # a view into the preallocated storage
+    assert k_all.data_ptr() == cache.k[0].data_ptr()  # a view into the preallocated storage
     cache.advance(3)
     assert cache.length == 5
     with pytest.raises(ValueError, match="overflow"):
@@ -69,8 +70,8 @@ def test_kv_cache_update_advance_reset():
 def test_kv_cache_for_model():
     model = tiny_gpt().to(torch.float64)
     cache = KVCache.for_model(model, batch_size=3)
-    assert cache.k.shape == (2, 3, 2, 12, 8)
-    assert cache.k.dtype == torch.float64 and cache.max_len == 12
+    assert len(cache.k) == len(cache.v) == 2 and cache.k[1].shape == (3, 2, 12, 8)
+    assert cache.k[0].dtype == torch.float64 and cache.max_len == 12
 
 
 def test_incremental_cached_logits_match_full_forward():
@@ -381,7 +382,7 @@ def test_decode_step_matches_the_cached_forward(overrides):
         model(idx[:, :n], kv_cache=fast)
         for t in range(n, steps):
             expected = model(idx[:, t : t + 1], kv_cache=slow)[0][:, -1]
-            torch.testing.assert_close(model.decode_step(idx[:, t : t + 1], fast), expected,
+            torch.testing.assert_close(decode_step(model, idx[:, t : t + 1], fast), expected,
                                        atol=1e-5, rtol=1e-5)
     assert fast.position == slow.position
     assert not tiny_gpt(norm="post").capabilities().fast_decode

@@ -107,17 +107,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0 or args.num_samples < 1:
         raise ConfigError("--max-new-tokens must be >= 0 and --num-samples >= 1")
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, use_cache=not args.no_kv_cache)
+                                top_p=args.top_p, seed=args.seed,
+                                use_cache=not args.no_kv_cache, compile=args.compile)
     run = load_run(args.run_dir, args.checkpoint, device=args.device)
     ids = run.encode_prompt(prompt, args.unknown)  # checked before anything is printed
-    for i in range(args.num_samples):
-        if i:
-            sys.stdout.write("\n---\n")
-        seed = None if args.seed is None else args.seed + i
-        sys.stdout.write(prompt)
-        for ch in run.stream_ids(ids, args.max_new_tokens, settings.with_seed(seed)):
-            sys.stdout.write(ch)
-            sys.stdout.flush()
+    # all samples decode as one batch; the first streams, the others follow when it is done
+    rest: list[list[str]] = [[] for _ in range(args.num_samples - 1)]
+    sys.stdout.write(prompt)
+    for chars in run.stream_samples(ids, args.max_new_tokens, settings, args.num_samples):
+        sys.stdout.write(chars[0])
+        sys.stdout.flush()
+        for text, ch in zip(rest, chars[1:], strict=True):
+            text.append(ch)
+    for text in rest:
+        sys.stdout.write(f"\n---\n{prompt}{''.join(text)}")
     sys.stdout.write("\n")
     return 0
 
@@ -315,7 +318,10 @@ def build_parser() -> Parser:
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest only")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
-    p.add_argument("--num-samples", type=int, default=1, help="independent samples to draw")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples to draw, "
+                   "decoded as one batch (sample i is seeded --seed + i)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step with "
+                   "torch.compile: a slow first start, then faster per character")
     _checkpoint_flag(p)
     p.add_argument("--unknown", choices=("error", "skip", "replace"), default="error",
                    help="what to do with prompt characters the model has never seen")

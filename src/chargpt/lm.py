@@ -34,7 +34,7 @@ class Capabilities:
     rolling_cache: bool = False
     """Positions are relative (rotary), so a full cache may drop its oldest entry and go on."""
     fast_decode: bool = False
-    """`decode_step(idx, cache)` computes one token's logits for this configuration."""
+    """`chargpt.decode` has a fast single-token step for this configuration."""
     attention: bool = False
     """It has self-attention: `attention_maps(idx)` returns its weights."""
 

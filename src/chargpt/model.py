@@ -8,7 +8,8 @@ position embeddings (RoPE), ReLU-squared MLPs, QK-norm, RMSNorm and zero-initial
 projections. Attention runs through PyTorch's fused
 `scaled_dot_product_attention`; an explicit masked-softmax path computes the same thing and is
 used to check the fused path and to return attention weights for heatmaps. Incremental decoding
-uses a `KVCache` (see sampling.py) that lives outside the model and is passed to `forward`.
+uses a `KVCache` (see sampling.py) that lives outside the model and is passed to `forward`;
+single-token steps have their own functional path in decode.py.
 """
 
 from __future__ import annotations
@@ -380,77 +381,13 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)
         return self.transformer.drop(x), rope
 
-    # --- single-token decoding ----------------------------------------------------------------
-
     def capabilities(self) -> Capabilities:
-        """A KV cache (rolling with rotary positions), attention maps, and `decode_step` for
-        pre-norm (or no norm) models with residuals."""
+        """A KV cache (rolling with rotary positions), attention maps, and the fast single-token
+        step of decode.py for pre-norm (or no norm) models with residuals."""
         cfg = self.config
         return Capabilities(context=cfg.block_size, kv_cache=True, rolling_cache=self.use_rope,
                             fast_decode=cfg.norm in ("pre", "none") and cfg.residual,
                             attention=True)
-
-    def decode_step(self, idx: Tensor, kv_cache: KVCache) -> Tensor:
-        """Logits (B, vocab_size) of the token after `idx` (B, 1), given the cached context.
-
-        Computes what `forward(idx, kv_cache=kv_cache)[0][:, -1]` does for one token in eval
-        mode, with about a fifth of the tensor operations: functional calls on the weights
-        (no module dispatch, dropout or shape checks), a precomputed rotation table, one
-        matmul-softmax-matmul over the cached keys, and the cache written in place. At this
-        model size sampling is bound by per-operation overhead, not arithmetic, so this is
-        what makes the cache pay off. The caller (sampling.py) keeps the cache from
-        overflowing: it rolls for rotary models and is refilled for learned positions.
-        """
-        cfg = self.config
-        B, C, nh, hs = idx.size(0), cfg.n_embd, cfg.n_head, cfg.head_dim
-        pos = kv_cache.pos
-        slot = pos % kv_cache.max_len
-        n_keys = min(pos + 1, kv_cache.max_len)
-        tr = self.transformer
-        x = F.embedding(idx[:, 0], tr.wte.weight)  # (B, C)
-        if "wpe" in tr:
-            x = x + tr.wpe.weight[pos]
-        rot = self._decode_rotation(pos, x) if self.use_rope else None
-        for layer, block in enumerate(tr.h):
-            attn = block.attn
-            qkv = F.linear(block.ln_1(x), attn.c_attn.weight, attn.c_attn.bias)  # (B, 3C)
-            if "ve" in tr:
-                qkv = torch.cat((qkv[:, : 2 * C], qkv[:, 2 * C :] + tr.ve[layer].weight[idx[:, 0]]),
-                                dim=-1)
-            qkv = qkv.view(B, 3, nh, hs)
-            qk = qkv[:, :2]  # (B, 2, nh, hs)
-            if attn.qk_norm:
-                qk = F.rms_norm(qk, (hs,))
-            if rot is not None:
-                cos, sin = rot  # (hs,) each: x * cos + (halves swapped) * sin rotates pairs
-                qk = torch.addcmul(qk * cos, qk.roll(hs // 2, dims=-1), sin)
-            keys, values = kv_cache.k[layer], kv_cache.v[layer]  # (B, nh, max_len, hs)
-            keys[:, :, slot] = qk[:, 1]
-            values[:, :, slot] = qkv[:, 2]
-            q = qk[:, 0].unsqueeze(2)  # (B, nh, 1, hs)
-            att = (q @ keys[:, :, :n_keys].transpose(-2, -1)) * attn.scale  # (B, nh, 1, n_keys)
-            y = (att.softmax(dim=-1) @ values[:, :, :n_keys]).view(B, C)  # heads side by side
-            x = x + (y if attn.c_proj is None else F.linear(y, attn.c_proj.weight,
-                                                             attn.c_proj.bias))
-            if block.mlp is not None and block.ln_2 is not None:
-                mlp = block.mlp
-                h = mlp.act(F.linear(block.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias))
-                x = x + (h if mlp.c_proj is None else F.linear(h, mlp.c_proj.weight,
-                                                                mlp.c_proj.bias))
-        kv_cache.advance(1)
-        return self._logits(self.lm_head(tr.ln_f(x)))  # (B, vocab_size)
-
-    def _decode_rotation(self, pos: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """(cos, sin) rows (head_dim,) for `pos` from a table grown by doubling, so a long
-        generation computes angles once per doubling, not once per token."""
-        table = getattr(self, "_rotation_table", None)
-        if table is None or table[0].size(0) <= pos or table[0].device != like.device:
-            n = max(2 * self.config.block_size, 2 * (pos + 1))
-            cos, sin = rope_angles(torch.arange(n, device=like.device), self.config.head_dim,
-                                   self.config.rope_base)  # (n, hs/2)
-            table = (torch.cat((cos, cos), dim=-1), torch.cat((sin, -sin), dim=-1))
-            self._rotation_table = table
-        return table[0][pos].to(like.dtype), table[1][pos].to(like.dtype)
 
     @torch.no_grad()
     def attention_maps(self, idx: Tensor) -> Tensor:

@@ -98,6 +98,21 @@ class Run:
         if tail := text.flush():
             yield tail
 
+    def stream_samples(self, ids: Sequence[int], max_new_tokens: int,
+                       settings: SamplingSettings, num_samples: int) -> Iterator[list[str]]:
+        """Yield the next character of each of `num_samples` continuations of `ids`, decoded
+        as one batch. Sample i draws from its own generator seeded `settings.seed + i` (fresh
+        seeds when unseeded), so it is the text `stream_ids` gives with that seed."""
+        idx = torch.tensor([list(ids)] * num_samples, dtype=torch.long, device=self.device)
+        generators = [settings.with_seed(None if settings.seed is None else settings.seed + i)
+                      .generator(self.device) for i in range(num_samples)]
+        tokens = generate_tokens(self.model, idx, max_new_tokens, settings,
+                                 generator=generators)
+        decode = self.tokenizer.decode
+        with contextlib.closing(tokens):
+            for token in tokens:
+                yield [decode([i]) for i in token.tolist()]
+
     def stream(self, prompt: str = "", max_new_tokens: int = 500,
                settings: SamplingSettings | None = None, *, unknown: str = "error",
                **options: Any) -> Iterator[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .decode import Decoder
 from .errors import ConfigError
 from .lm import eval_mode
 
@@ -29,10 +30,12 @@ from .lm import eval_mode
 class KVCache:
     """Keys and values of earlier positions, per layer, so decoding needs no recomputation.
 
-    Tensors of shape (B, n_head, max_len, head_dim) are allocated once. During a forward each
-    attention layer calls `update` with its new keys and values, which are written at the
-    current position, and gets back views of everything cached so far; after the last layer
-    the model calls `advance(T)` once, moving the position on by the T new tokens.
+    One key and one value tensor (B, n_head, max_len, head_dim) per layer (`k[layer]`,
+    `v[layer]`) are allocated once; separate tensors, so a compiled decode step may write them
+    in place. During a forward each attention layer calls `update` with its new keys and
+    values, which are written at the current position, and gets back views of everything
+    cached so far; after the last layer the model calls `advance(T)` once, moving the position
+    on by the T new tokens.
 
     A `rolling` cache (for rotary models, whose keys carry only relative position) never
     overflows: once full, each single new token overwrites the oldest slot (a ring buffer) and
@@ -55,9 +58,9 @@ class KVCache:
         dtype: torch.dtype | None = None,
         rolling: bool = False,
     ) -> None:
-        shape = (n_layer, batch_size, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
         self.rolling = rolling
         self.pos = 0
@@ -108,12 +111,12 @@ class KVCache:
                 raise ValueError(f"KV cache overflow: {self.pos} cached + {T} new > "
                                  f"max_len {self.max_len}")
             slot = self.pos % self.max_len  # the oldest entry
-            self.k[layer_idx, :, :, slot] = k[:, :, 0]
-            self.v[layer_idx, :, :, slot] = v[:, :, 0]
+            self.k[layer_idx][:, :, slot] = k[:, :, 0]
+            self.v[layer_idx][:, :, slot] = v[:, :, 0]
             return self.k[layer_idx], self.v[layer_idx]
-        self.k[layer_idx, :, :, self.pos : end] = k
-        self.v[layer_idx, :, :, self.pos : end] = v
-        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+        self.k[layer_idx][:, :, self.pos : end] = k
+        self.v[layer_idx][:, :, self.pos : end] = v
+        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
 
     def advance(self, n: int) -> None:
         """Move past the `n` tokens every layer has just stored."""
@@ -138,6 +141,9 @@ class SamplingSettings:
     """Seed of the generator `generator()` makes; None draws a fresh random seed."""
     use_cache: bool = True
     """Decode with a KV cache (see `generate_tokens`) rather than recomputing the context."""
+    compile: bool = False
+    """Decode with a compiled step (torch.compile, see decode.py): seconds to a minute of
+    compiling the first time, several times faster per token after; eager where unavailable."""
 
     def __post_init__(self) -> None:
         t, k, p = self.temperature, self.top_k, self.top_p
@@ -166,6 +172,41 @@ class SamplingSettings:
     def with_seed(self, seed: int | None) -> SamplingSettings:
         return replace(self, seed=seed)
 
+    def pick(self, logits: Tensor, noise: Tensor | None) -> Tensor:
+        """Token ids (B, 1) from next-token logits (B, V) and `noise` (B, V) ~ Exp(1) (None
+        when greedy). argmax(p / noise) is a draw from p, exactly how torch.multinomial draws
+        one sample on the CPU, so the same noise gives the same tokens; written as tensor
+        operations only, so a compiled decode step can include it."""
+        if self.temperature == 0 or noise is None:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits.float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        if self.top_k is not None and self.top_k < logits.size(-1):
+            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+            probs = F.softmax(sorted_logits, dim=-1)
+            # A token is dropped when the tokens ranked above it already reach top_p; the
+            # first token has nothing above it, so at least one always survives.
+            drop = (probs.cumsum(dim=-1) - probs) >= self.top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+        return (F.softmax(logits, dim=-1) / noise).argmax(dim=-1, keepdim=True)
+
+
+def draw_noise(generator: torch.Generator | Sequence[torch.Generator] | None,
+               shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """Exp(1) noise of `shape` (..., B, V) for `SamplingSettings.pick`: from one generator
+    (None: torch's global one), or row b from `generator[b]`. Drawing n steps at once gives
+    the same numbers as n draws of one step."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.empty(shape, device=device).exponential_(generator=generator)
+    rows = [torch.empty(*shape[:-2], shape[-1], device=device).exponential_(generator=g)
+            for g in generator]
+    return torch.stack(rows, dim=-2)
+
 
 def sample_next_token(
     logits: Tensor,
@@ -186,25 +227,9 @@ def sample_next_token(
 
 
 def _sample(logits: Tensor, generator: torch.Generator | None, s: SamplingSettings) -> Tensor:
-    """`sample_next_token` with settings checked already, for the decode loop."""
-    if s.temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float()
-    if s.temperature != 1.0:
-        logits = logits / s.temperature
-    if s.top_k is not None and s.top_k < logits.size(-1):
-        kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if s.top_p is not None and s.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        probs = F.softmax(sorted_logits, dim=-1)
-        # A token is dropped when the tokens ranked above it already reach top_p; the first
-        # token has nothing above it, so at least one always survives.
-        drop = (probs.cumsum(dim=-1) - probs) >= s.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)
+    """`sample_next_token` with settings checked already."""
+    noise = None if s.temperature == 0 else draw_noise(generator, logits.shape, logits.device)
+    return s.pick(logits, noise)
 
 
 def generate_tokens(
@@ -213,14 +238,15 @@ def generate_tokens(
     max_new_tokens: int,
     settings: SamplingSettings | None = None,
     *,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     **options: Any,
 ) -> Iterator[Tensor]:
     """Yield `max_new_tokens` new tokens, each a (B,) tensor, as soon as it is sampled.
 
     How to sample is `settings`, or the same fields as keywords (`temperature=`, `top_k=`,
-    `top_p=`, `use_cache=`). Draws come from `generator`, else from a generator seeded with
-    the settings' seed, else from torch's global generator.
+    `top_p=`, `use_cache=`, `compile=`). Draws come from `generator`, else from a generator
+    seeded with the settings' seed, else from torch's global generator; a sequence of B
+    generators gives row b its own, so each row draws what it would draw alone.
 
     `idx` (B, T0) is the prompt, T0 >= 1; only its last `block_size` tokens are used. What the
     model sees when predicting each token:
@@ -243,6 +269,7 @@ def generate_tokens(
     * `use_cache=True` with a model that has no cache (the bigram): only the tokens its
       context covers are fed (for the bigram, the last one: its whole context).
 
+    Single-token steps of a GPT go through decode.py (compiled with `compile=True`).
     Tokens are computed a few at a time (1, 2, 4, ... up to 32) under one inference-mode
     block, then yielded one by one, so the per-token cost stays low while the first token
     still arrives at once. The model is put in eval mode while the iterator runs and its
@@ -257,6 +284,10 @@ def generate_tokens(
         raise ConfigError("the prompt is empty; give at least one character to start from")
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not (generator is None or isinstance(generator, torch.Generator)
+            or len(generator) == idx.size(0)):
+        raise ConfigError(f"give one generator per sequence: {len(generator)} generators "
+                          f"for a batch of {idx.size(0)}")
     if generator is None and settings.seed is not None:
         generator = settings.generator(idx.device)
     return _decode(model, idx, max_new_tokens, settings, generator)
@@ -266,59 +297,63 @@ MAX_CHUNK = 32  # most tokens computed before the first of them is yielded
 
 
 def _decode(model: nn.Module, idx: Tensor, max_new_tokens: int, settings: SamplingSettings,
-            generator: torch.Generator | None) -> Iterator[Tensor]:
+            generator: torch.Generator | Sequence[torch.Generator] | None) -> Iterator[Tensor]:
     with eval_mode(model):
         # One buffer (B, prompt + new) for the whole text, so every context is a view.
         prompt = idx[:, -model.config.block_size :]
         n0 = prompt.size(1)
-        seq = torch.empty(idx.size(0), n0 + max_new_tokens, dtype=torch.long, device=idx.device)
+        B = idx.size(0)
+        seq = torch.empty(B, n0 + max_new_tokens, dtype=torch.long, device=idx.device)
         seq[:, :n0] = prompt
-        step = _stepper(model, seq, n0, settings, generator)
+        with torch.inference_mode():
+            step = _stepper(model, seq, n0, settings)
         n, chunk = n0, 1
         while n < n0 + max_new_tokens:
             end = min(n + chunk, n0 + max_new_tokens)
             # inference mode only around the model, never across a yield into caller code
             with torch.inference_mode():
+                # the noise of the whole chunk in one draw: the same numbers as step by step
+                noise = (None if settings.temperature == 0 else
+                         draw_noise(generator, (end - n, B, model.config.vocab_size), idx.device))
                 for t in range(n, end):
-                    step(t)
+                    step(t, None if noise is None else noise[t - n])
             for t in range(n, end):
                 yield seq[:, t].clone()  # a normal tensor, usable outside inference mode
             n, chunk = end, min(2 * chunk, MAX_CHUNK)
 
 
-def _stepper(model: nn.Module, seq: Tensor, n0: int, settings: SamplingSettings,
-             generator: torch.Generator | None) -> Callable[[int], None]:
-    """A function step(t) that samples seq[:, t] from seq[:, :t]; one per decode strategy."""
+def _stepper(model: nn.Module, seq: Tensor, n0: int,
+             settings: SamplingSettings) -> Callable[[int, Tensor | None], None]:
+    """step(t, noise) samples seq[:, t] from seq[:, :t]; one function per decode strategy."""
     block_size = model.config.block_size
     caps = model.capabilities()
 
-    def emit(t: int, logits: Tensor) -> None:
+    def emit(t: int, logits: Tensor, noise: Tensor | None) -> None:
         """Sample seq[:, t] from next-token logits (B, V)."""
-        seq[:, t : t + 1] = _sample(logits, generator, settings)
+        seq[:, t : t + 1] = settings.pick(logits, noise)
 
-    if not settings.use_cache:
-        def recompute(t: int) -> None:
-            emit(t, model(seq[:, max(0, t - block_size) : t])[0][:, -1])
+    if not settings.use_cache or not caps.kv_cache:
+        context = block_size if not settings.use_cache else caps.context
+
+        def recompute(t: int, noise: Tensor | None) -> None:
+            emit(t, model(seq[:, max(0, t - context) : t])[0][:, -1], noise)
         return recompute
-    if not caps.kv_cache:
-        def context_only(t: int) -> None:
-            emit(t, model(seq[:, max(0, t - caps.context) : t])[0][:, -1])
-        return context_only
 
-    with torch.inference_mode():
-        cache = KVCache.for_model(model, seq.size(0))
+    cache = KVCache.for_model(model, seq.size(0))
+    decoder = (Decoder(model, cache, settings, compile=settings.compile)
+               if caps.fast_decode else None)
     keep = max(1, block_size // 2)  # tokens kept when a full, non-rolling cache is refilled
 
-    def cached(t: int) -> None:
+    def cached(t: int, noise: Tensor | None) -> None:
         if t == n0:
-            emit(t, model(seq[:, :t], kv_cache=cache)[0][:, -1])  # prefill the prompt
+            emit(t, model(seq[:, :t], kv_cache=cache)[0][:, -1], noise)  # prefill the prompt
         elif cache.pos == block_size and not cache.rolling:
             cache.reset()
-            emit(t, model(seq[:, t - keep : t], kv_cache=cache)[0][:, -1])
-        elif caps.fast_decode:
-            emit(t, model.decode_step(seq[:, t - 1 : t], cache))
+            emit(t, model(seq[:, t - keep : t], kv_cache=cache)[0][:, -1], noise)
+        elif decoder is not None:
+            seq[:, t : t + 1] = decoder.next_token(seq[:, t - 1], noise)
         else:
-            emit(t, model(seq[:, t - 1 : t], kv_cache=cache)[0][:, -1])
+            emit(t, model(seq[:, t - 1 : t], kv_cache=cache)[0][:, -1], noise)
     return cached
 
 
@@ -328,7 +363,7 @@ def generate(
     max_new_tokens: int,
     settings: SamplingSettings | None = None,
     *,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     **options: Any,
 ) -> Tensor:
     """The prompt `idx` (B, T0), uncropped, followed by `max_new_tokens` sampled tokens.

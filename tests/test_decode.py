@@ -1,0 +1,133 @@
+"""The fast decode path against its references: the eager step against the cached forward, the
+compiled step against the eager one, noise-based draws against torch.multinomial, a batch
+against its rows decoded alone, and the eager fallback when compilation fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_sampling import gen, prompt, rope_gpt, tiny_gpt
+
+import chargpt.decode as decode_module
+from chargpt.decode import Decoder, step_logits
+from chargpt.errors import ConfigError
+from chargpt.sampling import (
+    KVCache,
+    SamplingSettings,
+    draw_noise,
+    generate,
+    sample_next_token,
+)
+
+
+def multinomial_reference(logits, generator, temperature=1.0, top_k=None, top_p=None):
+    """What sampling did before noise-based draws: filter, softmax, torch.multinomial."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        sorted_logits = sorted_logits.masked_fill(probs.cumsum(-1) - probs >= top_p,
+                                                  float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(temperature=0.7, top_k=9),
+                                     dict(top_p=0.8), dict(temperature=1.3, top_k=20,
+                                                           top_p=0.9)])
+def test_noise_draws_are_multinomial_draws(options):
+    logits = torch.randn(5, 65, generator=gen(0)) * 3
+    a, b = gen(11), gen(11)
+    for _ in range(50):
+        assert torch.equal(sample_next_token(logits, a, **options),
+                           multinomial_reference(logits, b, **options))
+
+
+def test_noise_in_chunks_and_per_row():
+    whole = draw_noise(gen(3), (6, 2, 65), torch.device("cpu"))
+    g = gen(3)
+    steps = torch.stack([draw_noise(g, (2, 65), torch.device("cpu")) for _ in range(6)])
+    assert torch.equal(whole, steps)
+    rows = draw_noise([gen(4), gen(5)], (6, 2, 65), torch.device("cpu"))
+    assert torch.equal(rows[:, 0], draw_noise(gen(4), (6, 65), torch.device("cpu")))
+    assert torch.equal(rows[:, 1], draw_noise(gen(5), (6, 65), torch.device("cpu")))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(value_embeds=True, logit_softcap=5.0, head_bias=True, qkv_bias=False),
+    dict(pos_emb="none", mlp=False, norm="none", tie_weights=True),
+])
+def test_static_step_with_a_mask_is_the_cached_forward(overrides):
+    # the compiled step's form: attention over every slot of the cache, unwritten ones masked
+    model = rope_gpt(**overrides).eval() if "pos_emb" not in overrides else tiny_gpt(
+        **overrides).eval()
+    idx = prompt(2, 12)
+    ref, cache = KVCache.for_model(model, 2), KVCache.for_model(model, 2)
+    decoder = Decoder(model, cache)
+    masks = decoder._static_masks()
+    with torch.no_grad():
+        model(idx[:, :3], kv_cache=ref)
+        model(idx[:, :3], kv_cache=cache)
+        for t in range(3, 12):
+            expected = model(idx[:, t : t + 1], kv_cache=ref)[0][:, -1]
+            slot, rot, where = decoder._inputs(t)
+            got = step_logits(model, idx[:, t], cache.k, cache.v, slot, rot, where, masks[t])
+            cache.advance(1)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_rows_with_their_own_generators_are_single_samples():
+    model = rope_gpt().double()
+    idx = prompt(1, 3).expand(3, 3)
+    batch = generate(model, idx, 40, temperature=0.9, top_k=8,
+                     generator=[gen(5), gen(6), gen(7)])
+    for b in range(3):
+        alone = generate(model, idx[:1], 40, temperature=0.9, top_k=8, generator=gen(5 + b))
+        assert torch.equal(batch[b : b + 1], alone)
+    assert not torch.equal(batch[0], batch[1])
+    with pytest.raises(ConfigError, match="one generator per sequence"):
+        generate(model, idx, 4, generator=[gen(0)])
+
+
+@pytest.fixture
+def compile_fails(monkeypatch):
+    """torch.compile whose compiled step raises, as it does without a C++ compiler."""
+    def broken(module, **kwargs):
+        def step(*args):
+            raise RuntimeError("no working C++ compiler\nlong details")
+        return step
+    monkeypatch.setattr(decode_module.torch, "compile", broken)
+
+
+def test_a_failing_compile_falls_back_to_the_eager_step(compile_fails):
+    model = rope_gpt()
+    idx = prompt(2, 3)
+    eager = generate(model, idx, 30, temperature=1.0, generator=gen(2))
+    with pytest.warns(RuntimeWarning, match=r"no working C\+\+ compiler\); decoding eagerly"):
+        fallback = generate(model, idx, 30, temperature=1.0, generator=gen(2), compile=True)
+    assert torch.equal(fallback, eager)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fast, batch", [
+    (True, 1),  # the fast recipe (rolling cache) with value embeddings and soft-capping
+    (False, 2),  # the classic recipe: learned positions, a refilled cache
+])
+def test_compiled_step_samples_what_the_eager_step_samples(fast, batch):
+    model = (rope_gpt(bias=False, value_embeds=True, logit_softcap=5.0) if fast
+             else tiny_gpt()).eval()
+    decode_module._COMPILED.pop(model, None)
+    idx = prompt(batch, 3)
+    n = 2 * model.config.block_size + 5  # past the block: rolled or refilled
+    for options in (dict(temperature=0.0), dict(temperature=0.9, top_k=8)):
+        eager = generate(model, idx, n, generator=gen(4), **options)
+        compiled = generate(model, idx, n, generator=gen(4), compile=True, **options)
+        assert torch.equal(compiled, eager), options
+    s = SamplingSettings(temperature=0.0, compile=True)
+    assert len(decode_module._COMPILED[model]) == 2  # one graph per way of picking, reused
+    generate(model, idx, 5, s)
+    assert len(decode_module._COMPILED[model]) == 2
