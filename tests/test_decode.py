@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_sampling import gen, prompt, rope_gpt, tiny_gpt
 
 import chargpt.decode as decode_module
-from chargpt.decode import Decoder, step_logits
+from chargpt.decode import fused_linear, static_logits
 from chargpt.errors import ConfigError
 from chargpt.sampling import (
     KVCache,
@@ -57,25 +58,25 @@ def test_noise_in_chunks_and_per_row():
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(),
-    dict(value_embeds=True, logit_softcap=5.0, head_bias=True, qkv_bias=False),
+    dict(pos_emb="rope", qk_norm=True, activation="relu2", norm_type="rmsnorm", bias=False),
+    dict(pos_emb="rope", value_embeds=True, logit_softcap=5.0, head_bias=True, qkv_bias=False),
     dict(pos_emb="none", mlp=False, norm="none", tie_weights=True),
+    dict(attn_proj=False, mlp_proj=False, mlp_ratio=1, attn_scale="embd", init="torch"),
 ])
-def test_static_step_with_a_mask_is_the_cached_forward(overrides):
-    # the compiled step's form: attention over every slot of the cache, unwritten ones masked
-    model = rope_gpt(**overrides).eval() if "pos_emb" not in overrides else tiny_gpt(
-        **overrides).eval()
-    idx = prompt(2, 12)
+@pytest.mark.parametrize("linear", [F.linear, fused_linear])
+def test_static_step_is_the_cached_forward(overrides, linear):
+    # what the compiled step computes (attention over every slot of the cache, the unwritten
+    # ones masked; slot, rotation and mask from the position tensor), run eagerly
+    model = tiny_gpt(**overrides).eval()
+    n = 12 if model.use_rope else model.config.block_size
+    idx = prompt(2, 14)
     ref, cache = KVCache.for_model(model, 2), KVCache.for_model(model, 2)
-    decoder = Decoder(model, cache)
-    masks = decoder._static_masks()
     with torch.no_grad():
         model(idx[:, :3], kv_cache=ref)
         model(idx[:, :3], kv_cache=cache)
-        for t in range(3, 12):
+        for t in range(3, n + 2 if model.use_rope else n):  # rotary: past the block, rolled
             expected = model(idx[:, t : t + 1], kv_cache=ref)[0][:, -1]
-            slot, rot, where = decoder._inputs(t)
-            got = step_logits(model, idx[:, t], cache.k, cache.v, slot, rot, where, masks[t])
+            got = static_logits(model, idx[:, t], cache.k, cache.v, torch.tensor(t), linear)
             cache.advance(1)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .lm import Capabilities, language_model_loss
 from .lm import build_model as build_model  # re-exported: `from chargpt.model import ...`
+from .rope import apply_rope, rope_angles
 
 if TYPE_CHECKING:
     from .sampling import KVCache
@@ -36,28 +37,6 @@ def causal_mask(t_q: int, t_k: int, device: torch.device) -> Tensor:
     cache), so query i may see keys up to and including its own position `t_k - t_q + i`.
     """
     return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
-
-
-def rope_angles(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """cos and sin (T, head_dim // 2) of the rotary angles for integer `positions` (T,).
-
-    Computed in float64: at positions in the thousands float32 angles would be off by ~1e-4
-    rad, and a rolled KV cache would then no longer match recomputation from position 0.
-    """
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = positions.to(torch.float64)[:, None] * inv_freq.to(positions.device)[None, :]
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate each pair (x[i], x[i + hs/2]) of `x` (B, T, H, hs) by its position's angle.
-
-    `cos` and `sin` are (T, hs/2). A query rotated by m and a key rotated by n have a dot
-    product that depends only on n - m, which is what makes positions relative.
-    """
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, hs/2)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:

@@ -306,7 +306,7 @@ def _decode(model: nn.Module, idx: Tensor, max_new_tokens: int, settings: Sampli
         seq = torch.empty(B, n0 + max_new_tokens, dtype=torch.long, device=idx.device)
         seq[:, :n0] = prompt
         with torch.inference_mode():
-            step = _stepper(model, seq, n0, settings)
+            fill = _filler(model, seq, n0, settings)
         n, chunk = n0, 1
         while n < n0 + max_new_tokens:
             end = min(n + chunk, n0 + max_new_tokens)
@@ -315,16 +315,15 @@ def _decode(model: nn.Module, idx: Tensor, max_new_tokens: int, settings: Sampli
                 # the noise of the whole chunk in one draw: the same numbers as step by step
                 noise = (None if settings.temperature == 0 else
                          draw_noise(generator, (end - n, B, model.config.vocab_size), idx.device))
-                for t in range(n, end):
-                    step(t, None if noise is None else noise[t - n])
+                fill(n, end, noise)
             for t in range(n, end):
                 yield seq[:, t].clone()  # a normal tensor, usable outside inference mode
             n, chunk = end, min(2 * chunk, MAX_CHUNK)
 
 
-def _stepper(model: nn.Module, seq: Tensor, n0: int,
-             settings: SamplingSettings) -> Callable[[int, Tensor | None], None]:
-    """step(t, noise) samples seq[:, t] from seq[:, :t]; one function per decode strategy."""
+def _filler(model: nn.Module, seq: Tensor, n0: int,
+            settings: SamplingSettings) -> Callable[[int, int, Tensor | None], None]:
+    """fill(n, end, noise) samples seq[:, n:end] token by token; one per decode strategy."""
     block_size = model.config.block_size
     caps = model.capabilities()
 
@@ -335,8 +334,10 @@ def _stepper(model: nn.Module, seq: Tensor, n0: int,
     if not settings.use_cache or not caps.kv_cache:
         context = block_size if not settings.use_cache else caps.context
 
-        def recompute(t: int, noise: Tensor | None) -> None:
-            emit(t, model(seq[:, max(0, t - context) : t])[0][:, -1], noise)
+        def recompute(n: int, end: int, noise: Tensor | None) -> None:
+            for t in range(n, end):
+                emit(t, model(seq[:, max(0, t - context) : t])[0][:, -1],
+                     None if noise is None else noise[t - n])
         return recompute
 
     cache = KVCache.for_model(model, seq.size(0))
@@ -344,16 +345,24 @@ def _stepper(model: nn.Module, seq: Tensor, n0: int,
                if caps.fast_decode else None)
     keep = max(1, block_size // 2)  # tokens kept when a full, non-rolling cache is refilled
 
-    def cached(t: int, noise: Tensor | None) -> None:
-        if t == n0:
-            emit(t, model(seq[:, :t], kv_cache=cache)[0][:, -1], noise)  # prefill the prompt
-        elif cache.pos == block_size and not cache.rolling:
-            cache.reset()
-            emit(t, model(seq[:, t - keep : t], kv_cache=cache)[0][:, -1], noise)
-        elif decoder is not None:
-            seq[:, t : t + 1] = decoder.next_token(seq[:, t - 1], noise)
-        else:
-            emit(t, model(seq[:, t - 1 : t], kv_cache=cache)[0][:, -1], noise)
+    def cached(n: int, end: int, noise: Tensor | None) -> None:
+        t = n
+        while t < end:
+            step_noise = None if noise is None else noise[t - n]
+            if t == n0:
+                emit(t, model(seq[:, :t], kv_cache=cache)[0][:, -1], step_noise)  # the prompt
+            elif cache.pos == block_size and not cache.rolling:
+                cache.reset()
+                emit(t, model(seq[:, t - keep : t], kv_cache=cache)[0][:, -1], step_noise)
+            elif decoder is not None:
+                # single steps up to the chunk's end, or until a non-rolling cache is full
+                stop = end if cache.rolling else min(end, t + block_size - cache.pos)
+                decoder.fill(seq, t, stop, None if noise is None else noise[t - n : stop - n])
+                t = stop
+                continue
+            else:
+                emit(t, model(seq[:, t - 1 : t], kv_cache=cache)[0][:, -1], step_noise)
+            t += 1
     return cached
 
 
