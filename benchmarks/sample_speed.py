@@ -7,7 +7,9 @@ a Markdown table of characters per second. Both models are rotary (`pos_emb = "r
 fast recipe), whose cache rolls; `--pos-emb learned` measures the classic models, whose
 cache is refilled from half a block when full. Random weights sample as fast as trained ones.
 
-    python benchmarks/sample_speed.py [--model small|large|both] [--chars 2000]
+    python benchmarks/sample_speed.py [--model small|large|both] [--chars 2000] [--compile]
+
+benchmarks/speed.py puts these rates next to the machine's limits.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ MODELS = {
 
 
 def chars_per_second(model: torch.nn.Module, n_chars: int, use_cache: bool, seed: int,
-                     batch_size: int = 1) -> float:
+                     batch_size: int = 1, compile: bool = False) -> float:
     """New characters per second (all sequences of the batch counted) for one `generate`."""
     idx = torch.zeros(batch_size, 1, dtype=torch.long)
-    generate(model, idx, 8, use_cache=use_cache)  # warm-up: first-call allocations
+    # warm-up: first-call allocations, and the compilation of a compiled step
+    generate(model, idx, 8, use_cache=use_cache, compile=compile)
     rng = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    generate(model, idx, n_chars, use_cache=use_cache, generator=rng)
+    generate(model, idx, n_chars, use_cache=use_cache, generator=rng, compile=compile)
     return batch_size * n_chars / (time.perf_counter() - start)
 
 
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pos-emb", choices=["rope", "learned"], default="rope")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--compile", action="store_true", help="the compiled decode step")
     args = parser.parse_args(argv)
 
     names = list(MODELS) if args.model == "both" else [args.model]
@@ -54,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(args.seed)
         cfg = dataclasses.replace(MODELS[name], pos_emb=args.pos_emb)
         model = build_model(cfg)
-        cached = chars_per_second(model, args.chars, True, args.seed, args.batch_size)
+        cached = chars_per_second(model, args.chars, True, args.seed, args.batch_size,
+                                  args.compile)
         recompute = chars_per_second(model, args.chars, False, args.seed, args.batch_size)
         label = (f"{name} ({cfg.n_layer}L {cfg.n_head}H {cfg.n_embd}d, {cfg.pos_emb}, "
                  f"{model.num_params():,} p)")

@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_serve_run
 from test_sampling import gen, prompt, rope_gpt, tiny_gpt
 
 import chargpt.decode as decode_module
+from chargpt.cli import main
 from chargpt.decode import fused_linear, static_logits
 from chargpt.errors import ConfigError
 from chargpt.sampling import (
@@ -132,3 +134,33 @@ def test_compiled_step_samples_what_the_eager_step_samples(fast, batch):
     assert len(decode_module._COMPILED[model]) == 2  # one graph per way of picking, reused
     generate(model, idx, 5, s)
     assert len(decode_module._COMPILED[model]) == 2
+
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory):
+    return train_serve_run(tmp_path_factory.mktemp("decode"))
+
+
+def test_cli_num_samples_are_the_single_samples_of_their_seeds(served_run, capsys):
+    args = ["sample", str(served_run), "--prompt", "ROMEO:", "--max-new-tokens", "50",
+            "--temperature", "0.9"]
+    assert main([*args, "--num-samples", "3", "--seed", "5"]) == 0
+    batch = capsys.readouterr().out.rstrip("\n").split("\n---\n")
+    singles = []
+    for seed in (5, 6, 7):
+        assert main([*args, "--seed", str(seed)]) == 0
+        singles.append(capsys.readouterr().out.rstrip("\n"))
+    assert [text.rstrip("\n") for text in batch] == singles
+    assert len(set(singles)) == 3 and all(s.startswith("ROMEO:") for s in singles)
+
+
+def test_run_stream_samples_yields_one_character_per_sample(served_run):
+    from chargpt.run import load_run
+
+    run = load_run(served_run, device="cpu")
+    ids = run.encode_prompt("JULIET")
+    settings = SamplingSettings(temperature=0.8, seed=11)
+    steps = list(run.stream_samples(ids, 20, settings, 2))
+    assert len(steps) == 20 and all(len(chars) == 2 for chars in steps)
+    second = "".join(chars[1] for chars in steps)
+    assert second == "".join(run.stream_ids(ids, 20, settings.with_seed(12)))
