@@ -17,7 +17,7 @@ from chargpt import ladder
 from chargpt.cli import main
 from chargpt.config import ModelConfig
 from chargpt.errors import ConfigError
-from chargpt.ladder_report import format_json, write_report
+from chargpt.ladder_report import format_json, format_markdown, write_report
 from chargpt.ladder_run import RungResult, SeedResult, run_ladder
 from chargpt.plots import attention_label, plot_attention_grid
 
@@ -273,6 +273,17 @@ def test_json_report_turns_unmeasured_numbers_into_null_and_leaves_text_alone(tm
     write_report([done, skipped], tmp_path, budget=ladder.Budget(), source="x")
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["ladder.csv", "ladder.json", "ladder.md", "ladder.png", "samples.md"]
+
+
+def test_the_report_says_which_rung_was_cut_short_and_why(tmp_path):
+    run = [SeedResult(1337, 40, 900.0, 2.57, 2.57, 2.57, "x")]
+    scaled = RungResult(ladder.get_rung("scaled-up"), 10_788_929, runs=run, reduced=True)
+    full = RungResult(ladder.get_rung("scaled-up"), 10_788_929, runs=run)
+    bigram = RungResult(ladder.get_rung("bigram"), 4225, runs=run)
+    text = format_markdown([bigram, scaled], ladder.Budget(), "x")
+    assert "40 (reduced)" in text and f"- scaled-up: {scaled.rung.note}" in text
+    assert f"- bigram: {bigram.rung.note}" in text  # the recipe exception is said too
+    assert "scaled-up:" not in format_markdown([full], ladder.Budget(cuda=True), "x")
 
 
 def test_an_interrupted_rung_stops_the_ladder(tmp_path, monkeypatch):

@@ -83,6 +83,13 @@ def modern_table(results: Sequence[RungResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def notes(results: Sequence[RungResult]) -> str:
+    """The rungs' own notes (a recipe exception, a reduced budget), one bullet each."""
+    lines = [f"- {r.rung.name}: {r.rung.note}" for r in results
+             if r.ran and r.rung.note and (r.reduced or r.rung.cpu_max_steps is None)]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def format_markdown(results: Sequence[RungResult], budget: Budget, source: str) -> str:
     lecture = [r for r in results if r.rung.part == "lecture"]
     modern = [r for r in results if r.rung.part == "modern"]
@@ -97,12 +104,16 @@ def format_markdown(results: Sequence[RungResult], budget: Budget, source: str) 
         parts.append(override)
     if lecture:
         parts += ["## The lecture\n", lecture_table(lecture)]
+        if notes(lecture):
+            parts.append(notes(lecture))
     if modern:
         parts += ["## Past the lecture\n",
                   f"Every rung: {MODERN_TRAIN['max_steps']:,} steps of "
                   f"{MODERN_TRAIN['batch_size']} sequences unless overridden, warmup and "
                   "cosine decay (until the wsd rung), the same under both recipes.\n",
                   modern_table(modern)]
+        if notes(modern):
+            parts.append(notes(modern))
     return "\n".join(parts)
 
 

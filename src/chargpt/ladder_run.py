@@ -176,4 +176,5 @@ def _progress_line(i: int, n: int, r: RungResult, seconds: float) -> str:
     seeds = f"{len(r.runs)} seed{'s' * (len(r.runs) > 1)}"
     return (f"{head} {r.params:>10,} params  val {r.mean('val_loss'):.4f} "
             f"(lecture's measure {r.mean('val_loss_tiled'):.4f})  train "
-            f"{r.mean('train_loss'):.4f}  {seeds}, {seconds:.0f}s")
+            f"{r.mean('train_loss'):.4f}  {seeds}, {seconds:.0f}s"
+            + (f"  (reduced: {r.rung.note})" if r.reduced else ""))

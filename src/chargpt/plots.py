@@ -143,7 +143,9 @@ def plot_attention_grid(
         raise ValueError(f"{len(tokens)} token labels for attention maps over {T} positions")
     labels = [attention_label(t) for t in tokens]
     cell = min(3.6, max(1.8, 0.14 * T))  # inches per map: room for one label per character
-    plt, fig = _figure((n_head * cell + 1.4, n_layer * cell + (1.0 if title else 0.6)))
+    # at least room for the title and the axis labels, which a single small map is narrower than
+    plt, fig = _figure((max(4.8, n_head * cell + 1.4),
+                        max(3.8, n_layer * cell + (1.0 if title else 0.6))))
     fig.set_layout_engine("constrained")
     axes = fig.subplots(n_layer, n_head, squeeze=False)
     norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
