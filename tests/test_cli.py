@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import corpus_text, one_line_error, tiny_flags
 
-from chargpt.cli import CHECKPOINT_CHOICES, main
+from chargpt.cli import main
+from chargpt.cli_parser import CHECKPOINT_CHOICES
 from chargpt.rundir import CHECKPOINTS
 
 TINY_FLAGS = tiny_flags(max_steps=40, eval_interval=20, log_interval=10, warmup_steps=5)

@@ -11,10 +11,9 @@ from chargpt.config import (
     ModelConfig,
     apply_overrides,
     field_docs,
-    load_preset,
-    preset_names,
     resolve_config,
 )
+from chargpt.presets import load_preset, preset_names
 
 
 def test_every_field_has_a_docstring():

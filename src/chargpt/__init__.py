@@ -22,7 +22,7 @@ _EXPORTS = {
     "DataConfig": "config",
     "TrainConfig": "config",
     "resolve_config": "config",
-    "preset_names": "config",
+    "preset_names": "presets",
     "GPT": "model",
     "BigramLM": "bigram",
     "build_model": "lm",

@@ -1,4 +1,4 @@
-"""Typed run configuration: dataclasses, validation, TOML files, presets and CLI flags.
+"""Typed run configuration: the dataclasses, their validation, and how values are layered.
 
 A run is described by one `Config` made of three sections (`model`, `data`, `train`). Every
 field has a type, a default and a docstring; the docstring is the field's `--help` text. Values
@@ -13,22 +13,15 @@ import ast
 import dataclasses
 import inspect
 import math
-import sys
 import textwrap
 import typing
 from dataclasses import dataclass, field
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
-from .io import read_bytes
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .presets import DEFAULT_PRESET, load_preset, load_toml
 
 
 def _check(ok: bool, message: str) -> None:
@@ -388,48 +381,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Conf
         raise ConfigError(f"{source}: {e}") from None
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    raw = read_bytes(path, what="config file", error=ConfigError)
-    try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not valid UTF-8 (byte offset {e.start})") from None
-
-
-# --- presets ----------------------------------------------------------------------------------
-
-
-def preset_names() -> list[str]:
-    files = resources.files("chargpt").joinpath("presets").iterdir()
-    return sorted(p.name[: -len(".toml")] for p in files if p.name.endswith(".toml"))
-
-
-def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A preset's tables; a top-level `extends = "other"` starts from another preset."""
-    _check(name in preset_names(),
-           f"unknown preset '{name}' (available: {', '.join(preset_names())})")
-    _check(name not in _seen, f"presets extend each other in a loop: {' -> '.join(_seen)}")
-    text = resources.files("chargpt").joinpath("presets", f"{name}.toml").read_text("utf-8")
-    data = tomllib.loads(text)
-    base = data.pop("extends", None)
-    if base is None:
-        return data
-    merged = load_preset(base, (*_seen, name))
-    for section, values in data.items():
-        merged.setdefault(section, {}).update(values)
-    return merged
-
-
-def preset_description(name: str) -> str:
-    text = resources.files("chargpt").joinpath("presets", f"{name}.toml").read_text("utf-8")
-    first = text.splitlines()[0] if text else ""
-    return first.lstrip("# ").strip()
-
-
-DEFAULT_PRESET = "shakespeare-cpu"
+# --- resolving a run's values ---------------------------------------------------------------
 
 
 def resolve_config(
