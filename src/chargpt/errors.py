@@ -29,6 +29,10 @@ class CheckpointError(ChargptError):
     """A run directory or checkpoint that is missing, corrupted or foreign."""
 
 
+class TrainingError(ChargptError):
+    """Training cannot go on (for example the loss became NaN, or the disk is full)."""
+
+
 def warn(message: str) -> None:
     """Tell the user, in one line on stderr, about something chargpt did instead of what was
     asked (a damaged checkpoint passed over, a plot not drawn); the command goes on."""

@@ -7,7 +7,9 @@ batch sampler (a `checkpoint.TrainState`), and evaluation draws its batches from
 fixed-seed sampler, so on CPU a run interrupted after N steps and resumed gives bit-identical
 weights to an uninterrupted one. The hot path does no host-device synchronisation except at log
 and eval steps. SIGINT and SIGTERM finish the current step, write `last/`, and return; a second
-Ctrl-C aborts at once (the previous checkpoint is never damaged, see checkpoint.py).
+Ctrl-C aborts at once (the previous checkpoint is never damaged, see checkpoint.py). What the run
+tells (console lines, the progress bar, metrics rows, the loss curve) goes through its
+`trainlog.TrainLog`.
 """
 
 from __future__ import annotations
@@ -30,22 +32,16 @@ from .budget import Calibration, plan_steps
 from .config import Config
 from .device import allow_tf32, autocast_context, autocast_dtype
 from .distributed import DistEnv, all_reduce_mean, gather_tensors
-from .errors import ChargptError, CheckpointError, warn
+from .errors import CheckpointError, TrainingError
 from .evaluate import estimate_loss
 from .flops import estimate, mfu
-from .io import os_reason
 from .lm import build_model
 from .optim import lr_at, make_optimizer
 from .prepared import PreparedData
-from .progress import progress_bar, wanted
 from .rundir import BEST, LAST, RunDir
 from .safety import check_optimizer_state
 from .stopping import StopRequest
-from .trackers import open_trackers
-
-
-class TrainingError(ChargptError):
-    """Training cannot go on (for example the loss became NaN)."""
+from .trainlog import TrainLog, describe
 
 
 @dataclass
@@ -91,10 +87,11 @@ class Trainer:
     def __init__(self, cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
                  device: torch.device, quiet: bool = False,
                  faults: faults_mod.Faults | None = None):
-        self.cfg, self.rundir, self.data, self.quiet = cfg, rundir, data, quiet
+        self.cfg, self.rundir, self.data = cfg, rundir, data
         self.run_dir = rundir.path
         self.env, self.device = env, device
         self.is_main = env.is_main
+        self.out = TrainLog(rundir, env.is_main, quiet)
         self.faults = faults or faults_mod.active()
         tc = cfg.train
         self.amp_dtype = autocast_dtype(self.device, tc.dtype)
@@ -122,9 +119,7 @@ class Trainer:
         self.best_val_loss = math.inf
         self.last_val_loss = math.inf
         self.elapsed_before = 0.0
-        self._bar = None
         self.skipped_steps = 0
-        self._plot_failed = False
         # a time budget not yet turned into a step count: the first steps are timed (budget.py)
         self._calibration = Calibration.of(tc)
         self._eval_seconds: float | None = None
@@ -138,8 +133,9 @@ class Trainer:
             raise CheckpointError(f"{last}: optimizer state does not fit the model: {e}") from None
         check_optimizer_state(self.optimizer, last)
         if state.world_size != self.env.world_size:
-            self.log(f"warning: {last} was written by {state.world_size} process(es), this run "
-                     f"has {self.env.world_size}; training continues but is not bit-identical")
+            self.out.log(f"warning: {last} was written by {state.world_size} process(es), "
+                         f"this run has {self.env.world_size}; training continues but is not "
+                         "bit-identical")
         cpu_rng, cuda_rng = state.rng_of(self.env.rank)
         if cpu_rng is not None:
             torch.set_rng_state(cpu_rng)
@@ -153,45 +149,6 @@ class Trainer:
         if self.is_main:
             # Rows logged after this checkpoint by the interrupted process are replayed now.
             self.rundir.truncate_metrics(self.step)
-
-    # output
-
-    def log(self, message: str) -> None:
-        if not self.is_main or self.quiet:
-            return
-        if self._bar is not None:
-            self._bar.write(message)
-        else:
-            print(message, flush=True)
-
-    def _record(self, row: dict[str, Any]) -> None:
-        """Record one metrics row (rank 0): every log step's and every evaluation's numbers."""
-        if self.is_main:
-            try:
-                self.rundir.append_metrics(row)
-            except OSError as e:
-                raise self._write_failed(self.rundir.metrics_file, os_reason(e)) from None
-            self.trackers.log(row)
-
-    def _plot(self) -> None:
-        """Redraw the loss curve; one that cannot be written costs a warning, not the run."""
-        if not self.is_main:
-            return
-        from .plots import plot_loss_curve
-
-        try:
-            plot_loss_curve(self.rundir.read_metrics(), self.rundir.plot_file)
-        except OSError as e:
-            if not self._plot_failed:
-                warn(f"could not write {self.rundir.plot_file}: {os_reason(e)}; training goes "
-                     "on (metrics.jsonl keeps every number; the next curve that can be "
-                     "written replaces it)")
-            self._plot_failed = True
-
-    def _write_failed(self, what: Path | str, reason: str) -> TrainingError:
-        """The one line for a file training could not write (a full disk, mostly)."""
-        once = "once there is space" if "space" in reason else "once that is fixed"
-        return TrainingError(f"could not write {what}: {reason}; {self.rundir.how_to_go_on(once)}")
 
     # checkpoints
 
@@ -221,7 +178,7 @@ class Trainer:
         try:
             ckpt.save(self.run_dir, name, self.model, data, pause=self.faults.pause)
         except ckpt.SaveError as e:
-            raise self._write_failed(f"checkpoint {e.target}", e.reason) from None
+            raise self.out.write_failed(f"checkpoint {e.target}", e.reason) from None
 
     # evaluation
 
@@ -249,13 +206,13 @@ class Trainer:
         self.last_val_loss = val_loss
         bpc = val_loss / math.log(2)
         elapsed = self.elapsed()
-        self.log(
+        self.out.log(
             f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
             f"val {'bpb' if self.data.tokenizer.unit == 'byte' else 'bpc'} {bpc:.3f}, "
             f"{elapsed:.1f}s"
         )
-        self._record({"kind": "eval", "step": self.step, "train_loss": train_loss,
-                      "val_loss": val_loss, "val_bpc": bpc, "elapsed": round(elapsed, 3)})
+        self.out.record({"kind": "eval", "step": self.step, "train_loss": train_loss,
+                         "val_loss": val_loss, "val_bpc": bpc, "elapsed": round(elapsed, 3)})
         if not math.isfinite(val_loss):
             raise TrainingError(
                 f"val loss is {val_loss} at step {self.step}; the last good checkpoint is "
@@ -265,7 +222,7 @@ class Trainer:
             self.best_val_loss = val_loss
             self.save(BEST)
         self.save(LAST)
-        self._plot()
+        self.out.plot()
         self._eval_seconds = time.perf_counter() - t0
 
     # the loop
@@ -302,7 +259,7 @@ class Trainer:
                 and not self._all_finite(total))
         if skip:
             self.skipped_steps += 1
-            self.log(f"step {self.step + 1}: loss is not finite; update skipped")
+            self.out.log(f"step {self.step + 1}: loss is not finite; update skipped")
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -325,36 +282,23 @@ class Trainer:
         Stopping early leaves a `last/` checkpoint that a resume continues exactly."""
         tc = self.cfg.train
         self._stop_at = stop_at_step
-        self.trackers = open_trackers(self.cfg, self.run_dir, self.step, self.is_main, self.log)
+        self.out.open_trackers(self.cfg, self.step)
         self._t0 = time.perf_counter()
         deadline = None if time_limit is None else self._t0 + time_limit
         self._flops_per_token = estimate(self.cfg).flops_per_token
-        world = f" x {self.env.world_size} processes" if self.env.enabled else ""
-        test = "" if self.data.test is None else f" / {len(self.data.test):,} test"
-        unit = " bytes" if self.data.tokenizer.unit == "byte" else ""
-        self.log(
-            f"{self.model.num_params() / 1e6:.2f} M parameters | vocab "
-            f"{self.data.tokenizer.vocab_size}{unit} | "
-            f"{len(self.data.train):,} train / {len(self.data.val):,} val{test} tokens | "
-            f"{self.device.type}{world}, "
-            f"{str(self.amp_dtype or torch.float32).removeprefix('torch.')} | "
-            f"run dir {self.run_dir}"
-        )
+        self.out.log(describe(self.model, self.data, self.device, self.amp_dtype, self.env,
+                              self.run_dir))
         if self.step > 0:
-            self.log(f"resuming from step {self.step}")
+            self.out.log(f"resuming from step {self.step}")
         self.model.train()
         with StopRequest(self.env, self.device, deadline) as stop:
-            if wanted(tc.progress and self.is_main and not self.quiet):
-                self._bar = progress_bar(tc.max_steps, unit="step", initial=self.step)
+            self.out.open_bar(tc.max_steps, self.step, tc.progress)
             try:
                 if self.step == 0:
                     self._eval_and_checkpoint()
                 self._loop(stop)
             finally:
-                if self._bar is not None:
-                    self._bar.close()
-                    self._bar = None
-                self.trackers.close()
+                self.out.close()
         return TrainResult(self.run_dir, self.step, self.best_val_loss, self.last_val_loss,
                            self.elapsed(), stop.signum)
 
@@ -378,8 +322,7 @@ class Trainer:
             at_log = self.step % tc.log_interval == 0 or self.step == end
             if at_log:
                 self._log_train(since)
-            if self._bar is not None:
-                self._bar.update(1)
+            self.out.advance()
             if self.step % tc.eval_interval == 0 or self.step == tc.max_steps:
                 self._eval_and_checkpoint()
                 saved_at = self.step
@@ -394,9 +337,9 @@ class Trainer:
             self.save(LAST)
         if stop.signum is not None:
             name = signal.Signals(stop.signum).name
-            self.log(f"{name} received: stopped after step {self.step}; checkpoint written to "
-                     f"{self.rundir.checkpoint(LAST)}; continue with: chargpt train --resume "
-                     f"{self.run_dir}")
+            self.out.log(f"{name} received: stopped after step {self.step}; checkpoint written "
+                         f"to {self.rundir.checkpoint(LAST)}; continue with: chargpt train "
+                         f"--resume {self.run_dir}")
 
     def _plan(self) -> None:
         """Fix max_steps from the time budget, the timed steps and the evaluation cost."""
@@ -416,10 +359,8 @@ class Trainer:
         if self.is_main:
             self.rundir.write_config(self.cfg)
         self._calibration = None
-        self.log(plan.describe())
-        if self._bar is not None:
-            self._bar.total = plan.steps
-            self._bar.refresh()
+        self.out.log(plan.describe())
+        self.out.set_total(plan.steps)
 
     def _log_train(self, since: _SinceLog) -> None:
         """A log step: the mean loss since the last one (the only per-log sync), speed, MFU."""
@@ -433,13 +374,12 @@ class Trainer:
                 "--grad-clip 1.0 or --dtype float32)"
             )
         util = mfu(self._flops_per_token, tok_s / self.env.world_size, self.device)
-        self._record({"kind": "train", "step": self.step, "loss": mean_loss,
-                      "lr": lr_at(self.step - 1, self.cfg.train), "tok_per_s": round(tok_s),
-                      "elapsed": round(self.elapsed(), 3),
-                      **({"mfu": round(util, 4)} if util is not None else {}),
-                      **({"skipped": self.skipped_steps} if self.skipped_steps else {})})
-        if self._bar is not None:
-            mfu_text = f", MFU {util:.1%}" if util is not None else ""
-            self._bar.set_postfix_str(f"loss {mean_loss:.4f}, {tok_s / 1e3:.1f}k tok/s{mfu_text}")
+        self.out.record({"kind": "train", "step": self.step, "loss": mean_loss,
+                         "lr": lr_at(self.step - 1, self.cfg.train), "tok_per_s": round(tok_s),
+                         "elapsed": round(self.elapsed(), 3),
+                         **({"mfu": round(util, 4)} if util is not None else {}),
+                         **({"skipped": self.skipped_steps} if self.skipped_steps else {})})
+        mfu_text = f", MFU {util:.1%}" if util is not None else ""
+        self.out.show(f"loss {mean_loss:.4f}, {tok_s / 1e3:.1f}k tok/s{mfu_text}")
         since.reset(now)
 
