@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import corpus_text, one_line_error, tiny_flags
 
-from chargpt.cli import main
-from chargpt.cli_parser import CHECKPOINT_CHOICES
+from chargpt.cli import COMMANDS, main
+from chargpt.cli_parser import CHECKPOINT_CHOICES, build_parser
 from chargpt.rundir import CHECKPOINTS
 
 TINY_FLAGS = tiny_flags(max_steps=40, eval_interval=20, log_interval=10, warmup_steps=5)
@@ -201,3 +201,9 @@ def test_presets_command(capsys):
 def test_checkpoint_flag_offers_the_run_directorys_checkpoints():
     # The CLI spells the names out so that `chargpt --help` need not import torch.
     assert CHECKPOINT_CHOICES == CHECKPOINTS
+
+
+def test_every_subcommand_the_parser_offers_has_a_command():
+    # The parser (cli_parser.py) and the commands (cli.py) meet by the subcommand's name.
+    subparsers = build_parser()._subparsers._group_actions[0]
+    assert set(subparsers.choices) == set(COMMANDS)
