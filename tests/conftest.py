@@ -30,6 +30,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import chargpt
 from chargpt.cli import main
 from chargpt.config import Config, apply_overrides
 from chargpt.datasets import DATASETS, Dataset, cache_dir, fetch
@@ -276,9 +277,12 @@ def item_calls(monkeypatch):
     does not), so only calls whose caller lives in chargpt are counted."""
     calls = {"n": 0}
     real_item = torch.Tensor.item
+    # the package's own directory: a clone's folder may well be called chargpt too, and then
+    # holds torch's files in its .venv
+    package = str(Path(chargpt.__file__).parent) + os.sep
 
     def counting_item(self):
-        if "chargpt" in sys._getframe(1).f_code.co_filename:
+        if sys._getframe(1).f_code.co_filename.startswith(package):
             calls["n"] += 1
         return real_item(self)
 
