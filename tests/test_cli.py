@@ -61,7 +61,7 @@ def test_sample_options(trained, capsys, tmp_path):
     assert a == b and a.startswith("ROMEO") and len(a) == 15  # greedy: both samples identical
     assert main(["sample", str(trained), "--prompt", "ROMEO", "--max-new-tokens", "10",
                  "--temperature", "0", "--checkpoint", "last"]) == 0
-    assert capsys.readouterr().out.rstrip("\n") == a
+    assert capsys.readouterr().out == a + "\n"
     long_prompt = "ROMEO: " * 20  # longer than block_size 16: cropped, not an error
     assert main(["sample", str(trained), "--prompt", long_prompt, "--max-new-tokens", "5",
                  "--seed", "1"]) == 0
