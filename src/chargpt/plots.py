@@ -72,7 +72,9 @@ def plot_ladder_curves(
         if not evals:
             continue
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals],
-                styles[i % len(styles)], color=palette[i % len(palette)], linewidth=1.6,
+                # past twelve rungs the colours repeat; shifting the style keeps pairs apart
+                styles[(i + i // len(palette)) % len(styles)], color=palette[i % len(palette)],
+                linewidth=1.6,
                 label=name)
         later += [r["val_loss"] for r in evals if r["step"] > 0]
     if later:
