@@ -8,11 +8,20 @@ import json
 import pytest
 from conftest import one_line_error, same_weights, tiny_config, tiny_flags
 
-from chargpt.budget import CALIBRATION_STEPS, MARGIN, Calibration, parse_duration, plan_steps
+from chargpt.budget import (
+    EVAL_SHARE,
+    MARGIN,
+    MIN_EVAL_ITERS,
+    StepClock,
+    keep_history,
+    parse_duration,
+    plan_steps,
+)
 from chargpt.cli import main
 from chargpt.config import resolve_config
 from chargpt.errors import ConfigError
 from chargpt.launch import train
+from chargpt.trainer import Trainer
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("2h", 7200),
@@ -35,7 +44,7 @@ def test_time_budget_is_checked_when_the_config_is_made():
     # a constant schedule does not depend on the run's length: no warmup needed
     cfg = resolve_config(overrides={"train": {"time_budget": "30s", "warmup_steps": 0,
                                               "schedule": "constant"}})
-    assert Calibration.of(cfg.train).steps == 10
+    assert StepClock.of(cfg.train).first_plan_after == 10
 
 
 def test_cli_bad_time_is_one_line(capsys, tmp_path):
@@ -46,37 +55,76 @@ def test_cli_bad_time_is_one_line(capsys, tmp_path):
 
 def test_plan_fits_steps_evaluations_and_the_final_checkpoint():
     plan = plan_steps(budget=100.0, elapsed=10.0, step=10, step_seconds=0.05,
-                      eval_seconds=2.0, eval_interval=250)
+                      eval_seconds=2.0, eval_iters=100, eval_interval=250)
     more = plan.steps - 10
     spent = more * 0.05 + plan.evals * 2.0
     assert spent <= 90.0 * (1 - MARGIN) + 1e-9
     assert spent + 0.05 + 2.0 > 90.0 * (1 - MARGIN)  # and not much less: one more step overruns
-    assert plan.evals == plan.steps // 250 + (plan.steps % 250 != 0)
-    assert "steps planned" in plan.describe()
+    i = plan.eval_interval
+    assert plan.evals == plan.steps // i + (plan.steps % i != 0)
+    assert plan.evals * 2.0 <= EVAL_SHARE * 100.0  # evaluations spaced to fit their share
+    assert i >= 250 and plan.eval_iters == 100
+    assert "steps planned" in plan.describe(9)
     late = plan_steps(budget=10.0, elapsed=12.0, step=10, step_seconds=0.05, eval_seconds=2.0,
-                      eval_interval=250)
+                      eval_iters=100, eval_interval=250)
     assert late.steps == 11  # spent already: one step, so the run still ends with a model
+
+
+def test_a_short_budget_shortens_and_spaces_its_evaluations():
+    # one full evaluation would take 5 s of a 30 s budget: it is cut to 1.5 s (30 batches)
+    plan = plan_steps(budget=30.0, elapsed=2.0, step=10, step_seconds=0.1, eval_seconds=5.0,
+                      eval_iters=100, eval_interval=250)
+    assert plan.eval_iters == 30 and plan.eval_seconds == pytest.approx(1.5)
+    assert plan.evals == 1 and plan.eval_interval >= plan.steps  # the final one only
+    assert plan.steps == 10 + int((28.0 * (1 - MARGIN) - 1.5) / (0.1 + 1.5 / plan.eval_interval))
+    # never fewer than MIN_EVAL_ITERS batches, however slow an evaluation
+    slow = plan_steps(budget=30.0, elapsed=2.0, step=10, step_seconds=0.1, eval_seconds=100.0,
+                      eval_iters=100, eval_interval=250)
+    assert slow.eval_iters == MIN_EVAL_ITERS
+    # a long budget keeps full evaluations, at the configured interval when they are cheap
+    long = plan_steps(budget=7200.0, elapsed=2.0, step=10, step_seconds=0.1, eval_seconds=0.5,
+                      eval_iters=100, eval_interval=250)
+    assert long.eval_iters == 100 and long.eval_interval == 250
+    dear = plan_steps(budget=7200.0, elapsed=2.0, step=10, step_seconds=0.1, eval_seconds=5.0,
+                      eval_iters=100, eval_interval=250)
+    assert dear.eval_iters == 100 and dear.evals * 5.0 <= EVAL_SHARE * 7200.0 + 5.0
+
+
+def test_a_revised_plan_never_changes_a_rate_already_used():
+    from chargpt.optim import lr_at
+
+    train = resolve_config(overrides={"train": {
+        "schedule": "wsd", "cooldown_frac": 0.5, "warmup_steps": 5, "max_steps": 200}}).train
+    short = plan_steps(budget=10.0, elapsed=8.0, step=80, step_seconds=0.1, eval_seconds=0.1,
+                       eval_iters=100, eval_interval=250)
+    assert short.steps < 160  # taken as it is, its cooldown would have started behind step 80
+    kept = keep_history(short, 80, train)
+    assert kept.steps == 160  # the cooldown starts at step 80, the next one
+    new = kept.apply(train)
+    assert [lr_at(s, new) for s in range(80)] == [lr_at(s, train) for s in range(80)]
+    assert lr_at(80, new) == train.lr and lr_at(81, new) < train.lr
 
 
 @pytest.fixture
 def fixed_step_time(monkeypatch):
-    """Every timed step is said to take 0.1 s, so a 6 s budget plans a few dozen steps."""
-    monkeypatch.setattr(Calibration, "step_seconds", lambda self: 0.1)
+    """Every step is said to take 0.1 s, and the run's clock to read 0.1 s a step taken, so a
+    6 s budget plans about 57 steps, and plans the same again when it plans again."""
+    monkeypatch.setattr(StepClock, "step_seconds", lambda self: 0.1)
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: 0.1 * self.step)
 
 
 def test_a_planned_run_is_a_plain_run_of_the_planned_length(corpus, tmp_path, capsys,
                                                             fixed_step_time):
+    # evaluations only at the end: their real cost would change the plan the fixture fixes
     budget = tiny_config(corpus, tmp_path / "budget", time_budget="6s", max_steps=1000,
-                         eval_interval=20)
+                         eval_interval=1000)
     result = train(budget)
     saved = json.loads((tmp_path / "budget" / "config.json").read_text())["train"]
     planned = saved["planned_steps"]
-    # the timed steps really take less than the 0.1 s said, so the plan can pass 60 steps, but
-    # never the timed steps plus 6 s of 0.1 s steps
-    assert 10 < planned <= CALIBRATION_STEPS + 60
+    assert 50 < planned <= 60  # 6 s less the reserve, of 0.1 s steps
     assert saved["max_steps"] == planned == result.step
     assert saved["time_budget"] == "6s"
-    assert f"{planned} steps planned" in capsys.readouterr().out
+    assert " steps planned (" in capsys.readouterr().out
     # the timed steps are warmup steps, whose rates do not depend on the run's length
     plain = train(tiny_config(corpus, tmp_path / "plain", max_steps=planned, eval_interval=20))
     assert plain.step == planned
@@ -85,7 +133,7 @@ def test_a_planned_run_is_a_plain_run_of_the_planned_length(corpus, tmp_path, ca
 
 def test_a_resumed_budget_run_keeps_its_plan(corpus, tmp_path, capsys, fixed_step_time):
     cfg = tiny_config(corpus, tmp_path / "run", time_budget="6s", max_steps=1000,
-                      eval_interval=20)
+                      eval_interval=1000)
     first = train(cfg, stop_at_step=15)
     planned = json.loads((tmp_path / "run" / "config.json").read_text())["train"]["max_steps"]
     assert first.step == 15 < planned
@@ -103,11 +151,34 @@ def test_a_resumed_budget_run_keeps_its_plan(corpus, tmp_path, capsys, fixed_ste
 def test_cli_time_flag_plans_and_auto_resume_keeps_the_plan(corpus, tmp_path, capsys,
                                                             fixed_step_time):
     out = tmp_path / "run"
-    flags = [*tiny_flags(max_steps=1000, eval_interval=20, sample_chars=0), "--time", "6s",
+    flags = [*tiny_flags(max_steps=1000, eval_interval=1000, sample_chars=0), "--time", "6s",
              "--input", str(corpus), "--out", str(out)]
     assert main(["train", *flags]) == 0
     planned = json.loads((out / "config.json").read_text())["train"]["planned_steps"]
-    assert f"{planned} steps planned" in capsys.readouterr().out
+    assert " steps planned (" in capsys.readouterr().out
     # the same command again continues the finished run instead of planning anew
     assert main(["train", *flags, "--auto-resume"]) == 0
     assert f"done: {planned} steps" in capsys.readouterr().out
+
+
+def test_a_budget_run_replans_from_its_measured_steps(corpus, tmp_path, capsys, monkeypatch):
+    """Steps measured slower at first (0.1 s) than later (0.05 s): the plan grows while the
+    WSD schedule is still stable, never past its cooldown, and config.json keeps the last one."""
+    monkeypatch.setattr(StepClock, "step_seconds",
+                        lambda self: 0.1 if self.ticks < 9 else 0.05)
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: 0.1 * self.step)
+    wsd = {"schedule": "wsd", "cooldown_frac": 0.5, "warmup_steps": 5, "eval_interval": 1000}
+    result = train(tiny_config(corpus, tmp_path / "run", time_budget="6s", max_steps=1000,
+                               **wsd))
+    out = capsys.readouterr().out
+    first = int(out.split(" steps planned")[0].split()[-1])
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert first < 60 < saved["planned_steps"] == saved["max_steps"] == result.step
+    assert "plan revised to" in out
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["step"] for r in rows if r["kind"] == "eval"]
+    assert evals == [result.step]  # no step-0 evaluation; the final one
+    # every rate the run used is the one a plain run of the final length uses
+    plain = train(tiny_config(corpus, tmp_path / "plain", max_steps=result.step, **wsd))
+    assert plain.step == result.step
+    assert same_weights(tmp_path / "run", tmp_path / "plain")

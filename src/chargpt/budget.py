@@ -1,32 +1,45 @@
 """Training to a wall-clock budget: parse '90s'/'10m'/'2h' and plan the step count that fits.
 
 `chargpt train --time 10m` does not stop a run when the clock runs out (that would cut off the
-schedule's cooldown, and the schedule, not the model, would decide the loss). It measures instead:
-the step-0 evaluation and checkpoint give the cost of one evaluation, the first
-`CALIBRATION_STEPS` training steps (all inside the learning-rate warmup, whose rates do not
-depend on the run's length) give the cost of one step, and `plan_steps` turns the time left
-into a step count so that training, every evaluation and the final checkpoint end inside the
-budget. The trainer then fixes `max_steps` to that count and records it in the run's
-config.json (`planned_steps`), so the rest of the schedule is laid out for the run's real
-length, and a resumed run keeps the plan instead of measuring again. This module is pure
-arithmetic; trainer.py times and applies.
+schedule's cooldown, and the schedule, not the model, would decide the loss). It measures
+instead: a `StepClock` times the training steps (evaluations excluded), a few evaluation
+batches give the cost of an evaluation, and `plan_steps` turns the time left into a step count
+so that training, every evaluation and the final checkpoint end inside the budget. The first
+plan comes after `CALIBRATION_STEPS` steps, all inside the learning-rate warmup, whose rates do
+not depend on the run's length. The run plans again every `REPLAN_EVERY` steps, each time
+from all the steps timed so far, for as long as the schedule lets the length change without
+changing a rate already used (a WSD run until its cooldown starts, `optim.length_free_steps`),
+so one slow or fast moment early on does not decide the run. Evaluations are spaced and, in a
+short budget, shortened so that together they take at most `EVAL_SHARE` of it; a budget run
+has no step-0 evaluation. The trainer records each plan (`max_steps`, `planned_steps`,
+`eval_interval`, `eval_iters`) in the run's config.json before any checkpoint, so a resumed
+or re-run run keeps the plan instead of measuring again. This module is arithmetic and a
+clock; trainer.py applies the plans.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
+from .optim import length_free_steps
 
-__all__ = ["CALIBRATION_STEPS", "Calibration", "Plan", "calibration_steps", "parse_duration",
-           "plan_steps"]
+__all__ = ["CALIBRATION_STEPS", "EVAL_PROBE_ITERS", "EVAL_SHARE", "PLANNED_FIELDS", "Plan",
+           "StepClock", "calibration_steps", "keep_history", "parse_duration", "plan_steps"]
 
 CALIBRATION_STEPS = 10  # the first steps, timed from the second (the first one warms up)
 MARGIN = 0.04  # of the time left, kept for the step time's drift on a shared machine
+EVAL_SHARE = 0.05  # of the budget, the most that all evaluations together may take
+MIN_EVAL_ITERS = 10  # batches per split: fewer would make an evaluation mostly noise
+EVAL_PROBE_ITERS = 4  # batches per split timed to price an evaluation before the first one
+REPLAN_EVERY = 10  # steps between plans while the run's length is still free to change
+# the [train] values a plan sets: a resumed run keeps them, whatever the command line says
+PLANNED_FIELDS = ("max_steps", "planned_steps", "eval_interval", "eval_iters")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -48,16 +61,21 @@ def calibration_steps(warmup_steps: int, schedule_depends_on_length: bool) -> in
 
 
 @dataclass
-class Calibration:
-    """The clock of a run that has a time budget and no plan yet: `tick()` after each step."""
+class StepClock:
+    """The clock of a run with a time budget: `tick()` after each training step, `exclude()`
+    the time of anything else (evaluations, checkpoints), `due(step)` says when to plan."""
 
     budget: float
-    steps: int
-    times: list[float] = field(default_factory=list)
+    first_plan_after: int
+    planned: bool = False
+    ticks: int = 0
+    excluded: float = 0.0
+    first: float | None = None
+    last: float = 0.0
 
     @classmethod
-    def of(cls, train: Any) -> Calibration | None:
-        """The calibration a `TrainConfig` needs: None without a budget or once planned."""
+    def of(cls, train: Any) -> StepClock | None:
+        """The clock a `TrainConfig` needs: None without a budget or once it is planned."""
         if not train.time_budget or train.planned_steps:
             return None
         budget = parse_duration(train.time_budget)
@@ -68,45 +86,94 @@ class Calibration:
                               f"needs warmup_steps >= 3, got {train.warmup_steps}")
         return cls(budget, steps)
 
-    def tick(self) -> bool:
-        """Note the end of a step; True once enough steps are timed to plan."""
-        self.times.append(time.perf_counter())
-        return len(self.times) >= self.steps
+    def tick(self) -> None:
+        """Note the end of a training step (the first one only starts the clock: it warms up)."""
+        self.last = time.perf_counter()
+        if self.first is None:
+            self.first, self.excluded = self.last, 0.0
+        else:
+            self.ticks += 1
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` spent on something other than training steps out of the step time."""
+        if self.first is not None:
+            self.excluded += seconds
 
     def step_seconds(self) -> float:
-        """Mean seconds per step, from the end of the first timed step to the last."""
-        return (self.times[-1] - self.times[0]) / max(1, len(self.times) - 1)
+        """Mean seconds per training step over every step timed so far."""
+        assert self.first is not None
+        return max(self.last - self.first - self.excluded, 0.0) / max(1, self.ticks)
+
+    def due(self, step: int, train: Any) -> bool:
+        """Whether to plan after `step`: the first plan once the calibration steps are timed,
+        then every REPLAN_EVERY steps while the schedule leaves the length free."""
+        if not self.planned:
+            return self.ticks + 1 >= self.first_plan_after
+        return step % REPLAN_EVERY == 0 and step < length_free_steps(train)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The step count a budget buys, and the measurements it came from (for the log)."""
+    """What a budget buys: steps and evaluations, and the measurements they came from."""
 
     steps: int
     budget: float
     step_seconds: float
-    eval_seconds: float
-    evals: int
+    eval_seconds: float  # one evaluation of eval_iters batches per split
+    eval_interval: int
+    eval_iters: int
+    evals: int  # still to come, the final one included
     elapsed: float
 
-    def describe(self) -> str:
+    def describe(self, timed_steps: int) -> str:
+        where = (f"every {self.eval_interval} steps and at the end"
+                 if self.eval_interval < self.steps else "at the end")
         return (f"time budget {self.budget:g}s: {self.steps} steps planned ({self.elapsed:.1f}s "
-                f"used so far; {self.step_seconds * 1e3:.1f} ms per step, measured; "
-                f"{self.evals} more evaluation(s) with checkpoint at {self.eval_seconds:.2f}s "
-                f"each, as the step-0 one took; {MARGIN:.0%} of the time left kept in reserve)")
+                f"used so far; {self.step_seconds * 1e3:.1f} ms per step over {timed_steps} "
+                f"timed steps; {self.evals} evaluation(s) of {self.eval_iters} batches per "
+                f"split, {where}, at {self.eval_seconds:.2f}s each, at most {EVAL_SHARE:.0%} "
+                f"of the budget together; {MARGIN:.0%} of the time left kept in reserve)")
+
+    def apply(self, train: Any) -> Any:
+        """`train` (a TrainConfig) with this plan's values."""
+        return dataclasses.replace(train, max_steps=self.steps, planned_steps=self.steps,
+                                   eval_interval=self.eval_interval, eval_iters=self.eval_iters)
 
 
 def plan_steps(*, budget: float, elapsed: float, step: int, step_seconds: float,
-               eval_seconds: float, eval_interval: int) -> Plan:
+               eval_seconds: float, eval_iters: int, eval_interval: int,
+               checkpoint_seconds: float = 0.0) -> Plan:
     """The total step count that ends, final evaluation and checkpoint included, by `budget`.
 
-    `step` steps are done after `elapsed` seconds; each further step costs `step_seconds`,
-    and every eval_interval-th step and the last one add `eval_seconds`. At least one more
-    step is planned even when the budget is already spent.
+    `step` steps are done after `elapsed` seconds; each further step costs `step_seconds`; an
+    evaluation of `eval_iters` batches per split costs `eval_seconds`, and the checkpoints and
+    plot that follow it `checkpoint_seconds`. Evaluations together
+    take at most EVAL_SHARE of the budget: fewer batches (not below MIN_EVAL_ITERS) when one
+    would take more, and an interval no shorter than `eval_interval`. At least one more step
+    is planned even when the budget is already spent.
     """
-    left = (budget - elapsed) * (1.0 - MARGIN) - eval_seconds  # the final evaluation
-    per_step = step_seconds + eval_seconds / eval_interval  # evaluations spread over the steps
+    share = EVAL_SHARE * budget
+    per_iter = eval_seconds / eval_iters
+    iters = eval_iters
+    if eval_seconds + checkpoint_seconds > share:
+        room = max(share - checkpoint_seconds, 0.0)
+        iters = min(eval_iters, max(MIN_EVAL_ITERS, math.floor(room / per_iter)))
+    eval_s = per_iter * iters + checkpoint_seconds
+    evals_allowed = max(1, math.floor(share / eval_s)) if eval_s > 0 else 1 << 30
+    left = (budget - elapsed) * (1.0 - MARGIN) - eval_s  # the final evaluation
+    rough = step + (max(1, math.floor(left / step_seconds)) if step_seconds > 0 else 1)
+    interval = max(eval_interval, math.ceil(rough / evals_allowed))
+    per_step = step_seconds + eval_s / interval  # evaluations spread over the steps
     more = max(1, math.floor(left / per_step)) if per_step > 0 else 1
     total = step + more
-    evals = total // eval_interval - step // eval_interval + (total % eval_interval != 0)
-    return Plan(total, budget, step_seconds, eval_seconds, evals, elapsed)
+    evals = total // interval - step // interval + (total % interval != 0)
+    return Plan(total, budget, step_seconds, eval_s, interval, iters, evals, elapsed)
+
+
+def keep_history(plan: Plan, step: int, train: Any) -> Plan:
+    """`plan`, lengthened if needed so that no rate of the `step` steps taken changes: a WSD
+    run whose new length would put the cooldown's start behind it starts the cooldown now."""
+    for steps in range(plan.steps, plan.steps + 10 * step + 10):  # a bound, for cosine runs
+        if length_free_steps(dataclasses.replace(train, max_steps=steps)) >= step:
+            return plan if steps == plan.steps else dataclasses.replace(plan, steps=steps)
+    return plan

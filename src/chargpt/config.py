@@ -182,9 +182,10 @@ class TrainConfig:
     max_steps: int = 2000
     """Number of optimizer steps."""
     time_budget: str = ""
-    """Train for a wall-clock time instead of max_steps, e.g. '90s', '10m', '2h': the first
-    steps are timed and max_steps is set so the whole schedule, every evaluation and the final
-    checkpoint fit in it (see budget.py)."""
+    """Train for a wall-clock time instead of max_steps, e.g. '90s', '10m', '2h': the steps are
+    timed and max_steps is set so the whole schedule, every evaluation and the final checkpoint
+    fit in it; evaluations are spaced (never closer than eval_interval) and, in a short budget,
+    shortened to take at most 5% of it (see budget.py)."""
     planned_steps: int = 0
     """The step count a time_budget run planned for itself (0 = not planned yet); recorded in
     config.json so that a resumed run keeps its plan."""
@@ -268,9 +269,9 @@ class TrainConfig:
         _check(self.muon_ns_steps >= 1, f"muon_ns_steps must be >= 1, got {self.muon_ns_steps}")
         _check(self.planned_steps >= 0, f"planned_steps must be >= 0, got {self.planned_steps}")
         if self.time_budget:
-            from .budget import Calibration  # where durations are parsed
+            from .budget import StepClock  # where durations are parsed
 
-            Calibration.of(self)
+            StepClock.of(self)
         _check(0.0 < self.cooldown_frac <= 1.0,
                f"cooldown_frac must be in (0, 1], got {self.cooldown_frac}")
         for name in ("beta1", "beta2"):

@@ -20,6 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import errors
+from .budget import PLANNED_FIELDS
 from .config import Config, apply_overrides
 from .datasets import dataset, fetch
 from .device import pick_device
@@ -193,6 +194,6 @@ def _changed_train_values(cfg: Config, rundir: RunDir) -> dict[str, Any]:
                     "use another --out"
                 )
     # a time-budget run's step count is its own plan, not a value the caller changed
-    planned = {"planned_steps", "max_steps"} if saved.train.planned_steps else {"planned_steps"}
+    planned = set(PLANNED_FIELDS) if saved.train.planned_steps else {"planned_steps"}
     return {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(cfg.train)
             if f.name not in planned and getattr(cfg.train, f.name) != getattr(saved.train, f.name)}

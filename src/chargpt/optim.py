@@ -40,14 +40,29 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if step >= cfg.decay_steps:
         return cfg.min_lr
     if cfg.schedule == "wsd":
-        cooldown = max(1, round(cfg.cooldown_frac * cfg.decay_steps))
-        start = max(cfg.warmup_steps, cfg.decay_steps - cooldown)
+        start = cooldown_start(cfg)
         if step < start:
             return cfg.lr
         progress = (step - start) / max(1, cfg.decay_steps - start)
         return cfg.lr + progress * (cfg.min_lr - cfg.lr)
     progress = (step - cfg.warmup_steps) / max(1, cfg.decay_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def cooldown_start(cfg: TrainConfig) -> int:
+    """The first step of a WSD schedule's linear cooldown."""
+    cooldown = max(1, round(cfg.cooldown_frac * cfg.decay_steps))
+    return max(cfg.warmup_steps, cfg.decay_steps - cooldown)
+
+
+def length_free_steps(cfg: TrainConfig) -> int:
+    """How many first steps have rates that do not depend on max_steps: a time budget may
+    still change max_steps while the run is short of this (budget.py)."""
+    if cfg.schedule == "constant" or cfg.lr_decay_steps:
+        return cfg.max_steps  # the length decides nothing but the end
+    if cfg.schedule == "wsd":
+        return cooldown_start(cfg)
+    return cfg.warmup_steps  # cosine: the decay spans the whole run
 
 
 def orthogonalize(g: Tensor, steps: int = 5) -> Tensor:

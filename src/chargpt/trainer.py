@@ -28,7 +28,7 @@ import torch
 from . import checkpoint as ckpt
 from . import faults as faults_mod
 from .batches import BatchSampler
-from .budget import Calibration, plan_steps
+from .budget import EVAL_PROBE_ITERS, StepClock, keep_history, plan_steps
 from .config import Config
 from .device import allow_tf32, autocast_context, autocast_dtype
 from .distributed import DistEnv, all_reduce_mean, gather_tensors
@@ -120,9 +120,12 @@ class Trainer:
         self.last_val_loss = math.inf
         self.elapsed_before = 0.0
         self.skipped_steps = 0
-        # a time budget not yet turned into a step count: the first steps are timed (budget.py)
-        self._calibration = Calibration.of(tc)
-        self._eval_seconds: float | None = None
+        # a time budget not yet turned into a step count: the steps are timed (budget.py)
+        self._clock = StepClock.of(tc)
+        # seconds of the last evaluation per batch (per split), and of its checkpoints and plot
+        self._eval_cost: tuple[float, float] | None = None
+        self._config_stale = False  # a plan newer than config.json
+        self._logged_steps = 0  # the step count of the last plan the log told
 
     def restore(self, last: Path, state: ckpt.TrainState) -> None:
         """Continue from checkpoint `last`: its weights and its training state."""
@@ -167,6 +170,9 @@ class Trainer:
         cpu_rng, cuda_rng = self._gather_rng() if resumable else (None, None)
         if not self.is_main:
             return
+        if self._config_stale:  # a resume must find the plan the saved steps were taken under
+            self.rundir.write_config(self.cfg)
+            self._config_stale = False
         state = ckpt.TrainState(
             step=self.step, best_val_loss=self.best_val_loss, val_loss=self.last_val_loss,
             elapsed=self.elapsed(), world_size=self.env.world_size,
@@ -182,14 +188,15 @@ class Trainer:
 
     # evaluation
 
-    def evaluate(self) -> tuple[float, float]:
+    def evaluate(self, iters: int | None = None) -> tuple[float, float]:
+        """Train and val loss, averaged over `iters` (default eval_iters) batches each."""
         tc = self.cfg.train
         losses = estimate_loss(
             self.model if self.env.enabled else self.forward,
             {"train": self.data.train, "val": self.data.val},
             block_size=self.cfg.model.block_size,
             batch_size=tc.batch_size,
-            iters=tc.eval_iters,
+            iters=iters or tc.eval_iters,
             seed=tc.seed + 1,
             device=self.device,
             autocast=lambda: autocast_context(self.device, self.amp_dtype),
@@ -203,6 +210,7 @@ class Trainer:
     def _eval_and_checkpoint(self) -> None:
         t0 = time.perf_counter()
         train_loss, val_loss = self.evaluate()
+        t1 = time.perf_counter()
         self.last_val_loss = val_loss
         bpc = val_loss / math.log(2)
         elapsed = self.elapsed()
@@ -223,7 +231,9 @@ class Trainer:
             self.save(BEST)
         self.save(LAST)
         self.out.plot()
-        self._eval_seconds = time.perf_counter() - t0
+        self._eval_cost = ((t1 - t0) / self.cfg.train.eval_iters, time.perf_counter() - t1)
+        if self._clock is not None:
+            self._clock.exclude(time.perf_counter() - t0)
 
     # the loop
 
@@ -294,7 +304,7 @@ class Trainer:
         with StopRequest(self.env, self.device, deadline) as stop:
             self.out.open_bar(tc.max_steps, self.step, tc.progress)
             try:
-                if self.step == 0:
+                if self.step == 0 and not tc.time_budget:  # a budget buys steps instead
                     self._eval_and_checkpoint()
                 self._loop(stop)
             finally:
@@ -316,9 +326,11 @@ class Trainer:
         while self.step < end and not stopping:
             since.add(self.train_step())
             self.faults.after_step(self.step)
-            if self._calibration is not None and self._calibration.tick():
-                self._plan()
-                tc, end = self.cfg.train, self._end()
+            if self._clock is not None:
+                self._clock.tick()
+                if self._clock.due(self.step, tc):
+                    self._plan()
+                    tc, end = self.cfg.train, self._end()
             at_log = self.step % tc.log_interval == 0 or self.step == end
             if at_log:
                 self._log_train(since)
@@ -342,25 +354,52 @@ class Trainer:
                          f"--resume {self.run_dir}")
 
     def _plan(self) -> None:
-        """Fix max_steps from the time budget, the timed steps and the evaluation cost."""
-        calibration, tc = self._calibration, self.cfg.train
-        assert calibration is not None
-        if self._eval_seconds is None:  # resumed after step 0: time one evaluation now
-            t0 = time.perf_counter()
-            self.evaluate()
-            self._eval_seconds = time.perf_counter() - t0
-        measured = torch.tensor([calibration.step_seconds(), self._eval_seconds])
-        step_s, eval_s = all_reduce_mean(measured, self.env).tolist()  # one plan for all ranks
-        plan = plan_steps(budget=calibration.budget, elapsed=self.elapsed(), step=self.step,
-                          step_seconds=step_s, eval_seconds=eval_s,
-                          eval_interval=tc.eval_interval)
-        self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(
-            tc, max_steps=plan.steps, planned_steps=plan.steps))
-        if self.is_main:
+        """Fix (or revise) max_steps and the evaluations from the budget and the clock."""
+        clock, tc = self._clock, self.cfg.train
+        assert clock is not None
+        t0 = time.perf_counter()
+        if self._eval_cost is None:
+            self._eval_cost = self._rehearse_evaluation()
+        measured = torch.tensor([clock.step_seconds(), *self._eval_cost])
+        step_s, batch_s, fixed_s = all_reduce_mean(measured, self.env).tolist()  # one plan
+        plan = keep_history(plan_steps(
+            budget=clock.budget, elapsed=self.elapsed(), step=self.step, step_seconds=step_s,
+            eval_seconds=batch_s * tc.eval_iters, eval_iters=tc.eval_iters,
+            eval_interval=tc.eval_interval,
+            checkpoint_seconds=fixed_s,
+        ), self.step, tc)
+        first = not clock.planned
+        clock.planned = True
+        if first or plan.steps != tc.max_steps:
+            self.cfg = dataclasses.replace(self.cfg, train=plan.apply(tc))
+            self._config_stale = True
+            self.out.set_total(plan.steps)
+            if first or abs(plan.steps - self._logged_steps) >= 0.05 * self._logged_steps:
+                self.out.log(plan.describe(clock.ticks) if first else
+                             f"time budget: plan revised to {plan.steps} steps at step "
+                             f"{self.step} ({step_s * 1e3:.1f} ms per step over "
+                             f"{clock.ticks} timed steps)")
+                self._logged_steps = plan.steps
+        if first and self.is_main:
             self.rundir.write_config(self.cfg)
-        self._calibration = None
-        self.out.log(plan.describe())
-        self.out.set_total(plan.steps)
+            self._config_stale = False
+        clock.exclude(time.perf_counter() - t0)
+
+    def _rehearse_evaluation(self) -> tuple[float, float]:
+        """What an evaluation costs, before the first one (a budget run has no step-0
+        evaluation): a few of its batches, timed and scaled to eval_iters, then a real `last/`
+        checkpoint and plot, timed after a first plot has loaded the plotting library."""
+        tc = self.cfg.train
+        iters = min(EVAL_PROBE_ITERS, tc.eval_iters)
+        self.evaluate(iters=1)  # the first batches in eval mode warm up
+        t0 = time.perf_counter()
+        self.evaluate(iters=iters)
+        batch = (time.perf_counter() - t0) / iters
+        self.out.plot()
+        t0 = time.perf_counter()
+        self.save(LAST)
+        self.out.plot()
+        return batch, 2 * (time.perf_counter() - t0)  # best/ and last/ at a new best
 
     def _log_train(self, since: _SinceLog) -> None:
         """A log step: the mean loss since the last one (the only per-log sync), speed, MFU."""
