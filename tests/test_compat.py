@@ -1,5 +1,5 @@
 """Runs written by an earlier chargpt (tests/data/main-v1, see its README) still load, sample and
-resume, and the resumed run ends with exactly the weights the earlier code trained."""
+resume, and the resumed run ends with the weights the earlier code trained (to float rounding)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,12 @@ def test_an_earlier_run_resumes_to_the_weights_the_earlier_code_trained(tmp_path
     ref = load_file(str(MAIN_V1 / "ref-step12-model.safetensors"))
     ours = weights(run)
     assert ours.keys() == ref.keys()
-    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    # Bit-identical on the kind of CPU the reference was written on; another CPU's kernels
+    # (AVX2 here) round differently, by about 4e-7 after 12 steps. A broken
+    # resume (lost optimizer state, RNG or batch position) is off by about what the six
+    # resumed steps move the weights: up to 2e-3.
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
     state = json.loads((run / "last" / "state.json").read_text())
     assert state["step"] == 12 and set(state) >= {"sampler", "optimizer", "world_size"}
 
