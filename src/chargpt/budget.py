@@ -147,10 +147,10 @@ def plan_steps(*, budget: float, elapsed: float, step: int, step_seconds: float,
 
     `step` steps are done after `elapsed` seconds; each further step costs `step_seconds`; an
     evaluation of `eval_iters` batches per split costs `eval_seconds`, and the checkpoints and
-    plot that follow it `checkpoint_seconds`. Evaluations together
-    take at most EVAL_SHARE of the budget: fewer batches (not below MIN_EVAL_ITERS) when one
-    would take more, and an interval no shorter than `eval_interval`. At least one more step
-    is planned even when the budget is already spent.
+    plot that follow it `checkpoint_seconds`. Evaluations together take at most EVAL_SHARE of
+    the budget: fewer batches (not below MIN_EVAL_ITERS) when one would take more, and an
+    interval no shorter than `eval_interval`. At least one more step is planned even when the
+    budget is already spent.
     """
     share = EVAL_SHARE * budget
     per_iter = eval_seconds / eval_iters
