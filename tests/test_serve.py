@@ -395,7 +395,10 @@ def test_queued_request_waits_then_gives_up(run):
         finally:
             c.close()
         wait_idle(srv)
-        # A short generation queued behind another one runs once that one ends.
+    # A short generation queued behind another one runs once that one ends (a queue timeout
+    # far above the first one's time, which on a slow machine passes 0.5 s).
+    limits = Limits(max_new_tokens=100_000, max_concurrent=1, max_queue=1, queue_timeout=30.0)
+    with BackgroundServer(create_app(run, limits)) as srv:
         results: list[int] = []
         first = threading.Thread(target=lambda: results.append(
             post_json(srv, "/api/generate", {"max_new_tokens": 200})[0]))
