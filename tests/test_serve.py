@@ -401,10 +401,14 @@ def test_queued_request_waits_then_gives_up(run):
     with BackgroundServer(create_app(run, limits)) as srv:
         results: list[int] = []
         first = threading.Thread(target=lambda: results.append(
-            post_json(srv, "/api/generate", {"max_new_tokens": 200})[0]))
+            post_json(srv, "/api/generate", {"max_new_tokens": 2000})[0]))
         first.start()
+        deadline = time.monotonic() + 10  # the first one admitted before the second arrives
+        while get_json(srv, "/health")["active"] == 0 and not results:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         results.append(post_json(srv, "/api/generate", {"max_new_tokens": 5})[0])
-        first.join(10)
+        first.join(60)
         assert results == [200, 200]
 
 
