@@ -2,8 +2,9 @@
 
 Prints, in one run on one machine, with the load average beside each part:
 
-1. Sampling, chars/s: the default model (4 layers, 4 heads, 128 wide, block 64, rotary) at
-   batch 1 and 16, and the lecture-size model (6 x 384, block 256) at batch 1; chargpt's eager
+1. Sampling, chars/s: the default model (3 layers, 4 heads, 96 wide, block 64, rotary) at
+   batch 1 and 16, fast-cpu's 4 x 128 model (the default before the default shrank to the size
+   a short budget buys best) and the lecture-size model (6 x 384, block 256); chargpt's eager
    and compiled decode steps, and a nanoGPT-shaped reference loop written below (learned
    positions, full recomputation of the context each character, torch.multinomial), all
    interleaved so they share the machine's load. Next to each: the FLOP-bound ceiling, the
@@ -11,8 +12,9 @@ Prints, in one run on one machine, with the load average beside each part:
    divided by the FLOPs one character costs; and the ratio to it.
 2. Training to a budget: `chargpt train --time 30s` and `--time 2m` (the default preset, as the
    CLI runs it), each scored on the whole val split (`evaluate_tokens`).
-3. The race of benchmarks/time_to_loss.py: classic-cpu against fast-cpu, time to whole-split
-   val 1.89 and the val each reaches in the classic run's full time.
+3. The race of benchmarks/time_to_loss.py: classic-cpu against fast-cpu (and the default
+   preset), time to whole-split val 1.89 and the val each reaches in the classic run's full
+   time.
 
     python benchmarks/speed.py [--threads 1] [--chars 2000] [--skip-train] [--skip-race]
 """
@@ -41,6 +43,7 @@ from chargpt.model import build_model  # noqa: E402
 from chargpt.sampling import generate  # noqa: E402
 
 DEFAULT = dataclasses.replace(resolve_config().model, vocab_size=65)
+FAST = dataclasses.replace(resolve_config("fast-cpu").model, vocab_size=65)  # 4 x 128
 LARGE = dataclasses.replace(DEFAULT, n_layer=6, n_head=6, n_embd=384, block_size=256)
 
 
@@ -116,6 +119,8 @@ def sampling_rows(chars: int, rounds: int) -> list[dict]:
     cases = [("default", DEFAULT, 1, "nanogpt"), ("default", DEFAULT, 1, "eager"),
              ("default", DEFAULT, 1, "compiled"), ("default", DEFAULT, 16, "nanogpt"),
              ("default", DEFAULT, 16, "eager"), ("default", DEFAULT, 16, "compiled"),
+             ("4x128", FAST, 1, "nanogpt"), ("4x128", FAST, 1, "eager"),
+             ("4x128", FAST, 1, "compiled"), ("4x128", FAST, 16, "compiled"),
              ("6x384/256", LARGE, 1, "eager"), ("6x384/256", LARGE, 1, "compiled")]
     fns = []
     for _name, cfg, batch, kind in cases:
@@ -129,7 +134,7 @@ def sampling_rows(chars: int, rounds: int) -> list[dict]:
             t0 = time.perf_counter()
             fn(chars)
             seconds[i].append((time.perf_counter() - t0) / chars)
-    ceilings = {id(cfg): matmul_flops(cfg) / flops_per_char(cfg) for cfg in (DEFAULT, LARGE)}
+    ceilings = {id(cfg): matmul_flops(cfg) / flops_per_char(cfg) for cfg in (DEFAULT, FAST, LARGE)}
     rows = []
     for (name, cfg, batch, kind), (_, warm), secs in zip(cases, fns, seconds, strict=True):
         rate = batch / statistics.median(secs)
@@ -152,7 +157,7 @@ def print_sampling(rows: list[dict], chars: int, rounds: int, before: str) -> No
               f"{r['ceiling']:,.0f} | {r['rate'] / r['ceiling']:.1%} | {vs} | {r['warm']:.1f} |")
     eager = {(r["model"], r["batch"]): r["rate"] for r in rows if r["kind"] == "eager"}
     for r in rows:
-        if r["kind"] == "compiled":
+        if r["kind"] == "compiled" and (r["model"], r["batch"]) in eager:
             print(f"\ncompiled / eager, {r['model']} batch {r['batch']}: "
                   f"{r['rate'] / eager[(r['model'], r['batch'])]:.1f}x", end="")
     print()

@@ -1,11 +1,13 @@
 """Time to a good loss: the classic recipe against the fast one, side by side on this machine.
 
-Trains the `classic-cpu` and `fast-cpu` presets on Tiny Shakespeare in one process, one step
-of each in turn (always the one whose training clock is behind), so both see the same load
-on a shared machine. The training clock counts only `Trainer.train_step`; every
-`--snapshot-every` seconds of it the weights are copied aside (no evaluation while training).
+Trains the `classic-cpu` and `fast-cpu` presets (same model size) and the `--also` presets
+(by default `shakespeare-cpu`, the fast recipe at the smaller size that is chargpt's default)
+on Tiny Shakespeare in one process, one step of each in turn (always the one whose training
+clock is behind), so all see the same load on a shared machine. The training clock counts
+only `Trainer.train_step`; every `--snapshot-every` seconds of it the weights are copied aside
+(no evaluation while training).
 Afterwards ONE evaluator, `chargpt.evaluate.evaluate_tokens` over the whole val split, scores
-the snapshots: the last one of each run, the fast run's snapshot at the classic run's full
+the snapshots: the last one of each run, the others' snapshots at the classic run's full
 wall time, and a bisection for the first time each run reaches `--target` (assuming the val
 loss falls over time; the time is interpolated between the two bracketing snapshots).
 
@@ -200,6 +202,8 @@ def main() -> None:
     ap.add_argument("--input", type=Path, default=SHAKESPEARE)
     ap.add_argument("--classic", default="classic-cpu")
     ap.add_argument("--fast", default="fast-cpu")
+    ap.add_argument("--also", default="shakespeare-cpu",
+                    help="comma-separated presets raced beside the two ('' for none)")
     ap.add_argument("--target", type=float, default=1.89)
     ap.add_argument("--snapshot-every", type=float, default=2.5, help="training seconds")
     ap.add_argument("--seed", type=int, default=1337)
@@ -216,14 +220,16 @@ def main() -> None:
                                                  args.seed, args.max_steps))
         fast = Run(args.fast, make_trainer(args.fast, data_dir, Path(tmp) / "f", args.seed,
                                            args.max_steps))
-        race([classic, fast], args.snapshot_every)
+        others = [Run(name, make_trainer(name, data_dir, Path(tmp) / f"o{i}", args.seed,
+                                         args.max_steps))
+                  for i, name in enumerate(filter(None, args.also.split(",")))]
+        race([classic, fast, *others], args.snapshot_every)
         horizon = classic.clock
-        # the fast run's state at the classic run's full wall time (or its end, if earlier)
-        fast_at_horizon = index_at(fast, horizon)
         evaluate = Evaluator(classic.trainer.data.val, classic.trainer.device)
         rows = []
+        # every other run's state at the classic run's full wall time (or its end, if earlier)
         for run, at_horizon in ((classic, len(classic.snapshots) - 1),
-                                (fast, fast_at_horizon)):
+                                *((r, index_at(r, horizon)) for r in (fast, *others))):
             reach = time_to_target(run, evaluate, args.target)
             rows.append((run, reach, evaluate(run, at_horizon), run.snapshots[at_horizon]))
         ref_ms, classic_ms = reference_vs_classic_ms(
@@ -247,6 +253,9 @@ def main() -> None:
         print(f"\nfast reaches {args.target} in {f_reach / c_reach:.2f}x the classic time "
               f"(target <= 0.25); fast val at classic's full time: {rows[1][2]:.4f} "
               f"(target <= 1.60)")
+    for run, reach, _, _ in rows[2:]:
+        if math.isfinite(c_reach) and math.isfinite(reach):
+            print(f"{run.preset} reaches {args.target} in {reach / c_reach:.2f}x the classic time")
     print("\n| implementation (classic model, same batch) | ms/step |")
     print("|---|---:|")
     print(f"| plain eager PyTorch reference (this file) | {ref_ms:.1f} |")

@@ -29,12 +29,15 @@ def test_field_names_are_unique_across_sections():
     assert len(names) == len(set(names))
 
 
-def test_default_preset_is_the_fast_small_cpu_model():
+def test_default_preset_is_the_fast_recipe_at_a_short_budgets_size():
     cfg = resolve_config()
-    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (4, 4, 128)
-    assert cfg.model.block_size == 64
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (3, 4, 96)
+    assert (cfg.model.block_size, cfg.train.max_steps) == (64, 1500)
     assert cfg.model.pos_emb == "rope" and cfg.train.optimizer == "muon"  # the fast recipe
-    assert cfg == resolve_config("fast-cpu")  # shakespeare-cpu extends fast-cpu
+    fast = resolve_config("fast-cpu")  # shakespeare-cpu extends fast-cpu: only the size differs
+    assert cfg == dataclasses.replace(
+        fast, model=dataclasses.replace(fast.model, n_layer=3, n_embd=96),
+        train=dataclasses.replace(fast.train, max_steps=1500))
 
 
 def test_classic_preset_is_the_lecture_recipe():
