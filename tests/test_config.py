@@ -37,7 +37,7 @@ def test_default_preset_is_the_fast_recipe_at_a_short_budgets_size():
     fast = resolve_config("fast-cpu")  # shakespeare-cpu extends fast-cpu: only the size differs
     assert cfg == dataclasses.replace(
         fast, model=dataclasses.replace(fast.model, n_layer=3, n_embd=96),
-        train=dataclasses.replace(fast.train, max_steps=1500))
+        train=dataclasses.replace(fast.train, max_steps=1500, eval_interval=500))
 
 
 def test_classic_preset_is_the_lecture_recipe():
