@@ -12,6 +12,7 @@ from chargpt.budget import (
     EVAL_SHARE,
     MARGIN,
     MIN_EVAL_ITERS,
+    Planner,
     StepClock,
     keep_history,
     parse_duration,
@@ -103,6 +104,24 @@ def test_a_revised_plan_never_changes_a_rate_already_used():
     new = kept.apply(train)
     assert [lr_at(s, new) for s in range(80)] == [lr_at(s, train) for s in range(80)]
     assert lr_at(80, new) == train.lr and lr_at(81, new) < train.lr
+
+
+def test_the_planner_revises_the_config_and_tells_the_log_only_of_large_moves():
+    train = resolve_config(overrides={"train": {"time_budget": "100s", "warmup_steps": 20}}).train
+    planner = Planner.of(train)
+    assert planner is not None and Planner.of(resolve_config().train) is None  # no budget
+    planner.evaluated(per_batch=0.01, fixed=0.2, total=2.2)
+    first, message = planner.revise(train, 10, 2.0, [0.1, 0.01, 0.2])
+    assert first is not None and first.max_steps == first.planned_steps > 500
+    assert message is not None and " steps planned (" in message
+    # the same measurements again: the plan stands, nothing to log
+    assert planner.revise(first, 20, 3.0, [0.1, 0.01, 0.2]) == (None, None)
+    # 1% slower steps: a new step count, but too small a move to log
+    small, quiet = planner.revise(first, 20, 3.0, [0.101, 0.01, 0.2])
+    assert small is not None and small.max_steps != first.max_steps and quiet is None
+    # 20% slower: logged
+    slow, said = planner.revise(small, 30, 4.0, [0.12, 0.01, 0.2])
+    assert slow.max_steps < 0.9 * first.max_steps and "plan revised to" in said
 
 
 @pytest.fixture

@@ -11,10 +11,11 @@ from all the steps timed so far, for as long as the schedule lets the length cha
 changing a rate already used (a WSD run until its cooldown starts, `optim.length_free_steps`),
 so one slow or fast moment early on does not decide the run. Evaluations are spaced and, in a
 short budget, shortened so that together they take at most `EVAL_SHARE` of it; a budget run
-has no step-0 evaluation. The trainer records each plan (`max_steps`, `planned_steps`,
-`eval_interval`, `eval_iters`) in the run's config.json before any checkpoint, so a resumed
-or re-run run keeps the plan instead of measuring again. This module is arithmetic and a
-clock; trainer.py applies the plans.
+has no step-0 evaluation. A `Planner` holds a run's clock, what an evaluation costs and what
+the log was told, and turns measurements into revised `TrainConfig`s; the trainer measures
+(on every rank, averaged, so that all ranks plan alike), applies each plan and records it
+(`max_steps`, `planned_steps`, `eval_interval`, `eval_iters`) in the run's config.json before
+any checkpoint, so a resumed or re-run run keeps the plan instead of measuring again.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from .errors import ConfigError
 from .optim import length_free_steps
 
 __all__ = ["CALIBRATION_STEPS", "EVAL_PROBE_ITERS", "EVAL_SHARE", "PLANNED_FIELDS", "Plan",
-           "StepClock", "calibration_steps", "keep_history", "parse_duration", "plan_steps"]
+           "Planner", "StepClock", "calibration_steps", "keep_history", "parse_duration",
+           "plan_steps"]
 
 CALIBRATION_STEPS = 10  # the first steps, timed from the second (the first one warms up)
 MARGIN = 0.04  # of the time left, kept for the step time's drift on a shared machine
@@ -177,3 +179,59 @@ def keep_history(plan: Plan, step: int, train: Any) -> Plan:
         if length_free_steps(dataclasses.replace(train, max_steps=steps)) >= step:
             return plan if steps == plan.steps else dataclasses.replace(plan, steps=steps)
     return plan
+
+
+@dataclass
+class Planner:
+    """A budget run's planning state: its clock, the cost of an evaluation (seconds per batch
+    per split, and of the checkpoints and plot after it), and the step count the log last
+    reported (a revision is logged only when it moves the plan by 5% or more)."""
+
+    clock: StepClock
+    eval_cost: tuple[float, float] | None = None
+    logged_steps: int = 0
+
+    @classmethod
+    def of(cls, train: Any) -> Planner | None:
+        """The planner a `TrainConfig` needs: None without a budget or once it is planned."""
+        clock = StepClock.of(train)
+        return None if clock is None else cls(clock)
+
+    def after_step(self, step: int, train: Any) -> bool:
+        """Time the step just taken; whether to plan now."""
+        self.clock.tick()
+        return self.clock.due(step, train)
+
+    def evaluated(self, per_batch: float, fixed: float, total: float) -> None:
+        """An evaluation took `per_batch` seconds a batch, then `fixed` for its checkpoints and
+        plot, `total` in all: its cost prices the next plan, and its time is not a step's."""
+        self.eval_cost = (per_batch, fixed)
+        self.clock.exclude(total)
+
+    def measurements(self) -> list[float]:
+        """What the next plan is made from: seconds per step, per evaluation batch, and of an
+        evaluation's checkpoints and plot (the trainer averages them over ranks)."""
+        assert self.eval_cost is not None
+        return [self.clock.step_seconds(), *self.eval_cost]
+
+    def revise(self, train: Any, step: int, elapsed: float,
+               measured: list[float]) -> tuple[Any | None, str | None]:
+        """`train` re-planned after `step` steps and `elapsed` seconds from `measured` (see
+        `measurements`): the new TrainConfig, or None when the plan stands, and a line for the
+        log, or None when there is nothing new to say."""
+        step_s, batch_s, fixed_s = measured
+        plan = keep_history(plan_steps(
+            budget=self.clock.budget, elapsed=elapsed, step=step, step_seconds=step_s,
+            eval_seconds=batch_s * train.eval_iters, eval_iters=train.eval_iters,
+            eval_interval=train.eval_interval, checkpoint_seconds=fixed_s), step, train)
+        first = not self.clock.planned
+        self.clock.planned = True
+        if not first and plan.steps == train.max_steps:
+            return None, None
+        message = None
+        if first or abs(plan.steps - self.logged_steps) >= 0.05 * self.logged_steps:
+            message = (plan.describe(self.clock.ticks) if first else
+                       f"time budget: plan revised to {plan.steps} steps at step {step} "
+                       f"({step_s * 1e3:.1f} ms per step over {self.clock.ticks} timed steps)")
+            self.logged_steps = plan.steps
+        return plan.apply(train), message

@@ -28,7 +28,7 @@ import torch
 from . import checkpoint as ckpt
 from . import faults as faults_mod
 from .batches import BatchSampler
-from .budget import EVAL_PROBE_ITERS, StepClock, keep_history, plan_steps
+from .budget import EVAL_PROBE_ITERS, Planner
 from .config import Config
 from .device import allow_tf32, autocast_context, autocast_dtype
 from .distributed import DistEnv, all_reduce_mean, gather_tensors
@@ -121,11 +121,8 @@ class Trainer:
         self.elapsed_before = 0.0
         self.skipped_steps = 0
         # a time budget not yet turned into a step count: the steps are timed (budget.py)
-        self._clock = StepClock.of(tc)
-        # seconds of the last evaluation per batch (per split), and of its checkpoints and plot
-        self._eval_cost: tuple[float, float] | None = None
+        self._planner = Planner.of(tc)
         self._config_stale = False  # a plan newer than config.json
-        self._logged_steps = 0  # the step count of the last plan the log told
 
     def restore(self, last: Path, state: ckpt.TrainState) -> None:
         """Continue from checkpoint `last`: its weights and its training state."""
@@ -231,9 +228,9 @@ class Trainer:
             self.save(BEST)
         self.save(LAST)
         self.out.plot()
-        self._eval_cost = ((t1 - t0) / self.cfg.train.eval_iters, time.perf_counter() - t1)
-        if self._clock is not None:
-            self._clock.exclude(time.perf_counter() - t0)
+        if self._planner is not None:
+            t2 = time.perf_counter()
+            self._planner.evaluated((t1 - t0) / self.cfg.train.eval_iters, t2 - t1, t2 - t0)
 
     # the loop
 
@@ -326,11 +323,9 @@ class Trainer:
         while self.step < end and not stopping:
             since.add(self.train_step())
             self.faults.after_step(self.step)
-            if self._clock is not None:
-                self._clock.tick()
-                if self._clock.due(self.step, tc):
-                    self._plan()
-                    tc, end = self.cfg.train, self._end()
+            if self._planner is not None and self._planner.after_step(self.step, tc):
+                self._plan()
+                tc, end = self.cfg.train, self._end()
             at_log = self.step % tc.log_interval == 0 or self.step == end
             if at_log:
                 self._log_train(since)
@@ -355,35 +350,25 @@ class Trainer:
 
     def _plan(self) -> None:
         """Fix (or revise) max_steps and the evaluations from the budget and the clock."""
-        clock, tc = self._clock, self.cfg.train
-        assert clock is not None
+        planner = self._planner
+        assert planner is not None
         t0 = time.perf_counter()
-        if self._eval_cost is None:
-            self._eval_cost = self._rehearse_evaluation()
-        measured = torch.tensor([clock.step_seconds(), *self._eval_cost])
-        step_s, batch_s, fixed_s = all_reduce_mean(measured, self.env).tolist()  # one plan
-        plan = keep_history(plan_steps(
-            budget=clock.budget, elapsed=self.elapsed(), step=self.step, step_seconds=step_s,
-            eval_seconds=batch_s * tc.eval_iters, eval_iters=tc.eval_iters,
-            eval_interval=tc.eval_interval,
-            checkpoint_seconds=fixed_s,
-        ), self.step, tc)
-        first = not clock.planned
-        clock.planned = True
-        if first or plan.steps != tc.max_steps:
-            self.cfg = dataclasses.replace(self.cfg, train=plan.apply(tc))
+        first = not planner.clock.planned
+        if planner.eval_cost is None:
+            planner.eval_cost = self._rehearse_evaluation()
+        measured = torch.tensor(planner.measurements())
+        train, message = planner.revise(self.cfg.train, self.step, self.elapsed(),
+                                        all_reduce_mean(measured, self.env).tolist())
+        if train is not None:
+            self.cfg = dataclasses.replace(self.cfg, train=train)
             self._config_stale = True
-            self.out.set_total(plan.steps)
-            if first or abs(plan.steps - self._logged_steps) >= 0.05 * self._logged_steps:
-                self.out.log(plan.describe(clock.ticks) if first else
-                             f"time budget: plan revised to {plan.steps} steps at step "
-                             f"{self.step} ({step_s * 1e3:.1f} ms per step over "
-                             f"{clock.ticks} timed steps)")
-                self._logged_steps = plan.steps
+            self.out.set_total(train.max_steps)
+        if message is not None:
+            self.out.log(message)
         if first and self.is_main:
             self.rundir.write_config(self.cfg)
             self._config_stale = False
-        clock.exclude(time.perf_counter() - t0)
+        planner.clock.exclude(time.perf_counter() - t0)
 
     def _rehearse_evaluation(self) -> tuple[float, float]:
         """What an evaluation costs, before the first one (a budget run has no step-0
