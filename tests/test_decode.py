@@ -109,9 +109,10 @@ def compile_fails(monkeypatch):
 def test_a_failing_compile_falls_back_to_the_eager_step(compile_fails):
     model = rope_gpt()
     idx = prompt(2, 3)
-    eager = generate(model, idx, 30, temperature=1.0, generator=gen(2))
+    eager = generate(model, idx, 30, temperature=1.0, generator=gen(2), native=False)
     with pytest.warns(RuntimeWarning, match=r"no working C\+\+ compiler\); decoding eagerly"):
-        fallback = generate(model, idx, 30, temperature=1.0, generator=gen(2), compile=True)
+        fallback = generate(model, idx, 30, temperature=1.0, generator=gen(2), compile=True,
+                            native=False)
     assert torch.equal(fallback, eager)
 
 
@@ -127,10 +128,11 @@ def test_compiled_step_samples_what_the_eager_step_samples(fast, batch):
     idx = prompt(batch, 3)
     n = 2 * model.config.block_size + 5  # past the block: rolled or refilled
     for options in (dict(temperature=0.0), dict(temperature=0.9, top_k=8)):
-        eager = generate(model, idx, n, generator=gen(4), **options)
-        compiled = generate(model, idx, n, generator=gen(4), compile=True, **options)
+        eager = generate(model, idx, n, generator=gen(4), native=False, **options)
+        compiled = generate(model, idx, n, generator=gen(4), compile=True, native=False,
+                            **options)
         assert torch.equal(compiled, eager), options
-    s = SamplingSettings(temperature=0.0, compile=True)
+    s = SamplingSettings(temperature=0.0, compile=True, native=False)
     assert len(decode_module._COMPILED[model]) == 2  # one graph per way of picking, reused
     generate(model, idx, 5, s)
     assert len(decode_module._COMPILED[model]) == 2

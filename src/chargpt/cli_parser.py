@@ -85,8 +85,10 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--num-samples", type=int, default=1, help="independent samples to draw, "
                    "decoded as one batch (sample i is seeded --seed + i)")
-    p.add_argument("--compile", action="store_true", help="compile the decode step with "
-                   "torch.compile: a slow first start, then faster per character")
+    p.add_argument("--compile", action="store_true", help="compile the torch decode step "
+                   "with torch.compile, for models the native C loop does not run")
+    p.add_argument("--no-native", action="store_true", help="decode with the torch step "
+                   "instead of the native C loop (built with the machine's C compiler)")
     _checkpoint_flag(p)
     p.add_argument("--unknown", choices=("error", "skip", "replace"), default="error",
                    help="what to do with prompt characters the model has never seen")

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
+from .errors import warn
 from .rope import rope_angles
 
 if TYPE_CHECKING:
@@ -146,6 +148,8 @@ class _CompiledSteps(nn.Module):
         return torch.stack(out, dim=1)  # (B, UNROLL)
 
 
+# reasons the native loop was unavailable that the user has been told already
+_REPORTED: set[str] = set()
 # compiled steps per model and static shape; compiling one costs seconds to a minute
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Callable[..., Tensor]]] = (
     weakref.WeakKeyDictionary())
@@ -164,9 +168,10 @@ class Decoder:
     """Decodes tokens one at a time from a prompt-filled `KVCache`.
 
     `logits(tok)` is one eager step; `fill(seq, start, end, noise)` samples seq[:, start:end]
-    token by token with `settings.pick`, through the compiled step when `compile` is set.
-    Positions past the cache's length roll (rotary models); callers refill a non-rolling
-    cache before it is full.
+    token by token with `settings.pick`: through the native C loop (native.py) when the
+    settings ask for it and the model and machine allow, else through the compiled step when
+    `compile` is set, else eagerly. Positions past the cache's length roll (rotary models);
+    callers refill a non-rolling cache before it is full.
     """
 
     def __init__(self, model: nn.Module, cache: KVCache,
@@ -176,15 +181,31 @@ class Decoder:
         self.device, self.dtype = param.device, param.dtype
         self.slots = torch.arange(cache.max_len, device=self.device)  # slots[i]: 0-d index
         self._table: Tensor | None = None
-        self._step = self._compiled() if compile and settings is not None else None
+        self._native = self._native_loop()
+        self._step = (self._compiled() if compile and settings is not None
+                      and self._native is None else None)
 
-    def _rotation(self, pos: int) -> Tensor:
-        """This position's rotation rows, from a table grown by doubling (angles computed once
-        per doubling, not once per token)."""
-        if self._table is None or self._table.size(0) <= pos:
-            n = max(2 * self.cache.max_len, 2 * (pos + 1))
-            self._table = rotation_table(self.model.config, n, self.device, self.dtype)
-        return self._table[pos]
+    def _native_loop(self) -> native.NativeLoop | None:
+        """The C loop, if the settings ask for it and it computes this model here."""
+        if self.settings is None or not self.settings.native or not native.supports(self.model):
+            return None
+        try:
+            return native.NativeLoop(self.model, self.cache, self.settings)
+        except native.Unavailable as e:
+            if str(e) not in _REPORTED:
+                _REPORTED.add(str(e))
+                warn(f"the native decode loop is unavailable here: {e}; decoding with the "
+                     "slower torch step (--no-native hides this)")
+            return None
+
+    def _rotation(self, pos: int, n: int | None = None) -> Tensor:
+        """This position's rotation rows (or those of `n` positions from it), from a table
+        grown by doubling (angles computed once per doubling, not once per token)."""
+        last = pos + (n or 1) - 1
+        if self._table is None or self._table.size(0) <= last:
+            size = max(2 * self.cache.max_len, 2 * (last + 1))
+            self._table = rotation_table(self.model.config, size, self.device, self.dtype)
+        return self._table[pos] if n is None else self._table[pos : pos + n]
 
     def _inputs(self, pos: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Write slot, rotation rows and learned position of the token at `pos`."""
@@ -205,6 +226,10 @@ class Decoder:
         """Sample seq[:, start:end] (start >= 1), each token from the one before it and the
         cache; `noise` (end - start, B, V) is the draws' Exp(1) noise, None when greedy."""
         assert self.settings is not None
+        if self._native is not None:
+            rot = self._rotation(self.cache.pos, end - start) if self.model.use_rope else None
+            self._native.fill(seq, start, end, rot, noise)
+            return
         noises = [None] * (end - start) if noise is None else noise.unbind(0)
         first = start
         if self._step is not None:

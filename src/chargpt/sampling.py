@@ -144,6 +144,10 @@ class SamplingSettings:
     compile: bool = False
     """Decode with a compiled step (torch.compile, see decode.py): seconds to a minute of
     compiling the first time, several times faster per token after; eager where unavailable."""
+    native: bool = True
+    """Decode with chargpt's C loop (native.py) where the model allows it (a float32 pre-norm
+    GPT on the CPU) and a C compiler is found: built once per machine in about a second, many
+    times faster per token than the torch step. Off: the torch step (`compile` picks which)."""
 
     def __post_init__(self) -> None:
         t, k, p = self.temperature, self.top_k, self.top_p

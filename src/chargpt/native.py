@@ -1,0 +1,281 @@
+"""The native decode loop: `native_decode.c` built with this machine's C compiler, then called.
+
+At chargpt's sizes one token is well under a megaflop, so a framework's per-operation cost, not
+arithmetic, decides how fast text comes out: the eager step runs dozens of small operators per
+token, torch.compile's kernels still leave most of the time outside the arithmetic. This module
+compiles the C loop once per machine (about a second; `$CC`, else cc, gcc or clang, tuned with
+`-march=native`), keeps the library in chargpt's cache directory under a name that hashes the
+source, the compiler, its flags and the CPU, and loads it with ctypes. `NativeLoop` holds a
+model's weights in the layout the C code reads (float32, contiguous, matrices transposed) and
+samples runs of tokens in one call each, sampling included. Every array's shape is checked here
+before a pointer is handed over. `available()` says whether the library could be built, and
+why not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .sampling import KVCache, SamplingSettings
+
+__all__ = ["NativeLoop", "Unavailable", "available", "library", "library_dir", "supports"]
+
+SOURCE = Path(__file__).with_name("native_decode.c")
+# flag sets tried in order: tuned for this CPU (gcc/clang on x86, Linux on ARM), Apple's clang
+# on ARM, then portable
+_TUNINGS = (("-march=native",), ("-mcpu=native",), ())
+_BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=fast", "-std=c99")
+_MAX_HEAD_DIM = 1024  # the C code rotates a head in a buffer of this many floats
+
+# order of the C code's dims[] and params[] (native_decode.c)
+_DIMS = ("layers", "heads", "head_dim", "embd", "hidden", "vocab", "norm", "act", "qk_norm",
+         "rope", "wpe", "max_len", "batch", "top_k")
+_NORMS = {"none": 0, "layernorm": 1, "rmsnorm": 2}
+_ACTS = {"relu": 0, "relu2": 1, "gelu": 2}
+
+
+class Unavailable(RuntimeError):
+    """The native library cannot be built or loaded here; the message says why."""
+
+
+def _compiler() -> str | None:
+    """The C compiler: `$CC` (the usual way to choose one), else the first of cc, gcc, clang."""
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc)
+    return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+
+
+def _cpu_identity() -> str:
+    """What a library tuned with -march=native depends on: the machine and its CPU features
+    (a home directory shared by different machines keeps one library per CPU)."""
+    ident = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            ident += sorted({line for line in f if line.startswith(("flags", "Features",
+                                                                    "model name"))})
+    except OSError:
+        pass
+    return "\n".join(ident)
+
+
+def _build(cc: str, out_dir: Path) -> Path:
+    """Compile the source into `out_dir` (kept across runs); returns the library's path."""
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    errors = []
+    for tuning in _TUNINGS:
+        flags = (*_BASE_FLAGS, *tuning)
+        key = hashlib.sha256(b"\0".join(
+            [source, cc.encode(), version.encode(), " ".join(flags).encode(),
+             _cpu_identity().encode()])).hexdigest()[:20]
+        path = out_dir / f"native_decode-{key}.so"
+        if path.exists():
+            return path
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            built = Path(tmp) / "lib.so"
+            run = subprocess.run([cc, *flags, "-o", str(built), str(SOURCE), "-lm"],
+                                 capture_output=True, text=True, timeout=300)
+            if run.returncode == 0:
+                os.replace(built, path)  # atomic: a concurrent build writes the same bytes
+                return path
+        errors.append((run.stderr.strip().splitlines() or ["no message"])[-1])
+    raise Unavailable(f"{Path(cc).name} could not build it: {errors[-1]}")
+
+
+def library_dir() -> Path:
+    """Where built libraries are kept: `native/` in chargpt's cache directory."""
+    from .datasets import cache_dir
+
+    return cache_dir() / "native"
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> ctypes.CDLL | Unavailable:
+    """The library, or why it cannot be had (kept, so a failed build is tried once)."""
+    cc = _compiler()
+    if cc is None:
+        return Unavailable("no C compiler found (install one, or name it in $CC)")
+    try:
+        lib = ctypes.CDLL(str(_build(cc, library_dir())))
+    except Unavailable as e:
+        return e
+    except (OSError, subprocess.SubprocessError) as e:
+        return Unavailable(f"{type(e).__name__}: {e}")
+    i32p, f32p, i64p = (ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float),
+                        ctypes.POINTER(ctypes.c_int64))
+    lib.chargpt_work_size.argtypes, lib.chargpt_work_size.restype = [i32p], ctypes.c_int64
+    lib.chargpt_fill.argtypes = [i32p, f32p, ctypes.POINTER(ctypes.c_void_p), i64p,
+                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                 f32p, f32p, f32p, ctypes.c_int32, ctypes.c_int32]
+    lib.chargpt_fill.restype = ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL:
+    """The loaded native library, built on first use; `Unavailable` says why it cannot be."""
+    lib = _load()
+    if isinstance(lib, Unavailable):
+        raise Unavailable(str(lib))
+    return lib
+
+
+def available() -> tuple[bool, str]:
+    """Whether the native library can be used here, and if not, why."""
+    try:
+        library()
+    except Unavailable as e:
+        return False, str(e)
+    return True, ""
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether the C loop computes this model: a float32 GPT on the CPU with the fast step's
+    wiring (pre-norm or none, residuals) and heads the C code's buffers hold."""
+    if not model.capabilities().fast_decode:
+        return False
+    param = next(model.parameters())
+    return (param.device.type == "cpu" and param.dtype == torch.float32
+            and model.config.head_dim <= _MAX_HEAD_DIM)
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    """The threads that sample a batch's other rows, shared by every loop."""
+    return ThreadPoolExecutor(max(1, (os.cpu_count() or 1) - 1), thread_name_prefix="chargpt")
+
+
+def _ptr(t: Tensor | None, dtype: type = ctypes.c_float):
+    return None if t is None else ctypes.cast(t.data_ptr(), ctypes.POINTER(dtype))
+
+
+class NativeLoop:
+    """A model's decode loop in C, for one KV cache and one way of picking tokens.
+
+    The weights are copied into the C code's layout when the loop is made (a model trained
+    further afterwards needs a new loop); the cache's tensors are shared with the model's
+    cached forward, which fills them from the prompt."""
+
+    def __init__(self, model: nn.Module, cache: KVCache, settings: SamplingSettings) -> None:
+        if not supports(model):
+            raise ValueError("this model has no native decode loop (see native.supports)")
+        self.lib, self.cache = library(), cache
+        cfg, tr = model.config, model.transformer
+        C, V, T = cfg.n_embd, cfg.vocab_size, cache.max_len
+        H, batch = cfg.mlp_ratio * C, cache.k[0].size(0)
+        keep: list[Tensor] = []  # every array the C code reads, alive as long as the loop
+
+        def arr(t: Tensor | None, shape: tuple[int, ...], transpose: bool = False):
+            if t is None:
+                return None
+            t = t.detach()
+            t = (t.t() if transpose else t).to(torch.float32).contiguous()
+            if tuple(t.shape) != shape:
+                raise ValueError(f"native decode: expected shape {shape}, got {tuple(t.shape)}")
+            keep.append(t)
+            return t.data_ptr()
+
+        def norm(m: nn.Module) -> tuple[int | None, int | None]:
+            w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+            return arr(w, (C,)), arr(b, (C,))
+
+        def linear(m: nn.Module | None, n_in: int, n_out: int) -> tuple[int | None, ...]:
+            if m is None:
+                return None, None
+            return arr(m.weight, (n_in, n_out), transpose=True), arr(m.bias, (n_out,))
+
+        norm_kind = "none" if cfg.norm == "none" else cfg.norm_type
+        ptrs: list[int | None] = [arr(tr.wte.weight, (V, C)),
+                                  arr(tr.wpe.weight, (cfg.block_size, C)) if "wpe" in tr else None,
+                                  *norm(tr.ln_f), *linear(model.lm_head, C, V)]
+        for layer, block in enumerate(tr.h):
+            attn, mlp = block.attn, block.mlp
+            for cache_t in (cache.k[layer], cache.v[layer]):
+                expected = (batch, cfg.n_head, T, cfg.head_dim)
+                if (tuple(cache_t.shape) != expected or cache_t.dtype != torch.float32
+                        or not cache_t.is_contiguous()):
+                    raise ValueError("native decode: the KV cache is not float32 "
+                                     f"{expected} and contiguous")
+            ptrs += [*norm(block.ln_1), *linear(attn.c_attn, C, 3 * C),
+                     arr(tr.ve[layer].weight, (V, C)) if "ve" in tr else None,
+                     *linear(attn.c_proj, C, C),
+                     *(norm(block.ln_2) if mlp is not None else (None, None)),
+                     *linear(mlp.c_fc if mlp is not None else None, C, H),
+                     *linear(mlp.c_proj if mlp is not None else None, H, C),
+                     cache.k[layer].data_ptr(), cache.v[layer].data_ptr()]
+            if mlp is not None and mlp.c_proj is None and H != C:
+                raise ValueError("native decode: an MLP without projection must be n_embd wide")
+        dims = dict(layers=cfg.n_layer, heads=cfg.n_head, head_dim=cfg.head_dim, embd=C,
+                    hidden=H, vocab=V, norm=_NORMS[norm_kind], act=_ACTS[cfg.activation],
+                    qk_norm=int(cfg.qk_norm), rope=int(model.use_rope), wpe=int("wpe" in tr),
+                    max_len=T, batch=batch, top_k=settings.top_k or 0)
+        eps = float(getattr(tr.ln_f, "eps", None) or torch.finfo(torch.float32).eps)
+        params = [eps, torch.finfo(torch.float32).eps, float(tr.h[0].attn.scale),
+                  float(cfg.logit_softcap), float(settings.temperature),
+                  float(settings.top_p if settings.top_p is not None else 1.0)]
+        self._dims = torch.tensor([dims[k] for k in _DIMS], dtype=torch.int32)
+        self._params = torch.tensor(params, dtype=torch.float32)
+        self._ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        # rows never interact: with several threads, each samples its share of the batch (the
+        # C call releases the GIL), so --num-samples N uses every core torch is allowed
+        threads = max(1, min(torch.get_num_threads(), batch))
+        self._rows = [(batch * i // threads, batch * (i + 1) // threads) for i in range(threads)]
+        size = self.lib.chargpt_work_size(_ptr(self._dims, ctypes.c_int32))
+        self._work = [torch.empty(size) for _ in self._rows]
+        self._keep, self.batch, self.vocab = keep, batch, V
+        self.rope, self.head_dim = model.use_rope, cfg.head_dim
+        self.positions = None if cache.rolling else T  # learned rows / slots before a refill
+
+    def fill(self, seq: Tensor, start: int, end: int, rot: Tensor | None,
+             noise: Tensor | None) -> None:
+        """Sample seq[:, start:end] (start >= 1) token by token; the cache advances.
+
+        `rot` (end - start, 2, head_dim) holds the rotary rows of the cache's next positions
+        (rotary models); `noise` (end - start, B, V) the draws' Exp(1) noise, None for greedy."""
+        n = end - start
+        if n <= 0:
+            return
+        if (seq.dtype != torch.long or seq.device.type != "cpu" or not seq.is_contiguous()
+                or seq.size(0) != self.batch or not 1 <= start <= end <= seq.size(1)):
+            raise ValueError("native decode: seq must be a contiguous (batch, n) long tensor "
+                             "holding the positions asked for")
+        if self.positions is not None and self.cache.pos + n > self.positions:
+            raise ValueError("native decode: the cache is full; refill it first")
+        if self.rope:
+            if rot is None or tuple(rot.shape) != (n, 2, self.head_dim):
+                raise ValueError("native decode: one rotary row per token is needed")
+            rot = rot.to(torch.float32).contiguous()
+        else:
+            rot = None
+        if noise is not None:
+            if tuple(noise.shape) != (n, self.batch, self.vocab):
+                raise ValueError(f"native decode: noise must be {(n, self.batch, self.vocab)}")
+            noise = noise.to(torch.float32).contiguous()
+        args = (_ptr(self._dims, ctypes.c_int32), _ptr(self._params), self._ptrs,
+                _ptr(seq, ctypes.c_int64), seq.size(1), start, end, self.cache.pos, _ptr(rot),
+                _ptr(noise))
+
+        def run(part: int) -> int:
+            return self.lib.chargpt_fill(*args, _ptr(self._work[part]), *self._rows[part])
+
+        others = [_pool().submit(run, part) for part in range(1, len(self._rows))]
+        status = [run(0), *(f.result() for f in others)]
+        if any(status):
+            raise ValueError("native decode: a token id is outside the vocabulary")
+        self.cache.advance(n)

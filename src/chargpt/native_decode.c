@@ -1,0 +1,338 @@
+/* chargpt's native decode loop: a pre-norm GPT's single-token steps and the draw of each next
+ * token, for a whole run of tokens in one call from Python (see native.py, which builds this
+ * file with the machine's C compiler and checks every shape before calling it).
+ *
+ * At chargpt's sizes a token costs well under a megaflop, so a framework's per-operation cost
+ * (dispatch, allocation, Python) dominates a decode step; written as plain loops over
+ * contiguous float32 arrays the step costs about its arithmetic. Weight matrices arrive
+ * transposed, (in, out), so that every product is a sum of scaled rows: the compiler
+ * vectorises it over the outputs without reordering any sum. The result is the eager step's
+ * arithmetic up to rounding (summation order, exp and erf of the C library).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* dims[] */
+enum { D_LAYERS, D_HEADS, D_HEAD_DIM, D_EMBD, D_HIDDEN, D_VOCAB, D_NORM, D_ACT, D_QK_NORM,
+       D_ROPE, D_WPE, D_MAX_LEN, D_BATCH, D_TOP_K, D_N_DIMS };
+/* params[] */
+enum { P_NORM_EPS, P_QK_EPS, P_SCALE, P_SOFTCAP, P_TEMPERATURE, P_TOP_P, P_N_PARAMS };
+/* ptrs[]: the model's arrays, then per layer L_COUNT of them (NULL where a part is absent) */
+enum { G_WTE, G_WPE, G_LNF_W, G_LNF_B, G_HEAD_WT, G_HEAD_B, G_COUNT };
+enum { L_LN1_W, L_LN1_B, L_ATTN_WT, L_ATTN_B, L_VE, L_PROJ_WT, L_PROJ_B, L_LN2_W, L_LN2_B,
+       L_FC_WT, L_FC_B, L_MPROJ_WT, L_MPROJ_B, L_K, L_V, L_COUNT };
+enum { NORM_NONE, NORM_LAYER, NORM_RMS };
+enum { ACT_RELU, ACT_RELU2, ACT_GELU };
+
+#ifndef JB
+#define JB 64 /* outputs per register block of a product */
+#endif
+#ifndef IB
+#define IB 16 /* inputs per pass over the outputs: IB weight rows are read side by side */
+#endif
+
+/* y[b, j0 : j0 + n] for b < rows, inputs i0 .. i0 + ni - 1 added to what y holds; n <= JB */
+static inline void linear_block(const float *restrict x, int rows, int in,
+                                const float *restrict wt, int out, float *restrict y, int i0,
+                                int ni, int j0, int n)
+{
+    for (int b = 0; b < rows; b++) {
+        float acc[JB];
+        float *yb = y + (int64_t)b * out + j0;
+        for (int j = 0; j < n; j++) acc[j] = yb[j];
+        const float *xb = x + (int64_t)b * in;
+        for (int i = i0; i < i0 + ni; i++) {
+            const float xi = xb[i];
+            const float *w = wt + (int64_t)i * out + j0;
+            for (int j = 0; j < n; j++) acc[j] += xi * w[j];
+        }
+        for (int j = 0; j < n; j++) yb[j] = acc[j];
+    }
+}
+
+/* y[b, :out] = x[b, :in] @ wt (in, out) + bias, for b < rows. Each output's sum runs over the
+ * inputs in order; IB inputs at a time, so the weights are read as IB sequential streams
+ * (prefetched, even when the matrix is far larger than the caches) and each block of
+ * weights serves every row while it is in the nearest cache. */
+static void linear(const float *restrict x, int rows, int in, const float *restrict wt,
+                   const float *restrict bias, int out, float *restrict y)
+{
+    for (int b = 0; b < rows; b++)
+        for (int j = 0; j < out; j++) y[(int64_t)b * out + j] = 0.0f;
+    for (int i0 = 0; i0 < in; i0 += IB) {
+        const int ni = in - i0 < IB ? in - i0 : IB;
+        int j0 = 0;
+        for (; j0 + JB <= out; j0 += JB) linear_block(x, rows, in, wt, out, y, i0, ni, j0, JB);
+        if (j0 < out) linear_block(x, rows, in, wt, out, y, i0, ni, j0, out - j0);
+    }
+    if (bias)
+        for (int b = 0; b < rows; b++)
+            for (int j = 0; j < out; j++) y[(int64_t)b * out + j] += bias[j];
+}
+
+/* a . b over n floats, in 8 running partial sums (vectorised without reordering a loop the
+ * compiler would otherwise keep serial), added pairwise */
+static float dot(const float *restrict a, const float *restrict b, int n)
+{
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    for (int j = 0; i < n; i++, j++) acc[j] += a[i] * b[i];
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+/* y = norm(x) over n features; w, b may be NULL (RMSNorm without weight, no bias) */
+static void norm(int kind, const float *restrict x, const float *restrict w,
+                 const float *restrict b, float eps, int n, float *restrict y)
+{
+    if (kind == NORM_NONE) {
+        if (y != x) memcpy(y, x, sizeof(float) * n);
+        return;
+    }
+    float mean = 0.0f;
+    if (kind == NORM_LAYER) {
+        for (int i = 0; i < n; i++) mean += x[i];
+        mean /= n;
+    }
+    float var = 0.0f;
+    for (int i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
+    const float r = 1.0f / sqrtf(var / n + eps);
+    for (int i = 0; i < n; i++) {
+        float v = (x[i] - mean) * r;
+        if (w) v *= w[i];
+        if (b) v += b[i];
+        y[i] = v;
+    }
+}
+
+/* x rotated by one rotary row: rot[0] = [cos | cos], rot[1] = [sin | -sin] (decode.py) */
+static void rotate(float *restrict x, const float *restrict rot, int hs)
+{
+    float tmp[1024];
+    const int h = hs / 2;
+    for (int i = 0; i < hs; i++) {
+        const float swapped = i < h ? x[i + h] : x[i - h];
+        tmp[i] = x[i] * rot[i] + swapped * rot[hs + i];
+    }
+    memcpy(x, tmp, sizeof(float) * hs);
+}
+
+static float activate(int kind, float v)
+{
+    if (kind == ACT_GELU) return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    v = v > 0.0f ? v : 0.0f;
+    return kind == ACT_RELU2 ? v * v : v;
+}
+
+/* in-place softmax over n values; returns nothing, p sums to 1 */
+static void softmax(float *p, int n)
+{
+    float m = -INFINITY;
+    for (int i = 0; i < n; i++) m = p[i] > m ? p[i] : m;
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) {
+        p[i] = expf(p[i] - m);
+        s += p[i];
+    }
+    const float r = 1.0f / s;
+    for (int i = 0; i < n; i++) p[i] *= r;
+}
+
+static int argmax(const float *v, int n)
+{
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (v[i] > v[best]) best = i;
+    return best;
+}
+
+/* the k-th largest of v[:n] (1 <= k <= n); scratch holds n floats */
+static float kth_largest(const float *v, int n, int k, float *scratch)
+{
+    memcpy(scratch, v, sizeof(float) * n);
+    int lo = 0, hi = n - 1, want = k - 1; /* quickselect, descending */
+    while (lo < hi) {
+        const float pivot = scratch[(lo + hi) / 2];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (scratch[i] > pivot) i++;
+            while (scratch[j] < pivot) j--;
+            if (i <= j) {
+                const float t = scratch[i];
+                scratch[i++] = scratch[j];
+                scratch[j--] = t;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break;
+    }
+    return scratch[want];
+}
+
+/* positions sorted by descending value, ties in order (a bottom-up merge sort) */
+static void sort_desc(const float *v, int *order, int *tmp, int n)
+{
+    for (int i = 0; i < n; i++) order[i] = i;
+    for (int width = 1; width < n; width *= 2) {
+        for (int lo = 0; lo < n; lo += 2 * width) {
+            int mid = lo + width < n ? lo + width : n, hi = lo + 2 * width < n ? lo + 2 * width : n;
+            int a = lo, b = mid, o = lo;
+            while (a < mid && b < hi)
+                tmp[o++] = v[order[b]] > v[order[a]] ? order[b++] : order[a++];
+            while (a < mid) tmp[o++] = order[a++];
+            while (b < hi) tmp[o++] = order[b++];
+        }
+        memcpy(order, tmp, sizeof(int) * n);
+    }
+}
+
+/* SamplingSettings.pick for one row: logits (V) are overwritten; noise NULL is greedy */
+static int pick(float *logits, const float *noise, int V, float temperature, int top_k,
+                float top_p, float *scratch, int *order)
+{
+    if (noise == NULL || temperature == 0.0f) return argmax(logits, V);
+    if (temperature != 1.0f)
+        for (int i = 0; i < V; i++) logits[i] /= temperature;
+    if (top_k > 0 && top_k < V) {
+        const float kth = kth_largest(logits, V, top_k, scratch);
+        for (int i = 0; i < V; i++)
+            if (logits[i] < kth) logits[i] = -INFINITY;
+    }
+    if (top_p < 1.0f) {
+        sort_desc(logits, order, order + V, V);
+        for (int i = 0; i < V; i++) scratch[i] = logits[order[i]];
+        softmax(scratch, V);
+        float above = 0.0f; /* probability of the tokens ranked above this one */
+        for (int i = 0; i < V; i++) {
+            const float p = scratch[i];
+            if (above >= top_p) logits[order[i]] = -INFINITY;
+            above += p;
+        }
+    }
+    softmax(logits, V);
+    for (int i = 0; i < V; i++) logits[i] /= noise[i];
+    return argmax(logits, V);
+}
+
+/* floats of work memory chargpt_fill needs */
+int64_t chargpt_work_size(const int32_t *dims)
+{
+    const int64_t B = dims[D_BATCH], C = dims[D_EMBD], H = dims[D_HIDDEN], V = dims[D_VOCAB];
+    const int64_t T = dims[D_MAX_LEN];
+    return B * (3 * C + 3 * C + (H > C ? H : C) + V) + T + 4 * V + 1024;
+}
+
+/* Samples seq[b, start:end] for the rows row0 <= b < row1, each token from the one before it
+ * and the KV cache, whose next position is `pos`. seq is (batch, stride) int64; rot holds the
+ * rotary rows (2, head_dim) of positions pos.. (NULL without rotary positions); noise is
+ * (end - start, batch, vocab) Exp(1) noise, NULL for greedy. Rows never interact, so callers
+ * may run disjoint row ranges at once, each with its own work memory (chargpt_work_size
+ * floats). Returns 0, or -1 for a token id out of range. */
+int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, int64_t *seq,
+                 int64_t stride, int64_t start, int64_t end, int64_t pos, const float *rot,
+                 const float *noise, float *work, int32_t row0, int32_t row1)
+{
+    const int L = dims[D_LAYERS], nh = dims[D_HEADS], hs = dims[D_HEAD_DIM], C = dims[D_EMBD];
+    const int H = dims[D_HIDDEN], V = dims[D_VOCAB], normk = dims[D_NORM], act = dims[D_ACT];
+    const int T = dims[D_MAX_LEN], batch = dims[D_BATCH], B = row1 - row0;
+    const float eps = params[P_NORM_EPS], qk_eps = params[P_QK_EPS], scale = params[P_SCALE];
+    const float cap = params[P_SOFTCAP];
+    const float *const *g = (const float *const *)ptrs;
+    const float *const *layers = g + G_COUNT;
+
+    float *x = work;                         /* (B, C) the residual stream */
+    float *xn = x + (int64_t)B * C;          /* (B, C) its normalised copy */
+    float *qkv = xn + (int64_t)B * C;        /* (B, 3C) */
+    float *y = qkv + (int64_t)B * 3 * C;     /* (B, C) attention output, then a sub-layer's */
+    float *h = y + (int64_t)B * C;           /* (B, max(H, C)) */
+    float *logits = h + (int64_t)B * (H > C ? H : C); /* (B, V) */
+    float *att = logits + (int64_t)B * V;    /* (T) */
+    float *scratch = att + T;                /* (V) */
+    int *order = (int *)(scratch + V);       /* (2V) */
+
+    for (int64_t t = start; t < end; t++, pos++) {
+        const int slot = (int)(pos % T), n_keys = pos + 1 < T ? (int)(pos + 1) : T;
+        for (int b = 0; b < B; b++) {
+            const int64_t tok = seq[(row0 + b) * stride + t - 1];
+            if (tok < 0 || tok >= V) return -1;
+            memcpy(x + (int64_t)b * C, g[G_WTE] + tok * C, sizeof(float) * C);
+            if (dims[D_WPE])
+                for (int i = 0; i < C; i++) x[(int64_t)b * C + i] += g[G_WPE][pos * C + i];
+        }
+        for (int l = 0; l < L; l++) {
+            const float *const *w = layers + (int64_t)l * L_COUNT;
+            for (int b = 0; b < B; b++)
+                norm(normk, x + (int64_t)b * C, w[L_LN1_W], w[L_LN1_B], eps, C,
+                     xn + (int64_t)b * C);
+            linear(xn, B, C, w[L_ATTN_WT], w[L_ATTN_B], 3 * C, qkv);
+            for (int b = 0; b < B; b++) {
+                float *q = qkv + (int64_t)b * 3 * C, *k = q + C, *v = k + C;
+                if (w[L_VE]) {
+                    const int64_t tok = seq[(row0 + b) * stride + t - 1];
+                    for (int i = 0; i < C; i++) v[i] += w[L_VE][tok * C + i];
+                }
+                for (int hd = 0; hd < nh; hd++) {
+                    float *qh = q + hd * hs, *kh = k + hd * hs, *vh = v + hd * hs;
+                    if (dims[D_QK_NORM]) {
+                        norm(NORM_RMS, qh, NULL, NULL, qk_eps, hs, qh);
+                        norm(NORM_RMS, kh, NULL, NULL, qk_eps, hs, kh);
+                    }
+                    if (rot) {
+                        rotate(qh, rot + (t - start) * 2 * hs, hs);
+                        rotate(kh, rot + (t - start) * 2 * hs, hs);
+                    }
+                    /* this layer's cache (B, nh, T, hs): write the token, attend to n_keys */
+                    const int64_t base = (((int64_t)(row0 + b) * nh + hd) * T) * hs;
+                    float *K = (float *)w[L_K] + base, *Vc = (float *)w[L_V] + base;
+                    memcpy(K + (int64_t)slot * hs, kh, sizeof(float) * hs);
+                    memcpy(Vc + (int64_t)slot * hs, vh, sizeof(float) * hs);
+                    for (int s = 0; s < n_keys; s++)
+                        att[s] = dot(qh, K + (int64_t)s * hs, hs) * scale;
+                    softmax(att, n_keys);
+                    float *out = y + (int64_t)b * C + hd * hs;
+                    for (int i = 0; i < hs; i++) out[i] = 0.0f;
+                    for (int s = 0; s < n_keys; s++) {
+                        const float p = att[s];
+                        const float *vs = Vc + (int64_t)s * hs;
+                        for (int i = 0; i < hs; i++) out[i] += p * vs[i];
+                    }
+                }
+            }
+            float *mixed = y;
+            if (w[L_PROJ_WT]) {
+                linear(y, B, C, w[L_PROJ_WT], w[L_PROJ_B], C, h);
+                mixed = h;
+            }
+            for (int64_t i = 0; i < (int64_t)B * C; i++) x[i] += mixed[i];
+            if (w[L_FC_WT]) {
+                for (int b = 0; b < B; b++)
+                    norm(normk, x + (int64_t)b * C, w[L_LN2_W], w[L_LN2_B], eps, C,
+                         xn + (int64_t)b * C);
+                linear(xn, B, C, w[L_FC_WT], w[L_FC_B], H, h);
+                for (int64_t i = 0; i < (int64_t)B * H; i++) h[i] = activate(act, h[i]);
+                if (w[L_MPROJ_WT]) {
+                    linear(h, B, H, w[L_MPROJ_WT], w[L_MPROJ_B], C, y);
+                    for (int64_t i = 0; i < (int64_t)B * C; i++) x[i] += y[i];
+                } else {
+                    for (int64_t i = 0; i < (int64_t)B * C; i++) x[i] += h[i];
+                }
+            }
+        }
+        for (int b = 0; b < B; b++)
+            norm(normk, x + (int64_t)b * C, g[G_LNF_W], g[G_LNF_B], eps, C, xn + (int64_t)b * C);
+        linear(xn, B, C, g[G_HEAD_WT], g[G_HEAD_B], V, logits);
+        for (int b = 0; b < B; b++) {
+            float *lb = logits + (int64_t)b * V;
+            if (cap > 0.0f)
+                for (int i = 0; i < V; i++) lb[i] = cap * tanhf(lb[i] / cap);
+            const int64_t row = (t - start) * batch + row0 + b;
+            const float *nb = noise ? noise + row * V : NULL;
+            seq[(row0 + b) * stride + t] = pick(lb, nb, V, params[P_TEMPERATURE], dims[D_TOP_K],
+                                       params[P_TOP_P], scratch, order);
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,146 @@
+"""The native C decode loop against its reference, the torch step: the same tokens for every
+wiring the loop computes (greedy, temperature, top-k, top-p; past the block, rolled or
+refilled), a batch split over threads against one thread, and what happens where the loop
+cannot run (no compiler, a compiler that fails, models it does not compute, bad input)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_sampling import gen, prompt, rope_gpt, tiny_gpt
+
+import chargpt.decode as decode_module
+import chargpt.native as native
+from chargpt.sampling import KVCache, SamplingSettings, generate
+
+if not native.available()[0]:
+    pytest.skip(f"no native decode loop here ({native.available()[1]}); install a C compiler "
+                "(gcc or clang) to test it", allow_module_level=True)
+
+WIRINGS = [
+    dict(),  # the lecture's GPT: LayerNorm, GELU, learned positions, a refilled cache
+    dict(bias=True, activation="relu"),
+    dict(pos_emb="rope", qk_norm=True, activation="relu2", norm_type="rmsnorm", bias=False),
+    dict(pos_emb="rope", value_embeds=True, logit_softcap=5.0, head_bias=True, qkv_bias=False),
+    dict(pos_emb="none", mlp=False, norm="none", tie_weights=True),
+    dict(attn_proj=False, mlp_proj=False, mlp_ratio=1, attn_scale="embd", init="torch"),
+]
+PICKS = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.8, top_k=7),
+         dict(temperature=1.2, top_p=0.85), dict(top_k=20, top_p=0.9)]
+
+
+def both(model, idx, n, **options):
+    """`n` tokens after `idx` through the native loop and through the torch step."""
+    native_out = generate(model, idx, n, generator=gen(9), **options)
+    torch_out = generate(model, idx, n, generator=gen(9), native=False, **options)
+    return native_out, torch_out
+
+
+@pytest.mark.parametrize("overrides", WIRINGS)
+def test_native_loop_samples_what_the_torch_step_samples(overrides):
+    model = tiny_gpt(**overrides).eval()
+    assert native.supports(model)
+    n = 3 * model.config.block_size  # past the block: the cache rolls or is refilled
+    for batch in (1, 3):
+        idx = prompt(batch, 3)
+        for options in PICKS:
+            got, expected = both(model, idx, n, **options)
+            assert torch.equal(got, expected), (batch, options)
+
+
+def test_default_model_matches_the_torch_step_over_a_long_run():
+    # the default wiring at a size where sums are long enough for rounding to show, if it did
+    model = rope_gpt(n_layer=3, n_head=4, n_embd=96, block_size=64, bias=False).eval()
+    got, expected = both(model, prompt(2, 5), 400, temperature=1.0)
+    assert torch.equal(got, expected)
+
+
+def test_a_batch_split_over_threads_is_the_batch_on_one_thread():
+    model = rope_gpt().eval()
+    idx = prompt(5, 3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = generate(model, idx, 60, generator=gen(3), temperature=0.9)
+        torch.set_num_threads(3)
+        loop = native.NativeLoop(model, KVCache.for_model(model, 5), SamplingSettings())
+        assert len(loop._rows) == 3  # three shares of the batch: 0-1, 1-3, 3-5
+        split = generate(model, idx, 60, generator=gen(3), temperature=0.9)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split, one)
+
+
+def test_models_the_loop_does_not_compute_use_the_torch_step():
+    assert not native.supports(tiny_gpt(norm="post"))  # no fast step at all
+    assert not native.supports(tiny_gpt().double())  # float64 weights
+    assert not native.supports(tiny_gpt().to(torch.bfloat16))
+    model = tiny_gpt().double()
+    got, expected = both(model, prompt(1, 3), 20, temperature=1.0)
+    assert torch.equal(got, expected)
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """A native module that has not loaded its library yet, building into `tmp_path`."""
+    monkeypatch.setattr(native, "library_dir", lambda: tmp_path)
+    native._load.cache_clear()
+    monkeypatch.setattr(decode_module, "_REPORTED", set())
+    yield tmp_path
+    native._load.cache_clear()
+
+
+def test_the_library_is_built_once_and_reused(fresh_library):
+    lib = native.library()
+    built = list(fresh_library.glob("native_decode-*.so"))
+    assert len(built) == 1 and lib._name == str(built[0])
+    native._load.cache_clear()
+    mtime = built[0].stat().st_mtime_ns
+    assert native.library()._name == str(built[0])
+    assert built[0].stat().st_mtime_ns == mtime  # loaded again, not rebuilt
+
+
+@pytest.mark.parametrize("cc, reason", [
+    (None, "no C compiler found"),
+    ("false", "could not build it"),  # a compiler that fails on every flag set
+])
+def test_without_a_working_compiler_sampling_warns_once_and_uses_the_torch_step(
+        fresh_library, monkeypatch, capsys, cc, reason):
+    monkeypatch.setattr(native, "_compiler", lambda: cc and __import__("shutil").which(cc))
+    ok, why = native.available()
+    assert not ok and reason in why
+    model = rope_gpt()
+    expected = generate(model, prompt(1, 3), 30, generator=gen(1), native=False)
+    for _ in range(2):
+        got = generate(model, prompt(1, 3), 30, generator=gen(1))
+        assert torch.equal(got, expected)
+    err = capsys.readouterr().err
+    assert err.count("chargpt: warning: the native decode loop is unavailable here") == 1
+    assert reason in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_input_never_reaches_the_c_code():
+    model = rope_gpt().eval()
+    cache = KVCache.for_model(model, 2)
+    with torch.no_grad():
+        model(prompt(2, 3), kv_cache=cache)
+    loop = native.NativeLoop(model, cache, SamplingSettings())
+    seq = torch.zeros(2, 10, dtype=torch.long)
+    rot = decode_module.rotation_table(model.config, 20, torch.device("cpu"), torch.float32)
+    seq[1, 3] = 10_000  # a token id the model does not have
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        loop.fill(seq, 4, 6, rot[3:5], None)
+    with pytest.raises(ValueError, match="one rotary row per token"):
+        loop.fill(seq, 4, 6, rot[3:4], None)
+    with pytest.raises(ValueError, match="noise must be"):
+        loop.fill(seq, 4, 6, rot[3:5], torch.ones(2, 1, 65))
+    with pytest.raises(ValueError, match="contiguous"):
+        loop.fill(seq[:1], 4, 6, rot[3:5], None)
+    with pytest.raises(ValueError, match="contiguous"):
+        loop.fill(seq, 4, 11, None, None)
+    learned = tiny_gpt().eval()
+    full = KVCache.for_model(learned, 1)
+    full.advance(learned.config.block_size)
+    with pytest.raises(ValueError, match="the cache is full"):
+        native.NativeLoop(learned, full, SamplingSettings()).fill(seq[:1].clone(), 1, 2, None,
+                                                                  None)
