@@ -35,9 +35,10 @@ if TYPE_CHECKING:
 __all__ = ["NativeLoop", "Unavailable", "available", "library", "library_dir", "supports"]
 
 SOURCE = Path(__file__).with_name("native_decode.c")
-# flag sets tried in order: tuned for this CPU (gcc/clang on x86, Linux on ARM), Apple's clang
-# on ARM, then portable
-_TUNINGS = (("-march=native",), ("-mcpu=native",), ())
+# flag sets tried in order: tuned for this CPU (gcc/clang on x86, Linux on ARM; Apple's clang on
+# ARM), with OpenMP where the compiler has it (macOS's clang does not), then portable
+_TUNINGS = (("-march=native", "-fopenmp"), ("-march=native",), ("-mcpu=native", "-fopenmp"),
+            ("-mcpu=native",), ("-fopenmp",), ())
 _BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=fast", "-std=c99")
 _MAX_HEAD_DIM = 1024  # the C code rotates a head in a buffer of this many floats
 
@@ -123,7 +124,8 @@ def _load() -> ctypes.CDLL | Unavailable:
     lib.chargpt_work_size.argtypes, lib.chargpt_work_size.restype = [i32p], ctypes.c_int64
     lib.chargpt_fill.argtypes = [i32p, f32p, ctypes.POINTER(ctypes.c_void_p), i64p,
                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                 f32p, f32p, f32p, ctypes.c_int32, ctypes.c_int32]
+                                 f32p, f32p, f32p, ctypes.c_int32, ctypes.c_int32,
+                                 ctypes.c_int32]
     lib.chargpt_fill.restype = ctypes.c_int
     return lib
 
@@ -233,9 +235,12 @@ class NativeLoop:
         self._params = torch.tensor(params, dtype=torch.float32)
         self._ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
         # rows never interact: with several threads, each samples its share of the batch (the
-        # C call releases the GIL), so --num-samples N uses every core torch is allowed
-        threads = max(1, min(torch.get_num_threads(), batch))
-        self._rows = [(batch * i // threads, batch * (i + 1) // threads) for i in range(threads)]
+        # C call releases the GIL), so --num-samples N uses every core torch is allowed; a
+        # share's large products are split over the threads left over (batch 1, big models)
+        threads = max(1, torch.get_num_threads())
+        shares = min(threads, batch)
+        self._rows = [(batch * i // shares, batch * (i + 1) // shares) for i in range(shares)]
+        self._threads = max(1, threads // shares)
         size = self.lib.chargpt_work_size(_ptr(self._dims, ctypes.c_int32))
         self._work = [torch.empty(size) for _ in self._rows]
         self._keep, self.batch, self.vocab = keep, batch, V
@@ -272,7 +277,8 @@ class NativeLoop:
                 _ptr(noise))
 
         def run(part: int) -> int:
-            return self.lib.chargpt_fill(*args, _ptr(self._work[part]), *self._rows[part])
+            return self.lib.chargpt_fill(*args, _ptr(self._work[part]), *self._rows[part],
+                                         self._threads)
 
         others = [_pool().submit(run, part) for part in range(1, len(self._rows))]
         status = [run(0), *(f.result() for f in others)]

@@ -12,6 +12,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* dims[] */
 enum { D_LAYERS, D_HEADS, D_HEAD_DIM, D_EMBD, D_HIDDEN, D_VOCAB, D_NORM, D_ACT, D_QK_NORM,
@@ -51,21 +54,46 @@ static inline void linear_block(const float *restrict x, int rows, int in,
     }
 }
 
-/* y[b, :out] = x[b, :in] @ wt (in, out) + bias, for b < rows. Each output's sum runs over the
- * inputs in order; IB inputs at a time, so the weights are read as IB sequential streams
- * (prefetched, even when the matrix is far larger than the caches) and each block of
+#ifndef PAR_MIN
+#define PAR_MIN (1 << 17) /* weights of a product worth splitting over threads (512 KB) */
+#endif
+
+/* y[b, ja:jb] = x[b, :in] @ wt[:, ja:jb] (wt is (in, out)), for b < rows. Each output's sum runs
+ * over the inputs in order; IB inputs at a time, so the weights are read as IB sequential
+ * streams (prefetched, even when the matrix is far larger than the caches) and each block of
  * weights serves every row while it is in the nearest cache. */
-static void linear(const float *restrict x, int rows, int in, const float *restrict wt,
-                   const float *restrict bias, int out, float *restrict y)
+static void linear_part(const float *restrict x, int rows, int in, const float *restrict wt,
+                        int out, float *restrict y, int ja, int jb)
 {
     for (int b = 0; b < rows; b++)
-        for (int j = 0; j < out; j++) y[(int64_t)b * out + j] = 0.0f;
+        for (int j = ja; j < jb; j++) y[(int64_t)b * out + j] = 0.0f;
     for (int i0 = 0; i0 < in; i0 += IB) {
         const int ni = in - i0 < IB ? in - i0 : IB;
-        int j0 = 0;
-        for (; j0 + JB <= out; j0 += JB) linear_block(x, rows, in, wt, out, y, i0, ni, j0, JB);
-        if (j0 < out) linear_block(x, rows, in, wt, out, y, i0, ni, j0, out - j0);
+        int j0 = ja;
+        for (; j0 + JB <= jb; j0 += JB) linear_block(x, rows, in, wt, out, y, i0, ni, j0, JB);
+        if (j0 < jb) linear_block(x, rows, in, wt, out, y, i0, ni, j0, jb - j0);
     }
+}
+
+/* y[b, :out] = x[b, :in] @ wt (in, out) + bias, for b < rows. A large matrix is split by
+ * columns over `threads` threads: at batch 1 a big model's step is bound by how fast its
+ * weights stream from memory, and two cores stream faster than one. */
+static void linear(const float *restrict x, int rows, int in, const float *restrict wt,
+                   const float *restrict bias, int out, float *restrict y, int threads)
+{
+#ifdef _OPENMP
+    if (threads > 1 && (int64_t)in * out >= PAR_MIN) {
+#pragma omp parallel num_threads(threads)
+        {
+            const int t = omp_get_thread_num(), n = omp_get_num_threads();
+            const int blocks = (out + JB - 1) / JB;
+            const int ja = blocks * t / n * JB, jb = t == n - 1 ? out : blocks * (t + 1) / n * JB;
+            linear_part(x, rows, in, wt, out, y, ja, jb);
+        }
+    } else
+#endif
+        linear_part(x, rows, in, wt, out, y, 0, out);
+    (void)threads;
     if (bias)
         for (int b = 0; b < rows; b++)
             for (int j = 0; j < out; j++) y[(int64_t)b * out + j] += bias[j];
@@ -230,10 +258,12 @@ int64_t chargpt_work_size(const int32_t *dims)
  * rotary rows (2, head_dim) of positions pos.. (NULL without rotary positions); noise is
  * (end - start, batch, vocab) Exp(1) noise, NULL for greedy. Rows never interact, so callers
  * may run disjoint row ranges at once, each with its own work memory (chargpt_work_size
- * floats). Returns 0, or -1 for a token id out of range. */
+ * floats); `threads` more split each large product (where built with OpenMP). Returns 0, or
+ * -1 for a token id out of range. */
 int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, int64_t *seq,
                  int64_t stride, int64_t start, int64_t end, int64_t pos, const float *rot,
-                 const float *noise, float *work, int32_t row0, int32_t row1)
+                 const float *noise, float *work, int32_t row0, int32_t row1,
+                 int32_t threads)
 {
     const int L = dims[D_LAYERS], nh = dims[D_HEADS], hs = dims[D_HEAD_DIM], C = dims[D_EMBD];
     const int H = dims[D_HIDDEN], V = dims[D_VOCAB], normk = dims[D_NORM], act = dims[D_ACT];
@@ -267,7 +297,7 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
             for (int b = 0; b < B; b++)
                 norm(normk, x + (int64_t)b * C, w[L_LN1_W], w[L_LN1_B], eps, C,
                      xn + (int64_t)b * C);
-            linear(xn, B, C, w[L_ATTN_WT], w[L_ATTN_B], 3 * C, qkv);
+            linear(xn, B, C, w[L_ATTN_WT], w[L_ATTN_B], 3 * C, qkv, threads);
             for (int b = 0; b < B; b++) {
                 float *q = qkv + (int64_t)b * 3 * C, *k = q + C, *v = k + C;
                 if (w[L_VE]) {
@@ -303,7 +333,7 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
             }
             float *mixed = y;
             if (w[L_PROJ_WT]) {
-                linear(y, B, C, w[L_PROJ_WT], w[L_PROJ_B], C, h);
+                linear(y, B, C, w[L_PROJ_WT], w[L_PROJ_B], C, h, threads);
                 mixed = h;
             }
             for (int64_t i = 0; i < (int64_t)B * C; i++) x[i] += mixed[i];
@@ -311,10 +341,10 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
                 for (int b = 0; b < B; b++)
                     norm(normk, x + (int64_t)b * C, w[L_LN2_W], w[L_LN2_B], eps, C,
                          xn + (int64_t)b * C);
-                linear(xn, B, C, w[L_FC_WT], w[L_FC_B], H, h);
+                linear(xn, B, C, w[L_FC_WT], w[L_FC_B], H, h, threads);
                 for (int64_t i = 0; i < (int64_t)B * H; i++) h[i] = activate(act, h[i]);
                 if (w[L_MPROJ_WT]) {
-                    linear(h, B, H, w[L_MPROJ_WT], w[L_MPROJ_B], C, y);
+                    linear(h, B, H, w[L_MPROJ_WT], w[L_MPROJ_B], C, y, threads);
                     for (int64_t i = 0; i < (int64_t)B * C; i++) x[i] += y[i];
                 } else {
                     for (int64_t i = 0; i < (int64_t)B * C; i++) x[i] += h[i];
@@ -323,7 +353,7 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
         }
         for (int b = 0; b < B; b++)
             norm(normk, x + (int64_t)b * C, g[G_LNF_W], g[G_LNF_B], eps, C, xn + (int64_t)b * C);
-        linear(xn, B, C, g[G_HEAD_WT], g[G_HEAD_B], V, logits);
+        linear(xn, B, C, g[G_HEAD_WT], g[G_HEAD_B], V, logits, threads);
         for (int b = 0; b < B; b++) {
             float *lb = logits + (int64_t)b * V;
             if (cap > 0.0f)
