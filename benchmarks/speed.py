@@ -7,9 +7,12 @@ Prints, in one run on one machine, with the load average beside each part:
    a short budget buys best) and the lecture-size model (6 x 384, block 256); chargpt's eager
    and compiled decode steps, and a nanoGPT-shaped reference loop written below (learned
    positions, full recomputation of the context each character, torch.multinomial), all
-   interleaved so they share the machine's load. Next to each: the FLOP-bound ceiling, the
-   rate at which this machine multiplies the model's own weight shapes (a batched matmul)
-   divided by the FLOPs one character costs; and the ratio to it.
+   interleaved so they share the machine's load: the torch step eager (`--no-native`) and
+   compiled (`--no-native --compile`), and the native C loop (the default). Next to each: the
+   FLOP-bound ceiling, the rate at which this machine multiplies the model's own weight shapes
+   (a batched matmul) divided by the FLOPs one character costs; and the ratio to it. Under the
+   table, the memory-bound ceiling of batch 1 for the model whose weights outgrow the caches:
+   this machine's streaming bandwidth over the bytes of weights one character reads.
 2. Training to a budget: `chargpt train --time 30s` and `--time 2m` (the default preset, as the
    CLI runs it), each scored on the whole val split (`evaluate_tokens`).
 3. The race of benchmarks/time_to_loss.py: classic-cpu against fast-cpu (and the default
@@ -78,6 +81,17 @@ def matmul_flops(cfg: ModelConfig, rows: int = 2048, repeats: int = 5) -> float:
     return 2 * rows * sum(i * o for i, o in matmul_shapes(cfg)) / best
 
 
+def stream_bandwidth(repeats: int = 5) -> float:
+    """Bytes per second this machine reads from memory: the best of a few sums of 400 MB."""
+    x = torch.ones(100_000_000)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
 # --- sampling -----------------------------------------------------------------------------------
 
 
@@ -111,17 +125,17 @@ def sampler(kind: str, cfg: ModelConfig, batch: int):
                 p.normal_(0.0, 0.02)
 
     def run_chargpt(n: int) -> None:
-        generate(model, idx, n, seed=1, compile=kind == "compiled")
+        generate(model, idx, n, seed=1, compile=kind == "compiled", native=kind == "native")
     return run_chargpt
 
 
 def sampling_rows(chars: int, rounds: int) -> list[dict]:
-    cases = [("default", DEFAULT, 1, "nanogpt"), ("default", DEFAULT, 1, "eager"),
-             ("default", DEFAULT, 1, "compiled"), ("default", DEFAULT, 16, "nanogpt"),
-             ("default", DEFAULT, 16, "eager"), ("default", DEFAULT, 16, "compiled"),
-             ("4x128", FAST, 1, "nanogpt"), ("4x128", FAST, 1, "eager"),
-             ("4x128", FAST, 1, "compiled"), ("4x128", FAST, 16, "compiled"),
-             ("6x384/256", LARGE, 1, "eager"), ("6x384/256", LARGE, 1, "compiled")]
+    torch_and_native = ("eager", "compiled", "native")
+    cases = [("default", DEFAULT, 1, k) for k in ("nanogpt", *torch_and_native)]
+    cases += [("default", DEFAULT, 16, k) for k in ("nanogpt", *torch_and_native)]
+    cases += [("4x128", FAST, 1, k) for k in ("nanogpt", *torch_and_native)]
+    cases += [("4x128", FAST, 16, k) for k in ("compiled", "native")]
+    cases += [("6x384/256", LARGE, 1, k) for k in torch_and_native]
     fns = []
     for _name, cfg, batch, kind in cases:
         fn = sampler(kind, cfg, batch)
@@ -156,11 +170,20 @@ def print_sampling(rows: list[dict], chars: int, rounds: int, before: str) -> No
         print(f"| {r['model']} | {r['batch']} | {r['kind']} | {r['rate']:,.0f} | "
               f"{r['ceiling']:,.0f} | {r['rate'] / r['ceiling']:.1%} | {vs} | {r['warm']:.1f} |")
     eager = {(r["model"], r["batch"]): r["rate"] for r in rows if r["kind"] == "eager"}
+    print()
     for r in rows:
-        if r["kind"] == "compiled" and (r["model"], r["batch"]) in eager:
-            print(f"\ncompiled / eager, {r['model']} batch {r['batch']}: "
+        if r["kind"] in ("compiled", "native") and (r["model"], r["batch"]) in eager:
+            print(f"\n{r['kind']} / eager, {r['model']} batch {r['batch']}: "
                   f"{r['rate'] / eager[(r['model'], r['batch'])]:.1f}x", end="")
     print()
+    bandwidth = stream_bandwidth()
+    weight_bytes = 4 * sum(i * o for i, o in matmul_shapes(LARGE))
+    native = next(r["rate"] for r in rows if r["model"] == "6x384/256" and r["kind"] == "native")
+    print(f"\n6x384/256 at batch 1 reads {weight_bytes / 1e6:.1f} MB of weights per character; "
+          f"this machine streams {bandwidth / 1e9:.1f} GB/s (a sum over 400 MB, "
+          f"{torch.get_num_threads()} threads): a memory-bound ceiling of "
+          f"{bandwidth / weight_bytes:,.0f} chars/s, of which native reaches "
+          f"{native * weight_bytes / bandwidth:.0%}.")
 
 
 # --- training -----------------------------------------------------------------------------------
