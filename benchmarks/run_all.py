@@ -60,7 +60,7 @@ def main() -> None:
         print(f"| train {tr['preset']} ({tr['params_m']:.2f} M params, {tr['device']}) | "
               f"ms/step | {tr['ms_per_step']:.1f} |")
         print(f"| train {tr['preset']} | tokens/s | {tr['tok_per_s']:,.0f} |")
-    print(f"| sample {args.chars} chars, 4x4x128 rotary model | chars/s with KV cache | "
+    print(f"| sample {args.chars} chars, 4x4x128 rotary model | chars/s, KV cache, native loop | "
           f"{cached:,.0f} |")
     print(f"| sample {args.chars} chars | chars/s recomputing the context | {recompute:,.0f} |")
     print()

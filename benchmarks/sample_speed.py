@@ -8,6 +8,9 @@ fast recipe), whose cache rolls; `--pos-emb learned` measures the classic models
 cache is refilled from half a block when full. Random weights sample as fast as trained ones.
 
     python benchmarks/sample_speed.py [--model small|large|both] [--chars 2000] [--compile]
+                                      [--no-native]
+
+The cached rate is the native C loop's (the default), or with `--no-native` the torch step's.
 
 benchmarks/speed.py puts these rates next to the machine's limits.
 """
@@ -31,14 +34,15 @@ MODELS = {
 
 
 def chars_per_second(model: torch.nn.Module, n_chars: int, use_cache: bool, seed: int,
-                     batch_size: int = 1, compile: bool = False) -> float:
+                     batch_size: int = 1, compile: bool = False, native: bool = True) -> float:
     """New characters per second (all sequences of the batch counted) for one `generate`."""
     idx = torch.zeros(batch_size, 1, dtype=torch.long)
-    # warm-up: first-call allocations, and the compilation of a compiled step
-    generate(model, idx, 8, use_cache=use_cache, compile=compile)
+    options = dict(use_cache=use_cache, compile=compile, native=native)
+    # warm-up: first-call allocations, the build of the native loop, a compiled step's compiling
+    generate(model, idx, 8, **options)
     rng = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    generate(model, idx, n_chars, use_cache=use_cache, generator=rng, compile=compile)
+    generate(model, idx, n_chars, generator=rng, **options)
     return batch_size * n_chars / (time.perf_counter() - start)
 
 
@@ -49,7 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pos-emb", choices=["rope", "learned"], default="rope")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--compile", action="store_true", help="the compiled decode step")
+    parser.add_argument("--compile", action="store_true", help="the compiled torch step")
+    parser.add_argument("--no-native", action="store_true",
+                        help="the torch step instead of the native C loop")
     args = parser.parse_args(argv)
 
     names = list(MODELS) if args.model == "both" else [args.model]
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = dataclasses.replace(MODELS[name], pos_emb=args.pos_emb)
         model = build_model(cfg)
         cached = chars_per_second(model, args.chars, True, args.seed, args.batch_size,
-                                  args.compile)
+                                  args.compile, not args.no_native)
         recompute = chars_per_second(model, args.chars, False, args.seed, args.batch_size)
         label = (f"{name} ({cfg.n_layer}L {cfg.n_head}H {cfg.n_embd}d, {cfg.pos_emb}, "
                  f"{model.num_params():,} p)")

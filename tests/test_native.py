@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import train_serve_run
 from test_sampling import gen, prompt, rope_gpt, tiny_gpt
 
 import chargpt.decode as decode_module
 import chargpt.native as native
+from chargpt.cli import main
 from chargpt.sampling import KVCache, SamplingSettings, generate
 
 if not native.available()[0]:
@@ -69,6 +71,25 @@ def test_a_batch_split_over_threads_is_the_batch_on_one_thread():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(split, one)
+
+
+def test_a_big_product_split_over_threads_is_the_product_on_one_thread():
+    # 192 wide: the MLP's matrices hold 147,456 weights, past the size the C code splits by
+    # columns over OpenMP threads at batch 1
+    model = rope_gpt(n_embd=192, n_head=4, n_layer=1, block_size=16).eval()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = generate(model, prompt(1, 3), 40, generator=gen(3), temperature=0.9)
+        torch.set_num_threads(2)
+        loop = native.NativeLoop(model, KVCache.for_model(model, 1), SamplingSettings())
+        assert loop._threads == 2
+        split = generate(model, prompt(1, 3), 40, generator=gen(3), temperature=0.9)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split, one)
+    assert torch.equal(split, generate(model, prompt(1, 3), 40, generator=gen(3),
+                                       temperature=0.9, native=False))
 
 
 def test_models_the_loop_does_not_compute_use_the_torch_step():
@@ -144,3 +165,16 @@ def test_bad_input_never_reaches_the_c_code():
     with pytest.raises(ValueError, match="the cache is full"):
         native.NativeLoop(learned, full, SamplingSettings()).fill(seq[:1].clone(), 1, 2, None,
                                                                   None)
+
+
+def test_cli_samples_the_same_text_with_and_without_the_native_loop(tmp_path, capsys):
+    run = train_serve_run(tmp_path)
+    capsys.readouterr()
+    args = ["sample", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "80", "--seed", "3",
+            "--top-k", "5", "--num-samples", "2"]
+    texts = []
+    for extra in ([], ["--no-native"]):
+        assert main([*args, *extra]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]
+    assert texts[0].count("ROMEO:") >= 2 and "\n---\n" in texts[0]

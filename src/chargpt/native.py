@@ -6,7 +6,7 @@ token, torch.compile's kernels still leave most of the time outside the arithmet
 compiles the C loop once per machine (about a second; `$CC`, else cc, gcc or clang, tuned with
 `-march=native`), keeps the library in chargpt's cache directory under a name that hashes the
 source, the compiler, its flags and the CPU, and loads it with ctypes. `NativeLoop` holds a
-model's weights in the layout the C code reads (float32, contiguous, matrices transposed) and
+model's weights in the layout the C code reads (float32, contiguous, small matrices transposed) and
 samples runs of tokens in one call each, sampling included. Every array's shape is checked here
 before a pointer is handed over. `available()` says whether the library could be built, and
 why not.
@@ -41,10 +41,16 @@ _TUNINGS = (("-march=native", "-fopenmp"), ("-march=native",), ("-mcpu=native", 
             ("-mcpu=native",), ("-fopenmp",), ())
 _BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=fast", "-std=c99")
 _MAX_HEAD_DIM = 1024  # the C code rotates a head in a buffer of this many floats
+# weights of a matrix past which it outgrows the caches (512 KB): when a call decodes one
+# sequence, the C code reads such a matrix as it is, row by row in memory order, split over
+# threads (1.5x faster than transposed there); otherwise it reads every matrix transposed,
+# the layout in which a block of weights serves many sequences while it is cached
+BIG = 1 << 17
+_NEVER = 2**31 - 1
 
 # order of the C code's dims[] and params[] (native_decode.c)
 _DIMS = ("layers", "heads", "head_dim", "embd", "hidden", "vocab", "norm", "act", "qk_norm",
-         "rope", "wpe", "max_len", "batch", "top_k")
+         "rope", "wpe", "max_len", "batch", "top_k", "big")
 _NORMS = {"none": 0, "layernorm": 1, "rmsnorm": 2}
 _ACTS = {"relu": 0, "relu2": 1, "gelu": 2}
 
@@ -182,6 +188,14 @@ class NativeLoop:
         C, V, T = cfg.n_embd, cfg.vocab_size, cache.max_len
         H, batch = cfg.mlp_ratio * C, cache.k[0].size(0)
         keep: list[Tensor] = []  # every array the C code reads, alive as long as the loop
+        # rows never interact: with several threads, each samples its share of the batch (the
+        # C call releases the GIL), so --num-samples N uses every core torch is allowed; a
+        # share's large products are split over the threads left over (batch 1, big models)
+        threads = max(1, torch.get_num_threads())
+        shares = min(threads, batch)
+        self._rows = [(batch * i // shares, batch * (i + 1) // shares) for i in range(shares)]
+        self._threads = max(1, threads // shares)
+        big = BIG if batch == shares else _NEVER  # one sequence per call: big matrices by rows
 
         def arr(t: Tensor | None, shape: tuple[int, ...], transpose: bool = False):
             if t is None:
@@ -200,6 +214,8 @@ class NativeLoop:
         def linear(m: nn.Module | None, n_in: int, n_out: int) -> tuple[int | None, ...]:
             if m is None:
                 return None, None
+            if n_in * n_out >= big:
+                return arr(m.weight, (n_out, n_in)), arr(m.bias, (n_out,))
             return arr(m.weight, (n_in, n_out), transpose=True), arr(m.bias, (n_out,))
 
         norm_kind = "none" if cfg.norm == "none" else cfg.norm_type
@@ -226,7 +242,7 @@ class NativeLoop:
         dims = dict(layers=cfg.n_layer, heads=cfg.n_head, head_dim=cfg.head_dim, embd=C,
                     hidden=H, vocab=V, norm=_NORMS[norm_kind], act=_ACTS[cfg.activation],
                     qk_norm=int(cfg.qk_norm), rope=int(model.use_rope), wpe=int("wpe" in tr),
-                    max_len=T, batch=batch, top_k=settings.top_k or 0)
+                    max_len=T, batch=batch, top_k=settings.top_k or 0, big=big)
         eps = float(getattr(tr.ln_f, "eps", None) or torch.finfo(torch.float32).eps)
         params = [eps, torch.finfo(torch.float32).eps, float(tr.h[0].attn.scale),
                   float(cfg.logit_softcap), float(settings.temperature),
@@ -234,13 +250,6 @@ class NativeLoop:
         self._dims = torch.tensor([dims[k] for k in _DIMS], dtype=torch.int32)
         self._params = torch.tensor(params, dtype=torch.float32)
         self._ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
-        # rows never interact: with several threads, each samples its share of the batch (the
-        # C call releases the GIL), so --num-samples N uses every core torch is allowed; a
-        # share's large products are split over the threads left over (batch 1, big models)
-        threads = max(1, torch.get_num_threads())
-        shares = min(threads, batch)
-        self._rows = [(batch * i // shares, batch * (i + 1) // shares) for i in range(shares)]
-        self._threads = max(1, threads // shares)
         size = self.lib.chargpt_work_size(_ptr(self._dims, ctypes.c_int32))
         self._work = [torch.empty(size) for _ in self._rows]
         self._keep, self.batch, self.vocab = keep, batch, V

@@ -18,7 +18,7 @@
 
 /* dims[] */
 enum { D_LAYERS, D_HEADS, D_HEAD_DIM, D_EMBD, D_HIDDEN, D_VOCAB, D_NORM, D_ACT, D_QK_NORM,
-       D_ROPE, D_WPE, D_MAX_LEN, D_BATCH, D_TOP_K, D_N_DIMS };
+       D_ROPE, D_WPE, D_MAX_LEN, D_BATCH, D_TOP_K, D_BIG, D_N_DIMS };
 /* params[] */
 enum { P_NORM_EPS, P_QK_EPS, P_SCALE, P_SOFTCAP, P_TEMPERATURE, P_TOP_P, P_N_PARAMS };
 /* ptrs[]: the model's arrays, then per layer L_COUNT of them (NULL where a part is absent) */
@@ -54,10 +54,6 @@ static inline void linear_block(const float *restrict x, int rows, int in,
     }
 }
 
-#ifndef PAR_MIN
-#define PAR_MIN (1 << 17) /* weights of a product worth splitting over threads (512 KB) */
-#endif
-
 /* y[b, ja:jb] = x[b, :in] @ wt[:, ja:jb] (wt is (in, out)), for b < rows. Each output's sum runs
  * over the inputs in order; IB inputs at a time, so the weights are read as IB sequential
  * streams (prefetched, even when the matrix is far larger than the caches) and each block of
@@ -75,24 +71,79 @@ static void linear_part(const float *restrict x, int rows, int in, const float *
     }
 }
 
-/* y[b, :out] = x[b, :in] @ wt (in, out) + bias, for b < rows. A large matrix is split by
- * columns over `threads` threads: at batch 1 a big model's step is bound by how fast its
- * weights stream from memory, and two cores stream faster than one. */
-static void linear(const float *restrict x, int rows, int in, const float *restrict wt,
-                   const float *restrict bias, int out, float *restrict y, int threads)
+/* the sum of 16 partial sums, added pairwise */
+static inline float sum16(const float *a)
 {
+    float s[8];
+    for (int k = 0; k < 8; k++) s[k] = a[k] + a[k + 8];
+    return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
+}
+
+#define RB 4      /* rows of a big matrix read side by side */
+#define AHEAD 1024 /* floats ahead of each row to prefetch */
+
+/* y[b, ja:jb] = x[b, :in] . w[j, :in] (w is (out, in)), for b < rows: the layout of a big
+ * matrix, read in memory order as RB rows at a time with 16 partial sums each (the matrix
+ * is far larger than the caches, so each weight is read once from memory per step and the
+ * rows of a batch reuse it from the nearest cache) */
+static void linear_rows(const float *restrict x, int rows, int in, const float *restrict w,
+                        int out, float *restrict y, int ja, int jb)
+{
+    int j = ja;
+    for (; j + RB <= jb; j += RB) {
+        const float *w0 = w + (int64_t)j * in;
+        for (int b = 0; b < rows; b++) {
+            const float *xb = x + (int64_t)b * in;
+            float acc[RB][16] = {{0.0f}};
+            int i = 0;
+            for (; i + 16 <= in; i += 16) {
+                if (b == 0)
+                    for (int r = 0; r < RB; r++) __builtin_prefetch(w0 + r * in + i + AHEAD);
+                for (int r = 0; r < RB; r++)
+                    for (int k = 0; k < 16; k++) acc[r][k] += xb[i + k] * w0[r * in + i + k];
+            }
+            for (int r = 0; r < RB; r++)
+                for (int k = 0, ii = i; ii < in; ii++, k++) acc[r][k] += xb[ii] * w0[r * in + ii];
+            for (int r = 0; r < RB; r++) y[(int64_t)b * out + j + r] = sum16(acc[r]);
+        }
+    }
+    for (; j < jb; j++) { /* the last rows of a split, one at a time */
+        const float *wj = w + (int64_t)j * in;
+        for (int b = 0; b < rows; b++) {
+            const float *xb = x + (int64_t)b * in;
+            float acc[16] = {0.0f};
+            int i = 0;
+            for (; i + 16 <= in; i += 16)
+                for (int k = 0; k < 16; k++) acc[k] += xb[i + k] * wj[i + k];
+            for (int k = 0; i < in; i++, k++) acc[k] += xb[i] * wj[i];
+            y[(int64_t)b * out + j] = sum16(acc);
+        }
+    }
+}
+
+/* y[b, :out] = x[b, :in] @ W.T + bias, for b < rows, with W (out, in) given as `w`: transposed,
+ * (in, out), when it has fewer than `big` weights, else as it is (linear_rows). A big matrix
+ * is split by rows over `threads` threads: at batch 1 a big model's step is bound by how fast
+ * its weights stream from memory, and two cores stream faster than one. */
+static void linear(const float *restrict x, int rows, int in, const float *restrict w,
+                   const float *restrict bias, int out, float *restrict y, int threads,
+                   int64_t big)
+{
+    if ((int64_t)in * out < big) {
+        linear_part(x, rows, in, w, out, y, 0, out);
+    } else {
 #ifdef _OPENMP
-    if (threads > 1 && (int64_t)in * out >= PAR_MIN) {
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
         {
             const int t = omp_get_thread_num(), n = omp_get_num_threads();
-            const int blocks = (out + JB - 1) / JB;
-            const int ja = blocks * t / n * JB, jb = t == n - 1 ? out : blocks * (t + 1) / n * JB;
-            linear_part(x, rows, in, wt, out, y, ja, jb);
+            const int groups = (out + RB - 1) / RB;
+            const int ja = groups * t / n * RB, jb = t == n - 1 ? out : groups * (t + 1) / n * RB;
+            linear_rows(x, rows, in, w, out, y, ja, jb);
         }
-    } else
+#else
+        linear_rows(x, rows, in, w, out, y, 0, out);
 #endif
-        linear_part(x, rows, in, wt, out, y, 0, out);
+    }
     (void)threads;
     if (bias)
         for (int b = 0; b < rows; b++)
@@ -268,6 +319,7 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
     const int L = dims[D_LAYERS], nh = dims[D_HEADS], hs = dims[D_HEAD_DIM], C = dims[D_EMBD];
     const int H = dims[D_HIDDEN], V = dims[D_VOCAB], normk = dims[D_NORM], act = dims[D_ACT];
     const int T = dims[D_MAX_LEN], batch = dims[D_BATCH], B = row1 - row0;
+    const int64_t big = dims[D_BIG];
     const float eps = params[P_NORM_EPS], qk_eps = params[P_QK_EPS], scale = params[P_SCALE];
     const float cap = params[P_SOFTCAP];
     const float *const *g = (const float *const *)ptrs;
@@ -297,7 +349,7 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
             for (int b = 0; b < B; b++)
                 norm(normk, x + (int64_t)b * C, w[L_LN1_W], w[L_LN1_B], eps, C,
                      xn + (int64_t)b * C);
-            linear(xn, B, C, w[L_ATTN_WT], w[L_ATTN_B], 3 * C, qkv, threads);
+            linear(xn, B, C, w[L_ATTN_WT], w[L_ATTN_B], 3 * C, qkv, threads, big);
             for (int b = 0; b < B; b++) {
                 float *q = qkv + (int64_t)b * 3 * C, *k = q + C, *v = k + C;
                 if (w[L_VE]) {
@@ -333,7 +385,7 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
             }
             float *mixed = y;
             if (w[L_PROJ_WT]) {
-                linear(y, B, C, w[L_PROJ_WT], w[L_PROJ_B], C, h, threads);
+                linear(y, B, C, w[L_PROJ_WT], w[L_PROJ_B], C, h, threads, big);
                 mixed = h;
             }
             for (int64_t i = 0; i < (int64_t)B * C; i++) x[i] += mixed[i];
@@ -341,10 +393,10 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
                 for (int b = 0; b < B; b++)
                     norm(normk, x + (int64_t)b * C, w[L_LN2_W], w[L_LN2_B], eps, C,
                          xn + (int64_t)b * C);
-                linear(xn, B, C, w[L_FC_WT], w[L_FC_B], H, h, threads);
+                linear(xn, B, C, w[L_FC_WT], w[L_FC_B], H, h, threads, big);
                 for (int64_t i = 0; i < (int64_t)B * H; i++) h[i] = activate(act, h[i]);
                 if (w[L_MPROJ_WT]) {
-                    linear(h, B, H, w[L_MPROJ_WT], w[L_MPROJ_B], C, y, threads);
+                    linear(h, B, H, w[L_MPROJ_WT], w[L_MPROJ_B], C, y, threads, big);
                     for (int64_t i = 0; i < (int64_t)B * C; i++) x[i] += y[i];
                 } else {
                     for (int64_t i = 0; i < (int64_t)B * C; i++) x[i] += h[i];
@@ -353,7 +405,7 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
         }
         for (int b = 0; b < B; b++)
             norm(normk, x + (int64_t)b * C, g[G_LNF_W], g[G_LNF_B], eps, C, xn + (int64_t)b * C);
-        linear(xn, B, C, g[G_HEAD_WT], g[G_HEAD_B], V, logits, threads);
+        linear(xn, B, C, g[G_HEAD_WT], g[G_HEAD_B], V, logits, threads, big);
         for (int b = 0; b < B; b++) {
             float *lb = logits + (int64_t)b * V;
             if (cap > 0.0f)
