@@ -237,11 +237,23 @@ def train_serve_run(root: Path) -> Path:
     return out
 
 
-def cli(*args: str, env_extra: dict[str, str] | None = None,
+FAULTY_CLI = Path(__file__).with_name("faulty_cli.py")
+
+
+def cli_command(*args: str, faults: list[str] | None = None) -> list[str]:
+    """The command line for `chargpt ARGS`, through tests/faulty_cli.py when faults are asked
+    for (its options, e.g. ["--exit-at-step", "17"])."""
+    if faults is None:
+        return [sys.executable, "-m", "chargpt.cli", *args]
+    return [sys.executable, str(FAULTY_CLI), *faults, "--", *args]
+
+
+def cli(*args: str, faults: list[str] | None = None,
         stdout: int | None = subprocess.PIPE) -> subprocess.Popen:
-    """`python -m chargpt.cli ARGS` in a subprocess (unbuffered, one thread), text streams."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "chargpt.cli", *args], env=env,
+    """`chargpt ARGS` in a subprocess (unbuffered, one thread), text streams; `faults` as in
+    `cli_command`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cli_command(*args, faults=faults), env=env,
                             stdout=stdout, stderr=subprocess.PIPE, text=True)
 
 

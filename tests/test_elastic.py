@@ -9,18 +9,18 @@ import sys
 import time
 
 import pytest
-from conftest import same_weights, tiny_flags
+from conftest import cli_command, same_weights, tiny_flags
 
 # The tiny model without dropout, evaluated every 20 steps.
 TINY = tiny_flags(dropout=0.0, eval_interval=20, sample_chars=0, warmup_steps=5)
 
 
-def torchrun(*args, env_extra=None, restarts=0, timeout=600):
+def torchrun(*args, faults=None, restarts=0, timeout=600):
     # A collective stuck on a dead peer errors out after 60 s instead of 30 minutes.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CHARGPT_DIST_TIMEOUT": "60",
-           **(env_extra or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CHARGPT_DIST_TIMEOUT": "60"}
+    worker = cli_command(*args, faults=faults)[1:]  # torchrun starts the Python itself
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           f"--max-restarts={restarts}", "-m", "chargpt.cli", *args]
+           f"--max-restarts={restarts}", *worker]
     # Own session, so a timeout kills torchrun's workers too instead of orphaning them.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
@@ -48,7 +48,7 @@ def test_elastic_restart_finds_the_last_checkpoint(corpus, tmp_path):
     # One kill, one restart: the restarted workers must form a new group at once (chargpt
     # namespaces the rendezvous store by attempt, so they never dial the dead workers).
     hit = torchrun(*flags, "--out", str(tmp_path / "hit"), restarts=1,
-                   env_extra={"CHARGPT_FAULT_EXIT_AT_STEP": "27", "CHARGPT_FAULT_RANK": "1"})
+                   faults=["--exit-at-step", "27", "--exit-rank", "1"])
     assert hit.returncode == 0, _errors(hit.stderr)
     assert time.time() - t0 < 600
     out = hit.stdout

@@ -1,5 +1,6 @@
-"""Fault injection lives in one module, read once at start-up: production code never reads the
-environment for tests, and the hooks it offers are called where faults must land."""
+"""Faults are injected only by the tests: production code offers hooks where faults must land and
+reads no variable or flag for them; tests/faulty_cli.py installs them in processes a test cannot
+reach."""
 
 from __future__ import annotations
 
@@ -8,37 +9,36 @@ import time
 import pytest
 import torch
 from conftest import tiny_config
+from faulty_cli import chosen_faults
 
 from chargpt import checkpoint as ckpt
 from chargpt import faults
 from chargpt.cli import main
-from chargpt.errors import ConfigError
 from chargpt.faults import Faults
 from chargpt.launch import train
 
 
 def test_off_by_default():
-    assert Faults.from_env({}) == Faults() and Faults().exit_at_step is None
+    assert faults.active() == Faults() and Faults().exit_at_step is None
+    assert chosen_faults([], {}) == Faults()
 
 
 def test_exit_is_narrowed_to_one_rank_and_the_first_attempt():
-    env = {"CHARGPT_FAULT_EXIT_AT_STEP": "27", "CHARGPT_FAULT_RANK": "1"}
-    assert Faults.from_env({**env, "RANK": "1"}).exit_at_step == 27
-    assert Faults.from_env({**env, "RANK": "0"}).exit_at_step is None
-    restarted = {**env, "RANK": "1", "TORCHELASTIC_RESTART_COUNT": "1"}
-    assert Faults.from_env(restarted).exit_at_step is None
-    assert Faults.from_env({"CHARGPT_FAULT_EXIT_AT_STEP": "3"}).exit_at_step == 3  # rank 0
-    assert Faults.from_env({"CHARGPT_TEST_SAVE_DELAY": "0.5"}).save_delay == 0.5
-    with pytest.raises(ConfigError, match="fault-injection"):
-        Faults.from_env({"CHARGPT_FAULT_EXIT_AT_STEP": "soon"})
+    opts = ["--exit-at-step", "27", "--exit-rank", "1"]
+    assert chosen_faults(opts, {"RANK": "1"}).exit_at_step == 27
+    assert chosen_faults(opts, {"RANK": "0"}).exit_at_step is None
+    restarted = {"RANK": "1", "TORCHELASTIC_RESTART_COUNT": "1"}
+    assert chosen_faults(opts, restarted).exit_at_step is None
+    assert chosen_faults(["--exit-at-step", "3"], {}).exit_at_step == 3  # rank 0
+    assert chosen_faults(["--save-delay", "0.5"], {}).save_delay == 0.5
 
 
-def test_the_cli_reads_the_variables_once_at_start_up(monkeypatch):
+@pytest.mark.parametrize("name", ["CHARGPT_TEST_SAVE_DELAY", "CHARGPT_FAULT_EXIT_AT_STEP"])
+def test_the_cli_reads_no_fault_from_the_environment(monkeypatch, name):
     monkeypatch.setattr(faults, "_active", Faults())  # restored after the test
-    monkeypatch.setenv("CHARGPT_TEST_SAVE_DELAY", "0.25")
-    assert faults.active().save_delay == 0.0  # importing and using chargpt reads nothing
+    monkeypatch.setenv(name, "3")  # the variables earlier versions read
     assert main(["presets"]) == 0
-    assert faults.active() == Faults(save_delay=0.25)
+    assert faults.active() == Faults()
 
 
 class _Tiny(torch.nn.Module):
@@ -51,9 +51,7 @@ def _data(step: int) -> ckpt.CheckpointData:
     return ckpt.CheckpointData(config={}, vocab={}, state=ckpt.TrainState(step=step))
 
 
-def test_checkpoint_save_pauses_where_a_kill_matters_and_reads_no_environment(tmp_path,
-                                                                               monkeypatch):
-    monkeypatch.setenv("CHARGPT_TEST_SAVE_DELAY", "30")  # would make each save take 1.5 min
+def test_checkpoint_save_pauses_where_a_kill_matters(tmp_path):
     pauses = []
     t0 = time.perf_counter()
     ckpt.save(tmp_path, "last", _Tiny(), _data(1), pause=lambda: pauses.append(1))

@@ -207,10 +207,10 @@ def kill_series(corpus, ref, run, steps, delays) -> int:
     let it finish and compare with the undisturbed run. Returns how many kills landed."""
     cmd = ["train", "--input", str(corpus), "--out", str(run), "--auto-resume", *TINY,
            "--max-steps", str(steps)]
-    slow_saves = {"CHARGPT_TEST_SAVE_DELAY": "0.05"}  # kills land inside writes more often
+    slow_saves = ["--save-delay", "0.05"]  # kills land inside writes more often
     kills = 0
     for delay in delays:
-        proc = cli(*cmd, env_extra=slow_saves, stdout=subprocess.DEVNULL)
+        proc = cli(*cmd, faults=slow_saves, stdout=subprocess.DEVNULL)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:

@@ -4,10 +4,7 @@ replayed steps TensorBoard must not show twice); the CLI flag, missing extras an
 
 import html
 import json
-import os
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import pytest
 pytest.importorskip("tensorboard", reason="the tensorboard extra is part of dev")
 pytest.importorskip("wandb", reason="the wandb extra is part of dev")
 
-from conftest import one_line_error, tiny_config  # noqa: E402
+from conftest import cli, one_line_error, tiny_config  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402
     EventAccumulator,
 )
@@ -112,10 +109,9 @@ def test_tensorboard_drops_steps_a_crashed_process_logged_after_its_checkpoint(c
              "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4", "--max-steps",
              "30", "--eval-interval", "10", "--eval-iters", "2", "--log-interval", "5",
              "--sample-chars", "0", "--no-progress", "--log-to", "tensorboard"]
-    env = {**os.environ, "CHARGPT_FAULT_EXIT_AT_STEP": "17", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "chargpt.cli", *flags], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 17, proc.stderr  # died after logging step 15, checkpoint at 10
+    proc = cli(*flags, faults=["--exit-at-step", "17"])
+    proc.wait(timeout=300)
+    assert proc.returncode == 17, proc.stderr.read()  # died after logging step 15, checkpoint at 10
     crashed, _ = tensorboard_scalars(run)
     assert ("train/loss", 15) in crashed
     assert [r["step"] for r in RunDir(run).read_metrics() if r["kind"] == "train"] == [5, 10, 15]

@@ -14,7 +14,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import faults
 from .cli_parser import build_parser
 from .config import resolve_config
 from .errors import ChargptError, ConfigError
@@ -268,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # usage errors and --help: argparse has printed what it had to say
         return int(e.code or 0)
     try:
-        faults.load()  # test-only fault injection, read once here (see faults.py)
         return COMMANDS[args.command](args)
     except ChargptError as e:
         print(f"chargpt: error: {e}", file=sys.stderr)
