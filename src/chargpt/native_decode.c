@@ -5,9 +5,9 @@
  * At chargpt's sizes a token costs well under a megaflop, so a framework's per-operation cost
  * (dispatch, allocation, Python) dominates a decode step; written as plain loops over
  * contiguous float32 arrays the step costs about its arithmetic. Weight matrices arrive
- * transposed, (in, out), so that every product is a sum of scaled rows: the compiler
- * vectorises it over the outputs without reordering any sum. The result is the eager step's
- * arithmetic up to rounding (summation order, exp and erf of the C library).
+ * transposed, (in, out), so that every product is a sum of scaled rows, vectorised over the
+ * outputs without reordering any sum. The result is the eager step's arithmetic up to
+ * rounding (summation order, exp and erf of the C library).
  */
 #include <math.h>
 #include <stdint.h>
@@ -28,46 +28,83 @@ enum { L_LN1_W, L_LN1_B, L_ATTN_WT, L_ATTN_B, L_VE, L_PROJ_WT, L_PROJ_B, L_LN2_W
 enum { NORM_NONE, NORM_LAYER, NORM_RMS };
 enum { ACT_RELU, ACT_RELU2, ACT_GELU };
 
-#ifndef JB
-#define JB 64 /* outputs per register block of a product */
+/* Vectors of VW floats (GCC/clang vector extensions; the compiler maps them onto the machine's
+ * registers, two or four of them where its vectors are narrower). Accumulators are held in
+ * such variables, never in arrays indexed at run time: an array of partial sums is kept in
+ * memory, and every multiply-add then waits for a store and a load. */
+#if defined(__AVX512F__)
+#define VW 16
+#else
+#define VW 8
 #endif
-#ifndef IB
-#define IB 16 /* inputs per pass over the outputs: IB weight rows are read side by side */
-#endif
+typedef float vf __attribute__((vector_size(VW * sizeof(float))));
+typedef float vh __attribute__((vector_size(VW / 2 * sizeof(float))));
+#define INLINE static inline __attribute__((always_inline))
 
-/* y[b, j0 : j0 + n] for b < rows, inputs i0 .. i0 + ni - 1 added to what y holds; n <= JB */
-static inline void linear_block(const float *restrict x, int rows, int in,
-                                const float *restrict wt, int out, float *restrict y, int i0,
-                                int ni, int j0, int n)
+INLINE vf load_vf(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+INLINE vh load_vh(const float *p) { vh v; memcpy(&v, p, sizeof v); return v; }
+INLINE void store_vf(float *p, vf v) { memcpy(p, &v, sizeof v); }
+INLINE void store_vh(float *p, vh v) { memcpy(p, &v, sizeof v); }
+
+#define TR 4 /* rows of a tile of a product */
+#define TV 4 /* vectors of outputs of a tile: TV * VW outputs */
+
+/* y[b, j0 : j0 + NV * VW] = x[b, :in] @ wt[:, that span] for b < R (wt is (in, out)): R x NV
+ * accumulators in registers, each weight vector loaded once for all R rows. Every output is
+ * the same chain of multiply-adds over the inputs in order, whatever the tile. */
+INLINE void tile(const float *restrict x, int in, const float *restrict wt, int out,
+                 float *restrict y, int j0, const int R, const int NV)
 {
-    for (int b = 0; b < rows; b++) {
-        float acc[JB];
-        float *yb = y + (int64_t)b * out + j0;
-        for (int j = 0; j < n; j++) acc[j] = yb[j];
-        const float *xb = x + (int64_t)b * in;
-        for (int i = i0; i < i0 + ni; i++) {
-            const float xi = xb[i];
-            const float *w = wt + (int64_t)i * out + j0;
-            for (int j = 0; j < n; j++) acc[j] += xi * w[j];
+    vf acc[TR][TV];
+    for (int b = 0; b < R; b++)
+        for (int v = 0; v < NV; v++) acc[b][v] = (vf){0};
+    for (int i = 0; i < in; i++) {
+        const float *w = wt + (int64_t)i * out + j0;
+        vf wv[TV];
+        for (int v = 0; v < NV; v++) wv[v] = load_vf(w + v * VW);
+        for (int b = 0; b < R; b++) {
+            const float xi = x[(int64_t)b * in + i];
+            for (int v = 0; v < NV; v++) acc[b][v] += xi * wv[v];
         }
-        for (int j = 0; j < n; j++) yb[j] = acc[j];
     }
+    for (int b = 0; b < R; b++)
+        for (int v = 0; v < NV; v++) store_vf(y + (int64_t)b * out + j0 + v * VW, acc[b][v]);
 }
 
-/* y[b, ja:jb] = x[b, :in] @ wt[:, ja:jb] (wt is (in, out)), for b < rows. Each output's sum runs
- * over the inputs in order; IB inputs at a time, so the weights are read as IB sequential
- * streams (prefetched, even when the matrix is far larger than the caches) and each block of
- * weights serves every row while it is in the nearest cache. */
+/* one function per tile shape, so that each one's accumulators are named registers */
+#define TILE(R, NV) \
+    static void tile_##R##_##NV(const float *restrict x, int in, const float *restrict wt, \
+                                int out, float *restrict y, int j0) \
+    { tile(x, in, wt, out, y, j0, R, NV); }
+TILE(1, 1) TILE(1, 2) TILE(1, 3) TILE(1, 4) TILE(2, 1) TILE(2, 2) TILE(2, 3) TILE(2, 4)
+TILE(3, 1) TILE(3, 2) TILE(3, 3) TILE(3, 4) TILE(4, 1) TILE(4, 2) TILE(4, 3) TILE(4, 4)
+typedef void (*tile_fn)(const float *restrict, int, const float *restrict, int,
+                        float *restrict, int);
+static const tile_fn TILES[TR][TV] = {
+    {tile_1_1, tile_1_2, tile_1_3, tile_1_4}, {tile_2_1, tile_2_2, tile_2_3, tile_2_4},
+    {tile_3_1, tile_3_2, tile_3_3, tile_3_4}, {tile_4_1, tile_4_2, tile_4_3, tile_4_4}};
+
+/* y[b, :out] = x[b, :in] @ wt for b < rows (wt is (in, out)), tile by tile; the last outputs
+ * that fill no vector are summed one at a time, in the same order */
 static void linear_part(const float *restrict x, int rows, int in, const float *restrict wt,
-                        int out, float *restrict y, int ja, int jb)
+                        int out, float *restrict y)
 {
-    for (int b = 0; b < rows; b++)
-        for (int j = ja; j < jb; j++) y[(int64_t)b * out + j] = 0.0f;
-    for (int i0 = 0; i0 < in; i0 += IB) {
-        const int ni = in - i0 < IB ? in - i0 : IB;
-        int j0 = ja;
-        for (; j0 + JB <= jb; j0 += JB) linear_block(x, rows, in, wt, out, y, i0, ni, j0, JB);
-        if (j0 < jb) linear_block(x, rows, in, wt, out, y, i0, ni, j0, jb - j0);
+    const int full = out / VW * VW;
+    for (int b0 = 0; b0 < rows; b0 += TR) {
+        const int r = rows - b0 < TR ? rows - b0 : TR;
+        const float *xb = x + (int64_t)b0 * in;
+        float *yb = y + (int64_t)b0 * out;
+        for (int j0 = 0; j0 < full; j0 += TV * VW) {
+            const int nv = (full - j0) / VW < TV ? (full - j0) / VW : TV;
+            TILES[r - 1][nv - 1](xb, in, wt, out, yb, j0);
+        }
+        for (int j = full; j < out; j++)
+            for (int b = 0; b < r; b++) {
+                float acc = 0.0f;
+                for (int i = 0; i < in; i++)
+                    acc += xb[(int64_t)b * in + i] * wt[(int64_t)i * out + j];
+                yb[(int64_t)b * out + j] = acc;
+            }
     }
 }
 
@@ -130,7 +167,7 @@ static void linear(const float *restrict x, int rows, int in, const float *restr
                    int64_t big)
 {
     if ((int64_t)in * out < big) {
-        linear_part(x, rows, in, w, out, y, 0, out);
+        linear_part(x, rows, in, w, out, y);
     } else {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -162,9 +199,55 @@ static float dot(const float *restrict a, const float *restrict b, int n)
     return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
 }
 
-/* y = norm(x) over n features; w, b may be NULL (RMSNorm without weight, no bias) */
-static void norm(int kind, const float *restrict x, const float *restrict w,
-                 const float *restrict b, float eps, int n, float *restrict y)
+/* out[i] = sum over s < n of p[s] * v[s, i], for the NV * VW + (HALF ? VW / 2 : 0) features
+ * from i0 of rows of hs floats: one pass over the keys, its sums in registers */
+INLINE void weigh_span(const float *restrict p, const float *restrict v, int n, int hs,
+                       float *restrict out, int i0, const int NV, const int HALF)
+{
+    vf acc[TV];
+    vh acc_h = (vh){0};
+    for (int k = 0; k < NV; k++) acc[k] = (vf){0};
+    for (int s = 0; s < n; s++) {
+        const float *row = v + (int64_t)s * hs + i0;
+        for (int k = 0; k < NV; k++) acc[k] += p[s] * load_vf(row + k * VW);
+        if (HALF) acc_h += p[s] * load_vh(row + NV * VW);
+    }
+    for (int k = 0; k < NV; k++) store_vf(out + i0 + k * VW, acc[k]);
+    if (HALF) store_vh(out + i0 + NV * VW, acc_h);
+}
+
+#define WEIGH(NV, HALF) \
+    static void weigh_##NV##_##HALF(const float *restrict p, const float *restrict v, int n, \
+                                    int hs, float *restrict out, int i0) \
+    { weigh_span(p, v, n, hs, out, i0, NV, HALF); }
+WEIGH(0, 1) WEIGH(1, 0) WEIGH(1, 1) WEIGH(2, 0) WEIGH(2, 1) WEIGH(3, 0) WEIGH(3, 1) WEIGH(4, 0)
+typedef void (*weigh_fn)(const float *restrict, const float *restrict, int, int,
+                         float *restrict, int);
+static const weigh_fn WEIGHS[TV + 1][2] = {{NULL, weigh_0_1}, {weigh_1_0, weigh_1_1},
+    {weigh_2_0, weigh_2_1}, {weigh_3_0, weigh_3_1}, {weigh_4_0, NULL}};
+
+/* out[:hs] = p[:n] @ v[:n, :hs], a head's attention output: spans of up to TV vectors (and a
+ * half vector), then the last features one at a time */
+static void weigh_values(const float *restrict p, const float *restrict v, int n, int hs,
+                         float *restrict out)
+{
+    int i0 = 0;
+    for (; hs - i0 >= TV * VW; i0 += TV * VW) weigh_4_0(p, v, n, hs, out, i0);
+    const int nv = (hs - i0) / VW, half = (hs - i0 - nv * VW) >= VW / 2;
+    if (nv || half) {
+        WEIGHS[nv][half](p, v, n, hs, out, i0);
+        i0 += nv * VW + half * VW / 2;
+    }
+    for (; i0 < hs; i0++) {
+        float acc = 0.0f;
+        for (int s = 0; s < n; s++) acc += p[s] * v[(int64_t)s * hs + i0];
+        out[i0] = acc;
+    }
+}
+
+/* y = norm(x) over n features, y may be x; w, b may be NULL (RMSNorm without weight, no bias) */
+static void norm(int kind, const float *x, const float *restrict w, const float *restrict b,
+                 float eps, int n, float *y)
 {
     if (kind == NORM_NONE) {
         if (y != x) memcpy(y, x, sizeof(float) * n);
@@ -374,13 +457,7 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
                     for (int s = 0; s < n_keys; s++)
                         att[s] = dot(qh, K + (int64_t)s * hs, hs) * scale;
                     softmax(att, n_keys);
-                    float *out = y + (int64_t)b * C + hd * hs;
-                    for (int i = 0; i < hs; i++) out[i] = 0.0f;
-                    for (int s = 0; s < n_keys; s++) {
-                        const float p = att[s];
-                        const float *vs = Vc + (int64_t)s * hs;
-                        for (int i = 0; i < hs; i++) out[i] += p * vs[i];
-                    }
+                    weigh_values(att, Vc, n_keys, hs, y + (int64_t)b * C + hd * hs);
                 }
             }
             float *mixed = y;
