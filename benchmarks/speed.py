@@ -125,7 +125,7 @@ def sampler(kind: str, cfg: ModelConfig, batch: int):
                 p.normal_(0.0, 0.02)
 
     def run_chargpt(n: int) -> None:
-        generate(model, idx, n, seed=1, compile=kind == "compiled", native=kind == "native")
+        generate(model, idx, n, seed=1, compile=kind == "compiled", native=kind.startswith("native"), weights="bfloat16" if kind == "native-bf16" else "float32")
     return run_chargpt
 
 

@@ -1,7 +1,8 @@
 """The native C decode loop against its reference, the torch step: the same tokens for every
 wiring the loop computes (greedy, temperature, top-k, top-p; past the block, rolled or
-refilled), a batch split over threads against one thread, and what happens where the loop
-cannot run (no compiler, a compiler that fails, models it does not compute, bad input)."""
+refilled), a batch split over threads against one thread, bfloat16 weights against float32
+decoding of the rounded weights, and what happens where the loop cannot run (no compiler, a
+compiler that fails, models it does not compute, bad input)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from test_sampling import gen, prompt, rope_gpt, tiny_gpt
 import chargpt.decode as decode_module
 import chargpt.native as native
 from chargpt.cli import main
+from chargpt.errors import ConfigError
 from chargpt.sampling import KVCache, SamplingSettings, generate
 
 if not native.available()[0]:
@@ -178,3 +180,62 @@ def test_cli_samples_the_same_text_with_and_without_the_native_loop(tmp_path, ca
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1]
     assert texts[0].count("ROMEO:") >= 2 and "\n---\n" in texts[0]
+
+
+# --- bfloat16 weights ----------------------------------------------------------------------
+
+
+def rounded_to_bfloat16(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose weight matrices (what `weights="bfloat16"` rounds) hold bfloat16 values."""
+    copy = __import__("copy").deepcopy(model)
+    with torch.no_grad():
+        for module in copy.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(module.weight.to(torch.bfloat16).float())
+    return copy
+
+
+@pytest.mark.parametrize("overrides", [WIRINGS[0], WIRINGS[3], WIRINGS[5]])
+def test_bfloat16_weights_compute_in_float32_on_the_rounded_weights(overrides, monkeypatch):
+    # the reference: float32 decoding of a model whose weights were rounded beforehand;
+    # the same tokens, bit for bit, for the transposed (small) and the row-wise (big) layout
+    model = tiny_gpt(**overrides).eval()
+    rounded = rounded_to_bfloat16(model)
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), rounded.parameters(),
+                                                     strict=True))
+    for big in (native.BIG, 1):  # 1: every matrix is "big", read by rows, split over threads
+        monkeypatch.setattr(native, "BIG", big)
+        for batch in (1, 3):
+            idx = prompt(batch, 3)
+            for options in (PICKS[1], PICKS[3]):
+                got = generate(model, idx, 40, generator=gen(5), weights="bfloat16", **options)
+                expected = generate(rounded, idx, 40, generator=gen(5), **options)
+                assert torch.equal(got, expected), (big, batch, options)
+
+
+def test_bfloat16_weights_are_a_setting_of_the_native_loop(capsys, monkeypatch):
+    with pytest.raises(ConfigError, match="weights must be one of float32, bfloat16"):
+        SamplingSettings(weights="float16")
+    with pytest.raises(ConfigError, match="needs the KV cache and native decoding"):
+        SamplingSettings(weights="bfloat16", native=False)
+    with pytest.raises(ConfigError, match="needs the KV cache and native decoding"):
+        SamplingSettings(weights="bfloat16", use_cache=False)
+    monkeypatch.setattr(decode_module, "_REPORTED", set())
+    model = tiny_gpt().double()  # the loop does not run it: float32, and said once
+    for _ in range(2):
+        got = generate(model, prompt(1, 3), 20, generator=gen(2), weights="bfloat16")
+        assert torch.equal(got, generate(model, prompt(1, 3), 20, generator=gen(2)))
+    err = capsys.readouterr().err
+    assert err.count("bfloat16 weights are a setting of the native decode loop") == 1
+    assert "decoding in float32" in err
+
+
+def test_cli_samples_with_bfloat16_weights(tmp_path, capsys):
+    run = train_serve_run(tmp_path)
+    capsys.readouterr()
+    args = ["sample", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "60", "--seed", "3"]
+    assert main([*args, "--weights", "bfloat16"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("ROMEO:") and len(out.out) >= 66 and "warning" not in out.err
+    assert main([*args, "--weights", "int4"]) == 1
+    assert "chargpt: error: weights must be one of float32, bfloat16" in capsys.readouterr().err

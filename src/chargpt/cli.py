@@ -103,7 +103,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed,
                                 use_cache=not args.no_kv_cache, compile=args.compile,
-                                native=not args.no_native)
+                                native=not args.no_native, weights=args.weights)
     run = load_run(args.run_dir, args.checkpoint, device=args.device)
     ids = run.encode_prompt(prompt, args.unknown)  # checked before anything is printed
     # all samples decode as one batch; the first streams, the others follow when it is done

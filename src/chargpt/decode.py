@@ -32,8 +32,8 @@ from .rope import rope_angles
 if TYPE_CHECKING:
     from .sampling import KVCache, SamplingSettings
 
-__all__ = ["Decoder", "decode_step", "fused_linear", "rotation_table", "static_logits",
-           "step_logits", "supports"]
+__all__ = ["Decoder", "decode_step", "fused_linear", "report_once", "rotation_table",
+           "static_logits", "step_logits", "supports"]
 
 Linear = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
@@ -148,8 +148,16 @@ class _CompiledSteps(nn.Module):
         return torch.stack(out, dim=1)  # (B, UNROLL)
 
 
-# reasons the native loop was unavailable that the user has been told already
+# what the user has been told already about decoding other than asked (once per process)
 _REPORTED: set[str] = set()
+
+
+def report_once(message: str) -> None:
+    """Warn that decoding differs from what was asked, once per process (a server samples
+    many times with the same settings)."""
+    if message not in _REPORTED:
+        _REPORTED.add(message)
+        warn(message)
 # compiled steps per model and static shape; compiling one costs seconds to a minute
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Callable[..., Tensor]]] = (
     weakref.WeakKeyDictionary())
@@ -192,11 +200,14 @@ class Decoder:
         try:
             return native.NativeLoop(self.model, self.cache, self.settings)
         except native.Unavailable as e:
-            if str(e) not in _REPORTED:
-                _REPORTED.add(str(e))
-                warn(f"the native decode loop is unavailable here: {e}; decoding with the "
-                     "slower torch step (--no-native hides this)")
+            report_once(f"the native decode loop is unavailable here: {e}; decoding with the "
+                        "slower torch step (--no-native hides this)")
             return None
+
+    @property
+    def native(self) -> bool:
+        """Whether tokens are decoded by the native C loop."""
+        return self._native is not None
 
     def _rotation(self, pos: int, n: int | None = None) -> Tensor:
         """This position's rotation rows (or those of `n` positions from it), from a table

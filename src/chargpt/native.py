@@ -47,10 +47,12 @@ _MAX_HEAD_DIM = 1024  # the C code rotates a head in a buffer of this many float
 # the layout in which a block of weights serves many sequences while it is cached
 BIG = 1 << 17
 _NEVER = 2**31 - 1
+# what SamplingSettings.weights names, as the C code stores a weight matrix
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # order of the C code's dims[] and params[] (native_decode.c)
 _DIMS = ("layers", "heads", "head_dim", "embd", "hidden", "vocab", "norm", "act", "qk_norm",
-         "rope", "wpe", "max_len", "batch", "top_k", "big")
+         "rope", "wpe", "max_len", "batch", "top_k", "big", "bf16")
 _NORMS = {"none": 0, "layernorm": 1, "rmsnorm": 2}
 _ACTS = {"relu": 0, "relu2": 1, "gelu": 2}
 
@@ -177,8 +179,9 @@ class NativeLoop:
     """A model's decode loop in C, for one KV cache and one way of picking tokens.
 
     The weights are copied into the C code's layout when the loop is made (a model trained
-    further afterwards needs a new loop); the cache's tensors are shared with the model's
-    cached forward, which fills them from the prompt."""
+    further afterwards needs a new loop), the weight matrices rounded to bfloat16 if
+    `settings.weights` says so; the cache's tensors are shared with the model's cached
+    forward, which fills them from the prompt."""
 
     def __init__(self, model: nn.Module, cache: KVCache, settings: SamplingSettings) -> None:
         if not supports(model):
@@ -196,12 +199,15 @@ class NativeLoop:
         self._rows = [(batch * i // shares, batch * (i + 1) // shares) for i in range(shares)]
         self._threads = max(1, threads // shares)
         big = BIG if batch == shares else _NEVER  # one sequence per call: big matrices by rows
+        # weight matrices only: embeddings, norms, biases and the cache stay float32
+        weights = WEIGHT_DTYPES[settings.weights]
 
-        def arr(t: Tensor | None, shape: tuple[int, ...], transpose: bool = False):
+        def arr(t: Tensor | None, shape: tuple[int, ...], transpose: bool = False,
+                dtype: torch.dtype = torch.float32):
             if t is None:
                 return None
             t = t.detach()
-            t = (t.t() if transpose else t).to(torch.float32).contiguous()
+            t = (t.t() if transpose else t).to(dtype).contiguous()  # bfloat16: rounded
             if tuple(t.shape) != shape:
                 raise ValueError(f"native decode: expected shape {shape}, got {tuple(t.shape)}")
             keep.append(t)
@@ -215,8 +221,9 @@ class NativeLoop:
             if m is None:
                 return None, None
             if n_in * n_out >= big:
-                return arr(m.weight, (n_out, n_in)), arr(m.bias, (n_out,))
-            return arr(m.weight, (n_in, n_out), transpose=True), arr(m.bias, (n_out,))
+                return arr(m.weight, (n_out, n_in), dtype=weights), arr(m.bias, (n_out,))
+            return (arr(m.weight, (n_in, n_out), transpose=True, dtype=weights),
+                    arr(m.bias, (n_out,)))
 
         norm_kind = "none" if cfg.norm == "none" else cfg.norm_type
         ptrs: list[int | None] = [arr(tr.wte.weight, (V, C)),
@@ -242,7 +249,8 @@ class NativeLoop:
         dims = dict(layers=cfg.n_layer, heads=cfg.n_head, head_dim=cfg.head_dim, embd=C,
                     hidden=H, vocab=V, norm=_NORMS[norm_kind], act=_ACTS[cfg.activation],
                     qk_norm=int(cfg.qk_norm), rope=int(model.use_rope), wpe=int("wpe" in tr),
-                    max_len=T, batch=batch, top_k=settings.top_k or 0, big=big)
+                    max_len=T, batch=batch, top_k=settings.top_k or 0, big=big,
+                    bf16=int(weights == torch.bfloat16))
         eps = float(getattr(tr.ln_f, "eps", None) or torch.finfo(torch.float32).eps)
         params = [eps, torch.finfo(torch.float32).eps, float(tr.h[0].attn.scale),
                   float(cfg.logit_softcap), float(settings.temperature),

@@ -18,7 +18,7 @@
 
 /* dims[] */
 enum { D_LAYERS, D_HEADS, D_HEAD_DIM, D_EMBD, D_HIDDEN, D_VOCAB, D_NORM, D_ACT, D_QK_NORM,
-       D_ROPE, D_WPE, D_MAX_LEN, D_BATCH, D_TOP_K, D_BIG, D_N_DIMS };
+       D_ROPE, D_WPE, D_MAX_LEN, D_BATCH, D_TOP_K, D_BIG, D_BF16, D_N_DIMS };
 /* params[] */
 enum { P_NORM_EPS, P_QK_EPS, P_SCALE, P_SOFTCAP, P_TEMPERATURE, P_TOP_P, P_N_PARAMS };
 /* ptrs[]: the model's arrays, then per layer L_COUNT of them (NULL where a part is absent) */
@@ -39,12 +39,56 @@ enum { ACT_RELU, ACT_RELU2, ACT_GELU };
 #endif
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
 typedef float vh __attribute__((vector_size(VW / 2 * sizeof(float))));
+typedef uint16_t vf_bf16 __attribute__((vector_size(VW * sizeof(uint16_t))));
+typedef uint32_t vf_u32 __attribute__((vector_size(VW * sizeof(uint32_t))));
+/* 16 floats: the running partial sums of a row of a big matrix (two vectors where the
+ * machine's are 8 wide) */
+typedef float v16 __attribute__((vector_size(16 * sizeof(float))));
+typedef uint16_t v16_bf16 __attribute__((vector_size(16 * sizeof(uint16_t))));
+typedef uint32_t v16_u32 __attribute__((vector_size(16 * sizeof(uint32_t))));
 #define INLINE static inline __attribute__((always_inline))
 
 INLINE vf load_vf(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 INLINE vh load_vh(const float *p) { vh v; memcpy(&v, p, sizeof v); return v; }
 INLINE void store_vf(float *p, vf v) { memcpy(p, &v, sizeof v); }
 INLINE void store_vh(float *p, vh v) { memcpy(p, &v, sizeof v); }
+INLINE v16 load_v16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+
+/* Weight matrices are float32, or bfloat16 (dims[D_BF16]): the upper half of a float32, so a
+ * weight widens exactly by a shift, and the products below run in float32 on the widened
+ * weights: bfloat16 halves the bytes a token reads, not the precision of the arithmetic. */
+INLINE float weight_at(const void *w, int64_t at, const int BF)
+{
+    if (!BF) return ((const float *)w)[at];
+    const uint32_t bits = (uint32_t)((const uint16_t *)w)[at] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* VW weights from w[at] */
+INLINE vf weights_vf(const void *w, int64_t at, const int BF)
+{
+    if (!BF) return load_vf((const float *)w + at);
+    vf_bf16 h;
+    memcpy(&h, (const uint16_t *)w + at, sizeof h);
+    const vf_u32 bits = __builtin_convertvector(h, vf_u32) << 16;
+    vf f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* 16 weights from w[at] */
+INLINE v16 weights_v16(const void *w, int64_t at, const int BF)
+{
+    if (!BF) return load_v16((const float *)w + at);
+    v16_bf16 h;
+    memcpy(&h, (const uint16_t *)w + at, sizeof h);
+    const v16_u32 bits = __builtin_convertvector(h, v16_u32) << 16;
+    v16 f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
 
 #define TR 4 /* rows of a tile of a product */
 #define TV 4 /* vectors of outputs of a tile: TV * VW outputs */
@@ -52,16 +96,15 @@ INLINE void store_vh(float *p, vh v) { memcpy(p, &v, sizeof v); }
 /* y[b, j0 : j0 + NV * VW] = x[b, :in] @ wt[:, that span] for b < R (wt is (in, out)): R x NV
  * accumulators in registers, each weight vector loaded once for all R rows. Every output is
  * the same chain of multiply-adds over the inputs in order, whatever the tile. */
-INLINE void tile(const float *restrict x, int in, const float *restrict wt, int out,
-                 float *restrict y, int j0, const int R, const int NV)
+INLINE void tile(const float *restrict x, int in, const void *restrict wt, int out,
+                 float *restrict y, int j0, const int R, const int NV, const int BF)
 {
     vf acc[TR][TV];
     for (int b = 0; b < R; b++)
         for (int v = 0; v < NV; v++) acc[b][v] = (vf){0};
     for (int i = 0; i < in; i++) {
-        const float *w = wt + (int64_t)i * out + j0;
         vf wv[TV];
-        for (int v = 0; v < NV; v++) wv[v] = load_vf(w + v * VW);
+        for (int v = 0; v < NV; v++) wv[v] = weights_vf(wt, (int64_t)i * out + j0 + v * VW, BF);
         for (int b = 0; b < R; b++) {
             const float xi = x[(int64_t)b * in + i];
             for (int v = 0; v < NV; v++) acc[b][v] += xi * wv[v];
@@ -71,23 +114,31 @@ INLINE void tile(const float *restrict x, int in, const float *restrict wt, int 
         for (int v = 0; v < NV; v++) store_vf(y + (int64_t)b * out + j0 + v * VW, acc[b][v]);
 }
 
-/* one function per tile shape, so that each one's accumulators are named registers */
-#define TILE(R, NV) \
-    static void tile_##R##_##NV(const float *restrict x, int in, const float *restrict wt, \
-                                int out, float *restrict y, int j0) \
-    { tile(x, in, wt, out, y, j0, R, NV); }
-TILE(1, 1) TILE(1, 2) TILE(1, 3) TILE(1, 4) TILE(2, 1) TILE(2, 2) TILE(2, 3) TILE(2, 4)
-TILE(3, 1) TILE(3, 2) TILE(3, 3) TILE(3, 4) TILE(4, 1) TILE(4, 2) TILE(4, 3) TILE(4, 4)
-typedef void (*tile_fn)(const float *restrict, int, const float *restrict, int,
+/* one function per tile shape and weight type, so that each one's accumulators are registers */
+typedef void (*tile_fn)(const float *restrict, int, const void *restrict, int,
                         float *restrict, int);
-static const tile_fn TILES[TR][TV] = {
-    {tile_1_1, tile_1_2, tile_1_3, tile_1_4}, {tile_2_1, tile_2_2, tile_2_3, tile_2_4},
-    {tile_3_1, tile_3_2, tile_3_3, tile_3_4}, {tile_4_1, tile_4_2, tile_4_3, tile_4_4}};
+#define TILE(R, NV, BF) \
+    static void tile_##R##_##NV##_##BF(const float *restrict x, int in, \
+                                       const void *restrict wt, int out, float *restrict y, \
+                                       int j0) \
+    { tile(x, in, wt, out, y, j0, R, NV, BF); }
+#define TILES_OF(BF) \
+    TILE(1, 1, BF) TILE(1, 2, BF) TILE(1, 3, BF) TILE(1, 4, BF) \
+    TILE(2, 1, BF) TILE(2, 2, BF) TILE(2, 3, BF) TILE(2, 4, BF) \
+    TILE(3, 1, BF) TILE(3, 2, BF) TILE(3, 3, BF) TILE(3, 4, BF) \
+    TILE(4, 1, BF) TILE(4, 2, BF) TILE(4, 3, BF) TILE(4, 4, BF)
+#define TILE_ROW(R, BF) {tile_##R##_1_##BF, tile_##R##_2_##BF, tile_##R##_3_##BF, \
+                         tile_##R##_4_##BF}
+TILES_OF(0)
+TILES_OF(1)
+static const tile_fn TILES[2][TR][TV] = {
+    {TILE_ROW(1, 0), TILE_ROW(2, 0), TILE_ROW(3, 0), TILE_ROW(4, 0)},
+    {TILE_ROW(1, 1), TILE_ROW(2, 1), TILE_ROW(3, 1), TILE_ROW(4, 1)}};
 
 /* y[b, :out] = x[b, :in] @ wt for b < rows (wt is (in, out)), tile by tile; the last outputs
  * that fill no vector are summed one at a time, in the same order */
-static void linear_part(const float *restrict x, int rows, int in, const float *restrict wt,
-                        int out, float *restrict y)
+static void linear_part(const float *restrict x, int rows, int in, const void *restrict wt,
+                        int out, float *restrict y, int bf)
 {
     const int full = out / VW * VW;
     for (int b0 = 0; b0 < rows; b0 += TR) {
@@ -96,20 +147,32 @@ static void linear_part(const float *restrict x, int rows, int in, const float *
         float *yb = y + (int64_t)b0 * out;
         for (int j0 = 0; j0 < full; j0 += TV * VW) {
             const int nv = (full - j0) / VW < TV ? (full - j0) / VW : TV;
-            TILES[r - 1][nv - 1](xb, in, wt, out, yb, j0);
+            TILES[bf][r - 1][nv - 1](xb, in, wt, out, yb, j0);
         }
         for (int j = full; j < out; j++)
             for (int b = 0; b < r; b++) {
                 float acc = 0.0f;
-                for (int i = 0; i < in; i++)
-                    acc += xb[(int64_t)b * in + i] * wt[(int64_t)i * out + j];
+                for (int i = 0; i < in; i++) {
+                    const int64_t at = (int64_t)i * out + j;
+                    acc += xb[(int64_t)b * in + i] * (bf ? weight_at(wt, at, 1)
+                                                         : weight_at(wt, at, 0));
+                }
                 yb[(int64_t)b * out + j] = acc;
             }
     }
 }
 
+/* the first n < 16 of a row's values from `at` (weights if `w`, else the floats x), zeros
+ * after them */
+INLINE v16 part_v16(const void *w, int64_t at, int n, const int BF)
+{
+    float tmp[16] = {0.0f};
+    for (int k = 0; k < n; k++) tmp[k] = weight_at(w, at + k, BF);
+    return load_v16(tmp);
+}
+
 /* the sum of 16 partial sums, added pairwise */
-static inline float sum16(const float *a)
+INLINE float sum16(v16 a)
 {
     float s[8];
     for (int k = 0; k < 8; k++) s[k] = a[k] + a[k + 8];
@@ -117,57 +180,68 @@ static inline float sum16(const float *a)
 }
 
 #define RB 4      /* rows of a big matrix read side by side */
-#define AHEAD 1024 /* floats ahead of each row to prefetch */
+#define AHEAD 2048 /* bytes ahead of each row to prefetch */
 
-/* y[b, ja:jb] = x[b, :in] . w[j, :in] (w is (out, in)), for b < rows: the layout of a big
- * matrix, read in memory order as RB rows at a time with 16 partial sums each (the matrix
- * is far larger than the caches, so each weight is read once from memory per step and the
- * rows of a batch reuse it from the nearest cache) */
-static void linear_rows(const float *restrict x, int rows, int in, const float *restrict w,
-                        int out, float *restrict y, int ja, int jb)
+/* y[b, j : j + R] = x[b, :in] . w[j + r, :in] for b < rows: R rows of w (out, in) read side by
+ * side, each with 16 partial sums in registers (lane k sums the inputs i = k mod 16, in order) */
+INLINE void rows_block(const float *restrict x, int rows, int in, const void *restrict w,
+                       int out, float *restrict y, int j, const int R, const int BF)
 {
-    int j = ja;
-    for (; j + RB <= jb; j += RB) {
-        const float *w0 = w + (int64_t)j * in;
-        for (int b = 0; b < rows; b++) {
-            const float *xb = x + (int64_t)b * in;
-            float acc[RB][16] = {{0.0f}};
-            int i = 0;
-            for (; i + 16 <= in; i += 16) {
-                if (b == 0)
-                    for (int r = 0; r < RB; r++) __builtin_prefetch(w0 + r * in + i + AHEAD);
-                for (int r = 0; r < RB; r++)
-                    for (int k = 0; k < 16; k++) acc[r][k] += xb[i + k] * w0[r * in + i + k];
-            }
-            for (int r = 0; r < RB; r++)
-                for (int k = 0, ii = i; ii < in; ii++, k++) acc[r][k] += xb[ii] * w0[r * in + ii];
-            for (int r = 0; r < RB; r++) y[(int64_t)b * out + j + r] = sum16(acc[r]);
+    const int64_t w0 = (int64_t)j * in; /* the block's first weight */
+    const char *bytes = (const char *)w;
+    const int size = BF ? 2 : 4;
+    for (int b = 0; b < rows; b++) {
+        const float *xb = x + (int64_t)b * in;
+        v16 acc[RB];
+        for (int r = 0; r < R; r++) acc[r] = (v16){0};
+        int i = 0;
+        for (; i + 16 <= in; i += 16) {
+            if (b == 0)
+                for (int r = 0; r < R; r++)
+                    __builtin_prefetch(bytes + (w0 + (int64_t)r * in + i) * size + AHEAD);
+            const v16 xv = load_v16(xb + i);
+            for (int r = 0; r < R; r++) acc[r] += xv * weights_v16(w, w0 + r * in + i, BF);
         }
-    }
-    for (; j < jb; j++) { /* the last rows of a split, one at a time */
-        const float *wj = w + (int64_t)j * in;
-        for (int b = 0; b < rows; b++) {
-            const float *xb = x + (int64_t)b * in;
-            float acc[16] = {0.0f};
-            int i = 0;
-            for (; i + 16 <= in; i += 16)
-                for (int k = 0; k < 16; k++) acc[k] += xb[i + k] * wj[i + k];
-            for (int k = 0; i < in; i++, k++) acc[k] += xb[i] * wj[i];
-            y[(int64_t)b * out + j] = sum16(acc);
+        if (i < in) {
+            const v16 xv = part_v16(xb, i, in - i, 0);
+            for (int r = 0; r < R; r++) acc[r] += xv * part_v16(w, w0 + r * in + i, in - i, BF);
         }
+        for (int r = 0; r < R; r++) y[(int64_t)b * out + j + r] = sum16(acc[r]);
     }
 }
 
-/* y[b, :out] = x[b, :in] @ W.T + bias, for b < rows, with W (out, in) given as `w`: transposed,
- * (in, out), when it has fewer than `big` weights, else as it is (linear_rows). A big matrix
- * is split by rows over `threads` threads: at batch 1 a big model's step is bound by how fast
- * its weights stream from memory, and two cores stream faster than one. */
-static void linear(const float *restrict x, int rows, int in, const float *restrict w,
+typedef void (*rows_fn)(const float *restrict, int, int, const void *restrict, int,
+                        float *restrict, int);
+#define ROWS(R, BF) \
+    static void rows_##R##_##BF(const float *restrict x, int rows, int in, \
+                                const void *restrict w, int out, float *restrict y, int j) \
+    { rows_block(x, rows, in, w, out, y, j, R, BF); }
+ROWS(1, 0) ROWS(4, 0) ROWS(1, 1) ROWS(4, 1)
+static const rows_fn ROWS_1[2] = {rows_1_0, rows_1_1}, ROWS_4[2] = {rows_4_0, rows_4_1};
+
+/* y[b, ja:jb] = x[b, :in] . w[j, :in] (w is (out, in)), for b < rows: the layout of a big
+ * matrix, read in memory order as RB rows at a time (the matrix is far larger than the
+ * caches, so each weight is read once from memory per step and the rows of a batch reuse it
+ * from the nearest cache) */
+static void linear_rows(const float *restrict x, int rows, int in, const void *restrict w,
+                        int out, float *restrict y, int ja, int jb, int bf)
+{
+    int j = ja;
+    for (; j + RB <= jb; j += RB) ROWS_4[bf](x, rows, in, w, out, y, j);
+    for (; j < jb; j++) ROWS_1[bf](x, rows, in, w, out, y, j); /* a split's last rows */
+}
+
+/* y[b, :out] = x[b, :in] @ W.T + bias, for b < rows, with W (out, in) given as `w` (float32,
+ * or bfloat16 if `bf`): transposed, (in, out), when it has fewer than `big` weights, else as
+ * it is (linear_rows). A big matrix is split by rows over `threads` threads: at batch 1 a big
+ * model's step is bound by how fast its weights stream from memory, and two cores stream
+ * faster than one. */
+static void linear(const float *restrict x, int rows, int in, const void *restrict w,
                    const float *restrict bias, int out, float *restrict y, int threads,
-                   int64_t big)
+                   int64_t big, int bf)
 {
     if ((int64_t)in * out < big) {
-        linear_part(x, rows, in, w, out, y);
+        linear_part(x, rows, in, w, out, y, bf);
     } else {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -175,10 +249,10 @@ static void linear(const float *restrict x, int rows, int in, const float *restr
             const int t = omp_get_thread_num(), n = omp_get_num_threads();
             const int groups = (out + RB - 1) / RB;
             const int ja = groups * t / n * RB, jb = t == n - 1 ? out : groups * (t + 1) / n * RB;
-            linear_rows(x, rows, in, w, out, y, ja, jb);
+            linear_rows(x, rows, in, w, out, y, ja, jb, bf);
         }
 #else
-        linear_rows(x, rows, in, w, out, y, 0, out);
+        linear_rows(x, rows, in, w, out, y, 0, out, bf);
 #endif
     }
     (void)threads;
@@ -403,6 +477,7 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
     const int H = dims[D_HIDDEN], V = dims[D_VOCAB], normk = dims[D_NORM], act = dims[D_ACT];
     const int T = dims[D_MAX_LEN], batch = dims[D_BATCH], B = row1 - row0;
     const int64_t big = dims[D_BIG];
+    const int bf = dims[D_BF16] != 0;
     const float eps = params[P_NORM_EPS], qk_eps = params[P_QK_EPS], scale = params[P_SCALE];
     const float cap = params[P_SOFTCAP];
     const float *const *g = (const float *const *)ptrs;
@@ -432,7 +507,7 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
             for (int b = 0; b < B; b++)
                 norm(normk, x + (int64_t)b * C, w[L_LN1_W], w[L_LN1_B], eps, C,
                      xn + (int64_t)b * C);
-            linear(xn, B, C, w[L_ATTN_WT], w[L_ATTN_B], 3 * C, qkv, threads, big);
+            linear(xn, B, C, w[L_ATTN_WT], w[L_ATTN_B], 3 * C, qkv, threads, big, bf);
             for (int b = 0; b < B; b++) {
                 float *q = qkv + (int64_t)b * 3 * C, *k = q + C, *v = k + C;
                 if (w[L_VE]) {
@@ -462,7 +537,7 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
             }
             float *mixed = y;
             if (w[L_PROJ_WT]) {
-                linear(y, B, C, w[L_PROJ_WT], w[L_PROJ_B], C, h, threads, big);
+                linear(y, B, C, w[L_PROJ_WT], w[L_PROJ_B], C, h, threads, big, bf);
                 mixed = h;
             }
             for (int64_t i = 0; i < (int64_t)B * C; i++) x[i] += mixed[i];
@@ -470,10 +545,10 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
                 for (int b = 0; b < B; b++)
                     norm(normk, x + (int64_t)b * C, w[L_LN2_W], w[L_LN2_B], eps, C,
                          xn + (int64_t)b * C);
-                linear(xn, B, C, w[L_FC_WT], w[L_FC_B], H, h, threads, big);
+                linear(xn, B, C, w[L_FC_WT], w[L_FC_B], H, h, threads, big, bf);
                 for (int64_t i = 0; i < (int64_t)B * H; i++) h[i] = activate(act, h[i]);
                 if (w[L_MPROJ_WT]) {
-                    linear(h, B, H, w[L_MPROJ_WT], w[L_MPROJ_B], C, y, threads, big);
+                    linear(h, B, H, w[L_MPROJ_WT], w[L_MPROJ_B], C, y, threads, big, bf);
                     for (int64_t i = 0; i < (int64_t)B * C; i++) x[i] += y[i];
                 } else {
                     for (int64_t i = 0; i < (int64_t)B * C; i++) x[i] += h[i];
@@ -482,7 +557,7 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
         }
         for (int b = 0; b < B; b++)
             norm(normk, x + (int64_t)b * C, g[G_LNF_W], g[G_LNF_B], eps, C, xn + (int64_t)b * C);
-        linear(xn, B, C, g[G_HEAD_WT], g[G_HEAD_B], V, logits, threads, big);
+        linear(xn, B, C, g[G_HEAD_WT], g[G_HEAD_B], V, logits, threads, big, bf);
         for (int b = 0; b < B; b++) {
             float *lb = logits + (int64_t)b * V;
             if (cap > 0.0f)
