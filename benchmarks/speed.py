@@ -8,7 +8,8 @@ Prints, in one run on one machine, with the load average beside each part:
    and compiled decode steps, and a nanoGPT-shaped reference loop written below (learned
    positions, full recomputation of the context each character, torch.multinomial), all
    interleaved so they share the machine's load: the torch step eager (`--no-native`) and
-   compiled (`--no-native --compile`), and the native C loop (the default). Next to each: the
+   compiled (`--no-native --compile`), and the native C loop (the default; for 6 x 384 also
+   with `--weights bfloat16`, "native-bf16"). Next to each: the
    FLOP-bound ceiling, the rate at which this machine multiplies the model's own weight shapes
    (a batched matmul) divided by the FLOPs one character costs; and the ratio to it. Under the
    table, the memory-bound ceiling of batch 1 for the model whose weights outgrow the caches:
@@ -125,7 +126,9 @@ def sampler(kind: str, cfg: ModelConfig, batch: int):
                 p.normal_(0.0, 0.02)
 
     def run_chargpt(n: int) -> None:
-        generate(model, idx, n, seed=1, compile=kind == "compiled", native=kind.startswith("native"), weights="bfloat16" if kind == "native-bf16" else "float32")
+        generate(model, idx, n, seed=1, compile=kind == "compiled",
+                 native=kind.startswith("native"),
+                 weights="bfloat16" if kind == "native-bf16" else "float32")
     return run_chargpt
 
 
@@ -135,7 +138,7 @@ def sampling_rows(chars: int, rounds: int) -> list[dict]:
     cases += [("default", DEFAULT, 16, k) for k in ("nanogpt", *torch_and_native)]
     cases += [("4x128", FAST, 1, k) for k in ("nanogpt", *torch_and_native)]
     cases += [("4x128", FAST, 16, k) for k in ("compiled", "native")]
-    cases += [("6x384/256", LARGE, 1, k) for k in torch_and_native]
+    cases += [("6x384/256", LARGE, 1, k) for k in (*torch_and_native, "native-bf16")]
     fns = []
     for _name, cfg, batch, kind in cases:
         fn = sampler(kind, cfg, batch)
@@ -172,18 +175,22 @@ def print_sampling(rows: list[dict], chars: int, rounds: int, before: str) -> No
     eager = {(r["model"], r["batch"]): r["rate"] for r in rows if r["kind"] == "eager"}
     print()
     for r in rows:
-        if r["kind"] in ("compiled", "native") and (r["model"], r["batch"]) in eager:
+        if r["kind"] != "eager" and (r["model"], r["batch"]) in eager:
             print(f"\n{r['kind']} / eager, {r['model']} batch {r['batch']}: "
                   f"{r['rate'] / eager[(r['model'], r['batch'])]:.1f}x", end="")
     print()
     bandwidth = stream_bandwidth()
     weight_bytes = 4 * sum(i * o for i, o in matmul_shapes(LARGE))
-    native = next(r["rate"] for r in rows if r["model"] == "6x384/256" and r["kind"] == "native")
-    print(f"\n6x384/256 at batch 1 reads {weight_bytes / 1e6:.1f} MB of weights per character; "
-          f"this machine streams {bandwidth / 1e9:.1f} GB/s (a sum over 400 MB, "
-          f"{torch.get_num_threads()} threads): a memory-bound ceiling of "
+    rate = {r["kind"]: r["rate"] for r in rows if r["model"] == "6x384/256"}
+    print(f"\n6x384/256 at batch 1 reads {weight_bytes / 1e6:.1f} MB of float32 weights per "
+          f"character; this machine streams {bandwidth / 1e9:.1f} GB/s from memory (a sum over "
+          f"400 MB, {torch.get_num_threads()} threads): a memory-bound ceiling of "
           f"{bandwidth / weight_bytes:,.0f} chars/s, of which native reaches "
-          f"{native * weight_bytes / bandwidth:.0%}.")
+          f"{rate['native'] * weight_bytes / bandwidth:.0%}. In bfloat16 the weights are "
+          f"{weight_bytes / 2e6:.1f} MB: a ceiling of {2 * bandwidth / weight_bytes:,.0f} "
+          f"chars/s from memory, of which native-bf16 reaches "
+          f"{rate['native-bf16'] * weight_bytes / 2 / bandwidth:.0%} (past 100%: the weights "
+          "are served partly from the CPU's last-level cache).")
 
 
 # --- training -----------------------------------------------------------------------------------
