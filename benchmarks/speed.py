@@ -9,7 +9,8 @@ Prints, in one run on one machine, with the load average beside each part:
    positions, full recomputation of the context each character, torch.multinomial), all
    interleaved so they share the machine's load: the torch step eager (`--no-native`) and
    compiled (`--no-native --compile`), and the native C loop (the default; for 6 x 384 also
-   with `--weights bfloat16`, "native-bf16"). Next to each: the
+   with `--weights bfloat16` and `--weights int8`, "native-bf16", "native-int8"). Next to each:
+   the
    FLOP-bound ceiling, the rate at which this machine multiplies the model's own weight shapes
    (a batched matmul) divided by the FLOPs one character costs; and the ratio to it. Under the
    table, the memory-bound ceiling of batch 1 for the model whose weights outgrow the caches:
@@ -49,6 +50,7 @@ from chargpt.sampling import generate  # noqa: E402
 DEFAULT = dataclasses.replace(resolve_config().model, vocab_size=65)
 FAST = dataclasses.replace(resolve_config("fast-cpu").model, vocab_size=65)  # 4 x 128
 LARGE = dataclasses.replace(DEFAULT, n_layer=6, n_head=6, n_embd=384, block_size=256)
+NARROW = {"native-bf16": "bfloat16", "native-int8": "int8"}  # rows with narrower weights
 
 
 def load() -> str:
@@ -127,8 +129,7 @@ def sampler(kind: str, cfg: ModelConfig, batch: int):
 
     def run_chargpt(n: int) -> None:
         generate(model, idx, n, seed=1, compile=kind == "compiled",
-                 native=kind.startswith("native"),
-                 weights="bfloat16" if kind == "native-bf16" else "float32")
+                 native=kind.startswith("native"), weights=NARROW.get(kind, "float32"))
     return run_chargpt
 
 
@@ -138,7 +139,7 @@ def sampling_rows(chars: int, rounds: int) -> list[dict]:
     cases += [("default", DEFAULT, 16, k) for k in ("nanogpt", *torch_and_native)]
     cases += [("4x128", FAST, 1, k) for k in ("nanogpt", *torch_and_native)]
     cases += [("4x128", FAST, 16, k) for k in ("compiled", "native")]
-    cases += [("6x384/256", LARGE, 1, k) for k in (*torch_and_native, "native-bf16")]
+    cases += [("6x384/256", LARGE, 1, k) for k in (*torch_and_native, *NARROW)]
     fns = []
     for _name, cfg, batch, kind in cases:
         fn = sampler(kind, cfg, batch)
@@ -175,22 +176,24 @@ def print_sampling(rows: list[dict], chars: int, rounds: int, before: str) -> No
     eager = {(r["model"], r["batch"]): r["rate"] for r in rows if r["kind"] == "eager"}
     print()
     for r in rows:
-        if r["kind"] != "eager" and (r["model"], r["batch"]) in eager:
+        if r["kind"] not in ("eager", "nanogpt") and (r["model"], r["batch"]) in eager:
             print(f"\n{r['kind']} / eager, {r['model']} batch {r['batch']}: "
                   f"{r['rate'] / eager[(r['model'], r['batch'])]:.1f}x", end="")
     print()
     bandwidth = stream_bandwidth()
-    weight_bytes = 4 * sum(i * o for i, o in matmul_shapes(LARGE))
     rate = {r["kind"]: r["rate"] for r in rows if r["model"] == "6x384/256"}
-    print(f"\n6x384/256 at batch 1 reads {weight_bytes / 1e6:.1f} MB of float32 weights per "
-          f"character; this machine streams {bandwidth / 1e9:.1f} GB/s from memory (a sum over "
-          f"400 MB, {torch.get_num_threads()} threads): a memory-bound ceiling of "
-          f"{bandwidth / weight_bytes:,.0f} chars/s, of which native reaches "
-          f"{rate['native'] * weight_bytes / bandwidth:.0%}. In bfloat16 the weights are "
-          f"{weight_bytes / 2e6:.1f} MB: a ceiling of {2 * bandwidth / weight_bytes:,.0f} "
-          f"chars/s from memory, of which native-bf16 reaches "
-          f"{rate['native-bf16'] * weight_bytes / 2 / bandwidth:.0%} (past 100%: the weights "
-          "are served partly from the CPU's last-level cache).")
+    print(f"\n6x384/256 at batch 1 reads all its weight matrices for each character; this machine "
+          f"streams {bandwidth / 1e9:.1f} GB/s from memory (a sum over 400 MB, "
+          f"{torch.get_num_threads()} threads), so each way of storing them has a memory-bound "
+          "ceiling (a rate past it means the weights are served partly from the CPU's "
+          "last-level cache):\n")
+    print("| decode | weights | MB per character | memory-bound ceiling, chars/s | reached |")
+    print("|---|---|---:|---:|---:|")
+    for kind, stored, size in (("native", "float32", 4), ("native-bf16", "bfloat16", 2),
+                               ("native-int8", "int8 + a scale per row", 1)):
+        mb = size * sum(i * o for i, o in matmul_shapes(LARGE)) / 1e6
+        ceiling = bandwidth / (mb * 1e6)
+        print(f"| {kind} | {stored} | {mb:.1f} | {ceiling:,.0f} | {rate[kind] / ceiling:.0%} |")
 
 
 # --- training -----------------------------------------------------------------------------------

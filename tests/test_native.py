@@ -1,7 +1,7 @@
 """The native C decode loop against its reference, the torch step: the same tokens for every
 wiring the loop computes (greedy, temperature, top-k, top-p; past the block, rolled or
-refilled), a batch split over threads against one thread, bfloat16 weights against float32
-decoding of the rounded weights, and what happens where the loop cannot run (no compiler, a
+refilled), a batch split over threads against one thread, bfloat16 and int8 weights against
+float32 decoding of the rounded weights, and what happens where the loop cannot run (no compiler, a
 compiler that fails, models it does not compute, bad input)."""
 
 from __future__ import annotations
@@ -182,25 +182,36 @@ def test_cli_samples_the_same_text_with_and_without_the_native_loop(tmp_path, ca
     assert texts[0].count("ROMEO:") >= 2 and "\n---\n" in texts[0]
 
 
-# --- bfloat16 weights ----------------------------------------------------------------------
+# --- bfloat16 and int8 weights ------------------------------------------------------------
 
 
-def rounded_to_bfloat16(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy whose weight matrices (what `weights="bfloat16"` rounds) hold bfloat16 values."""
+def stored_as(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    """A copy whose weight matrices hold what the loop computes with when it stores them as
+    `kind` (SamplingSettings.weights)."""
     copy = __import__("copy").deepcopy(model)
     with torch.no_grad():
         for module in copy.modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(module.weight.to(torch.bfloat16).float())
+                module.weight.copy_(native.dequantized(module.weight, kind))
     return copy
 
 
+def test_int8_weights_are_rows_scaled_to_127():
+    w = torch.tensor([[0.5, -0.25, 0.1], [0.0, 0.0, 0.0], [-2.0, 1.0, 0.004]])
+    q, scale = native.stored_weights(w, "int8")
+    assert q.dtype == torch.int8 and q.abs().amax(dim=1).tolist() == [127, 0, 127]
+    assert torch.allclose(scale, torch.tensor([0.5 / 127, 1.0, 2.0 / 127]))
+    assert (native.dequantized(w, "int8") - w).abs().le(scale[:, None] / 2 + 1e-9).all()
+    assert torch.equal(native.dequantized(w, "float32"), w)
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
 @pytest.mark.parametrize("overrides", [WIRINGS[0], WIRINGS[3], WIRINGS[5]])
-def test_bfloat16_weights_compute_in_float32_on_the_rounded_weights(overrides, monkeypatch):
-    # the reference: float32 decoding of a model whose weights were rounded beforehand;
-    # the same tokens, bit for bit, for the transposed (small) and the row-wise (big) layout
+def test_narrow_weights_compute_in_float32_on_the_rounded_weights(overrides, kind, monkeypatch):
+    # the reference: float32 decoding of a model whose weights were rounded beforehand; the
+    # same tokens, bit for bit, for the transposed (small) and the row-wise (big) layout
     model = tiny_gpt(**overrides).eval()
-    rounded = rounded_to_bfloat16(model)
+    rounded = stored_as(model, kind)
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), rounded.parameters(),
                                                      strict=True))
     for big in (native.BIG, 1):  # 1: every matrix is "big", read by rows, split over threads
@@ -208,14 +219,16 @@ def test_bfloat16_weights_compute_in_float32_on_the_rounded_weights(overrides, m
         for batch in (1, 3):
             idx = prompt(batch, 3)
             for options in (PICKS[1], PICKS[3]):
-                got = generate(model, idx, 40, generator=gen(5), weights="bfloat16", **options)
+                got = generate(model, idx, 40, generator=gen(5), weights=kind, **options)
                 expected = generate(rounded, idx, 40, generator=gen(5), **options)
                 assert torch.equal(got, expected), (big, batch, options)
 
 
 def test_bfloat16_weights_are_a_setting_of_the_native_loop(capsys, monkeypatch):
-    with pytest.raises(ConfigError, match="weights must be one of float32, bfloat16"):
+    with pytest.raises(ConfigError, match="weights must be one of float32, bfloat16, int8"):
         SamplingSettings(weights="float16")
+    with pytest.raises(ConfigError, match="needs the KV cache"):
+        SamplingSettings(weights="int8", native=False)
     with pytest.raises(ConfigError, match="needs the KV cache and native decoding"):
         SamplingSettings(weights="bfloat16", native=False)
     with pytest.raises(ConfigError, match="needs the KV cache and native decoding"):
@@ -234,8 +247,10 @@ def test_cli_samples_with_bfloat16_weights(tmp_path, capsys):
     run = train_serve_run(tmp_path)
     capsys.readouterr()
     args = ["sample", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "60", "--seed", "3"]
-    assert main([*args, "--weights", "bfloat16"]) == 0
-    out = capsys.readouterr()
-    assert out.out.startswith("ROMEO:") and len(out.out) >= 66 and "warning" not in out.err
+    for kind in ("bfloat16", "int8"):
+        assert main([*args, "--weights", kind]) == 0
+        out = capsys.readouterr()
+        assert out.out.startswith("ROMEO:") and len(out.out) >= 66 and "warning" not in out.err
     assert main([*args, "--weights", "int4"]) == 1
-    assert "chargpt: error: weights must be one of float32, bfloat16" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "chargpt: error: weights must be one of float32, bfloat16, int8" in err

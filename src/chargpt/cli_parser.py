@@ -90,9 +90,9 @@ def build_parser() -> Parser:
     p.add_argument("--no-native", action="store_true", help="decode with the torch step "
                    "instead of the native C loop (built with the machine's C compiler)")
     p.add_argument("--weights", default="float32", metavar="DTYPE",
-                   help="precision the native loop keeps weight matrices in: float32 (default) "
-                   "or bfloat16, which halves the memory read per token (faster for models "
-                   "larger than the CPU's caches; samples may differ from float32's)")
+                   help="how the native loop stores weight matrices: float32 (default), "
+                   "bfloat16 or int8, which halve or quarter the memory read per token (faster "
+                   "for models larger than the CPU's caches; samples may differ from float32's)")
     _checkpoint_flag(p)
     p.add_argument("--unknown", choices=("error", "skip", "replace"), default="error",
                    help="what to do with prompt characters the model has never seen")

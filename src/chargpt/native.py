@@ -32,7 +32,8 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from .sampling import KVCache, SamplingSettings
 
-__all__ = ["NativeLoop", "Unavailable", "available", "library", "library_dir", "supports"]
+__all__ = ["WEIGHT_KINDS", "NativeLoop", "Unavailable", "available", "dequantized", "library",
+           "library_dir", "stored_weights", "supports"]
 
 SOURCE = Path(__file__).with_name("native_decode.c")
 # flag sets tried in order: tuned for this CPU (gcc/clang on x86, Linux on ARM; Apple's clang on
@@ -47,12 +48,13 @@ _MAX_HEAD_DIM = 1024  # the C code rotates a head in a buffer of this many float
 # the layout in which a block of weights serves many sequences while it is cached
 BIG = 1 << 17
 _NEVER = 2**31 - 1
-# what SamplingSettings.weights names, as the C code stores a weight matrix
-WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# what SamplingSettings.weights names: the kinds of weight matrix the C code reads, in the order
+# of its W_* constants
+WEIGHT_KINDS = ("float32", "bfloat16", "int8")
 
 # order of the C code's dims[] and params[] (native_decode.c)
 _DIMS = ("layers", "heads", "head_dim", "embd", "hidden", "vocab", "norm", "act", "qk_norm",
-         "rope", "wpe", "max_len", "batch", "top_k", "big", "bf16")
+         "rope", "wpe", "max_len", "batch", "top_k", "big", "weights")
 _NORMS = {"none": 0, "layernorm": 1, "rmsnorm": 2}
 _ACTS = {"relu": 0, "relu2": 1, "gelu": 2}
 
@@ -171,6 +173,28 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max(1, (os.cpu_count() or 1) - 1), thread_name_prefix="chargpt")
 
 
+def stored_weights(weight: Tensor, kind: str) -> tuple[Tensor, Tensor | None]:
+    """A weight matrix W (out, in) as the C loop stores it for `kind` (SamplingSettings.weights),
+    and the scales of an int8 matrix: float32; bfloat16 (each weight rounded to nearest); or
+    int8 with one scale per row, max |W[j]| / 127, each weight rounded to the nearest multiple
+    of it. The loop computes with `dequantized(...)` of these, exactly."""
+    weight = weight.to(torch.float32)
+    if kind == "float32":
+        return weight, None
+    if kind == "bfloat16":
+        return weight.to(torch.bfloat16), None
+    scale = weight.abs().amax(dim=1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
+    q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantized(weight: Tensor, kind: str) -> Tensor:
+    """The float32 weights the C loop computes with when it stores `weight` as `kind`."""
+    stored, scale = stored_weights(weight, kind)
+    return stored.to(torch.float32) if scale is None else stored.to(torch.float32) * scale[:, None]
+
+
 def _ptr(t: Tensor | None, dtype: type = ctypes.c_float):
     return None if t is None else ctypes.cast(t.data_ptr(), ctypes.POINTER(dtype))
 
@@ -179,8 +203,8 @@ class NativeLoop:
     """A model's decode loop in C, for one KV cache and one way of picking tokens.
 
     The weights are copied into the C code's layout when the loop is made (a model trained
-    further afterwards needs a new loop), the weight matrices rounded to bfloat16 if
-    `settings.weights` says so; the cache's tensors are shared with the model's cached
+    further afterwards needs a new loop), the weight matrices as `settings.weights` says
+    (`stored_weights`); the cache's tensors are shared with the model's cached
     forward, which fills them from the prompt."""
 
     def __init__(self, model: nn.Module, cache: KVCache, settings: SamplingSettings) -> None:
@@ -199,15 +223,14 @@ class NativeLoop:
         self._rows = [(batch * i // shares, batch * (i + 1) // shares) for i in range(shares)]
         self._threads = max(1, threads // shares)
         big = BIG if batch == shares else _NEVER  # one sequence per call: big matrices by rows
-        # weight matrices only: embeddings, norms, biases and the cache stay float32
-        weights = WEIGHT_DTYPES[settings.weights]
 
-        def arr(t: Tensor | None, shape: tuple[int, ...], transpose: bool = False,
-                dtype: torch.dtype = torch.float32):
+        def arr(t: Tensor | None, shape: tuple[int, ...], transpose: bool = False):
             if t is None:
                 return None
             t = t.detach()
-            t = (t.t() if transpose else t).to(dtype).contiguous()  # bfloat16: rounded
+            if t.dtype not in (torch.bfloat16, torch.int8):
+                t = t.to(torch.float32)
+            t = (t.t() if transpose else t).contiguous()
             if tuple(t.shape) != shape:
                 raise ValueError(f"native decode: expected shape {shape}, got {tuple(t.shape)}")
             keep.append(t)
@@ -218,12 +241,13 @@ class NativeLoop:
             return arr(w, (C,)), arr(b, (C,))
 
         def linear(m: nn.Module | None, n_in: int, n_out: int) -> tuple[int | None, ...]:
+            """Pointers to the weights, their int8 scales (or None) and the bias."""
             if m is None:
-                return None, None
-            if n_in * n_out >= big:
-                return arr(m.weight, (n_out, n_in), dtype=weights), arr(m.bias, (n_out,))
-            return (arr(m.weight, (n_in, n_out), transpose=True, dtype=weights),
-                    arr(m.bias, (n_out,)))
+                return None, None, None
+            w, scale = stored_weights(m.weight.detach(), settings.weights)
+            rows = n_in * n_out >= big
+            return (arr(w, (n_out, n_in) if rows else (n_in, n_out), transpose=not rows),
+                    arr(scale, (n_out,)), arr(m.bias, (n_out,)))
 
         norm_kind = "none" if cfg.norm == "none" else cfg.norm_type
         ptrs: list[int | None] = [arr(tr.wte.weight, (V, C)),
@@ -250,7 +274,7 @@ class NativeLoop:
                     hidden=H, vocab=V, norm=_NORMS[norm_kind], act=_ACTS[cfg.activation],
                     qk_norm=int(cfg.qk_norm), rope=int(model.use_rope), wpe=int("wpe" in tr),
                     max_len=T, batch=batch, top_k=settings.top_k or 0, big=big,
-                    bf16=int(weights == torch.bfloat16))
+                    weights=WEIGHT_KINDS.index(settings.weights))
         eps = float(getattr(tr.ln_f, "eps", None) or torch.finfo(torch.float32).eps)
         params = [eps, torch.finfo(torch.float32).eps, float(tr.h[0].attn.scale),
                   float(cfg.logit_softcap), float(settings.temperature),

@@ -18,13 +18,15 @@
 
 /* dims[] */
 enum { D_LAYERS, D_HEADS, D_HEAD_DIM, D_EMBD, D_HIDDEN, D_VOCAB, D_NORM, D_ACT, D_QK_NORM,
-       D_ROPE, D_WPE, D_MAX_LEN, D_BATCH, D_TOP_K, D_BIG, D_BF16, D_N_DIMS };
+       D_ROPE, D_WPE, D_MAX_LEN, D_BATCH, D_TOP_K, D_BIG, D_WEIGHTS, D_N_DIMS };
 /* params[] */
 enum { P_NORM_EPS, P_QK_EPS, P_SCALE, P_SOFTCAP, P_TEMPERATURE, P_TOP_P, P_N_PARAMS };
 /* ptrs[]: the model's arrays, then per layer L_COUNT of them (NULL where a part is absent) */
-enum { G_WTE, G_WPE, G_LNF_W, G_LNF_B, G_HEAD_WT, G_HEAD_B, G_COUNT };
-enum { L_LN1_W, L_LN1_B, L_ATTN_WT, L_ATTN_B, L_VE, L_PROJ_WT, L_PROJ_B, L_LN2_W, L_LN2_B,
-       L_FC_WT, L_FC_B, L_MPROJ_WT, L_MPROJ_B, L_K, L_V, L_COUNT };
+enum { G_WTE, G_WPE, G_LNF_W, G_LNF_B, G_HEAD_WT, G_HEAD_S, G_HEAD_B, G_COUNT };
+/* (a matrix's *_S: the scales of an int8 matrix) */
+enum { L_LN1_W, L_LN1_B, L_ATTN_WT, L_ATTN_S, L_ATTN_B, L_VE, L_PROJ_WT, L_PROJ_S, L_PROJ_B,
+       L_LN2_W, L_LN2_B, L_FC_WT, L_FC_S, L_FC_B, L_MPROJ_WT, L_MPROJ_S, L_MPROJ_B, L_K, L_V,
+       L_COUNT };
 enum { NORM_NONE, NORM_LAYER, NORM_RMS };
 enum { ACT_RELU, ACT_RELU2, ACT_GELU };
 
@@ -54,40 +56,107 @@ INLINE void store_vf(float *p, vf v) { memcpy(p, &v, sizeof v); }
 INLINE void store_vh(float *p, vh v) { memcpy(p, &v, sizeof v); }
 INLINE v16 load_v16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 
-/* Weight matrices are float32, or bfloat16 (dims[D_BF16]): the upper half of a float32, so a
- * weight widens exactly by a shift, and the products below run in float32 on the widened
- * weights: bfloat16 halves the bytes a token reads, not the precision of the arithmetic. */
-INLINE float weight_at(const void *w, int64_t at, const int BF)
+/* A weight matrix is stored in one of three kinds (dims[D_WEIGHTS]): float32; bfloat16, the
+ * upper half of a float32, so a weight widens exactly by a shift; or int8 with one float32
+ * scale per output (a row of W), the weight being q * scale. Either way the products below run
+ * in float32 on the widened weights: a narrower kind halves or quarters the bytes a token
+ * reads, not the precision of the arithmetic. */
+enum { W_F32, W_BF16, W_I8 };
+
+typedef struct {
+    const void *w;       /* the weights, (in, out) or (out, in) (see linear) */
+    const float *scale;  /* (out) scales of an int8 matrix, else NULL */
+} matrix;
+
+typedef int8_t vf_i8 __attribute__((vector_size(VW)));
+typedef int8_t v16_i8 __attribute__((vector_size(16)));
+
+/* the weight at element `at` of output `j` */
+INLINE float weight_at(matrix m, int64_t at, int j, const int KIND)
 {
-    if (!BF) return ((const float *)w)[at];
-    const uint32_t bits = (uint32_t)((const uint16_t *)w)[at] << 16;
+    if (KIND == W_F32) return ((const float *)m.w)[at];
+    if (KIND == W_I8) return (float)((const int8_t *)m.w)[at] * m.scale[j];
+    const uint32_t bits = (uint32_t)((const uint16_t *)m.w)[at] << 16;
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
 }
 
-/* VW weights from w[at] */
-INLINE vf weights_vf(const void *w, int64_t at, const int BF)
+/* 16 bfloat16 weights widened: one zero-extending load and a shift where the CPU has it (the
+ * compiler's own conversion of a vector type splits it into halves on some tunings) */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+INLINE v16 widen16(const uint16_t *p)
 {
-    if (!BF) return load_vf((const float *)w + at);
-    vf_bf16 h;
-    memcpy(&h, (const uint16_t *)w + at, sizeof h);
-    const vf_u32 bits = __builtin_convertvector(h, vf_u32) << 16;
-    vf f;
+    const __m512i bits = _mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+    v16 f;
     memcpy(&f, &bits, sizeof f);
     return f;
 }
 
-/* 16 weights from w[at] */
-INLINE v16 weights_v16(const void *w, int64_t at, const int BF)
+INLINE v16 widen16_i8(const int8_t *p)
 {
-    if (!BF) return load_v16((const float *)w + at);
+    const __m512 f32 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+        _mm_loadu_si128((const __m128i *)p)));
+    v16 f;
+    memcpy(&f, &f32, sizeof f);
+    return f;
+}
+#define HAVE_WIDEN16 1
+#endif
+
+/* VW weights from element `at` on, of outputs j.. (an (in, out) matrix: int8 scales vary
+ * along the vector) */
+INLINE vf weights_vf(matrix m, int64_t at, int j, const int KIND)
+{
+    if (KIND == W_F32) return load_vf((const float *)m.w + at);
+    if (KIND == W_I8) {
+#if defined(HAVE_WIDEN16) && VW == 16
+        const vf q = widen16_i8((const int8_t *)m.w + at);
+#else
+        vf_i8 b;
+        memcpy(&b, (const int8_t *)m.w + at, sizeof b);
+        const vf q = __builtin_convertvector(b, vf);
+#endif
+        return q * load_vf(m.scale + j);
+    }
+#if defined(HAVE_WIDEN16) && VW == 16
+    return widen16((const uint16_t *)m.w + at);
+#else
+    vf_bf16 h;
+    memcpy(&h, (const uint16_t *)m.w + at, sizeof h);
+    const vf_u32 bits = __builtin_convertvector(h, vf_u32) << 16;
+    vf f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
+/* 16 weights from element `at` on, of output j (a row of an (out, in) matrix: one scale) */
+INLINE v16 weights_v16(matrix m, int64_t at, int j, const int KIND)
+{
+    if (KIND == W_F32) return load_v16((const float *)m.w + at);
+    if (KIND == W_I8) {
+#if defined(HAVE_WIDEN16)
+        const v16 q = widen16_i8((const int8_t *)m.w + at);
+#else
+        v16_i8 b;
+        memcpy(&b, (const int8_t *)m.w + at, sizeof b);
+        const v16 q = __builtin_convertvector(b, v16);
+#endif
+        return q * m.scale[j];
+    }
+#if defined(HAVE_WIDEN16)
+    return widen16((const uint16_t *)m.w + at);
+#else
     v16_bf16 h;
-    memcpy(&h, (const uint16_t *)w + at, sizeof h);
+    memcpy(&h, (const uint16_t *)m.w + at, sizeof h);
     const v16_u32 bits = __builtin_convertvector(h, v16_u32) << 16;
     v16 f;
     memcpy(&f, &bits, sizeof f);
     return f;
+#endif
 }
 
 #define TR 4 /* rows of a tile of a product */
@@ -96,15 +165,16 @@ INLINE v16 weights_v16(const void *w, int64_t at, const int BF)
 /* y[b, j0 : j0 + NV * VW] = x[b, :in] @ wt[:, that span] for b < R (wt is (in, out)): R x NV
  * accumulators in registers, each weight vector loaded once for all R rows. Every output is
  * the same chain of multiply-adds over the inputs in order, whatever the tile. */
-INLINE void tile(const float *restrict x, int in, const void *restrict wt, int out,
-                 float *restrict y, int j0, const int R, const int NV, const int BF)
+INLINE void tile(const float *restrict x, int in, matrix wt, int out, float *restrict y, int j0,
+                 const int R, const int NV, const int KIND)
 {
     vf acc[TR][TV];
     for (int b = 0; b < R; b++)
         for (int v = 0; v < NV; v++) acc[b][v] = (vf){0};
     for (int i = 0; i < in; i++) {
         vf wv[TV];
-        for (int v = 0; v < NV; v++) wv[v] = weights_vf(wt, (int64_t)i * out + j0 + v * VW, BF);
+        for (int v = 0; v < NV; v++)
+            wv[v] = weights_vf(wt, (int64_t)i * out + j0 + v * VW, j0 + v * VW, KIND);
         for (int b = 0; b < R; b++) {
             const float xi = x[(int64_t)b * in + i];
             for (int v = 0; v < NV; v++) acc[b][v] += xi * wv[v];
@@ -114,31 +184,35 @@ INLINE void tile(const float *restrict x, int in, const void *restrict wt, int o
         for (int v = 0; v < NV; v++) store_vf(y + (int64_t)b * out + j0 + v * VW, acc[b][v]);
 }
 
-/* one function per tile shape and weight type, so that each one's accumulators are registers */
-typedef void (*tile_fn)(const float *restrict, int, const void *restrict, int,
-                        float *restrict, int);
-#define TILE(R, NV, BF) \
-    static void tile_##R##_##NV##_##BF(const float *restrict x, int in, \
-                                       const void *restrict wt, int out, float *restrict y, \
-                                       int j0) \
-    { tile(x, in, wt, out, y, j0, R, NV, BF); }
-#define TILES_OF(BF) \
-    TILE(1, 1, BF) TILE(1, 2, BF) TILE(1, 3, BF) TILE(1, 4, BF) \
-    TILE(2, 1, BF) TILE(2, 2, BF) TILE(2, 3, BF) TILE(2, 4, BF) \
-    TILE(3, 1, BF) TILE(3, 2, BF) TILE(3, 3, BF) TILE(3, 4, BF) \
-    TILE(4, 1, BF) TILE(4, 2, BF) TILE(4, 3, BF) TILE(4, 4, BF)
-#define TILE_ROW(R, BF) {tile_##R##_1_##BF, tile_##R##_2_##BF, tile_##R##_3_##BF, \
-                         tile_##R##_4_##BF}
+/* one function per tile shape and weight kind, so that each one's accumulators are registers */
+typedef void (*tile_fn)(const float *restrict, int, matrix, int, float *restrict, int);
+#define TILE(R, NV, K) \
+    static void tile_##R##_##NV##_##K(const float *restrict x, int in, matrix wt, int out, \
+                                      float *restrict y, int j0) \
+    { tile(x, in, wt, out, y, j0, R, NV, K); }
+#define TILES_OF(K) \
+    TILE(1, 1, K) TILE(1, 2, K) TILE(1, 3, K) TILE(1, 4, K) \
+    TILE(2, 1, K) TILE(2, 2, K) TILE(2, 3, K) TILE(2, 4, K) \
+    TILE(3, 1, K) TILE(3, 2, K) TILE(3, 3, K) TILE(3, 4, K) \
+    TILE(4, 1, K) TILE(4, 2, K) TILE(4, 3, K) TILE(4, 4, K)
+#define TILE_ROW(R, K) {tile_##R##_1_##K, tile_##R##_2_##K, tile_##R##_3_##K, tile_##R##_4_##K}
+#define TILES_TABLE(K) {TILE_ROW(1, K), TILE_ROW(2, K), TILE_ROW(3, K), TILE_ROW(4, K)}
 TILES_OF(0)
 TILES_OF(1)
-static const tile_fn TILES[2][TR][TV] = {
-    {TILE_ROW(1, 0), TILE_ROW(2, 0), TILE_ROW(3, 0), TILE_ROW(4, 0)},
-    {TILE_ROW(1, 1), TILE_ROW(2, 1), TILE_ROW(3, 1), TILE_ROW(4, 1)}};
+TILES_OF(2)
+static const tile_fn TILES[3][TR][TV] = {TILES_TABLE(0), TILES_TABLE(1), TILES_TABLE(2)};
 
-/* y[b, :out] = x[b, :in] @ wt for b < rows (wt is (in, out)), tile by tile; the last outputs
- * that fill no vector are summed one at a time, in the same order */
-static void linear_part(const float *restrict x, int rows, int in, const void *restrict wt,
-                        int out, float *restrict y, int bf)
+/* the scalar product of the last outputs, which fill no vector: in the same order */
+INLINE float column(const float *restrict xb, int in, matrix wt, int out, int j, const int KIND)
+{
+    float acc = 0.0f;
+    for (int i = 0; i < in; i++) acc += xb[i] * weight_at(wt, (int64_t)i * out + j, j, KIND);
+    return acc;
+}
+
+/* y[b, :out] = x[b, :in] @ wt for b < rows (wt is (in, out)), tile by tile */
+static void linear_part(const float *restrict x, int rows, int in, matrix wt, int out,
+                        float *restrict y, int kind)
 {
     const int full = out / VW * VW;
     for (int b0 = 0; b0 < rows; b0 += TR) {
@@ -147,27 +221,31 @@ static void linear_part(const float *restrict x, int rows, int in, const void *r
         float *yb = y + (int64_t)b0 * out;
         for (int j0 = 0; j0 < full; j0 += TV * VW) {
             const int nv = (full - j0) / VW < TV ? (full - j0) / VW : TV;
-            TILES[bf][r - 1][nv - 1](xb, in, wt, out, yb, j0);
+            TILES[kind][r - 1][nv - 1](xb, in, wt, out, yb, j0);
         }
         for (int j = full; j < out; j++)
             for (int b = 0; b < r; b++) {
-                float acc = 0.0f;
-                for (int i = 0; i < in; i++) {
-                    const int64_t at = (int64_t)i * out + j;
-                    acc += xb[(int64_t)b * in + i] * (bf ? weight_at(wt, at, 1)
-                                                         : weight_at(wt, at, 0));
-                }
-                yb[(int64_t)b * out + j] = acc;
+                const float *xr = xb + (int64_t)b * in;
+                yb[(int64_t)b * out + j] = kind == W_F32    ? column(xr, in, wt, out, j, W_F32)
+                                           : kind == W_BF16 ? column(xr, in, wt, out, j, W_BF16)
+                                                            : column(xr, in, wt, out, j, W_I8);
             }
     }
 }
 
-/* the first n < 16 of a row's values from `at` (weights if `w`, else the floats x), zeros
- * after them */
-INLINE v16 part_v16(const void *w, int64_t at, int n, const int BF)
+/* the first n < 16 floats from p, zeros after them */
+INLINE v16 part_x(const float *p, int n)
 {
     float tmp[16] = {0.0f};
-    for (int k = 0; k < n; k++) tmp[k] = weight_at(w, at + k, BF);
+    memcpy(tmp, p, sizeof(float) * n);
+    return load_v16(tmp);
+}
+
+/* the first n < 16 weights of output j from element `at`, zeros after them */
+INLINE v16 part_w(matrix m, int64_t at, int j, int n, const int KIND)
+{
+    float tmp[16] = {0.0f};
+    for (int k = 0; k < n; k++) tmp[k] = weight_at(m, at + k, j, KIND);
     return load_v16(tmp);
 }
 
@@ -184,12 +262,12 @@ INLINE float sum16(v16 a)
 
 /* y[b, j : j + R] = x[b, :in] . w[j + r, :in] for b < rows: R rows of w (out, in) read side by
  * side, each with 16 partial sums in registers (lane k sums the inputs i = k mod 16, in order) */
-INLINE void rows_block(const float *restrict x, int rows, int in, const void *restrict w,
-                       int out, float *restrict y, int j, const int R, const int BF)
+INLINE void rows_block(const float *restrict x, int rows, int in, matrix w, int out,
+                       float *restrict y, int j, const int R, const int KIND)
 {
     const int64_t w0 = (int64_t)j * in; /* the block's first weight */
-    const char *bytes = (const char *)w;
-    const int size = BF ? 2 : 4;
+    const char *bytes = (const char *)w.w;
+    const int size = KIND == W_F32 ? 4 : KIND == W_BF16 ? 2 : 1;
     for (int b = 0; b < rows; b++) {
         const float *xb = x + (int64_t)b * in;
         v16 acc[RB];
@@ -200,48 +278,50 @@ INLINE void rows_block(const float *restrict x, int rows, int in, const void *re
                 for (int r = 0; r < R; r++)
                     __builtin_prefetch(bytes + (w0 + (int64_t)r * in + i) * size + AHEAD);
             const v16 xv = load_v16(xb + i);
-            for (int r = 0; r < R; r++) acc[r] += xv * weights_v16(w, w0 + r * in + i, BF);
+            for (int r = 0; r < R; r++)
+                acc[r] += xv * weights_v16(w, w0 + (int64_t)r * in + i, j + r, KIND);
         }
         if (i < in) {
-            const v16 xv = part_v16(xb, i, in - i, 0);
-            for (int r = 0; r < R; r++) acc[r] += xv * part_v16(w, w0 + r * in + i, in - i, BF);
+            const v16 xv = part_x(xb + i, in - i);
+            for (int r = 0; r < R; r++)
+                acc[r] += xv * part_w(w, w0 + (int64_t)r * in + i, j + r, in - i, KIND);
         }
         for (int r = 0; r < R; r++) y[(int64_t)b * out + j + r] = sum16(acc[r]);
     }
 }
 
-typedef void (*rows_fn)(const float *restrict, int, int, const void *restrict, int,
-                        float *restrict, int);
-#define ROWS(R, BF) \
-    static void rows_##R##_##BF(const float *restrict x, int rows, int in, \
-                                const void *restrict w, int out, float *restrict y, int j) \
-    { rows_block(x, rows, in, w, out, y, j, R, BF); }
-ROWS(1, 0) ROWS(4, 0) ROWS(1, 1) ROWS(4, 1)
-static const rows_fn ROWS_1[2] = {rows_1_0, rows_1_1}, ROWS_4[2] = {rows_4_0, rows_4_1};
+typedef void (*rows_fn)(const float *restrict, int, int, matrix, int, float *restrict, int);
+#define ROWS(R, K) \
+    static void rows_##R##_##K(const float *restrict x, int rows, int in, matrix w, int out, \
+                               float *restrict y, int j) \
+    { rows_block(x, rows, in, w, out, y, j, R, K); }
+ROWS(1, 0) ROWS(4, 0) ROWS(1, 1) ROWS(4, 1) ROWS(1, 2) ROWS(4, 2)
+static const rows_fn ROWS_1[3] = {rows_1_0, rows_1_1, rows_1_2};
+static const rows_fn ROWS_4[3] = {rows_4_0, rows_4_1, rows_4_2};
 
 /* y[b, ja:jb] = x[b, :in] . w[j, :in] (w is (out, in)), for b < rows: the layout of a big
  * matrix, read in memory order as RB rows at a time (the matrix is far larger than the
  * caches, so each weight is read once from memory per step and the rows of a batch reuse it
  * from the nearest cache) */
-static void linear_rows(const float *restrict x, int rows, int in, const void *restrict w,
-                        int out, float *restrict y, int ja, int jb, int bf)
+static void linear_rows(const float *restrict x, int rows, int in, matrix w, int out,
+                        float *restrict y, int ja, int jb, int kind)
 {
     int j = ja;
-    for (; j + RB <= jb; j += RB) ROWS_4[bf](x, rows, in, w, out, y, j);
-    for (; j < jb; j++) ROWS_1[bf](x, rows, in, w, out, y, j); /* a split's last rows */
+    for (; j + RB <= jb; j += RB) ROWS_4[kind](x, rows, in, w, out, y, j);
+    for (; j < jb; j++) ROWS_1[kind](x, rows, in, w, out, y, j); /* a split's last rows */
 }
 
-/* y[b, :out] = x[b, :in] @ W.T + bias, for b < rows, with W (out, in) given as `w` (float32,
- * or bfloat16 if `bf`): transposed, (in, out), when it has fewer than `big` weights, else as
- * it is (linear_rows). A big matrix is split by rows over `threads` threads: at batch 1 a big
+/* y[b, :out] = x[b, :in] @ W.T + bias, for b < rows, with W (out, in) given as `w` (of kind
+ * `kind`): transposed, (in, out), when it has fewer than `big` weights, else as it is
+ * (linear_rows). A big matrix is split by rows over `threads` threads: at batch 1 a big
  * model's step is bound by how fast its weights stream from memory, and two cores stream
  * faster than one. */
-static void linear(const float *restrict x, int rows, int in, const void *restrict w,
+static void linear(const float *restrict x, int rows, int in, matrix w,
                    const float *restrict bias, int out, float *restrict y, int threads,
-                   int64_t big, int bf)
+                   int64_t big, int kind)
 {
     if ((int64_t)in * out < big) {
-        linear_part(x, rows, in, w, out, y, bf);
+        linear_part(x, rows, in, w, out, y, kind);
     } else {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -249,10 +329,10 @@ static void linear(const float *restrict x, int rows, int in, const void *restri
             const int t = omp_get_thread_num(), n = omp_get_num_threads();
             const int groups = (out + RB - 1) / RB;
             const int ja = groups * t / n * RB, jb = t == n - 1 ? out : groups * (t + 1) / n * RB;
-            linear_rows(x, rows, in, w, out, y, ja, jb, bf);
+            linear_rows(x, rows, in, w, out, y, ja, jb, kind);
         }
 #else
-        linear_rows(x, rows, in, w, out, y, 0, out, bf);
+        linear_rows(x, rows, in, w, out, y, 0, out, kind);
 #endif
     }
     (void)threads;
@@ -453,6 +533,9 @@ static int pick(float *logits, const float *noise, int V, float temperature, int
     return argmax(logits, V);
 }
 
+/* the matrix at ptrs p[NAME_WT], with its scales */
+#define MAT(p, NAME) ((matrix){(const void *)(p)[NAME##_WT], (p)[NAME##_S]})
+
 /* floats of work memory chargpt_fill needs */
 int64_t chargpt_work_size(const int32_t *dims)
 {
@@ -477,7 +560,7 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
     const int H = dims[D_HIDDEN], V = dims[D_VOCAB], normk = dims[D_NORM], act = dims[D_ACT];
     const int T = dims[D_MAX_LEN], batch = dims[D_BATCH], B = row1 - row0;
     const int64_t big = dims[D_BIG];
-    const int bf = dims[D_BF16] != 0;
+    const int kind = dims[D_WEIGHTS];
     const float eps = params[P_NORM_EPS], qk_eps = params[P_QK_EPS], scale = params[P_SCALE];
     const float cap = params[P_SOFTCAP];
     const float *const *g = (const float *const *)ptrs;
@@ -507,7 +590,7 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
             for (int b = 0; b < B; b++)
                 norm(normk, x + (int64_t)b * C, w[L_LN1_W], w[L_LN1_B], eps, C,
                      xn + (int64_t)b * C);
-            linear(xn, B, C, w[L_ATTN_WT], w[L_ATTN_B], 3 * C, qkv, threads, big, bf);
+            linear(xn, B, C, MAT(w, L_ATTN), w[L_ATTN_B], 3 * C, qkv, threads, big, kind);
             for (int b = 0; b < B; b++) {
                 float *q = qkv + (int64_t)b * 3 * C, *k = q + C, *v = k + C;
                 if (w[L_VE]) {
@@ -537,7 +620,7 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
             }
             float *mixed = y;
             if (w[L_PROJ_WT]) {
-                linear(y, B, C, w[L_PROJ_WT], w[L_PROJ_B], C, h, threads, big, bf);
+                linear(y, B, C, MAT(w, L_PROJ), w[L_PROJ_B], C, h, threads, big, kind);
                 mixed = h;
             }
             for (int64_t i = 0; i < (int64_t)B * C; i++) x[i] += mixed[i];
@@ -545,10 +628,10 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
                 for (int b = 0; b < B; b++)
                     norm(normk, x + (int64_t)b * C, w[L_LN2_W], w[L_LN2_B], eps, C,
                          xn + (int64_t)b * C);
-                linear(xn, B, C, w[L_FC_WT], w[L_FC_B], H, h, threads, big, bf);
+                linear(xn, B, C, MAT(w, L_FC), w[L_FC_B], H, h, threads, big, kind);
                 for (int64_t i = 0; i < (int64_t)B * H; i++) h[i] = activate(act, h[i]);
                 if (w[L_MPROJ_WT]) {
-                    linear(h, B, H, w[L_MPROJ_WT], w[L_MPROJ_B], C, y, threads, big, bf);
+                    linear(h, B, H, MAT(w, L_MPROJ), w[L_MPROJ_B], C, y, threads, big, kind);
                     for (int64_t i = 0; i < (int64_t)B * C; i++) x[i] += y[i];
                 } else {
                     for (int64_t i = 0; i < (int64_t)B * C; i++) x[i] += h[i];
@@ -557,7 +640,7 @@ int chargpt_fill(const int32_t *dims, const float *params, void *const *ptrs, in
         }
         for (int b = 0; b < B; b++)
             norm(normk, x + (int64_t)b * C, g[G_LNF_W], g[G_LNF_B], eps, C, xn + (int64_t)b * C);
-        linear(xn, B, C, g[G_HEAD_WT], g[G_HEAD_B], V, logits, threads, big, bf);
+        linear(xn, B, C, MAT(g, G_HEAD), g[G_HEAD_B], V, logits, threads, big, kind);
         for (int b = 0; b < B; b++) {
             float *lb = logits + (int64_t)b * V;
             if (cap > 0.0f)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .decode import Decoder, report_once
 from .errors import ConfigError
 from .lm import eval_mode
-from .native import WEIGHT_DTYPES
+from .native import WEIGHT_KINDS
 
 
 class KVCache:
@@ -150,10 +150,11 @@ class SamplingSettings:
     GPT on the CPU) and a C compiler is found: built once per machine in about a second, many
     times faster per token than the torch step. Off: the torch step (`compile` picks which)."""
     weights: str = "float32"
-    """Precision the native loop keeps weight matrices in: 'float32', or 'bfloat16', which
-    rounds each weight to 8 significant bits and halves the memory a token reads (up to ~2x
-    faster for models whose weights outgrow the CPU's caches; tokens may then differ from
-    float32's). The arithmetic stays float32; needs the native loop."""
+    """How the native loop stores weight matrices: 'float32'; 'bfloat16' (each weight rounded to
+    8 significant bits: half the memory a token reads); or 'int8' (one scale per output, each
+    weight rounded to 1/127 of its row's largest: a quarter). Faster for models whose weights
+    outgrow the CPU's caches; tokens may then differ from float32's. The arithmetic stays
+    float32 (native.stored_weights); needs the native loop."""
 
     def __post_init__(self) -> None:
         t, k, p = self.temperature, self.top_k, self.top_p
@@ -163,8 +164,8 @@ class SamplingSettings:
             raise ConfigError(f"top_k must be an integer >= 1, got {k!r}")
         if p is not None and not (0.0 < p <= 1.0):
             raise ConfigError(f"top_p must be in (0, 1], got {p}")
-        if self.weights not in WEIGHT_DTYPES:
-            raise ConfigError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, "
+        if self.weights not in WEIGHT_KINDS:
+            raise ConfigError(f"weights must be one of {', '.join(WEIGHT_KINDS)}, "
                               f"got {self.weights!r}")
         if self.weights != "float32" and not (self.native and self.use_cache):
             raise ConfigError(f"{self.weights} weights are a setting of the native decode loop, "
