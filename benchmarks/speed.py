@@ -10,11 +10,11 @@ Prints, in one run on one machine, with the load average beside each part:
    interleaved so they share the machine's load: the torch step eager (`--no-native`) and
    compiled (`--no-native --compile`), and the native C loop (the default; for 6 x 384 also
    with `--weights bfloat16` and `--weights int8`, "native-bf16", "native-int8"). Next to each:
-   the
-   FLOP-bound ceiling, the rate at which this machine multiplies the model's own weight shapes
-   (a batched matmul) divided by the FLOPs one character costs; and the ratio to it. Under the
-   table, the memory-bound ceiling of batch 1 for the model whose weights outgrow the caches:
-   this machine's streaming bandwidth over the bytes of weights one character reads.
+   the FLOP-bound ceiling, the rate at which this machine multiplies the model's own weight
+   shapes (a batched matmul) divided by the FLOPs one character costs; and the ratio to it.
+   Under the table, the memory-bound ceilings of batch 1 for the model whose weights outgrow
+   the caches: this machine's streaming bandwidth over the bytes of weights one character
+   reads, for each way of storing them.
 2. Training to a budget: `chargpt train --time 30s` and `--time 2m` (the default preset, as the
    CLI runs it), each scored on the whole val split (`evaluate_tokens`).
 3. The race of benchmarks/time_to_loss.py: classic-cpu against fast-cpu (and the default
