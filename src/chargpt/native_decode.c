@@ -257,8 +257,10 @@ INLINE float sum16(v16 a)
     return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
 }
 
-#define RB 4      /* rows of a big matrix read side by side */
-#define AHEAD 2048 /* bytes ahead of each row to prefetch */
+/* rows of a big matrix read side by side; each read prefetches the same place RB rows on (a
+ * row or two ahead of the hardware prefetcher, which follows each stream only as it is read;
+ * measured 1.1-1.25x faster than prefetching a fixed distance ahead, at 6 x 384) */
+#define RB 4
 
 /* y[b, j : j + R] = x[b, :in] . w[j + r, :in] for b < rows: R rows of w (out, in) read side by
  * side, each with 16 partial sums in registers (lane k sums the inputs i = k mod 16, in order) */
@@ -275,8 +277,8 @@ INLINE void rows_block(const float *restrict x, int rows, int in, matrix w, int 
         int i = 0;
         for (; i + 16 <= in; i += 16) {
             if (b == 0)
-                for (int r = 0; r < R; r++)
-                    __builtin_prefetch(bytes + (w0 + (int64_t)r * in + i) * size + AHEAD);
+                for (int r = 0; r < R; r++) /* the next block's row, where this one is */
+                    __builtin_prefetch(bytes + (w0 + (int64_t)(r + RB) * in + i) * size);
             const v16 xv = load_v16(xb + i);
             for (int r = 0; r < R; r++)
                 acc[r] += xv * weights_v16(w, w0 + (int64_t)r * in + i, j + r, KIND);
