@@ -103,6 +103,28 @@ def test_models_the_loop_does_not_compute_use_the_torch_step():
     assert torch.equal(got, expected)
 
 
+def test_weights_are_prepared_once_per_model_until_a_parameter_changes(monkeypatch):
+    made = []
+    prepare = native._prepare
+    monkeypatch.setattr(native, "_prepare", lambda *a: made.append(a[1:]) or prepare(*a))
+    model = rope_gpt().eval()
+    first = generate(model, prompt(1, 3), 30, generator=gen(4))
+    assert torch.equal(generate(model, prompt(1, 3), 30, generator=gen(4)), first)
+    generate(model, prompt(1, 3), 30, generator=gen(4), weights="int8")
+    assert [kind for kind, _ in made] == ["float32", "int8"]  # one each, the second call reused
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # trained further: the next call must see it
+    flipped = generate(model, prompt(1, 3), 30, generator=gen(4))
+    assert len(made) == 3 and not torch.equal(flipped, first)
+    assert torch.equal(flipped, generate(model, prompt(1, 3), 30, generator=gen(4),
+                                         native=False))
+    with torch.inference_mode():
+        fresh = rope_gpt().eval()  # inference tensors have no version: prepared every time
+    for _ in range(2):
+        generate(fresh, prompt(1, 3), 5, generator=gen(4))
+    assert len(made) == 5
+
+
 @pytest.fixture
 def fresh_library(monkeypatch, tmp_path):
     """A native module that has not loaded its library yet, building into `tmp_path`."""

@@ -22,7 +22,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -199,13 +201,97 @@ def _ptr(t: Tensor | None, dtype: type = ctypes.c_float):
     return None if t is None else ctypes.cast(t.data_ptr(), ctypes.POINTER(dtype))
 
 
+@dataclass
+class _Weights:
+    """A model's arrays in the C code's layout: pointers to the global ones and to each layer's
+    (in the order of native_decode.c's G_* and L_* constants, the cache's two left out), and
+    the tensors they point into, kept alive."""
+
+    globals: list[int | None]
+    layers: list[list[int | None]]
+    keep: list[Tensor]
+
+
+# each model's prepared weights, by (weight kind, big-matrix threshold), with the identity and
+# version of every parameter they were made from: a server's requests reuse them, and a model
+# trained or loaded into since gets new ones
+_PREPARED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[tuple, _Weights]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _prepared(model: nn.Module, kind: str, big: int) -> _Weights:
+    """`model`'s weights for the C loop, stored as `kind`, matrices of `big` weights or more by
+    rows: made once and reused while no parameter changes."""
+    try:
+        stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    except RuntimeError:  # parameters made in inference mode have no version: never reused
+        return _prepare(model, kind, big)
+    layouts = _PREPARED.setdefault(model, {})
+    made = layouts.get((kind, big))
+    if made is not None and made[0] == stamp:
+        return made[1]
+    weights = _prepare(model, kind, big)
+    if len(layouts) >= 2:  # at most two layouts at once (batch 1 and a batch, say)
+        layouts.clear()
+    layouts[(kind, big)] = (stamp, weights)
+    return weights
+
+
+def _prepare(model: nn.Module, kind: str, big: int) -> _Weights:
+    """Copy `model`'s weights into the C code's layout (see `_prepared`)."""
+    cfg, tr = model.config, model.transformer
+    C, V, H = cfg.n_embd, cfg.vocab_size, cfg.mlp_ratio * cfg.n_embd
+    keep: list[Tensor] = []
+
+    def arr(t: Tensor | None, shape: tuple[int, ...], transpose: bool = False):
+        if t is None:
+            return None
+        t = t.detach()
+        if t.dtype not in (torch.bfloat16, torch.int8):
+            t = t.to(torch.float32)
+        t = (t.t() if transpose else t).contiguous()
+        if tuple(t.shape) != shape:
+            raise ValueError(f"native decode: expected shape {shape}, got {tuple(t.shape)}")
+        keep.append(t)
+        return t.data_ptr()
+
+    def norm(m: nn.Module | None) -> tuple[int | None, int | None]:
+        w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+        return arr(w, (C,)), arr(b, (C,))
+
+    def linear(m: nn.Module | None, n_in: int, n_out: int) -> tuple[int | None, ...]:
+        """Pointers to the weights, their int8 scales (or None) and the bias."""
+        if m is None:
+            return None, None, None
+        w, scale = stored_weights(m.weight.detach(), kind)
+        rows = n_in * n_out >= big
+        return (arr(w, (n_out, n_in) if rows else (n_in, n_out), transpose=not rows),
+                arr(scale, (n_out,)), arr(m.bias, (n_out,)))
+
+    globals_ = [arr(tr.wte.weight, (V, C)),
+                arr(tr.wpe.weight, (cfg.block_size, C)) if "wpe" in tr else None,
+                *norm(tr.ln_f), *linear(model.lm_head, C, V)]
+    layers = []
+    for layer, block in enumerate(tr.h):
+        attn, mlp = block.attn, block.mlp
+        if mlp is not None and mlp.c_proj is None and H != C:
+            raise ValueError("native decode: an MLP without projection must be n_embd wide")
+        layers.append([*norm(block.ln_1), *linear(attn.c_attn, C, 3 * C),
+                       arr(tr.ve[layer].weight, (V, C)) if "ve" in tr else None,
+                       *linear(attn.c_proj, C, C),
+                       *(norm(block.ln_2) if mlp is not None else (None, None)),
+                       *linear(mlp.c_fc if mlp is not None else None, C, H),
+                       *linear(mlp.c_proj if mlp is not None else None, H, C)])
+    return _Weights(globals_, layers, keep)
+
+
 class NativeLoop:
     """A model's decode loop in C, for one KV cache and one way of picking tokens.
 
-    The weights are copied into the C code's layout when the loop is made (a model trained
-    further afterwards needs a new loop), the weight matrices as `settings.weights` says
-    (`stored_weights`); the cache's tensors are shared with the model's cached
-    forward, which fills them from the prompt."""
+    The weights are copied into the C code's layout, the weight matrices as
+    `settings.weights` says (`stored_weights`), once per model and layout while no parameter
+    changes (`_prepared`); the cache's tensors are shared with the model's cached forward,
+    which fills them from the prompt."""
 
     def __init__(self, model: nn.Module, cache: KVCache, settings: SamplingSettings) -> None:
         if not supports(model):
@@ -214,7 +300,6 @@ class NativeLoop:
         cfg, tr = model.config, model.transformer
         C, V, T = cfg.n_embd, cfg.vocab_size, cache.max_len
         H, batch = cfg.mlp_ratio * C, cache.k[0].size(0)
-        keep: list[Tensor] = []  # every array the C code reads, alive as long as the loop
         # rows never interact: with several threads, each samples its share of the batch (the
         # C call releases the GIL), so --num-samples N uses every core torch is allowed; a
         # share's large products are split over the threads left over (batch 1, big models)
@@ -223,53 +308,17 @@ class NativeLoop:
         self._rows = [(batch * i // shares, batch * (i + 1) // shares) for i in range(shares)]
         self._threads = max(1, threads // shares)
         big = BIG if batch == shares else _NEVER  # one sequence per call: big matrices by rows
-
-        def arr(t: Tensor | None, shape: tuple[int, ...], transpose: bool = False):
-            if t is None:
-                return None
-            t = t.detach()
-            if t.dtype not in (torch.bfloat16, torch.int8):
-                t = t.to(torch.float32)
-            t = (t.t() if transpose else t).contiguous()
-            if tuple(t.shape) != shape:
-                raise ValueError(f"native decode: expected shape {shape}, got {tuple(t.shape)}")
-            keep.append(t)
-            return t.data_ptr()
-
-        def norm(m: nn.Module) -> tuple[int | None, int | None]:
-            w, b = getattr(m, "weight", None), getattr(m, "bias", None)
-            return arr(w, (C,)), arr(b, (C,))
-
-        def linear(m: nn.Module | None, n_in: int, n_out: int) -> tuple[int | None, ...]:
-            """Pointers to the weights, their int8 scales (or None) and the bias."""
-            if m is None:
-                return None, None, None
-            w, scale = stored_weights(m.weight.detach(), settings.weights)
-            rows = n_in * n_out >= big
-            return (arr(w, (n_out, n_in) if rows else (n_in, n_out), transpose=not rows),
-                    arr(scale, (n_out,)), arr(m.bias, (n_out,)))
-
+        weights = _prepared(model, settings.weights, big)
         norm_kind = "none" if cfg.norm == "none" else cfg.norm_type
-        ptrs: list[int | None] = [arr(tr.wte.weight, (V, C)),
-                                  arr(tr.wpe.weight, (cfg.block_size, C)) if "wpe" in tr else None,
-                                  *norm(tr.ln_f), *linear(model.lm_head, C, V)]
-        for layer, block in enumerate(tr.h):
-            attn, mlp = block.attn, block.mlp
+        ptrs = list(weights.globals)
+        for layer, layer_ptrs in enumerate(weights.layers):
             for cache_t in (cache.k[layer], cache.v[layer]):
                 expected = (batch, cfg.n_head, T, cfg.head_dim)
                 if (tuple(cache_t.shape) != expected or cache_t.dtype != torch.float32
                         or not cache_t.is_contiguous()):
                     raise ValueError("native decode: the KV cache is not float32 "
                                      f"{expected} and contiguous")
-            ptrs += [*norm(block.ln_1), *linear(attn.c_attn, C, 3 * C),
-                     arr(tr.ve[layer].weight, (V, C)) if "ve" in tr else None,
-                     *linear(attn.c_proj, C, C),
-                     *(norm(block.ln_2) if mlp is not None else (None, None)),
-                     *linear(mlp.c_fc if mlp is not None else None, C, H),
-                     *linear(mlp.c_proj if mlp is not None else None, H, C),
-                     cache.k[layer].data_ptr(), cache.v[layer].data_ptr()]
-            if mlp is not None and mlp.c_proj is None and H != C:
-                raise ValueError("native decode: an MLP without projection must be n_embd wide")
+            ptrs += [*layer_ptrs, cache.k[layer].data_ptr(), cache.v[layer].data_ptr()]
         dims = dict(layers=cfg.n_layer, heads=cfg.n_head, head_dim=cfg.head_dim, embd=C,
                     hidden=H, vocab=V, norm=_NORMS[norm_kind], act=_ACTS[cfg.activation],
                     qk_norm=int(cfg.qk_norm), rope=int(model.use_rope), wpe=int("wpe" in tr),
@@ -284,7 +333,7 @@ class NativeLoop:
         self._ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
         size = self.lib.chargpt_work_size(_ptr(self._dims, ctypes.c_int32))
         self._work = [torch.empty(size) for _ in self._rows]
-        self._keep, self.batch, self.vocab = keep, batch, V
+        self._keep, self.batch, self.vocab = weights, batch, V
         self.rope, self.head_dim = model.use_rope, cfg.head_dim
         self.positions = None if cache.rolling else T  # learned rows / slots before a refill
 
