@@ -12,6 +12,7 @@ for repeatability. What a model supports is asked through `model.capabilities()`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 from collections.abc import Callable, Iterator, Sequence
@@ -293,6 +294,14 @@ def generate_tokens(
     training mode is restored when the iterator is exhausted or closed. Arguments are checked
     here, before the first token is drawn (`ConfigError`).
     """
+    return _tokens(_chunks(model, idx, max_new_tokens, settings, generator, options))
+
+
+def _chunks(model: nn.Module, idx: Tensor, max_new_tokens: int,
+            settings: SamplingSettings | None,
+            generator: torch.Generator | Sequence[torch.Generator] | None,
+            options: dict[str, Any]) -> Iterator[Tensor]:
+    """`generate_tokens`' arguments checked, then `_decode`: the new tokens in chunks."""
     settings = SamplingSettings.of(settings, **options)
     if idx.dim() != 2:
         shape = tuple(idx.shape)
@@ -308,6 +317,15 @@ def generate_tokens(
     if generator is None and settings.seed is not None:
         generator = settings.generator(idx.device)
     return _decode(model, idx, max_new_tokens, settings, generator)
+
+
+def _tokens(chunks: Iterator[Tensor]) -> Iterator[Tensor]:
+    """The tokens of `_decode`'s chunks one at a time, each a normal (B,) tensor; closing this
+    closes the decoding (which restores the model's training mode)."""
+    with contextlib.closing(chunks):
+        for chunk in chunks:
+            for t in range(chunk.size(1)):
+                yield chunk[:, t].clone()  # a normal tensor, usable outside inference mode
 
 
 MAX_CHUNK = 32  # most tokens computed before the first of them is yielded
@@ -333,8 +351,7 @@ def _decode(model: nn.Module, idx: Tensor, max_new_tokens: int, settings: Sampli
                 noise = (None if settings.temperature == 0 else
                          draw_noise(generator, (end - n, B, model.config.vocab_size), idx.device))
                 fill(n, end, noise)
-            for t in range(n, end):
-                yield seq[:, t].clone()  # a normal tensor, usable outside inference mode
+            yield seq[:, n:end]  # (B, end - n), read before the next chunk is asked for
             n, chunk = end, min(2 * chunk, MAX_CHUNK)
 
 
@@ -404,8 +421,7 @@ def generate(
     """The prompt `idx` (B, T0), uncropped, followed by `max_new_tokens` sampled tokens.
 
     Takes the same arguments as `generate_tokens`."""
-    new = list(generate_tokens(model, idx, max_new_tokens, settings, generator=generator,
-                               **options))
-    if not new:
-        return idx.clone()
-    return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
+    # whole chunks, not token by token: no per-token tensors for a caller who wants them all
+    new = [chunk.clone() for chunk in _chunks(model, idx, max_new_tokens, settings, generator,
+                                               options)]
+    return torch.cat([idx, *new], dim=1)
