@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from conftest import train_serve_run
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+import chargpt.native as native  # noqa: E402
 from chargpt.cli import main  # noqa: E402
 from chargpt.run import load_run  # noqa: E402
 from chargpt.serve.app import Limits, create_app  # noqa: E402
@@ -192,6 +194,23 @@ def test_generate_matches_the_run_api(server, run):
     assert greedy["text"] == run.generate("JULIET", 10, temperature=0)
     empty = post_json(server, "/api/generate", {"max_new_tokens": 5})[1]
     assert len(empty["text"]) == 5  # an empty prompt starts from a newline, like the CLI
+
+
+@pytest.mark.skipif(not native.available()[0], reason="no native decode loop here (install a "
+                    "C compiler, gcc or clang, to test serving with narrower weights)")
+def test_a_server_with_narrower_weights_samples_what_the_run_api_samples_with_them(
+        run, monkeypatch):
+    kinds = []
+    prepare = native._prepare
+    monkeypatch.setattr(native, "_prepare", lambda *a: kinds.append(a[1]) or prepare(*a))
+    monkeypatch.setattr(native, "_PREPARED", weakref.WeakKeyDictionary())  # none made yet
+    params = {"temperature": 0.8, "top_k": 5, "seed": 3}
+    with BackgroundServer(create_app(run, weights="int8")) as srv:
+        status, body = post_json(srv, "/api/generate",
+                                 {"prompt": "ROMEO:", "max_new_tokens": 60, **params})
+    assert status == 200, body
+    assert kinds == ["int8"]  # the generation's weights were stored as int8
+    assert body["text"] == run.generate("ROMEO:", 60, weights="int8", **params)
 
 
 def test_openai_completions(server, run):
@@ -429,6 +448,9 @@ def test_bad_limits_are_one_line_errors(run_dir, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("chargpt: error: ") and "max_concurrent must be an integer >= 1" in err
     assert "\n" not in err
+    assert main(["serve", str(run_dir), "--weights", "fp4"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "chargpt: error: weights must be one of float32, bfloat16, int8, got 'fp4'"
 
 
 def test_missing_extra_is_a_one_line_error(run_dir, capsys, monkeypatch):

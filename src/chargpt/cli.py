@@ -224,7 +224,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_queue=args.max_queue, queue_timeout=args.queue_timeout,
                     request_timeout=args.request_timeout)
     serve(args.run_dir, args.host, args.port, limits=limits, checkpoint=args.checkpoint,
-          device=args.device, threads=args.threads, name=args.name, log_level=args.log_level)
+          device=args.device, threads=args.threads, name=args.name, log_level=args.log_level,
+          weights=args.weights)
     return 0
 
 

@@ -31,6 +31,13 @@ class Parser(argparse.ArgumentParser):
 CHECKPOINT_CHOICES = ("best", "last")
 
 
+def _weights_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="float32", metavar="KIND",
+                   help="how the native decode loop stores weight matrices: float32 (default), "
+                   "bfloat16 or int8, which halve or quarter the memory read per token (faster "
+                   "for models larger than the CPU's caches; samples may differ from float32's)")
+
+
 def _checkpoint_flag(p: argparse.ArgumentParser) -> None:
     # Not given (None) differs from a typed "best": a damaged best is then passed over for last
     # with a warning, while a checkpoint the user named is refused (rundir.find_checkpoint).
@@ -89,10 +96,7 @@ def build_parser() -> Parser:
                    "with torch.compile, for models the native C loop does not run")
     p.add_argument("--no-native", action="store_true", help="decode with the torch step "
                    "instead of the native C loop (built with the machine's C compiler)")
-    p.add_argument("--weights", default="float32", metavar="DTYPE",
-                   help="how the native loop stores weight matrices: float32 (default), "
-                   "bfloat16 or int8, which halve or quarter the memory read per token (faster "
-                   "for models larger than the CPU's caches; samples may differ from float32's)")
+    _weights_flag(p)
     _checkpoint_flag(p)
     p.add_argument("--unknown", choices=("error", "skip", "replace"), default="error",
                    help="what to do with prompt characters the model has never seen")
@@ -195,6 +199,7 @@ def build_parser() -> Parser:
                    help="seconds one generation may run (default: 60)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: cores / max-concurrent, at most 4)")
+    _weights_flag(p)
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"),
                    default="info")
 

@@ -53,16 +53,20 @@ def is_loopback(host: str) -> bool:
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
           limits: Limits | None = None, checkpoint: str | None = None, device: str = "auto",
-          threads: int | None = None, name: str | None = None, log_level: str = "info") -> None:
-    """Load `run_dir` and serve it on http://host:port until interrupted."""
+          threads: int | None = None, name: str | None = None, log_level: str = "info",
+          weights: str = "float32") -> None:
+    """Load `run_dir` and serve it on http://host:port until interrupted; `weights` is how the
+    native decode loop stores the weight matrices (SamplingSettings.weights)."""
     require_extra()
     import torch
     import uvicorn
 
     from ..run import load_run
+    from ..sampling import SamplingSettings
     from .api import Limits
     from .app import create_app, model_name
 
+    SamplingSettings(weights=weights)  # an unknown kind is a one-line error before loading
     limits = limits or Limits()
     if not 0 <= port <= 65535:
         raise ChargptError(f"--port must be between 0 and 65535, got {port}")
@@ -71,7 +75,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     if n_threads < 1:
         raise ChargptError(f"--threads must be >= 1, got {n_threads}")
     torch.set_num_threads(n_threads)
-    app = create_app(run, limits, name=name)
+    app = create_app(run, limits, name=name, weights=weights)
     # Binding here turns "address already in use" into a one-line error instead of a log.
     sock = bind(host, port)
     port = sock.getsockname()[1]

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +58,11 @@ def sse(data: Any, event: str | None = None) -> str:
 class Server:
     """The request handlers, sharing one run, its limits and the generation slots."""
 
-    def __init__(self, run: Run, limits: Limits, name: str | None = None) -> None:
+    def __init__(self, run: Run, limits: Limits, name: str | None = None,
+                 weights: str = "float32") -> None:
         self.run = run
         self.limits = limits
+        self.weights = weights  # SamplingSettings.weights of every generation
         self.name = name or model_name(run)
         self.slots = Slots(limits)
         self.generations: set[Generation] = set()
@@ -98,6 +100,8 @@ class Server:
             self.slots.release()
 
         try:
+            if self.weights != req.sampling.weights:
+                req = replace(req, sampling=replace(req.sampling, weights=self.weights))
             gen = Generation(self.run, req, self.limits.request_timeout, on_exit)
             gen.start()
         except BaseException:
@@ -254,9 +258,11 @@ def _handle(fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
     return endpoint
 
 
-def create_app(run: Run, limits: Limits | None = None, name: str | None = None) -> Starlette:
-    """The ASGI app serving `run`; `app.state.server` holds the handlers and live counters."""
-    server = Server(run, limits or Limits(), name)
+def create_app(run: Run, limits: Limits | None = None, name: str | None = None,
+               weights: str = "float32") -> Starlette:
+    """The ASGI app serving `run`, its weight matrices stored as `weights` for the native decode
+    loop (SamplingSettings.weights); `app.state.server` holds the handlers and live counters."""
+    server = Server(run, limits or Limits(), name, weights)
 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
