@@ -8,6 +8,7 @@ import json
 import pytest
 from conftest import one_line_error, same_weights, tiny_config, tiny_flags
 
+import chargpt.budget as budget_module
 from chargpt.budget import (
     EVAL_SHARE,
     MARGIN,
@@ -52,6 +53,24 @@ def test_cli_bad_time_is_one_line(capsys, tmp_path):
     code = main(["train", "--time", "ten minutes", "--out", str(tmp_path / "r")])
     assert "time budget must be a positive duration" in one_line_error(capsys, code)
     assert not (tmp_path / "r").exists()
+
+
+def test_the_step_time_planned_with_is_that_of_the_slower_moments(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(budget_module.time, "perf_counter", lambda: now[0])
+    clock = StepClock(budget=60.0, first_plan_after=10)
+    clock.tick()  # the first step only starts the clock
+    for window in range(20):  # a machine that is 20% slower one window in three
+        for _ in range(10):
+            now[0] += 0.06 if window % 3 == 2 else 0.05
+            clock.tick()
+        if window == 3:
+            assert clock.step_seconds() == pytest.approx(0.0525)  # 4 windows: the mean
+    assert clock.step_seconds() == pytest.approx(0.06)  # the slowest quarter of 20 windows
+    clock.exclude(5.0)  # an evaluation: not a step's time
+    now[0] += 5.0 + 0.05
+    clock.tick()
+    assert clock.busy() == pytest.approx(140 * 0.05 + 60 * 0.06 + 0.05)
 
 
 def test_plan_fits_steps_evaluations_and_the_final_checkpoint():

@@ -9,7 +9,9 @@ plan comes after `CALIBRATION_STEPS` steps, all inside the learning-rate warmup,
 not depend on the run's length. The run plans again every `REPLAN_EVERY` steps, each time
 from all the steps timed so far, for as long as the schedule lets the length change without
 changing a rate already used (a WSD run until its cooldown starts, `optim.length_free_steps`),
-so one slow or fast moment early on does not decide the run. Evaluations are spaced and, in a
+so one slow or fast moment early on does not decide the run; once enough steps are timed, the
+plan assumes the slower moments' step time (`StepClock.step_seconds`), because the last plan
+must hold through the cooldown. Evaluations are spaced and, in a
 short budget, shortened so that together they take at most `EVAL_SHARE` of it; a budget run
 has no step-0 evaluation. A `Planner` holds a run's clock, what an evaluation costs and what
 the log was told, and turns measurements into revised `TrainConfig`s; the trainer measures
@@ -40,6 +42,9 @@ EVAL_SHARE = 0.05  # of the budget, the most that all evaluations together may t
 MIN_EVAL_ITERS = 10  # batches per split: fewer would make an evaluation mostly noise
 EVAL_PROBE_ITERS = 4  # batches per split timed to price an evaluation before the first one
 REPLAN_EVERY = 10  # steps between plans while the run's length is still free to change
+WINDOW = 10  # timed steps per window of the step-time record
+SLOW_WINDOWS = 5  # windows needed before the slow ones count
+SLOW_QUANTILE = 0.75  # the step time planned with, among the windows' (see StepClock)
 # the [train] values a plan sets: a resumed run keeps them, whatever the command line says
 PLANNED_FIELDS = ("max_steps", "planned_steps", "eval_interval", "eval_iters")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -74,6 +79,9 @@ class StepClock:
     excluded: float = 0.0
     first: float | None = None
     last: float = 0.0
+    windows: list[float] = dataclasses.field(default_factory=list)
+    """Seconds per step of each run of WINDOW timed steps so far."""
+    window_start: float = 0.0  # busy seconds when the current window began
 
     @classmethod
     def of(cls, train: Any) -> StepClock | None:
@@ -93,8 +101,17 @@ class StepClock:
         self.last = time.perf_counter()
         if self.first is None:
             self.first, self.excluded = self.last, 0.0
-        else:
-            self.ticks += 1
+            return
+        self.ticks += 1
+        if self.ticks % WINDOW == 0:
+            busy = self.busy()
+            self.windows.append((busy - self.window_start) / WINDOW)
+            self.window_start = busy
+
+    def busy(self) -> float:
+        """Seconds spent in timed training steps so far."""
+        assert self.first is not None
+        return max(self.last - self.first - self.excluded, 0.0)
 
     def exclude(self, seconds: float) -> None:
         """Leave `seconds` spent on something other than training steps out of the step time."""
@@ -102,9 +119,16 @@ class StepClock:
             self.excluded += seconds
 
     def step_seconds(self) -> float:
-        """Mean seconds per training step over every step timed so far."""
-        assert self.first is not None
-        return max(self.last - self.first - self.excluded, 0.0) / max(1, self.ticks)
+        """Seconds per training step to plan with: the mean over every step timed so far, or,
+        once there are SLOW_WINDOWS windows of WINDOW steps, the SLOW_QUANTILE quantile of them
+        if that is slower. The last plan is made when the cooldown starts and must hold for the
+        rest of the run; a machine whose speed drifts (a shared VM's does, by 10% within a
+        minute) then keeps a reserve the size of its own drift."""
+        mean = self.busy() / max(1, self.ticks)
+        if len(self.windows) < SLOW_WINDOWS:
+            return mean
+        ranked = sorted(self.windows)
+        return max(mean, ranked[math.ceil(SLOW_QUANTILE * (len(ranked) - 1))])
 
     def due(self, step: int, train: Any) -> bool:
         """Whether to plan after `step`: the first plan once the calibration steps are timed,
