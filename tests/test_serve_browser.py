@@ -78,10 +78,21 @@ def active_generations(url: str) -> int:
         return json.loads(r.read())["active"]
 
 
-def test_page_generates_streams_stops_and_shows_attention(chromium, served, tmp_path):
+def test_page_generates_streams_stops_and_shows_attention(chromium, served, tmp_path,
+                                                          monkeypatch):
     from playwright.sync_api import expect, sync_playwright
 
     srv, run = served
+    # The native loop writes 600 characters in a few ms, faster than the server's 30 ms
+    # batches: paced to a character a millisecond, the text must arrive in many pieces.
+    stream_ids = type(run).stream_ids
+
+    def paced(self, *args, **kwargs):
+        for text in stream_ids(self, *args, **kwargs):
+            time.sleep(0.001)
+            yield text
+
+    monkeypatch.setattr(type(run), "stream_ids", paced)
     shots = Path(os.environ.get("CHARGPT_SERVE_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     cfg = run.config.model
