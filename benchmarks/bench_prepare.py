@@ -1,4 +1,4 @@
-"""Benchmark `chargpt.preparation.prepare`: throughput and peak memory on a large corpus.
+"""Benchmark `chargpt.data.preparation.prepare`: throughput and peak memory on a large corpus.
 
 Builds a corpus of `--mb` megabytes by repeating Tiny Shakespeare (or synthetic ASCII text if
 the file is absent) in a temporary directory, runs `prepare` on it in a child process and prints
@@ -26,7 +26,7 @@ SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinysha
 
 CHILD = """
 import json, os, sys, time
-from chargpt.preparation import prepare
+from chargpt.data.preparation import prepare
 
 def hwm_kb():
     try:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from chargpt.config import resolve_config
-from chargpt.launch import resume_trainer, train
+from chargpt.config.schema import resolve_config
+from chargpt.training.launch import resume_trainer, train
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

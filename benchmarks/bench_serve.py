@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from bench_resume import SHAKESPEARE, make_run  # noqa: E402
 
-from chargpt.run import load_run  # noqa: E402
+from chargpt.runs.run import load_run  # noqa: E402
 from chargpt.serve.app import Limits, create_app  # noqa: E402
 from chargpt.serve.background import BackgroundServer  # noqa: E402
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from chargpt.config import resolve_config
-from chargpt.launch import new_trainer
+from chargpt.config.schema import resolve_config
+from chargpt.training.launch import new_trainer
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

@@ -22,7 +22,7 @@ from bench_prepare import measure_prepare  # noqa: E402
 from bench_train import SHAKESPEARE, measure_train  # noqa: E402
 from sample_speed import MODELS, chars_per_second  # noqa: E402
 
-from chargpt.model import build_model  # noqa: E402
+from chargpt.model.gpt import build_model  # noqa: E402
 
 
 def main() -> None:
@@ -71,15 +71,15 @@ def gpu_section(steps: int) -> str:
     """shakespeare-gpu's tokens/s and MFU on a CUDA device, or a plain statement that none is."""
     if not torch.cuda.is_available():
         return "GPU: not measured - no CUDA device on this machine."
-    from chargpt.config import resolve_config
-    from chargpt.flops import estimate, match_gpu, mfu
+    from chargpt.config.schema import resolve_config
+    from chargpt.model.flops import estimate, match_gpu, mfu
 
     r = measure_train("shakespeare-gpu", steps, SHAKESPEARE)
     device = torch.device("cuda")
     cfg = resolve_config("shakespeare-gpu", overrides={"model": {"vocab_size": 65}})
     util = mfu(estimate(cfg).flops_per_token, r["tok_per_s"], device)
     name = torch.cuda.get_device_name(device)
-    mfu_text = f"{util:.1%}" if util is not None else f"unknown ({name} not in chargpt.flops)"
+    mfu_text = f"{util:.1%}" if util is not None else f"unknown ({name} not in chargpt.model.flops)"
     return (f"| GPU | preset | ms/step | tokens/s | MFU |\n|---|---|---:|---:|---:|\n"
             f"| {name} ({match_gpu(name) or '?'}) | shakespeare-gpu | {r['ms_per_step']:.1f} | "
             f"{r['tok_per_s']:,.0f} | {mfu_text} |")

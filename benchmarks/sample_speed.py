@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from chargpt.config import ModelConfig
-from chargpt.model import build_model
-from chargpt.sampling import generate
+from chargpt.config.schema import ModelConfig
+from chargpt.generation.sampling import generate
+from chargpt.model.gpt import build_model
 
 MODELS = {
     "small": ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128),

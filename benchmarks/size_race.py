@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from time_to_loss import SHAKESPEARE, Evaluator, Run, race  # noqa: E402
 
-from chargpt.config import resolve_config  # noqa: E402
-from chargpt.launch import new_trainer  # noqa: E402
-from chargpt.preparation import prepare  # noqa: E402
-from chargpt.trainer import Trainer  # noqa: E402
+from chargpt.config.schema import resolve_config  # noqa: E402
+from chargpt.data.preparation import prepare  # noqa: E402
+from chargpt.training.launch import new_trainer  # noqa: E402
+from chargpt.training.trainer import Trainer  # noqa: E402
 
 VARIANTS = {"4x128 (fast-cpu)": {}, "3x96": {"model": {"n_layer": 3, "n_embd": 96}}}
 PROBE_STEPS = 12  # timed per variant, interleaved, after 3 warm-up steps

@@ -43,9 +43,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from time_to_loss import SHAKESPEARE, RefGPT  # noqa: E402
 
-from chargpt.config import ModelConfig, resolve_config  # noqa: E402
-from chargpt.model import build_model  # noqa: E402
-from chargpt.sampling import generate  # noqa: E402
+from chargpt.config.schema import ModelConfig, resolve_config  # noqa: E402
+from chargpt.generation.sampling import generate  # noqa: E402
+from chargpt.model.gpt import build_model  # noqa: E402
 
 DEFAULT = dataclasses.replace(resolve_config().model, vocab_size=65)
 FAST = dataclasses.replace(resolve_config("fast-cpu").model, vocab_size=65)  # 4 x 128
@@ -201,9 +201,9 @@ def print_sampling(rows: list[dict], chars: int, rounds: int, before: str) -> No
 
 def budget_run(budget: str, data_dir: str, out: Path) -> dict:
     """`chargpt train --time BUDGET` on the default preset; val over the whole split."""
-    from chargpt.launch import train
-    from chargpt.prepared import load_prepared
-    from chargpt.run import load_run
+    from chargpt.data.prepared import load_prepared
+    from chargpt.runs.run import load_run
+    from chargpt.training.launch import train
 
     cfg = resolve_config(overrides={"data": {"data_dir": data_dir}, "train": {
         "time_budget": budget, "out_dir": str(out), "progress": False, "sample_chars": 0}})
@@ -241,7 +241,7 @@ def main() -> None:
     print_sampling(sampling_rows(args.chars, args.rounds), args.chars, args.rounds, before)
     if args.skip_train:
         return
-    from chargpt.preparation import prepare
+    from chargpt.data.preparation import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = str(Path(tmp) / "data")

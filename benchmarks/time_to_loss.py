@@ -6,7 +6,7 @@ on Tiny Shakespeare in one process, one step of each in turn (always the one who
 clock is behind), so all see the same load on a shared machine. The training clock counts
 only `Trainer.train_step`; every `--snapshot-every` seconds of it the weights are copied aside
 (no evaluation while training).
-Afterwards ONE evaluator, `chargpt.evaluate.evaluate_tokens` over the whole val split, scores
+Afterwards ONE evaluator, `chargpt.model.evaluate.evaluate_tokens` over the whole val split, scores
 the snapshots: the last one of each run, the others' snapshots at the classic run's full
 wall time, and a bisection for the first time each run reaches `--target` (assuming the val
 loss falls over time; the time is interpolated between the two bracketing snapshots).
@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chargpt.config import resolve_config
-from chargpt.evaluate import evaluate_tokens
-from chargpt.launch import new_trainer
-from chargpt.model import build_model
-from chargpt.preparation import prepare
-from chargpt.trainer import Trainer
+from chargpt.config.schema import resolve_config
+from chargpt.data.preparation import prepare
+from chargpt.model.evaluate import evaluate_tokens
+from chargpt.model.gpt import build_model
+from chargpt.training.launch import new_trainer
+from chargpt.training.trainer import Trainer
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

@@ -31,13 +31,13 @@ import torch
 from safetensors.torch import load_file
 
 import chargpt
-from chargpt.cli import main
-from chargpt.config import Config, apply_overrides
-from chargpt.datasets import DATASETS, Dataset, cache_dir, fetch
-from chargpt.io import sha256_file
-from chargpt.preparation import prepare
-from chargpt.prepared import PreparedData
-from chargpt.rundir import RunDir
+from chargpt.cli.commands import main
+from chargpt.config.schema import Config, apply_overrides
+from chargpt.data.datasets import DATASETS, Dataset, cache_dir, fetch
+from chargpt.data.preparation import prepare
+from chargpt.data.prepared import PreparedData
+from chargpt.fileio import sha256_file
+from chargpt.runs.rundir import RunDir
 
 # Tiny Shakespeare: chargpt's dataset cache (where `chargpt train` downloads it), else the copy
 # in ../shared beside the clone; see `shakespeare()`.
@@ -244,7 +244,7 @@ def cli_command(*args: str, faults: list[str] | None = None) -> list[str]:
     """The command line for `chargpt ARGS`, through tests/faulty_cli.py when faults are asked
     for (its options, e.g. ["--exit-at-step", "17"])."""
     if faults is None:
-        return [sys.executable, "-m", "chargpt.cli", *args]
+        return [sys.executable, "-m", "chargpt.cli.commands", *args]
     return [sys.executable, str(FAULTY_CLI), *faults, "--", *args]
 
 

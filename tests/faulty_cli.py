@@ -15,7 +15,7 @@ import os
 import sys
 
 from chargpt import faults
-from chargpt.cli import main
+from chargpt.cli.commands import main
 
 
 def chosen_faults(argv: list[str], environ: dict[str, str]) -> faults.Faults:

@@ -1,4 +1,4 @@
-"""Tests for chargpt.batches: shifted windows, reproducible and resumable streams, DDP ranks."""
+"""Tests for chargpt.data.batches: shifted windows, reproducible, resumable streams, DDP ranks."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import all_text
 
-from chargpt.batches import BatchSampler
+from chargpt.data.batches import BatchSampler
+from chargpt.data.prepared import load_prepared
 from chargpt.errors import CheckpointError, ConfigError, DataError
-from chargpt.prepared import load_prepared
 
 
 def test_batches_are_shifted_windows() -> None:

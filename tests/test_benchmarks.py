@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from conftest import corpus_text, one_line_error, register_dataset, tiny_flags, write, zip_bytes
 
-from chargpt.cli import main
-from chargpt.datasets import Archive, Digest
+from chargpt.cli.commands import main
+from chargpt.data.datasets import Archive, Digest
+from chargpt.data.preparation import prepare
+from chargpt.data.prepared import load_prepared
+from chargpt.data.splits import split_counts
 from chargpt.errors import ConfigError, DataError, VocabError
-from chargpt.preparation import prepare
-from chargpt.prepared import load_prepared
-from chargpt.run import load_run
-from chargpt.splits import split_counts
-from chargpt.textfiles import encode_file
-from chargpt.textstream import TextStream
-from chargpt.tokenizer import CharTokenizer
+from chargpt.runs.run import load_run
+from chargpt.text.textfiles import encode_file
+from chargpt.text.textstream import TextStream
+from chargpt.text.tokenizer import CharTokenizer
 
 MULTI = "Grüße aus 東京 🙂, naïve café!\n"  # 1-, 2-, 3- and 4-byte UTF-8
 
@@ -241,7 +241,7 @@ def test_prepare_command_with_bytes_and_a_test_split(tmp_path, capsys) -> None:
 
 
 def test_config_checks_dataset_and_fractions() -> None:
-    from chargpt.config import resolve_config
+    from chargpt.config.schema import resolve_config
 
     with pytest.raises(ConfigError, match="unknown dataset 'enwik9'"):
         resolve_config(overrides={"data": {"dataset": "enwik9"}})

@@ -8,8 +8,11 @@ import json
 import pytest
 from conftest import one_line_error, same_weights, tiny_config, tiny_flags
 
-import chargpt.budget as budget_module
-from chargpt.budget import (
+import chargpt.training.budget as budget_module
+from chargpt.cli.commands import main
+from chargpt.config.schema import resolve_config
+from chargpt.errors import ConfigError
+from chargpt.training.budget import (
     EVAL_SHARE,
     MARGIN,
     MIN_EVAL_ITERS,
@@ -19,11 +22,8 @@ from chargpt.budget import (
     parse_duration,
     plan_steps,
 )
-from chargpt.cli import main
-from chargpt.config import resolve_config
-from chargpt.errors import ConfigError
-from chargpt.launch import train
-from chargpt.trainer import Trainer
+from chargpt.training.launch import train
+from chargpt.training.trainer import Trainer
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("2h", 7200),
@@ -111,7 +111,7 @@ def test_a_short_budget_shortens_and_spaces_its_evaluations():
 
 
 def test_a_revised_plan_never_changes_a_rate_already_used():
-    from chargpt.optim import lr_at
+    from chargpt.training.optim import lr_at
 
     train = resolve_config(overrides={"train": {
         "schedule": "wsd", "cooldown_frac": 0.5, "warmup_steps": 5, "max_steps": 200}}).train

@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from chargpt import checkpoint as ckpt
 from chargpt.errors import CheckpointError
+from chargpt.runs import checkpoint as ckpt
 
 
 class Tiny(torch.nn.Module):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import corpus_text, one_line_error, tiny_flags
 
-from chargpt.cli import COMMANDS, main
-from chargpt.cli_parser import CHECKPOINT_CHOICES, build_parser
-from chargpt.rundir import CHECKPOINTS
+from chargpt.cli.commands import COMMANDS, main
+from chargpt.cli.parser import CHECKPOINT_CHOICES, build_parser
+from chargpt.runs.rundir import CHECKPOINTS
 
 TINY_FLAGS = tiny_flags(max_steps=40, eval_interval=20, log_interval=10, warmup_steps=5)
 

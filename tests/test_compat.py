@@ -12,9 +12,9 @@ import torch
 from conftest import weights
 from safetensors.torch import load_file
 
-from chargpt.checkpoint import load_train_state
-from chargpt.launch import train
-from chargpt.run import load_run
+from chargpt.runs.checkpoint import load_train_state
+from chargpt.runs.run import load_run
+from chargpt.training.launch import train
 
 MAIN_V1 = Path(__file__).resolve().parent / "data" / "main-v1"
 

@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 
-from chargpt.config import (
+from chargpt.config.presets import load_preset, preset_names
+from chargpt.config.schema import (
     SECTIONS,
     Config,
     ConfigError,
@@ -13,7 +14,6 @@ from chargpt.config import (
     field_docs,
     resolve_config,
 )
-from chargpt.presets import load_preset, preset_names
 
 
 def test_every_field_has_a_docstring():

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import one_line_error, tiny_flags, weights
 
-from chargpt import checkpoint as ckpt
-from chargpt.cli import main
+from chargpt.cli.commands import main
 from chargpt.errors import CheckpointError, ConfigError
-from chargpt.rundir import find_checkpoint
+from chargpt.runs import checkpoint as ckpt
+from chargpt.runs.rundir import find_checkpoint
 
 SAMPLE = ["--max-new-tokens", "20", "--seed", "1", "--prompt", "ROMEO:"]
 

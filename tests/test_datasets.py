@@ -1,4 +1,4 @@
-"""Tests for chargpt.datasets, against a real HTTP server on 127.0.0.1 (never the internet).
+"""Tests for chargpt.data.datasets, against a real HTTP server on 127.0.0.1 (never the internet).
 
 Plain downloads (Tiny Shakespeare) and zip downloads (enwik8, text8) are served from files the
 tests make; the table entries are replaced with the stand-ins' URLs and checksums.
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import register_dataset, zip_bytes
 
-from chargpt.datasets import DATASETS, Archive, Digest, cache_dir, fetch
+from chargpt.data.datasets import DATASETS, Archive, Digest, cache_dir, fetch
 from chargpt.errors import ConfigError, DataError
 
 BODY = "Şu an sadece bir test: 東京 🙂\n".encode() * 500

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from conftest import train_serve_run
 from test_sampling import gen, prompt, rope_gpt, tiny_gpt
 
-import chargpt.decode as decode_module
-from chargpt.cli import main
-from chargpt.decode import fused_linear, static_logits
+import chargpt.generation.decode as decode_module
+from chargpt.cli.commands import main
 from chargpt.errors import ConfigError
-from chargpt.sampling import (
+from chargpt.generation.decode import fused_linear, static_logits
+from chargpt.generation.sampling import (
     KVCache,
     SamplingSettings,
     draw_noise,
@@ -157,7 +157,7 @@ def test_cli_num_samples_are_the_single_samples_of_their_seeds(served_run, capsy
 
 
 def test_run_stream_samples_yields_one_character_per_sample(served_run):
-    from chargpt.run import load_run
+    from chargpt.runs.run import load_run
 
     run = load_run(served_run, device="cpu")
     ids = run.encode_prompt("JULIET")

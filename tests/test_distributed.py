@@ -26,7 +26,7 @@ def run(cmd, **kw):
 
 def torchrun(nproc, *args):
     return run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={nproc}", "-m", "chargpt.cli", *args])
+                f"--nproc_per_node={nproc}", "-m", "chargpt.cli.commands", *args])
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     data = write_corpus(tmp)
     single, ddp = tmp / "single", tmp / "ddp"
-    run([sys.executable, "-m", "chargpt.cli", "train", "--input", str(data), "--out",
+    run([sys.executable, "-m", "chargpt.cli.commands", "train", "--input", str(data), "--out",
          str(single), "--grad-accum", "2", *flags()])
     out = torchrun(2, "train", "--input", str(data), "--out", str(ddp), "--grad-accum", "1",
                    *flags())

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chargpt.config import ModelConfig
-from chargpt.evaluate import evaluate_tokens, window_plan
-from chargpt.model import build_model
+from chargpt.config.schema import ModelConfig
+from chargpt.model.evaluate import evaluate_tokens, window_plan
+from chargpt.model.gpt import build_model
 
 
 def test_bigram_matches_table_lookup():

@@ -11,11 +11,11 @@ import torch
 from conftest import tiny_config
 from faulty_cli import chosen_faults
 
-from chargpt import checkpoint as ckpt
 from chargpt import faults
-from chargpt.cli import main
+from chargpt.cli.commands import main
 from chargpt.faults import Faults
-from chargpt.launch import train
+from chargpt.runs import checkpoint as ckpt
+from chargpt.training.launch import train
 
 
 def test_off_by_default():

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from conftest import same_weights, tiny_flags, write_corpus
 
-import chargpt.checkpoint as ckpt_mod
 import chargpt.plots as plots_mod
-import chargpt.rundir as rundir_mod
-from chargpt.cli import main
+import chargpt.runs.checkpoint as ckpt_mod
+import chargpt.runs.rundir as rundir_mod
+from chargpt.cli.commands import main
+from chargpt.data.preparation import prepare
 from chargpt.errors import DataError
-from chargpt.preparation import prepare
 
 FLAGS = tiny_flags(max_steps=30, eval_interval=10, sample_chars=0)
 

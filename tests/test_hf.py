@@ -16,14 +16,14 @@ from conftest import one_line_error, tiny_config  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers  # noqa: E402
 
-from chargpt import hf  # noqa: E402
-from chargpt.cli import main  # noqa: E402
-from chargpt.config import ModelConfig, apply_overrides  # noqa: E402
-from chargpt.imports import ImportedModel, write_run  # noqa: E402
-from chargpt.launch import train  # noqa: E402
-from chargpt.model import build_model  # noqa: E402
-from chargpt.run import load_run  # noqa: E402
-from chargpt.tokenizer import CharTokenizer  # noqa: E402
+from chargpt.cli.commands import main  # noqa: E402
+from chargpt.config.schema import ModelConfig, apply_overrides  # noqa: E402
+from chargpt.interop import hf_export as hf  # noqa: E402
+from chargpt.interop.importer import ImportedModel, write_run  # noqa: E402
+from chargpt.model.gpt import build_model  # noqa: E402
+from chargpt.runs.run import load_run  # noqa: E402
+from chargpt.text.tokenizer import CharTokenizer  # noqa: E402
+from chargpt.training.launch import train  # noqa: E402
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 LINE = "ROMEO:\nBut, soft! what light through yonder window breaks?\n\nJULIET:\nAy me!"

@@ -15,20 +15,20 @@ from conftest import edit_json, one_line_error, reseal, tiny_config
 from numpy.lib import format as npy_format
 from safetensors.torch import load_file, save_file
 
-import chargpt.model as model_mod
-import chargpt.run as run_mod
-from chargpt import checkpoint as ckpt
-from chargpt import prepared as prepared_mod
-from chargpt import safety
-from chargpt.cli import main
-from chargpt.config import ModelConfig
+import chargpt.model.gpt as model_mod
+import chargpt.runs.run as run_mod
+from chargpt.cli.commands import main
+from chargpt.config.schema import ModelConfig
+from chargpt.data import prepared as prepared_mod
+from chargpt.data.prepared import load_prepared
 from chargpt.errors import CheckpointError, DataError
-from chargpt.imports import ImportedModel, write_run
-from chargpt.launch import train
-from chargpt.lm import build_model
-from chargpt.prepared import load_prepared
-from chargpt.run import load_run
-from chargpt.tokenizer import CharTokenizer
+from chargpt.interop.importer import ImportedModel, write_run
+from chargpt.model.lm import build_model
+from chargpt.runs import checkpoint as ckpt
+from chargpt.runs import safety
+from chargpt.runs.run import load_run
+from chargpt.text.tokenizer import CharTokenizer
+from chargpt.training.launch import train
 
 SAMPLE = ["--max-new-tokens", "5", "--seed", "0"]
 

@@ -7,7 +7,7 @@ import errno
 import pytest
 
 from chargpt.errors import CheckpointError, DataError
-from chargpt.io import atomic_write, atomic_write_text, os_reason, read_bytes, read_error
+from chargpt.fileio import atomic_write, atomic_write_text, os_reason, read_bytes, read_error
 
 
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):

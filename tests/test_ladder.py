@@ -13,12 +13,12 @@ import pytest
 import torch
 from conftest import corpus_text, one_line_error
 
-from chargpt import ladder
-from chargpt.cli import main
-from chargpt.config import ModelConfig
+from chargpt.cli.commands import main
+from chargpt.config.schema import ModelConfig
 from chargpt.errors import ConfigError
-from chargpt.ladder_report import format_json, format_markdown, write_report
-from chargpt.ladder_run import RungResult, SeedResult, run_ladder
+from chargpt.ladder import rungs as ladder
+from chargpt.ladder.report import format_json, format_markdown, write_report
+from chargpt.ladder.runner import RungResult, SeedResult, run_ladder
 from chargpt.plots import attention_label, plot_attention_grid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -287,7 +287,7 @@ def test_the_report_says_which_rung_was_cut_short_and_why(tmp_path):
 
 
 def test_an_interrupted_rung_stops_the_ladder(tmp_path, monkeypatch):
-    from chargpt.trainer import Trainer
+    from chargpt.training.trainer import Trainer
 
     original = Trainer.run
 
@@ -355,7 +355,7 @@ def test_plot_attention_grid_accepts_every_layout(shape, tmp_path):
 
 def test_plot_attention_grid_takes_a_models_tensor(tmp_path):
     model_cfg = ModelConfig(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=16)
-    from chargpt.model import GPT
+    from chargpt.model.gpt import GPT
 
     torch.manual_seed(0)
     maps = GPT(model_cfg).attention_maps(torch.tensor([[1, 2, 3, 4, 5, 6]]))

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chargpt import ladder
-from chargpt.config import ModelConfig
+from chargpt.config.schema import ModelConfig
 from chargpt.errors import ConfigError
-from chargpt.model import GPT, build_model
+from chargpt.ladder import rungs as ladder
+from chargpt.model.gpt import GPT, build_model
 
 VOCAB = 65
 

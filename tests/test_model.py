@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chargpt.bigram import BigramLM
-from chargpt.config import ModelConfig
+from chargpt.config.schema import ModelConfig
 from chargpt.errors import ConfigError
-from chargpt.lm import Capabilities, language_model_loss
-from chargpt.model import GPT, build_model
-from chargpt.sampling import KVCache
+from chargpt.generation.sampling import KVCache
+from chargpt.model.bigram import BigramLM
+from chargpt.model.gpt import GPT, build_model
+from chargpt.model.lm import Capabilities, language_model_loss
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -336,7 +336,7 @@ FAST = dict(pos_emb="rope", qk_norm=True, activation="relu2", zero_init_proj=Tru
 
 
 def test_rotary_scores_depend_only_on_relative_position():
-    from chargpt.model import apply_rope, rope_angles
+    from chargpt.model.gpt import apply_rope, rope_angles
 
     torch.manual_seed(8)
     hs = 16
@@ -364,7 +364,7 @@ def test_rope_model_logits_are_shift_invariant_through_the_cache():
     # The same 6 tokens, seen at positions 0..5 or (after a rolled cache) at 20..25, give the
     # same logits: nothing in a rotary model depends on absolute position. One layer, because
     # deeper layers' cached keys also carry the tokens that have rolled out (test_sampling).
-    from chargpt.sampling import KVCache
+    from chargpt.generation.sampling import KVCache
 
     torch.manual_seed(9)
     model = build_model(tiny(block_size=6, n_layer=1, **{**FAST, "zero_init_proj": False}))
@@ -411,7 +411,7 @@ def test_qk_norm_makes_attention_invariant_to_query_and_key_scale():
 
 
 def test_relu2_activation():
-    from chargpt.model import MLP
+    from chargpt.model.gpt import MLP
 
     mlp = MLP(tiny(activation="relu2"))
     x = torch.randn(3, 64)
@@ -472,7 +472,7 @@ def test_fast_model_overfits_a_tiny_text():
 
 
 def test_old_configs_without_the_new_fields_still_load():
-    from chargpt.config import Config
+    from chargpt.config.schema import Config
 
     old = {"model": {"arch": "gpt", "vocab_size": 65, "block_size": 64, "n_layer": 4,
                      "n_head": 4, "n_embd": 128, "dropout": 0.0, "bias": True, "norm": "pre",
@@ -497,7 +497,7 @@ def test_old_configs_without_the_new_fields_still_load():
     ],
 )
 def test_invalid_fast_switches_are_rejected(overrides, message):
-    from chargpt.config import Config
+    from chargpt.config.schema import Config
 
     with pytest.raises(ConfigError, match=message):
         Config.from_dict({"model": overrides})

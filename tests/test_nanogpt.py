@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from conftest import one_line_error
 from torch import nn
 
-from chargpt.cli import main
-from chargpt.nanogpt import read_plain_pickle
-from chargpt.run import load_run
+from chargpt.cli.commands import main
+from chargpt.interop.nanogpt import read_plain_pickle
+from chargpt.runs.run import load_run
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

@@ -11,11 +11,11 @@ import torch
 from conftest import train_serve_run
 from test_sampling import gen, prompt, rope_gpt, tiny_gpt
 
-import chargpt.decode as decode_module
-import chargpt.native as native
-from chargpt.cli import main
+import chargpt.generation.decode as decode_module
+import chargpt.generation.native as native
+from chargpt.cli.commands import main
 from chargpt.errors import ConfigError
-from chargpt.sampling import KVCache, SamplingSettings, generate
+from chargpt.generation.sampling import KVCache, SamplingSettings, generate
 
 if not native.available()[0]:
     pytest.skip(f"no native decode loop here ({native.available()[1]}); install a C compiler "

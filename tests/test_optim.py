@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import metrics, same_weights, tiny_config
 
-from chargpt.checkpoint import split_optimizer_state
-from chargpt.config import Config, ModelConfig, TrainConfig
+from chargpt.config.schema import Config, ModelConfig, TrainConfig
 from chargpt.errors import ConfigError
-from chargpt.launch import train
-from chargpt.model import build_model
-from chargpt.optim import Muon, lr_at, make_optimizer, orthogonalize
+from chargpt.model.gpt import build_model
+from chargpt.runs.checkpoint import split_optimizer_state
+from chargpt.training.launch import train
+from chargpt.training.optim import Muon, lr_at, make_optimizer, orthogonalize
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""Tests for chargpt.preparation (`prepare`) and chargpt.sources: content and splits of a
+"""Tests for chargpt.data.preparation (`prepare`) and chargpt.data.sources: content and splits of a
 prepared directory, any Unicode, Tiny Shakespeare as in the lecture, bad input, bounded memory."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from conftest import SHAKESPEARE_SHA256, all_text, corpus_text, require_shakespe
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from chargpt import splits
+from chargpt.data import splits
+from chargpt.data.preparation import prepare
+from chargpt.data.prepared import load_prepared
 from chargpt.errors import ConfigError, DataError, VocabError
-from chargpt.preparation import prepare
-from chargpt.prepared import load_prepared
-from chargpt.tokenizer import CharTokenizer
+from chargpt.text.tokenizer import CharTokenizer
 
 # Text prepare accepts: any code point but surrogates (not encodable) and NUL (means binary).
 TEXT_CHAR = st.characters(exclude_categories=("Cs",), exclude_characters="\x00")

@@ -1,4 +1,4 @@
-"""Tests for chargpt.prepared: opening a prepared-data directory and refusing damaged ones."""
+"""Tests for chargpt.data.prepared: opening a prepared-data directory and refusing damaged ones."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from chargpt.data.prepared import check_split_lengths, load_prepared
 from chargpt.errors import DataError
-from chargpt.prepared import check_split_lengths, load_prepared
-from chargpt.tokenizer import CharTokenizer
+from chargpt.text.tokenizer import CharTokenizer
 
 
 def _edit_meta(path: Path, **changes) -> None:

@@ -17,13 +17,13 @@ from conftest import cli, metrics, same_weights, tiny_config, tiny_flags, weight
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import chargpt.trainer as trainer_mod
-from chargpt.cli import main
-from chargpt.config import ConfigError, ModelConfig, TrainConfig
-from chargpt.launch import train
-from chargpt.lm import build_model
-from chargpt.optim import make_optimizer
-from chargpt.trainer import TrainingError
+import chargpt.training.trainer as trainer_mod
+from chargpt.cli.commands import main
+from chargpt.config.schema import ConfigError, ModelConfig, TrainConfig
+from chargpt.model.lm import build_model
+from chargpt.training.launch import train
+from chargpt.training.optim import make_optimizer
+from chargpt.training.trainer import TrainingError
 
 # The CLI runs of this module: the tiny model with dropout, evaluated every 20 steps.
 TINY = tiny_flags(dropout=0.1, eval_interval=20, sample_chars=0, warmup_steps=5)

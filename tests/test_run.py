@@ -7,9 +7,9 @@ import torch
 from conftest import tiny_config, train_serve_run
 
 from chargpt.errors import ConfigError
-from chargpt.launch import train
-from chargpt.run import load_run
-from chargpt.sampling import SamplingSettings
+from chargpt.generation.sampling import SamplingSettings
+from chargpt.runs.run import load_run
+from chargpt.training.launch import train
 
 
 @pytest.fixture(scope="module")

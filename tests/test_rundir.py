@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config
 
-from chargpt.config import Config, apply_overrides
+from chargpt.config.schema import Config, apply_overrides
 from chargpt.errors import CheckpointError, ConfigError
-from chargpt.launch import train
-from chargpt.rundir import CHECKPOINTS, RunDir, find_checkpoint
+from chargpt.runs.rundir import CHECKPOINTS, RunDir, find_checkpoint
+from chargpt.training.launch import train
 
 
 def test_layout(tmp_path):

@@ -8,17 +8,17 @@ import dataclasses
 import pytest
 import torch
 
-from chargpt.config import ModelConfig
-from chargpt.decode import decode_step
+from chargpt.config.schema import ModelConfig
 from chargpt.errors import ConfigError
-from chargpt.model import build_model
-from chargpt.sampling import (
+from chargpt.generation.decode import decode_step
+from chargpt.generation.sampling import (
     KVCache,
     SamplingSettings,
     generate,
     generate_tokens,
     sample_next_token,
 )
+from chargpt.model.gpt import build_model
 
 V = 13
 
@@ -318,7 +318,7 @@ def test_one_layer_rope_cache_rolls_and_matches_recompute_beyond_block_size(bloc
 def sliding_window_logits(model, idx, window: int, monkeypatch) -> torch.Tensor:
     """Logits of `model`'s weights over all of `idx` (B, N) at once, each position attending
     to itself and the window - 1 positions before it, in every layer."""
-    import chargpt.model as model_module
+    import chargpt.model.gpt as model_module
 
     big = build_model(dataclasses.replace(model.config, block_size=idx.size(1))).double()
     big.load_state_dict(model.state_dict())  # rotary: no position table, same weights

@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from chargpt.batches import BatchSampler
-from chargpt.cli import main
-from chargpt.config import resolve_config
-from chargpt.flops import PEAK_FLOPS, estimate, match_gpu, mfu
-from chargpt.launch import train
-from chargpt.model import build_model
+from chargpt.cli.commands import main
+from chargpt.config.schema import resolve_config
+from chargpt.data.batches import BatchSampler
+from chargpt.model.flops import PEAK_FLOPS, estimate, match_gpu, mfu
+from chargpt.model.gpt import build_model
+from chargpt.training.launch import train
 
 
 @pytest.mark.parametrize("preset", ["shakespeare-cpu", "shakespeare-gpu", "turkish-86m"])

@@ -28,9 +28,9 @@ from conftest import train_serve_run
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-import chargpt.native as native  # noqa: E402
-from chargpt.cli import main  # noqa: E402
-from chargpt.run import load_run  # noqa: E402
+import chargpt.generation.native as native  # noqa: E402
+from chargpt.cli.commands import main  # noqa: E402
+from chargpt.runs.run import load_run  # noqa: E402
 from chargpt.serve.app import Limits, create_app  # noqa: E402
 from chargpt.serve.background import BackgroundServer  # noqa: E402
 from chargpt.serve.generation import StopMatcher  # noqa: E402

@@ -21,7 +21,7 @@ from conftest import train_serve_run
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from chargpt.run import load_run  # noqa: E402
+from chargpt.runs.run import load_run  # noqa: E402
 from chargpt.serve.app import Limits, create_app  # noqa: E402
 from chargpt.serve.background import BackgroundServer  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Tests for chargpt.textfiles: reading small text files and encoding whole files."""
+"""Tests for chargpt.text.textfiles: reading small text files and encoding whole files."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from conftest import write
 
 from chargpt.errors import DataError, VocabError
-from chargpt.textfiles import encode_file, read_text_file
-from chargpt.tokenizer import CharTokenizer
+from chargpt.text.textfiles import encode_file, read_text_file
+from chargpt.text.tokenizer import CharTokenizer
 
 
 def test_encode_file(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Tests for chargpt.tokenizer: round trips in any script, unknown characters, persistence."""
+"""Tests for chargpt.text.tokenizer: round trips in any script, unknown characters, persistence."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chargpt.errors import ChargptError, ConfigError, DataError, VocabError
-from chargpt.tokenizer import CharTokenizer, check_same_vocab
+from chargpt.text.tokenizer import CharTokenizer, check_same_vocab
 
 # Every code point except surrogates, which cannot occur in UTF-8 text.
 ANY_CHAR = st.characters(exclude_categories=("Cs",))

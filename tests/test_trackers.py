@@ -18,11 +18,11 @@ from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E4
     EventAccumulator,
 )
 
-from chargpt import trackers  # noqa: E402
-from chargpt.cli import main  # noqa: E402
-from chargpt.config import apply_overrides  # noqa: E402
-from chargpt.launch import train  # noqa: E402
-from chargpt.rundir import RunDir  # noqa: E402
+from chargpt.cli.commands import main  # noqa: E402
+from chargpt.config.schema import apply_overrides  # noqa: E402
+from chargpt.runs.rundir import RunDir  # noqa: E402
+from chargpt.training import trackers  # noqa: E402
+from chargpt.training.launch import train  # noqa: E402
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

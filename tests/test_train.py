@@ -12,11 +12,11 @@ import pytest
 from conftest import cli, corpus_text, metrics, same_weights, tiny_flags, write, write_corpus
 from conftest import tiny_config as base_config
 
-from chargpt.config import TrainConfig
+from chargpt.config.schema import TrainConfig
+from chargpt.data.preparation import prepare
 from chargpt.errors import CheckpointError, ConfigError
-from chargpt.launch import train
-from chargpt.optim import lr_at
-from chargpt.preparation import prepare
+from chargpt.training.launch import train
+from chargpt.training.optim import lr_at
 
 
 def tiny_config(corpus, out, **train_overrides):

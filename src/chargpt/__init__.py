@@ -14,28 +14,28 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ChargptError": "errors",
-    "CharTokenizer": "tokenizer",
-    "prepare": "preparation",
-    "load_prepared": "prepared",
-    "Config": "config",
-    "ModelConfig": "config",
-    "DataConfig": "config",
-    "TrainConfig": "config",
-    "resolve_config": "config",
-    "preset_names": "presets",
-    "GPT": "model",
-    "BigramLM": "bigram",
-    "build_model": "lm",
-    "KVCache": "sampling",
-    "SamplingSettings": "sampling",
-    "generate": "sampling",
-    "generate_tokens": "sampling",
-    "sample_next_token": "sampling",
-    "train": "launch",
-    "TrainResult": "trainer",
-    "Run": "run",
-    "load_run": "run",
-    "fetch": "datasets",
+    "CharTokenizer": "text.tokenizer",
+    "prepare": "data.preparation",
+    "load_prepared": "data.prepared",
+    "Config": "config.schema",
+    "ModelConfig": "config.schema",
+    "DataConfig": "config.schema",
+    "TrainConfig": "config.schema",
+    "resolve_config": "config.schema",
+    "preset_names": "config.presets",
+    "GPT": "model.gpt",
+    "BigramLM": "model.bigram",
+    "build_model": "model.lm",
+    "KVCache": "generation.sampling",
+    "SamplingSettings": "generation.sampling",
+    "generate": "generation.sampling",
+    "generate_tokens": "generation.sampling",
+    "sample_next_token": "generation.sampling",
+    "train": "training.launch",
+    "TrainResult": "training.trainer",
+    "Run": "runs.run",
+    "load_run": "runs.run",
+    "fetch": "data.datasets",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -43,7 +43,7 @@ __all__ = ["__version__", *_EXPORTS]
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        module = importlib.import_module(f"chargpt.{_EXPORTS[name]}")
         return getattr(module, name)
     raise AttributeError(f"module 'chargpt' has no attribute {name!r}")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from chargpt.errors import ConfigError
 
 __all__ = ["allow_tf32", "autocast_context", "autocast_dtype", "pick_device"]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from chargpt.errors import ConfigError
 
 
 @dataclass(frozen=True)

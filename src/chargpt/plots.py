@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write
+from chargpt.fileio import atomic_write
 
 
 def _figure(figsize: tuple[float, float]):

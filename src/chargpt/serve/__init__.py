@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ChargptError
+from chargpt.errors import ChargptError
 
 if TYPE_CHECKING:
-    from .api import Limits
+    from chargpt.serve.api import Limits
 
 INSTALL_HINT = "chargpt serve needs the serve extra: pip install 'chargpt[serve]'"
 REQUIRED = ("starlette", "uvicorn")
@@ -61,10 +61,10 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     import torch
     import uvicorn
 
-    from ..run import load_run
-    from ..sampling import SamplingSettings
-    from .api import Limits
-    from .app import create_app, model_name
+    from chargpt.generation.sampling import SamplingSettings
+    from chargpt.runs.run import load_run
+    from chargpt.serve.api import Limits
+    from chargpt.serve.app import create_app, model_name
 
     SamplingSettings(weights=weights)  # an unknown kind is a one-line error before loading
     limits = limits or Limits()

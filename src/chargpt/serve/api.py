@@ -16,10 +16,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from ..errors import ChargptError
-from ..run import Run
-from ..sampling import SamplingSettings
-from ..tokenizer import UNKNOWN_POLICIES, unknown_chars_message
+from chargpt.errors import ChargptError
+from chargpt.generation.sampling import SamplingSettings
+from chargpt.runs.run import Run
+from chargpt.text.tokenizer import UNKNOWN_POLICIES, unknown_chars_message
 
 MAX_SEED = 2**63 - 1
 MAX_STOP_STRINGS = 4

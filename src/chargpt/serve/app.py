@@ -29,11 +29,11 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..errors import ChargptError
-from ..run import Run
-from ..rundir import CHECKPOINTS
-from .api import ApiError, GenRequest, Limits, encode_prompt, parse_generate, read_json
-from .generation import ClientGone, Generation, Slots
+from chargpt.errors import ChargptError
+from chargpt.runs.run import Run
+from chargpt.runs.rundir import CHECKPOINTS
+from chargpt.serve.api import ApiError, GenRequest, Limits, encode_prompt, parse_generate, read_json
+from chargpt.serve.generation import ClientGone, Generation, Slots
 
 __all__ = ["Limits", "Server", "create_app", "model_name"]
 

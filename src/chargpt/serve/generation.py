@@ -18,8 +18,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from ..run import Run
-from .api import ApiError, GenRequest, Limits
+from chargpt.runs.run import Run
+from chargpt.serve.api import ApiError, GenRequest, Limits
 
 FLUSH_SECONDS = 0.03  # a worker batches characters for this long; the page still looks live
 

@@ -1,0 +1,1 @@
+"""Configuration: the typed config dataclasses, the shipped presets, the flags made from them."""

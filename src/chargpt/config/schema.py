@@ -1,0 +1,400 @@
+"""Typed run configuration: the dataclasses, their validation, and how values are layered.
+
+A run is described by one `Config` made of three sections (`model`, `data`, `train`). Every
+field has a type, a default and a docstring; the docstring is the field's `--help` text. Values
+are resolved in this order, later wins: dataclass defaults, a preset, a TOML file, CLI flags.
+Unknown keys and impossible values raise `ConfigError` with a one-line message, so a typo never
+silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+from chargpt.config.presets import DEFAULT_PRESET, load_preset, load_toml
+from chargpt.errors import ConfigError
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """The network: which model, how big, and which parts of the Transformer are switched on."""
+
+    arch: Literal["gpt", "bigram"] = "gpt"
+    """Model family: 'gpt' (decoder-only Transformer) or 'bigram' (the lecture's baseline)."""
+    vocab_size: int = 0
+    """Number of distinct characters; taken from the prepared data (0 = not known yet)."""
+    block_size: int = 64
+    """Context length in characters: the most the model looks back."""
+    n_layer: int = 4
+    """Number of Transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 128
+    """Width of the residual stream (embedding size)."""
+    dropout: float = 0.0
+    """Dropout probability on attention weights, residual branches and embeddings."""
+    bias: bool = True
+    """Use biases in Linear layers and LayerNorms."""
+    norm: Literal["pre", "post", "none"] = "pre"
+    """LayerNorm placement: 'pre' (GPT-2), 'post' (original Transformer) or 'none'."""
+    residual: bool = True
+    """Add each sub-layer's output to its input (residual connections)."""
+    mlp: bool = True
+    """Include the feed-forward MLP in each block."""
+    mlp_ratio: int = 4
+    """Hidden width of the MLP as a multiple of n_embd."""
+    activation: Literal["gelu", "relu", "relu2"] = "gelu"
+    """Non-linearity inside the MLP: 'gelu', 'relu' or 'relu2' (ReLU squared)."""
+    tie_weights: bool = False
+    """Share the token-embedding matrix with the output head."""
+    pos_emb: Literal["learned", "rope", "none"] = "learned"
+    """Positions: 'learned' absolute embeddings, 'rope' (rotary, relative) or 'none'."""
+    rope_base: float = 10000.0
+    """Base of the rotary frequencies (pos_emb 'rope' only)."""
+    qk_norm: bool = False
+    """RMS-normalise each head's queries and keys before attention (QK-norm)."""
+    zero_init_proj: bool = False
+    """Initialise the projections into the residual stream to zero (blocks start as identity)."""
+    norm_type: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalisation layer used where `norm` places one: 'layernorm' or 'rmsnorm'."""
+    init: Literal["gpt2", "torch"] = "gpt2"
+    """Initial weights: 'gpt2' (normal, std 0.02, residual projections scaled down with depth)
+    or 'torch' (PyTorch's per-layer defaults, as the lecture's code uses)."""
+    attn_proj: bool = True
+    """Mix the concatenated heads with an output projection (the lecture adds it together
+    with residual connections)."""
+    mlp_proj: bool = True
+    """Project the MLP's hidden layer back to n_embd; off, the MLP is a single Linear plus
+    the activation, the lecture's first feed-forward layer (needs mlp_ratio 1)."""
+    qkv_bias: bool = True
+    """Biases on the query, key and value projections when `bias` is on (the lecture's heads
+    have none)."""
+    head_bias: bool = False
+    """A bias on the output head (the lecture's lm_head has one; GPT-2's has none)."""
+    attn_scale: Literal["head", "embd"] = "head"
+    """Divide attention scores by sqrt(head size), or by sqrt(n_embd) as the lecture's code
+    does (a slip its video corrects; it only differs with more than one head)."""
+    emb_dropout: bool = True
+    """Apply dropout to the summed embeddings too (GPT-2 does; the lecture's code does not)."""
+    value_embeds: bool = False
+    """Give each block a token-indexed table added to its attention values (value
+    embeddings, from the speedrun community); zero-initialised, so training switches it on."""
+    logit_softcap: float = 0.0
+    """Squash the output logits smoothly into (-cap, cap) with cap * tanh(logits / cap)
+    (0 = off)."""
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_size >= 0, f"vocab_size must be >= 0, got {self.vocab_size}")
+        _check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        if self.arch == "gpt":
+            _check(self.n_layer >= 1, f"n_layer must be >= 1, got {self.n_layer}")
+            _check(self.n_head >= 1, f"n_head must be >= 1, got {self.n_head}")
+            _check(self.n_embd >= 1, f"n_embd must be >= 1, got {self.n_embd}")
+            _check(
+                self.n_embd % self.n_head == 0,
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})",
+            )
+            _check(self.mlp_ratio >= 1, f"mlp_ratio must be >= 1, got {self.mlp_ratio}")
+            _check(
+                self.mlp_proj or self.mlp_ratio == 1,
+                f"mlp_proj off makes the MLP one n_embd-wide layer; it needs mlp_ratio 1, "
+                f"got {self.mlp_ratio}",
+            )
+            _check(
+                self.pos_emb != "rope" or self.head_dim % 2 == 0,
+                f"pos_emb 'rope' needs an even head size, got n_embd/n_head = {self.head_dim}",
+            )
+        _check(
+            math.isfinite(self.rope_base) and self.rope_base > 1.0,
+            f"rope_base must be > 1, got {self.rope_base}",
+        )
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(
+            math.isfinite(self.logit_softcap) and self.logit_softcap >= 0.0,
+            f"logit_softcap must be >= 0, got {self.logit_softcap}",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is split."""
+
+    input: str = ""
+    """A UTF-8 text file, folder of .txt files or glob to prepare (default: Tiny Shakespeare)."""
+    data_dir: str = ""
+    """A directory made by `chargpt prepare`; used instead of --input."""
+    dataset: str = "shakespeare"
+    """Named corpus downloaded on first use when neither --input nor --data-dir is given:
+    shakespeare, or the benchmarks enwik8 and text8 with their standard split."""
+    val_fraction: float = 0.1
+    """Fraction of the text (taken from the end) held out for validation."""
+    test_fraction: float = 0.0
+    """Fraction held out after val, at the very end, as a test split for `chargpt eval --split
+    test` (0 = none). A benchmark dataset (enwik8, text8) uses its standard split instead."""
+    unit: Literal["char", "byte"] = "char"
+    """What one token is: 'char' (a Unicode code point) or 'byte' (one byte of the UTF-8 text,
+    the unit enwik8 results are reported in)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            0.0 < self.val_fraction < 1.0,
+            f"val_fraction must be in (0, 1), got {self.val_fraction}",
+        )
+        _check(
+            0.0 <= self.test_fraction < 1.0 and self.val_fraction + self.test_fraction < 1.0,
+            f"test_fraction must be in [0, 1) and leave text to train on with val_fraction "
+            f"{self.val_fraction}, got {self.test_fraction}",
+        )
+
+        from chargpt.data.datasets import dataset  # where the names live
+
+        dataset(self.dataset)
+        _check(
+            not (self.input and self.data_dir),
+            "give either --input or --data-dir, not both",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation, logging and hardware."""
+
+    out_dir: str = ""
+    """Run directory for config, metrics, checkpoints and plots (default: runs/<timestamp>)."""
+    max_steps: int = 2000
+    """Number of optimizer steps."""
+    time_budget: str = ""
+    """Train for a wall-clock time instead of max_steps, e.g. '90s', '10m', '2h': the steps are
+    timed and max_steps is set so the whole schedule, every evaluation and the final checkpoint
+    fit in it; evaluations are spaced (never closer than eval_interval) and, in a short budget,
+    shortened to take at most 5% of it (see budget.py)."""
+    planned_steps: int = 0
+    """The step count a time_budget run planned for itself (0 = not planned yet); recorded in
+    config.json so that a resumed run keeps its plan."""
+    batch_size: int = 12
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to lr."""
+    lr_decay_steps: int = 0
+    """Step at which the cosine decay reaches min_lr (0 = max_steps)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not biases, norms or embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.99
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = off)."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """'adamw' for every parameter, or 'muon' for the blocks' matrices plus AdamW for the rest."""
+    muon_lr: float = 0.02
+    """Peak learning rate of Muon's matrices; it follows the same schedule as lr."""
+    muon_momentum: float = 0.95
+    """Muon's (Nesterov) momentum."""
+    muon_ns_steps: int = 5
+    """Newton-Schulz iterations Muon uses to orthogonalise each update."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """After warmup: 'cosine' decay to min_lr, 'wsd' (stable at lr, then a linear cooldown)
+    or 'constant' (lr throughout, as in the lecture)."""
+    cooldown_frac: float = 0.2
+    """Fraction of the decay steps spent in the linear cooldown to min_lr (schedule 'wsd')."""
+    eval_interval: int = 250
+    """Evaluate train and val loss every this many steps (and at the last step)."""
+    eval_iters: int = 100
+    """Batches averaged per split at each evaluation."""
+    log_interval: int = 10
+    """Record the running training loss every this many steps."""
+    seed: int = 1337
+    """Seed for weights, batches and dropout; the same seed gives the same run on CPU."""
+    device: str = "auto"
+    """Device: 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Autocast precision: 'auto' is bfloat16 on CUDA GPUs that support it, else float32."""
+    compile: bool = False
+    """Compile the model with torch.compile (faster on GPU after a warm-up)."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """On a NaN/inf loss: 'stop' (checked at log steps, no extra sync; last good checkpoint
+    kept) or 'skip' the update (checked every step, one host sync per step)."""
+    data_order: Literal["random", "epoch"] = "random"
+    """Batch windows: 'random' (uniform, with replacement) or 'epoch' (each token once a pass)."""
+    sample_chars: int = 300
+    """Characters to sample at the end of training (0 = none)."""
+    progress: bool = True
+    """Show a progress bar when writing to a terminal."""
+    log_to: str = ""
+    """Experiment trackers mirroring metrics.jsonl: 'tensorboard', 'wandb' or both, comma-separated
+    or repeated (extras: pip install 'chargpt[tensorboard]' / 'chargpt[wandb]')."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_iters",
+                     "log_interval"):
+            value = getattr(self, name)
+            _check(value >= 1, f"{name} must be >= 1, got {value}")
+        for name in ("warmup_steps", "lr_decay_steps", "sample_chars"):
+            value = getattr(self, name)
+            _check(value >= 0, f"{name} must be >= 0, got {value}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, f"{name} must be >= 0, got {value}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.min_lr <= self.lr, f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        _check(math.isfinite(self.muon_lr) and self.muon_lr > 0,
+               f"muon_lr must be > 0, got {self.muon_lr}")
+        _check(0.0 <= self.muon_momentum < 1.0,
+               f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        _check(self.muon_ns_steps >= 1, f"muon_ns_steps must be >= 1, got {self.muon_ns_steps}")
+        _check(self.planned_steps >= 0, f"planned_steps must be >= 0, got {self.planned_steps}")
+        if self.time_budget:
+            from chargpt.training.budget import StepClock  # where durations are parsed
+
+            StepClock.of(self)
+        _check(0.0 < self.cooldown_frac <= 1.0,
+               f"cooldown_frac must be in (0, 1], got {self.cooldown_frac}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
+        _check(
+            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+            f"device must be auto, cpu, cuda[:N] or mps, got {self.device!r}",
+        )
+
+        from chargpt.training.trackers import parse_log_to  # where the tracker names live
+
+        parse_log_to(self.log_to)
+
+    @property
+    def decay_steps(self) -> int:
+        return self.lr_decay_steps or self.max_steps
+
+
+@dataclass
+class Config:
+    """A whole run: model, data and training."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> Config:
+        return apply_overrides(cls(), d, source)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+# --- field introspection --------------------------------------------------------------------
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each field of a dataclass to the docstring written under it in the source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check a TOML or CLI value against a field's type, converting where lossless."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        _check(value in choices, f"{where} must be one of {', '.join(map(str, choices))}, "
+                                 f"got {value!r}")
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool),
+               f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+               f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r}")  # a bug in chargpt, not user input
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Config:
+    """Return a new Config with `overrides` ({section: {key: value}}) applied and validated."""
+    sections: dict[str, dict[str, Any]] = {}
+    for name, values in overrides.items():
+        _check(name in SECTIONS, f"{source}: unknown section [{name}] "
+                                 f"(expected one of {', '.join(SECTIONS)})")
+        _check(isinstance(values, dict), f"{source}: [{name}] must be a table")
+        types_ = field_types(SECTIONS[name])
+        current = dataclasses.asdict(getattr(cfg, name))
+        for key, value in values.items():
+            _check(key in types_, f"{source}: unknown key '{key}' in [{name}]")
+            current[key] = _coerce(value, types_[key], f"{source}: {name}.{key}")
+        sections[name] = current
+    try:
+        return dataclasses.replace(
+            cfg, **{name: SECTIONS[name](**values) for name, values in sections.items()}
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+# --- resolving a run's values ---------------------------------------------------------------
+
+
+def resolve_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults, then a preset (default: shakespeare-cpu), then a TOML file, then overrides."""
+    cfg = Config()
+    cfg = apply_overrides(cfg, load_preset(preset or DEFAULT_PRESET), f"preset {preset}")
+    if config_file:
+        cfg = apply_overrides(cfg, load_toml(config_file), str(config_file))
+    if overrides:
+        cfg = apply_overrides(cfg, overrides, "command line")
+    return cfg

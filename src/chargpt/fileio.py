@@ -1,0 +1,160 @@
+"""The file system, in one place: atomic writes, fsync, and file errors turned into user errors.
+
+A file written with `atomic_write` (or `atomic_write_bytes` / `atomic_write_text`) is either
+the complete new content or the previous one, never a torn mix: the data goes to a temporary
+file in the same directory (same file system, so the final rename is atomic), is flushed and
+fsynced, and is then moved over the target with `os.replace`. The writers raise plain
+`OSError`. Readers that face a user's file call `read_bytes`, or `read_error` in their own
+`except OSError`, so every missing, unreadable or mistaken path is reported in the same words as
+one `ChargptError` line; `os_reason` is the one-line reason of any OSError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from chargpt.errors import ChargptError, DataError
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "fsync_dir",
+    "fsync_file",
+    "os_reason",
+    "read_bytes",
+    "read_error",
+    "read_json",
+    "sha256_file",
+    "temp_path_for",
+]
+
+
+def temp_path_for(path: str | os.PathLike[str], tag: str = "tmp") -> Path:
+    """A hidden, unique sibling of `path` suitable for building a replacement of it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{tag}")
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make a rename inside `directory` durable; silently skipped where unsupported."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a file that was written and closed elsewhere to the disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
+    """Replace `path` with what `write(f)` writes to a fresh binary file, atomically."""
+    path = Path(path)
+    tmp = temp_path_for(path)
+    # os.open with 0o666 lets the umask decide the permissions, as a plain open() would;
+    # tempfile.mkstemp would force 0o600 on the final file.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace `path` with `data` so that readers only ever see the old or the new file."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
+    """Like `atomic_write_bytes` for text; newlines are written as given (no translation)."""
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def os_reason(e: BaseException) -> str:
+    """An OS error's reason as one line: "No space left on device", not "[Errno 28] ...: path";
+    also when a library wraps it in its own error, as safetensors does ("Error while
+    serializing: I/O error: No space left on device (os error 28)")."""
+    if isinstance(e, OSError):
+        return e.strerror or " ".join(str(e).split()) or type(e).__name__
+    text = " ".join(str(e).split())
+    wrapped = re.search(r"I/O error: (.+?) \(os error \d+\)", text)
+    return wrapped.group(1) if wrapped else text or type(e).__name__
+
+
+def read_error(
+    path: str | os.PathLike[str],
+    e: OSError,
+    *,
+    what: str = "file",
+    error: type[ChargptError] = DataError,
+) -> ChargptError:
+    """The user error for a `what` at `path` that could not be read because of `e`."""
+    if isinstance(e, FileNotFoundError):
+        return error(f"{what} not found: {path}")
+    if isinstance(e, IsADirectoryError):
+        return error(f"{path} is a directory, not a {what}")
+    return error(f"cannot read {path}: {os_reason(e)}")
+
+
+def read_bytes(
+    path: str | os.PathLike[str],
+    *,
+    what: str = "file",
+    error: type[ChargptError] = DataError,
+    max_bytes: int | None = None,
+) -> bytes:
+    """The whole content of a user's file, or one `error` line saying why it cannot be read.
+
+    With `max_bytes`, a larger file is refused before it is read (a hostile or mistaken file
+    must not fill the memory)."""
+    try:
+        with open(path, "rb") as f:
+            # Read one byte past the limit rather than trust the size: /dev/zero has none.
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    except OSError as e:
+        raise read_error(path, e, what=what, error=error) from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise error(f"{path} is too large for a {what} (more than {max_bytes:,} bytes)")
+    return data
+
+
+def read_json(
+    path: str | os.PathLike[str], *, error: type[ChargptError] = DataError, max_bytes: int
+) -> Any:
+    """A user's JSON file, at most `max_bytes`; anything else is one `error` line."""
+    raw = read_bytes(path, error=error, max_bytes=max_bytes)
+    try:
+        return json.loads(raw)
+    except ValueError as e:  # includes bytes that are not UTF-8
+        raise error(f"{path} is unreadable: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise error(f"{path} is unreadable: JSON nested too deeply") from None

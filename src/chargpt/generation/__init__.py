@@ -1,0 +1,1 @@
+"""Generation: sampling settings, the draw of each token, the decode loops (torch and native)."""

@@ -1,0 +1,1 @@
+"""Models from and to other tools: Hugging Face export and import, nanoGPT checkpoints."""

@@ -1,0 +1,1 @@
+"""The models: the GPT and the bigram baseline, what every model shares, its KV cache and costs."""

@@ -1,0 +1,1 @@
+"""Training: the trainer, optimizers and schedules, time budgets, stopping, logging, trackers."""

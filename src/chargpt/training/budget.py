@@ -1,0 +1,261 @@
+"""Training to a wall-clock budget: parse '90s'/'10m'/'2h' and plan the step count that fits.
+
+`chargpt train --time 10m` does not stop a run when the clock runs out (that would cut off the
+schedule's cooldown, and the schedule, not the model, would decide the loss). It measures
+instead: a `StepClock` times the training steps (evaluations excluded), a few evaluation
+batches give the cost of an evaluation, and `plan_steps` turns the time left into a step count
+so that training, every evaluation and the final checkpoint end inside the budget. The first
+plan comes after `CALIBRATION_STEPS` steps, all inside the learning-rate warmup, whose rates do
+not depend on the run's length. The run plans again every `REPLAN_EVERY` steps, each time
+from all the steps timed so far, for as long as the schedule lets the length change without
+changing a rate already used (a WSD run until its cooldown starts, `optim.length_free_steps`),
+so one slow or fast moment early on does not decide the run; once enough steps are timed, the
+plan assumes the slower moments' step time (`StepClock.step_seconds`), because the last plan
+must hold through the cooldown. Evaluations are spaced and, in a
+short budget, shortened so that together they take at most `EVAL_SHARE` of it; a budget run
+has no step-0 evaluation. A `Planner` holds a run's clock, what an evaluation costs and what
+the log was told, and turns measurements into revised `TrainConfig`s; the trainer measures
+(on every rank, averaged, so that all ranks plan alike), applies each plan and records it
+(`max_steps`, `planned_steps`, `eval_interval`, `eval_iters`) in the run's config.json before
+any checkpoint, so a resumed or re-run run keeps the plan instead of measuring again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from chargpt.errors import ConfigError
+from chargpt.training.optim import length_free_steps
+
+__all__ = ["CALIBRATION_STEPS", "EVAL_PROBE_ITERS", "EVAL_SHARE", "PLANNED_FIELDS", "Plan",
+           "Planner", "StepClock", "calibration_steps", "keep_history", "parse_duration",
+           "plan_steps"]
+
+CALIBRATION_STEPS = 10  # the first steps, timed from the second (the first one warms up)
+MARGIN = 0.04  # of the time left, kept for the step time's drift on a shared machine
+EVAL_SHARE = 0.05  # of the budget, the most that all evaluations together may take
+MIN_EVAL_ITERS = 10  # batches per split: fewer would make an evaluation mostly noise
+EVAL_PROBE_ITERS = 4  # batches per split timed to price an evaluation before the first one
+REPLAN_EVERY = 10  # steps between plans while the run's length is still free to change
+WINDOW = 10  # timed steps per window of the step-time record
+SLOW_WINDOWS = 5  # windows needed before the slow ones count
+SLOW_QUANTILE = 0.75  # the step time planned with, among the windows' (see StepClock)
+# the [train] values a plan sets: a resumed run keeps them, whatever the command line says
+PLANNED_FIELDS = ("max_steps", "planned_steps", "eval_interval", "eval_iters")
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as '90s', '10m', '2h', '1.5h' or '45' (seconds)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", text)
+    seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"] if match else math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"time budget must be a positive duration such as 90s, 10m or 2h, "
+                          f"got {text!r}")
+    return seconds
+
+
+def calibration_steps(warmup_steps: int, schedule_depends_on_length: bool) -> int:
+    """How many of the first steps time the step, all with rates that the plan cannot change."""
+    if not schedule_depends_on_length:
+        return CALIBRATION_STEPS
+    return min(CALIBRATION_STEPS, warmup_steps)
+
+
+@dataclass
+class StepClock:
+    """The clock of a run with a time budget: `tick()` after each training step, `exclude()`
+    the time of anything else (evaluations, checkpoints), `due(step)` says when to plan."""
+
+    budget: float
+    first_plan_after: int
+    planned: bool = False
+    ticks: int = 0
+    excluded: float = 0.0
+    first: float | None = None
+    last: float = 0.0
+    windows: list[float] = dataclasses.field(default_factory=list)
+    """Seconds per step of each run of WINDOW timed steps so far."""
+    window_start: float = 0.0  # busy seconds when the current window began
+
+    @classmethod
+    def of(cls, train: Any) -> StepClock | None:
+        """The clock a `TrainConfig` needs: None without a budget or once it is planned."""
+        if not train.time_budget or train.planned_steps:
+            return None
+        budget = parse_duration(train.time_budget)
+        depends = train.schedule != "constant" and not train.lr_decay_steps
+        steps = calibration_steps(train.warmup_steps, depends)
+        if steps < 3:
+            raise ConfigError(f"a time budget times the first steps inside the warmup, so it "
+                              f"needs warmup_steps >= 3, got {train.warmup_steps}")
+        return cls(budget, steps)
+
+    def tick(self) -> None:
+        """Note the end of a training step (the first one only starts the clock: it warms up)."""
+        self.last = time.perf_counter()
+        if self.first is None:
+            self.first, self.excluded = self.last, 0.0
+            return
+        self.ticks += 1
+        if self.ticks % WINDOW == 0:
+            busy = self.busy()
+            self.windows.append((busy - self.window_start) / WINDOW)
+            self.window_start = busy
+
+    def busy(self) -> float:
+        """Seconds spent in timed training steps so far."""
+        assert self.first is not None
+        return max(self.last - self.first - self.excluded, 0.0)
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` spent on something other than training steps out of the step time."""
+        if self.first is not None:
+            self.excluded += seconds
+
+    def step_seconds(self) -> float:
+        """Seconds per training step to plan with: the mean over every step timed so far, or,
+        once there are SLOW_WINDOWS windows of WINDOW steps, the SLOW_QUANTILE quantile of them
+        if that is slower. The last plan is made when the cooldown starts and must hold for the
+        rest of the run; a machine whose speed drifts (a shared VM's does, by 10% within a
+        minute) then keeps a reserve the size of its own drift."""
+        mean = self.busy() / max(1, self.ticks)
+        if len(self.windows) < SLOW_WINDOWS:
+            return mean
+        ranked = sorted(self.windows)
+        return max(mean, ranked[math.ceil(SLOW_QUANTILE * (len(ranked) - 1))])
+
+    def due(self, step: int, train: Any) -> bool:
+        """Whether to plan after `step`: the first plan once the calibration steps are timed,
+        then every REPLAN_EVERY steps while the schedule leaves the length free."""
+        if not self.planned:
+            return self.ticks + 1 >= self.first_plan_after
+        return step % REPLAN_EVERY == 0 and step < length_free_steps(train)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a budget buys: steps and evaluations, and the measurements they came from."""
+
+    steps: int
+    budget: float
+    step_seconds: float
+    eval_seconds: float  # one evaluation of eval_iters batches per split
+    eval_interval: int
+    eval_iters: int
+    evals: int  # still to come, the final one included
+    elapsed: float
+
+    def describe(self, timed_steps: int) -> str:
+        where = (f"every {self.eval_interval} steps and at the end"
+                 if self.eval_interval < self.steps else "at the end")
+        return (f"time budget {self.budget:g}s: {self.steps} steps planned ({self.elapsed:.1f}s "
+                f"used so far; {self.step_seconds * 1e3:.1f} ms per step over {timed_steps} "
+                f"timed steps; {self.evals} evaluation(s) of {self.eval_iters} batches per "
+                f"split, {where}, at {self.eval_seconds:.2f}s each, at most {EVAL_SHARE:.0%} "
+                f"of the budget together; {MARGIN:.0%} of the time left kept in reserve)")
+
+    def apply(self, train: Any) -> Any:
+        """`train` (a TrainConfig) with this plan's values."""
+        return dataclasses.replace(train, max_steps=self.steps, planned_steps=self.steps,
+                                   eval_interval=self.eval_interval, eval_iters=self.eval_iters)
+
+
+def plan_steps(*, budget: float, elapsed: float, step: int, step_seconds: float,
+               eval_seconds: float, eval_iters: int, eval_interval: int,
+               checkpoint_seconds: float = 0.0) -> Plan:
+    """The total step count that ends, final evaluation and checkpoint included, by `budget`.
+
+    `step` steps are done after `elapsed` seconds; each further step costs `step_seconds`; an
+    evaluation of `eval_iters` batches per split costs `eval_seconds`, and the checkpoints and
+    plot that follow it `checkpoint_seconds`. Evaluations together take at most EVAL_SHARE of
+    the budget: fewer batches (not below MIN_EVAL_ITERS) when one would take more, and an
+    interval no shorter than `eval_interval`. At least one more step is planned even when the
+    budget is already spent.
+    """
+    share = EVAL_SHARE * budget
+    per_iter = eval_seconds / eval_iters
+    iters = eval_iters
+    if eval_seconds + checkpoint_seconds > share:
+        room = max(share - checkpoint_seconds, 0.0)
+        iters = min(eval_iters, max(MIN_EVAL_ITERS, math.floor(room / per_iter)))
+    eval_s = per_iter * iters + checkpoint_seconds
+    evals_allowed = max(1, math.floor(share / eval_s)) if eval_s > 0 else 1 << 30
+    left = (budget - elapsed) * (1.0 - MARGIN) - eval_s  # the final evaluation
+    rough = step + (max(1, math.floor(left / step_seconds)) if step_seconds > 0 else 1)
+    interval = max(eval_interval, math.ceil(rough / evals_allowed))
+    per_step = step_seconds + eval_s / interval  # evaluations spread over the steps
+    more = max(1, math.floor(left / per_step)) if per_step > 0 else 1
+    total = step + more
+    evals = total // interval - step // interval + (total % interval != 0)
+    return Plan(total, budget, step_seconds, eval_s, interval, iters, evals, elapsed)
+
+
+def keep_history(plan: Plan, step: int, train: Any) -> Plan:
+    """`plan`, lengthened if needed so that no rate of the `step` steps taken changes: a WSD
+    run whose new length would put the cooldown's start behind it starts the cooldown now."""
+    for steps in range(plan.steps, plan.steps + 10 * step + 10):  # a bound, for cosine runs
+        if length_free_steps(dataclasses.replace(train, max_steps=steps)) >= step:
+            return plan if steps == plan.steps else dataclasses.replace(plan, steps=steps)
+    return plan
+
+
+@dataclass
+class Planner:
+    """A budget run's planning state: its clock, the cost of an evaluation (seconds per batch
+    per split, and of the checkpoints and plot after it), and the step count the log last
+    reported (a revision is logged only when it moves the plan by 5% or more)."""
+
+    clock: StepClock
+    eval_cost: tuple[float, float] | None = None
+    logged_steps: int = 0
+
+    @classmethod
+    def of(cls, train: Any) -> Planner | None:
+        """The planner a `TrainConfig` needs: None without a budget or once it is planned."""
+        clock = StepClock.of(train)
+        return None if clock is None else cls(clock)
+
+    def after_step(self, step: int, train: Any) -> bool:
+        """Time the step just taken; whether to plan now."""
+        self.clock.tick()
+        return self.clock.due(step, train)
+
+    def evaluated(self, per_batch: float, fixed: float, total: float) -> None:
+        """An evaluation took `per_batch` seconds a batch, then `fixed` for its checkpoints and
+        plot, `total` in all: its cost prices the next plan, and its time is not a step's."""
+        self.eval_cost = (per_batch, fixed)
+        self.clock.exclude(total)
+
+    def measurements(self) -> list[float]:
+        """What the next plan is made from: seconds per step, per evaluation batch, and of an
+        evaluation's checkpoints and plot (the trainer averages them over ranks)."""
+        assert self.eval_cost is not None
+        return [self.clock.step_seconds(), *self.eval_cost]
+
+    def revise(self, train: Any, step: int, elapsed: float,
+               measured: list[float]) -> tuple[Any | None, str | None]:
+        """`train` re-planned after `step` steps and `elapsed` seconds from `measured` (see
+        `measurements`): the new TrainConfig, or None when the plan stands, and a line for the
+        log, or None when there is nothing new to say."""
+        step_s, batch_s, fixed_s = measured
+        plan = keep_history(plan_steps(
+            budget=self.clock.budget, elapsed=elapsed, step=step, step_seconds=step_s,
+            eval_seconds=batch_s * train.eval_iters, eval_iters=train.eval_iters,
+            eval_interval=train.eval_interval, checkpoint_seconds=fixed_s), step, train)
+        first = not self.clock.planned
+        self.clock.planned = True
+        if not first and plan.steps == train.max_steps:
+            return None, None
+        message = None
+        if first or abs(plan.steps - self.logged_steps) >= 0.05 * self.logged_steps:
+            message = (plan.describe(self.clock.ticks) if first else
+                       f"time budget: plan revised to {plan.steps} steps at step {step} "
+                       f"({step_s * 1e3:.1f} ms per step over {self.clock.ticks} timed steps)")
+            self.logged_steps = plan.steps
+        return plan.apply(train), message

@@ -1,0 +1,199 @@
+"""Starting and continuing runs: `train()`, and everything settled before a Trainer's first step.
+
+`new_trainer` joins the process group (under torchrun) and picks the device, creates the run
+directory, prepares the data (rank 0; the other ranks wait), fills in what the config could not
+know (vocab_size, an absolute data_dir) and writes it. `resume_trainer` reads the run's config,
+applies [train] overrides (any other section is an error), finds the last complete checkpoint,
+reads its `TrainState`, checks the data's vocabulary against the checkpoint's and restores the
+Trainer; only then, once the resume is certain, does it rewrite the run's config. `train()`
+chooses between the two, including `--auto-resume`'s "continue this run if it is here".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chargpt import errors
+from chargpt.config.schema import Config, apply_overrides
+from chargpt.data.datasets import dataset, fetch
+from chargpt.data.preparation import prepare
+from chargpt.data.prepared import check_split_lengths
+from chargpt.device import pick_device
+from chargpt.distributed import DistEnv
+from chargpt.errors import ChargptError, CheckpointError, ConfigError
+from chargpt.runs import checkpoint as ckpt
+from chargpt.runs.rundir import RunDir
+from chargpt.text.tokenizer import check_same_vocab
+from chargpt.training.budget import PLANNED_FIELDS
+from chargpt.training.trackers import require_trackers
+from chargpt.training.trainer import Trainer, TrainResult
+
+__all__ = ["new_trainer", "resume_trainer", "train"]
+
+
+def _join(cfg: Config) -> tuple[DistEnv, torch.device]:
+    """This process's place in the job, its device, and the process group joined."""
+    env = DistEnv.from_env()
+    device = env.device_for(pick_device(cfg.train.device))
+    env.init(device)
+    return env, device
+
+
+def _prepare_data(cfg: Config, rundir: RunDir, log: Callable[[str], None]) -> None:
+    """Prepare the run's own data/ from --input or the named dataset (not with --data-dir)."""
+    dc = cfg.data
+    if dc.data_dir:
+        return
+    heldout = None
+    if dc.input:
+        source = dc.input
+    else:
+        source = str(fetch(dc.dataset, progress=True))
+        heldout = dataset(dc.dataset).split
+        if heldout:
+            noun = "bytes" if dc.unit == "byte" else "characters"
+            log(f"{dc.dataset}'s standard split: the last {heldout[1]:,} {noun} are test, "
+                f"the {heldout[0]:,} before them val, the rest train")
+    log(f"preparing {source}")
+    prepare(source, rundir.data_dir(cfg), val_fraction=dc.val_fraction,
+            test_fraction=dc.test_fraction, heldout=heldout, unit=dc.unit, progress=True)
+
+
+def new_trainer(cfg: Config, quiet: bool = False) -> Trainer:
+    """A Trainer for a new run of `cfg` in its out_dir (default: runs/<timestamp>)."""
+    require_trackers(cfg.train.log_to)  # before the run directory exists
+    env, device = _join(cfg)
+    if env.enabled and not cfg.train.out_dir:
+        raise ConfigError("set --out when training with torchrun (all ranks need one run dir)")
+    rundir = RunDir(Path(cfg.train.out_dir)) if cfg.train.out_dir else RunDir.default()
+    if env.is_main:
+        rundir.create()
+        _prepare_data(cfg, rundir, (lambda s: None) if quiet else print)
+    env.barrier()  # the other ranks wait for rank 0's prepared data
+    data = rundir.load_data(cfg)
+    if cfg.data.data_dir:
+        cfg = apply_overrides(
+            cfg, {"data": {"data_dir": str(Path(cfg.data.data_dir).resolve())}}, "run"
+        )
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
+    )
+    check_split_lengths(data, cfg.model.block_size)
+    if env.is_main:
+        rundir.write_config(cfg)
+    return Trainer(cfg, rundir, data, env, device, quiet)
+
+
+def resume_trainer(
+    run_dir: str | Path, overrides: dict[str, Any] | None = None, quiet: bool = False
+) -> Trainer:
+    """A Trainer continuing the run in `run_dir` from its last complete checkpoint.
+
+    `overrides` ({"train": {...}}) may change [train] values such as max_steps. Nothing in the
+    run directory changes unless that checkpoint can really be resumed."""
+    rundir = RunDir(Path(run_dir))
+    cfg = rundir.read_config()
+    train_overrides = _train_overrides_only(overrides or {})
+    if cfg.train.planned_steps and "time_budget" in train_overrides:
+        raise ConfigError(f"{run_dir} planned {cfg.train.planned_steps} steps for its time "
+                          "budget; a resumed run keeps them (change --max-steps instead)")
+    if train_overrides:
+        cfg = apply_overrides(cfg, {"train": train_overrides}, "command line")
+    env, device = _join(cfg)
+    found = rundir.resume_checkpoint(warn=errors.warn if env.is_main else lambda _: None)
+    if found.config.model != cfg.model:
+        raise CheckpointError(f"{rundir.config_file} and {found.path / ckpt.CONFIG_FILE} "
+                              "describe different models; the run directory was changed")
+    state = ckpt.load_train_state(found.path, resumable=True)
+    data = rundir.load_data(cfg)
+    check_same_vocab(data.tokenizer, found.tokenizer, error=CheckpointError,
+                     what=f"{found.path} and its data in {data.path}")
+    trainer = Trainer(cfg, rundir, data, env, device, quiet)
+    try:
+        trainer.restore(found.path, state)
+    except ChargptError:
+        raise
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+        # A consistent but hostile state: torch's own checks speak, in one line.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{found.path}: the training state cannot be restored "
+                              f"({first})") from None
+    if train_overrides and env.is_main:
+        rundir.write_config(cfg)
+    env.barrier()  # rank 0 rewrites metrics.jsonl in restore(); nobody runs ahead of it
+    return trainer
+
+
+def _train_overrides_only(overrides: dict[str, Any]) -> dict[str, Any]:
+    bad = [f"{sec}.{k}" for sec, vals in overrides.items() if sec != "train" for k in vals]
+    if bad:
+        raise ConfigError(f"cannot change {', '.join(bad)} when resuming; start a new run instead")
+    return dict(overrides.get("train") or {})
+
+
+def train(
+    config: Config | None = None,
+    *,
+    resume: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    auto_resume: bool = False,
+    stop_at_step: int | None = None,
+    time_limit: float | None = None,
+    quiet: bool = False,
+) -> TrainResult:
+    """Train a model from `config`, or continue the run in `resume` (then `overrides` may change
+    [train] settings such as max_steps). With `auto_resume`, a config whose out_dir already
+    holds this run continues from its last complete checkpoint (or starts over if none was
+    written yet): the same call can be repeated after any crash, as torchrun's elastic restarts
+    do. `stop_at_step` ends this call early, as an interruption would, leaving a checkpoint
+    that `resume` continues exactly; so does `time_limit` (seconds of this call)."""
+    if resume is not None:
+        if config is not None:
+            raise ConfigError("give either a config or a run directory to resume, not both")
+        trainer = resume_trainer(resume, overrides, quiet=quiet)
+    else:
+        cfg = config or Config()
+        if overrides:
+            cfg = apply_overrides(cfg, overrides, "overrides")
+        trainer = _start_or_continue(cfg, auto_resume, quiet)
+    result = trainer.run(stop_at_step=stop_at_step, time_limit=time_limit)
+    trainer.env.barrier()  # no rank leaves while rank 0 may still be writing
+    trainer.env.shutdown()
+    return result
+
+
+def _start_or_continue(cfg: Config, auto_resume: bool, quiet: bool) -> Trainer:
+    rundir = RunDir(Path(cfg.train.out_dir)) if cfg.train.out_dir else None
+    if not (auto_resume and rundir is not None and rundir.holds_run()):
+        return new_trainer(cfg, quiet=quiet)
+    if rundir.has_checkpoint():
+        return resume_trainer(rundir.path, {"train": _changed_train_values(cfg, rundir)},
+                              quiet=quiet)
+    if DistEnv.from_env().is_main:  # killed before its first checkpoint: nothing to keep
+        rundir.forget()
+    return new_trainer(cfg, quiet=quiet)
+
+
+def _changed_train_values(cfg: Config, rundir: RunDir) -> dict[str, Any]:
+    """[train] values of `cfg` that differ from the run's; any other difference is an error."""
+    saved = rundir.read_config()
+    for section in ("model", "data"):
+        ours, theirs = getattr(cfg, section), getattr(saved, section)
+        for f in dataclasses.fields(ours):
+            if f.name in ("vocab_size", "data_dir"):
+                continue  # filled in when the run started
+            if getattr(ours, f.name) != getattr(theirs, f.name):
+                raise ConfigError(
+                    f"{rundir.path} holds a run with {section}.{f.name}="
+                    f"{getattr(theirs, f.name)!r}, not {getattr(ours, f.name)!r}; "
+                    "use another --out"
+                )
+    # a time-budget run's step count is its own plan, not a value the caller changed
+    planned = set(PLANNED_FIELDS) if saved.train.planned_steps else {"planned_steps"}
+    return {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(cfg.train)
+            if f.name not in planned and getattr(cfg.train, f.name) != getattr(saved.train, f.name)}

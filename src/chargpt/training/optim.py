@@ -1,0 +1,237 @@
+"""Optimizers and learning-rate schedules.
+
+`make_optimizer` builds the optimizer a `TrainConfig` asks for: AdamW for every parameter, or
+`Muon` (orthogonalised momentum for the Transformer blocks' weight matrices, AdamW for
+embeddings, the head, biases and norms) as ONE `torch.optim.Optimizer`, so checkpointing and
+resuming treat both alike. `lr_at` gives the learning rate for a step: linear warmup, then a
+cosine decay or a warmup-stable-decay (WSD) schedule with a linear cooldown. Both are pure
+functions of the config, so a resumed run recomputes exactly the schedule it would have
+followed, and nothing here reads a tensor back to the host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from chargpt.config.schema import TrainConfig
+
+# Coefficients of the quintic Newton-Schulz iteration, chosen (Jordan et al., 2024) to push
+# every singular value of a normalised matrix into roughly [0.7, 1.2] in about five steps,
+# faster than the textbook cubic iteration that converges to exactly 1.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine or WSD decay to min_lr at decay_steps, then flat; or,
+    with the 'constant' schedule, lr after the warmup.
+
+    WSD holds lr until the last `cooldown_frac` of the decay steps, then falls linearly to
+    min_lr; a run can be extended before its cooldown without disturbing what came earlier.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if step >= cfg.decay_steps:
+        return cfg.min_lr
+    if cfg.schedule == "wsd":
+        start = cooldown_start(cfg)
+        if step < start:
+            return cfg.lr
+        progress = (step - start) / max(1, cfg.decay_steps - start)
+        return cfg.lr + progress * (cfg.min_lr - cfg.lr)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.decay_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def cooldown_start(cfg: TrainConfig) -> int:
+    """The first step of a WSD schedule's linear cooldown."""
+    cooldown = max(1, round(cfg.cooldown_frac * cfg.decay_steps))
+    return max(cfg.warmup_steps, cfg.decay_steps - cooldown)
+
+
+def length_free_steps(cfg: TrainConfig) -> int:
+    """How many first steps have rates that do not depend on max_steps: a time budget may
+    still change max_steps while the run is short of this (budget.py)."""
+    if cfg.schedule == "constant" or cfg.lr_decay_steps:
+        return cfg.max_steps  # the length decides nothing but the end
+    if cfg.schedule == "wsd":
+        return cooldown_start(cfg)
+    return cfg.warmup_steps  # cosine: the decay spans the whole run
+
+
+def orthogonalize(g: Tensor, steps: int = 5) -> Tensor:
+    """An approximately orthogonal matrix with the singular vectors of `g` (..., m, n).
+
+    Runs the quintic Newton-Schulz iteration X <- aX + (bA + cA^2)X with A = XX^T, which
+    maps each singular value s of X to a s + b s^3 + c s^5 and leaves the singular vectors
+    alone. Dividing by the Frobenius norm first puts every singular value in (0, 1]. Works on
+    the wide orientation (m <= n), where A is the smaller Gram matrix. bfloat16 on GPUs (the
+    iteration is robust to it); float32 elsewhere, where bfloat16 matmuls are slow.
+    """
+    a, b, c = NS_COEFFS
+    dtype = torch.bfloat16 if g.device.type == "cuda" else torch.float32
+    x = g.to(dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + 1e-7)
+    batched = x.dim() == 3
+    for _ in range(steps):
+        gram = x @ x.mT  # (..., m, m)
+        if batched:
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
+            x = torch.baddbmm(x, poly, x, beta=a)  # a X + poly X
+        else:
+            poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.addmm(x, poly, x, beta=a)
+    if tall:
+        x = x.mT
+    return x.to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for hidden weight matrices and AdamW for everything else, in one optimizer.
+
+    Each param group has a `kind`. A 'muon' group keeps a momentum buffer per matrix; the
+    update is the Nesterov look-ahead g + momentum * buffer, orthogonalised by Newton-Schulz
+    and scaled by sqrt(max(1, rows / cols)) so tall and wide matrices move alike. `split` > 1
+    orthogonalises that many equal row blocks separately (the fused q, k, v projection is
+    three matrices, not one). An 'adamw' group is plain AdamW with decoupled weight decay.
+    Matrices of the same shape are orthogonalised together as one batch, which saves most of
+    the per-matrix Python overhead on a CPU. Step counts are Python ints: the state holds no
+    tensor that would need a host sync, and it serialises to JSON as it is.
+    """
+
+    def __init__(self, params: Iterable[dict[str, Any]], lr: float = 1e-3) -> None:
+        defaults = dict(lr=lr, kind="adamw", betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
+                        momentum=0.95, nesterov=True, ns_steps=5, split=1, lr_scale=1.0)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["kind"] not in ("muon", "adamw"):
+                raise ValueError(f"unknown param group kind {group['kind']!r}")
+            if group["kind"] == "muon" and any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon groups take 2-D weight matrices only")
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["kind"] == "muon":
+                self._muon_step(group, params)
+            else:
+                self._adamw_step(group, params)
+        return loss
+
+    def _muon_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        mu, split = group["momentum"], group["split"]
+        updates = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.mul_(mu).add_(p.grad)
+            updates.append(p.grad.add(buf, alpha=mu) if group["nesterov"] else buf)
+        # One batched Newton-Schulz per distinct block shape.
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        blocks: list[Tensor] = []
+        for u in updates:
+            rows, cols = u.shape
+            for block in u.view(split, rows // split, cols).unbind(0):  # (rows/split, cols)
+                by_shape.setdefault(tuple(block.shape), []).append(len(blocks))
+                blocks.append(block)
+        ortho: list[Tensor | None] = [None] * len(blocks)
+        for (rows, cols), idxs in by_shape.items():
+            out = orthogonalize(torch.stack([blocks[i] for i in idxs]), group["ns_steps"])
+            out.mul_(max(1.0, rows / cols) ** 0.5)
+            for i, o in zip(idxs, out.unbind(0), strict=True):
+                ortho[i] = o
+        lr, wd = group["lr"], group["weight_decay"]
+        for i, p in enumerate(params):
+            if wd:
+                p.mul_(1.0 - lr * wd)
+            step = torch.cat(ortho[i * split : (i + 1) * split]) if split > 1 else ortho[i]
+            p.add_(step, alpha=-lr)  # type: ignore[arg-type]
+
+    def _adamw_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        grads, exp_avgs, exp_avg_sqs = [], [], []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+        step = self.state[params[0]]["step"]  # the same for every parameter of a group
+        bias1, bias2 = 1.0 - beta1**step, 1.0 - beta2**step
+        if wd:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, math.sqrt(bias2))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, -lr / bias1)
+
+
+def _adamw_split(params: Iterable[torch.nn.Parameter], embedding_ids: set[int]):
+    decay, no_decay = [], []
+    for p in params:
+        (decay if p.dim() >= 2 and id(p) not in embedding_ids else no_decay).append(p)
+    return decay, no_decay
+
+
+def make_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """AdamW (weight decay on Linear matrices only, not on biases, norms, embeddings), or Muon
+    for the 2-D weights inside the Transformer blocks and AdamW for the rest."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied: once
+    if cfg.optimizer == "adamw":
+        decay, no_decay = _adamw_split((p for _, p in named), embedding_ids)
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        extra = {"fused": True} if device.type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+
+    def hidden(name: str, p: torch.Tensor) -> bool:
+        return name.startswith("transformer.h.") and p.dim() == 2 and id(p) not in embedding_ids
+
+    qkv = [p for n, p in named if hidden(n, p) and n.endswith("attn.c_attn.weight")]
+    other = [p for n, p in named if hidden(n, p) and not n.endswith("attn.c_attn.weight")]
+    decay, no_decay = _adamw_split((p for n, p in named if not hidden(n, p)), embedding_ids)
+    muon = dict(kind="muon", momentum=cfg.muon_momentum, nesterov=True,
+                ns_steps=cfg.muon_ns_steps, weight_decay=0.0, lr_scale=cfg.muon_lr / cfg.lr)
+    adamw = dict(kind="adamw", betas=(cfg.beta1, cfg.beta2), eps=1e-8, lr_scale=1.0)
+    groups = [
+        {"params": qkv, "split": 3, **muon},
+        {"params": other, "split": 1, **muon},
+        {"params": decay, "weight_decay": cfg.weight_decay, **adamw},
+        {"params": no_decay, "weight_decay": 0.0, **adamw},
+    ]
+    groups = [g for g in groups if g["params"]]
+    optimizer = Muon(groups, lr=cfg.lr)
+    for group in optimizer.param_groups:  # ready for a step before the trainer sets the lr
+        group["lr"] = cfg.lr * group["lr_scale"]
+    return optimizer
