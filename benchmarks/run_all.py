@@ -22,7 +22,7 @@ from bench_prepare import measure_prepare  # noqa: E402
 from bench_train import SHAKESPEARE, measure_train  # noqa: E402
 from sample_speed import MODELS, chars_per_second  # noqa: E402
 
-from chargpt.model.gpt import build_model  # noqa: E402
+from chargpt.model.build import build_model  # noqa: E402
 
 
 def main() -> None:

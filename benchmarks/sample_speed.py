@@ -26,7 +26,7 @@ import torch
 
 from chargpt.config.schema import ModelConfig
 from chargpt.generation.sampling import generate
-from chargpt.model.gpt import build_model
+from chargpt.model.build import build_model
 
 MODELS = {
     "small": ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128),

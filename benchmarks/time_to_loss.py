@@ -33,8 +33,8 @@ from torch import nn
 
 from chargpt.config.schema import resolve_config
 from chargpt.data.preparation import prepare
+from chargpt.model.build import build_model
 from chargpt.model.evaluate import evaluate_tokens
-from chargpt.model.gpt import build_model
 from chargpt.training.launch import new_trainer
 from chargpt.training.trainer import Trainer
 

@@ -11,6 +11,7 @@ from conftest import one_line_error, same_weights, tiny_config, tiny_flags
 import chargpt.training.budget as budget_module
 from chargpt.cli.commands import main
 from chargpt.config.schema import resolve_config
+from chargpt.config.values import parse_duration
 from chargpt.errors import ConfigError
 from chargpt.training.budget import (
     EVAL_SHARE,
@@ -19,7 +20,6 @@ from chargpt.training.budget import (
     Planner,
     StepClock,
     keep_history,
-    parse_duration,
     plan_steps,
 )
 from chargpt.training.launch import train

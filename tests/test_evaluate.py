@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from chargpt.config.schema import ModelConfig
+from chargpt.model.build import build_model
 from chargpt.model.evaluate import evaluate_tokens, window_plan
-from chargpt.model.gpt import build_model
 
 
 def test_bigram_matches_table_lookup():

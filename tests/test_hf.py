@@ -19,8 +19,9 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers  # noqa: E402
 from chargpt.cli.commands import main  # noqa: E402
 from chargpt.config.schema import ModelConfig, apply_overrides  # noqa: E402
 from chargpt.interop import hf_export as hf  # noqa: E402
-from chargpt.interop.importer import ImportedModel, write_run  # noqa: E402
-from chargpt.model.gpt import build_model  # noqa: E402
+from chargpt.interop.imported import ImportedModel  # noqa: E402
+from chargpt.interop.importer import write_run  # noqa: E402
+from chargpt.model.build import build_model  # noqa: E402
 from chargpt.runs.run import load_run  # noqa: E402
 from chargpt.text.tokenizer import CharTokenizer  # noqa: E402
 from chargpt.training.launch import train  # noqa: E402

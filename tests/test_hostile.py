@@ -22,8 +22,9 @@ from chargpt.config.schema import ModelConfig
 from chargpt.data import prepared as prepared_mod
 from chargpt.data.prepared import load_prepared
 from chargpt.errors import CheckpointError, DataError
-from chargpt.interop.importer import ImportedModel, write_run
-from chargpt.model.lm import build_model
+from chargpt.interop.imported import ImportedModel
+from chargpt.interop.importer import write_run
+from chargpt.model.build import build_model
 from chargpt.runs import checkpoint as ckpt
 from chargpt.runs import safety
 from chargpt.runs.run import load_run

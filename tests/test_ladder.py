@@ -18,7 +18,8 @@ from chargpt.config.schema import ModelConfig
 from chargpt.errors import ConfigError
 from chargpt.ladder import rungs as ladder
 from chargpt.ladder.report import format_json, format_markdown, write_report
-from chargpt.ladder.runner import RungResult, SeedResult, run_ladder
+from chargpt.ladder.results import RungResult, SeedResult
+from chargpt.ladder.runner import run_ladder
 from chargpt.plots import attention_label, plot_attention_grid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -17,7 +17,8 @@ from torch import nn
 from chargpt.config.schema import ModelConfig
 from chargpt.errors import ConfigError
 from chargpt.ladder import rungs as ladder
-from chargpt.model.gpt import GPT, build_model
+from chargpt.model.build import build_model
+from chargpt.model.gpt import GPT
 
 VOCAB = 65
 

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from chargpt.config.schema import ModelConfig
 from chargpt.errors import ConfigError
-from chargpt.generation.sampling import KVCache
 from chargpt.model.bigram import BigramLM
-from chargpt.model.gpt import GPT, build_model
+from chargpt.model.build import build_model
+from chargpt.model.gpt import GPT
+from chargpt.model.kv_cache import KVCache
 from chargpt.model.lm import Capabilities, language_model_loss
 
 
@@ -364,7 +365,7 @@ def test_rope_model_logits_are_shift_invariant_through_the_cache():
     # The same 6 tokens, seen at positions 0..5 or (after a rolled cache) at 20..25, give the
     # same logits: nothing in a rotary model depends on absolute position. One layer, because
     # deeper layers' cached keys also carry the tokens that have rolled out (test_sampling).
-    from chargpt.generation.sampling import KVCache
+    from chargpt.model.kv_cache import KVCache
 
     torch.manual_seed(9)
     model = build_model(tiny(block_size=6, n_layer=1, **{**FAST, "zero_init_proj": False}))

@@ -15,7 +15,9 @@ import chargpt.generation.decode as decode_module
 import chargpt.generation.native as native
 from chargpt.cli.commands import main
 from chargpt.errors import ConfigError
-from chargpt.generation.sampling import KVCache, SamplingSettings, generate
+from chargpt.generation.sampling import generate
+from chargpt.generation.settings import SamplingSettings
+from chargpt.model.kv_cache import KVCache
 
 if not native.available()[0]:
     pytest.skip(f"no native decode loop here ({native.available()[1]}); install a C compiler "

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import chargpt.training.trainer as trainer_mod
 from chargpt.cli.commands import main
 from chargpt.config.schema import ConfigError, ModelConfig, TrainConfig
-from chargpt.model.lm import build_model
+from chargpt.model.build import build_model
 from chargpt.training.launch import train
 from chargpt.training.optim import make_optimizer
 from chargpt.training.trainer import TrainingError

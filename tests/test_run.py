@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config, train_serve_run
 
 from chargpt.errors import ConfigError
-from chargpt.generation.sampling import SamplingSettings
+from chargpt.generation.settings import SamplingSettings
 from chargpt.runs.run import load_run
 from chargpt.training.launch import train
 

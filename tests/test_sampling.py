@@ -11,14 +11,9 @@ import torch
 from chargpt.config.schema import ModelConfig
 from chargpt.errors import ConfigError
 from chargpt.generation.decode import decode_step
-from chargpt.generation.sampling import (
-    KVCache,
-    SamplingSettings,
-    generate,
-    generate_tokens,
-    sample_next_token,
-)
-from chargpt.model.gpt import build_model
+from chargpt.generation.sampling import KVCache, generate, generate_tokens, sample_next_token
+from chargpt.generation.settings import SamplingSettings
+from chargpt.model.build import build_model
 
 V = 13
 

@@ -9,8 +9,8 @@ from conftest import tiny_config
 from chargpt.cli.commands import main
 from chargpt.config.schema import resolve_config
 from chargpt.data.batches import BatchSampler
+from chargpt.model.build import build_model
 from chargpt.model.flops import PEAK_FLOPS, estimate, match_gpu, mfu
-from chargpt.model.gpt import build_model
 from chargpt.training.launch import train
 
 

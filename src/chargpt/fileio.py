@@ -17,11 +17,12 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from chargpt.errors import ChargptError, DataError
+from chargpt.errors import ChargptError, ConfigError, DataError
 
 __all__ = [
     "atomic_write",
@@ -42,6 +43,30 @@ def temp_path_for(path: str | os.PathLike[str], tag: str = "tmp") -> Path:
     """A hidden, unique sibling of `path` suitable for building a replacement of it."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{tag}")
+
+
+def check_new_dir(path: Path) -> None:
+    """Refuse a directory to write that exists and is not empty: what chargpt writes there
+    must not mix with what a user had there."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"{path} already exists and is not empty; choose a new directory")
+
+
+@contextlib.contextmanager
+def new_dir(path: Path, tag: str) -> Iterator[Path]:
+    """A hidden sibling of `path` to fill inside the block; when the block ends without an
+    error it becomes `path` (still new or empty), otherwise it is removed, so `path` appears
+    whole or not at all."""
+    tmp = temp_path_for(path, tag)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        check_new_dir(path)
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:

@@ -91,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from chargpt.generation.sampling import SamplingSettings
+    from chargpt.generation.settings import SamplingSettings
     from chargpt.runs.run import load_run
     from chargpt.text.textfiles import read_text_file
 
@@ -164,7 +164,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def cmd_presets(args: argparse.Namespace) -> int:
     import torch
 
-    from chargpt.model.lm import build_model
+    from chargpt.model.build import build_model
 
     for name in preset_names():
         cfg = resolve_config(name, overrides={"model": {"vocab_size": 65}})

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from chargpt.config.presets import DEFAULT_PRESET, load_preset, load_toml
+from chargpt.config.values import check_time_budget, parse_log_to
 from chargpt.errors import ConfigError
 
 
@@ -268,10 +269,7 @@ class TrainConfig:
                f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
         _check(self.muon_ns_steps >= 1, f"muon_ns_steps must be >= 1, got {self.muon_ns_steps}")
         _check(self.planned_steps >= 0, f"planned_steps must be >= 0, got {self.planned_steps}")
-        if self.time_budget:
-            from chargpt.training.budget import StepClock  # where durations are parsed
-
-            StepClock.of(self)
+        check_time_budget(self)
         _check(0.0 < self.cooldown_frac <= 1.0,
                f"cooldown_frac must be in (0, 1], got {self.cooldown_frac}")
         for name in ("beta1", "beta2"):
@@ -281,8 +279,6 @@ class TrainConfig:
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
             f"device must be auto, cpu, cuda[:N] or mps, got {self.device!r}",
         )
-
-        from chargpt.training.trackers import parse_log_to  # where the tracker names live
 
         parse_log_to(self.log_to)
 

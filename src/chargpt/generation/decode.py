@@ -30,7 +30,8 @@ from chargpt.generation import native
 from chargpt.model.rope import rope_angles
 
 if TYPE_CHECKING:
-    from chargpt.generation.sampling import KVCache, SamplingSettings
+    from chargpt.generation.settings import SamplingSettings
+    from chargpt.model.kv_cache import KVCache
 
 __all__ = ["Decoder", "decode_step", "fused_linear", "report_once", "rotation_table",
            "static_logits", "step_logits", "supports"]

@@ -31,10 +31,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from chargpt.generation.sampling import KVCache, SamplingSettings
+from chargpt.generation.settings import WEIGHT_KINDS, SamplingSettings
 
-__all__ = ["WEIGHT_KINDS", "NativeLoop", "Unavailable", "available", "dequantized", "library",
+if TYPE_CHECKING:
+    from chargpt.model.kv_cache import KVCache
+
+__all__ = ["NativeLoop", "Unavailable", "available", "dequantized", "library",
            "library_dir", "stored_weights", "supports"]
 
 SOURCE = Path(__file__).with_name("native_decode.c")
@@ -52,7 +54,6 @@ BIG = 1 << 17
 _NEVER = 2**31 - 1
 # what SamplingSettings.weights names: the kinds of weight matrix the C code reads, in the order
 # of its W_* constants
-WEIGHT_KINDS = ("float32", "bfloat16", "int8")
 
 # order of the C code's dims[] and params[] (native_decode.c)
 _DIMS = ("layers", "heads", "head_dim", "embd", "hidden", "vocab", "norm", "act", "qk_norm",

@@ -1,4 +1,4 @@
-"""Sampling text from a trained model: the KV cache, next-token sampling and the decode loop.
+"""Sampling text from a trained model: the settings, next-token sampling and the decode loop.
 
 `SamplingSettings` holds how to sample (temperature, top-k, top-p, seed, cache), validated
 once. `generate_tokens` streams new tokens one step (one token per sequence) at a time and
@@ -13,205 +13,17 @@ for repeatability. What a model supports is asked through `model.capabilities()`
 from __future__ import annotations
 
 import contextlib
-import math
-import secrets
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chargpt.errors import ConfigError
 from chargpt.generation.decode import Decoder, report_once
-from chargpt.generation.native import WEIGHT_KINDS
+from chargpt.generation.settings import SamplingSettings
+from chargpt.model.kv_cache import KVCache
 from chargpt.model.lm import eval_mode
-
-
-class KVCache:
-    """Keys and values of earlier positions, per layer, so decoding needs no recomputation.
-
-    One key and one value tensor (B, n_head, max_len, head_dim) per layer (`k[layer]`,
-    `v[layer]`) are allocated once; separate tensors, so a compiled decode step may write them
-    in place. During a forward each attention layer calls `update` with its new keys and
-    values, which are written at the current position, and gets back views of everything
-    cached so far; after the last layer the model calls `advance(T)` once, moving the position
-    on by the T new tokens.
-
-    A `rolling` cache (for rotary models, whose keys carry only relative position) never
-    overflows: once full, each single new token overwrites the oldest slot (a ring buffer) and
-    the whole buffer is returned. The order of the slots does not matter to the one query of
-    that step, which may see every cached key. The result is exactly sliding-window attention
-    of width `max_len` in every layer. For a one-layer model that equals recomputing the last
-    `max_len` tokens from scratch; with more layers it does not, because a deeper layer's
-    cached key was computed while its token could still see tokens that have since rolled out
-    (the model's receptive field reaches back up to n_layer * max_len tokens).
-    """
-
-    def __init__(
-        self,
-        n_layer: int,
-        batch_size: int,
-        n_head: int,
-        head_dim: int,
-        max_len: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        rolling: bool = False,
-    ) -> None:
-        shape = (batch_size, n_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.max_len = max_len
-        self.rolling = rolling
-        self.pos = 0
-
-    @classmethod
-    def for_model(
-        cls,
-        model: nn.Module,
-        batch_size: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> KVCache:
-        """A cache sized for `model` (a GPT): one slot per position up to its block_size,
-        rolling when the model's positions are rotary.
-
-        Device and dtype default to those of the model's parameters.
-        """
-        cfg = model.config
-        param = next(model.parameters())
-        return cls(
-            cfg.n_layer,
-            batch_size,
-            cfg.n_head,
-            cfg.head_dim,
-            cfg.block_size,
-            device=param.device if device is None else device,
-            dtype=param.dtype if dtype is None else dtype,
-            rolling=model.capabilities().rolling_cache,
-        )
-
-    @property
-    def length(self) -> int:
-        """Number of positions cached (at most max_len)."""
-        return min(self.pos, self.max_len)
-
-    @property
-    def position(self) -> int:
-        """Position id of the next token: tokens seen so far, rolled-out ones included."""
-        return self.pos
-
-    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store new keys/values (B, nh, T, hs) after the cached ones and return all of them
-        as views (B, nh, length + T, hs). Does not advance the position."""
-        T = k.size(2)
-        end = self.pos + T
-        if end > self.max_len:
-            if not (self.rolling and T == 1):
-                raise ValueError(f"KV cache overflow: {self.pos} cached + {T} new > "
-                                 f"max_len {self.max_len}")
-            slot = self.pos % self.max_len  # the oldest entry
-            self.k[layer_idx][:, :, slot] = k[:, :, 0]
-            self.v[layer_idx][:, :, slot] = v[:, :, 0]
-            return self.k[layer_idx], self.v[layer_idx]
-        self.k[layer_idx][:, :, self.pos : end] = k
-        self.v[layer_idx][:, :, self.pos : end] = v
-        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        """Move past the `n` tokens every layer has just stored."""
-        self.pos += n
-
-    def reset(self) -> None:
-        """Forget everything cached; the memory is kept for reuse."""
-        self.pos = 0
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How to pick each next token; checked once, here, whoever builds it (CLI, server, API)."""
-
-    temperature: float = 1.0
-    """0 is greedy (argmax); otherwise the logits are divided by it."""
-    top_k: int | None = None
-    """Keep the k likeliest tokens (ties with the k-th too); None keeps all."""
-    top_p: float | None = None
-    """Keep the smallest set of likeliest tokens reaching this probability; None keeps all."""
-    seed: int | None = None
-    """Seed of the generator `generator()` makes; None draws a fresh random seed."""
-    use_cache: bool = True
-    """Decode with a KV cache (see `generate_tokens`) rather than recomputing the context."""
-    compile: bool = False
-    """Decode with a compiled step (torch.compile, see decode.py): seconds to a minute of
-    compiling the first time, several times faster per token after; eager where unavailable."""
-    native: bool = True
-    """Decode with chargpt's C loop (native.py) where the model allows it (a float32 pre-norm
-    GPT on the CPU) and a C compiler is found: built once per machine in about a second, many
-    times faster per token than the torch step. Off: the torch step (`compile` picks which)."""
-    weights: str = "float32"
-    """How the native loop stores weight matrices: 'float32'; 'bfloat16' (each weight rounded to
-    8 significant bits: half the memory a token reads); or 'int8' (one scale per output, each
-    weight rounded to 1/127 of its row's largest: a quarter). Faster for models whose weights
-    outgrow the CPU's caches; tokens may then differ from float32's. The arithmetic stays
-    float32 (native.stored_weights); needs the native loop."""
-
-    def __post_init__(self) -> None:
-        t, k, p = self.temperature, self.top_k, self.top_p
-        if not (isinstance(t, int | float) and math.isfinite(t) and t >= 0):
-            raise ConfigError(f"temperature must be >= 0, got {t}")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ConfigError(f"top_k must be an integer >= 1, got {k!r}")
-        if p is not None and not (0.0 < p <= 1.0):
-            raise ConfigError(f"top_p must be in (0, 1], got {p}")
-        if self.weights not in WEIGHT_KINDS:
-            raise ConfigError(f"weights must be one of {', '.join(WEIGHT_KINDS)}, "
-                              f"got {self.weights!r}")
-        if self.weights != "float32" and not (self.native and self.use_cache):
-            raise ConfigError(f"{self.weights} weights are a setting of the native decode loop, "
-                              "which needs the KV cache and native decoding on")
-
-    @classmethod
-    def of(cls, settings: SamplingSettings | None, **options: Any) -> SamplingSettings:
-        """`settings`, or settings from keyword options; never both."""
-        if settings is None:
-            return cls(**options)
-        if options:
-            raise TypeError(f"give either settings or {', '.join(options)}, not both")
-        return settings
-
-    def generator(self, device: torch.device | str) -> torch.Generator:
-        """A generator on `device` seeded with `seed` (or a fresh random seed)."""
-        g = torch.Generator(device=device)
-        g.manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
-        return g
-
-    def with_seed(self, seed: int | None) -> SamplingSettings:
-        return replace(self, seed=seed)
-
-    def pick(self, logits: Tensor, noise: Tensor | None) -> Tensor:
-        """Token ids (B, 1) from next-token logits (B, V) and `noise` (B, V) ~ Exp(1) (None
-        when greedy). argmax(p / noise) is a draw from p, exactly how torch.multinomial draws
-        one sample on the CPU, so the same noise gives the same tokens; written as tensor
-        operations only, so a compiled decode step can include it."""
-        if self.temperature == 0 or noise is None:
-            return logits.argmax(dim=-1, keepdim=True)
-        logits = logits.float()
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        if self.top_k is not None and self.top_k < logits.size(-1):
-            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]  # (B, 1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p is not None and self.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-            probs = F.softmax(sorted_logits, dim=-1)
-            # A token is dropped when the tokens ranked above it already reach top_p; the
-            # first token has nothing above it, so at least one always survives.
-            drop = (probs.cumsum(dim=-1) - probs) >= self.top_p
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-        return (F.softmax(logits, dim=-1) / noise).argmax(dim=-1, keepdim=True)
 
 
 def draw_noise(generator: torch.Generator | Sequence[torch.Generator] | None,

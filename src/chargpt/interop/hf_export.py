@@ -19,8 +19,6 @@ characters that `AutoTokenizer` loads without remote code. The names both direct
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from torch import Tensor
 
 from chargpt.config.schema import ModelConfig
 from chargpt.errors import ChargptError, ConfigError
-from chargpt.fileio import temp_path_for
+from chargpt.fileio import check_new_dir, new_dir
 from chargpt.text.tokenizer import CharTokenizer
 
 HF_EXTRA = "pip install 'chargpt[hf]'"
@@ -257,11 +255,6 @@ class ExportResult:
     checked_tokens: int
 
 
-def _check_target(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} already exists and is not empty; choose a new directory")
-
-
 def _model_card(result_arch: str, source: Path, step: int, cfg: ModelConfig) -> str:
     return (
         f"# chargpt character-level model\n\n"
@@ -291,7 +284,7 @@ def export_run(run_path: str | Path, out_dir: str | Path, checkpoint: str = "bes
     from chargpt.runs.run import load_run
 
     out = Path(out_dir)
-    _check_target(out)
+    check_new_dir(out)
     run = load_run(run_path, checkpoint, device="cpu")
     if run.tokenizer.unit == "byte":
         raise _refuse("a byte-level run (unit=byte)", "the exported tokenizer gives each "
@@ -312,20 +305,16 @@ def export_run(run_path: str | Path, out_dir: str | Path, checkpoint: str = "bes
     if not diff <= EXPORT_TOLERANCE:
         raise ChargptError(f"the exported {ARCHITECTURES[family]} does not reproduce the "
                            f"model (largest logit difference {diff:.2e}); nothing was written")
-    tmp = temp_path_for(out, "export")
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one line of output, as every chargpt command
     try:
-        model.save_pretrained(tmp)
-        hf_tokenizer(run.tokenizer, cfg.block_size).save_pretrained(tmp)
-        (tmp / "README.md").write_text(
-            _model_card(ARCHITECTURES[family], run.checkpoint, run.step, cfg), encoding="utf-8")
-        _check_target(out)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        with new_dir(out, "export") as tmp:
+            model.save_pretrained(tmp)
+            hf_tokenizer(run.tokenizer, cfg.block_size).save_pretrained(tmp)
+            (tmp / "README.md").write_text(
+                _model_card(ARCHITECTURES[family], run.checkpoint, run.step, cfg),
+                encoding="utf-8")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if bars_were_on:
             hf_logging.enable_progress_bar()
     return ExportResult(out, ARCHITECTURES[family], run.checkpoint, run.step, diff, n)

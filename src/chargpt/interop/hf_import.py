@@ -27,7 +27,7 @@ from chargpt.interop.hf_export import (
     half_flip,
     require_hf,
 )
-from chargpt.interop.importer import ImportedModel, load_plain_torch
+from chargpt.interop.imported import ImportedModel, load_plain_torch
 from chargpt.text.tokenizer import CharTokenizer
 
 __all__ = ["read_char_tokenizer", "read_hf", "read_hf_weights"]

@@ -13,70 +13,25 @@ object (nanogpt.py).
 from __future__ import annotations
 
 import math
-import os
-import re
-import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import torch
-from torch import Tensor
-
-from chargpt.config.schema import Config, ModelConfig
+from chargpt.config.schema import Config
 from chargpt.errors import CheckpointError, ConfigError
-from chargpt.fileio import temp_path_for
-from chargpt.text.tokenizer import CharTokenizer
+from chargpt.fileio import check_new_dir, new_dir
+from chargpt.interop.imported import ImportedModel
 
 CHECKPOINT_NAME = "last"
 
 
-@dataclass
-class ImportedModel:
-    """A foreign model translated into chargpt's terms, ready for `write_run`."""
-
-    config: ModelConfig
-    tokenizer: CharTokenizer
-    state_dict: dict[str, Tensor]
-    source: dict[str, Any] = field(default_factory=dict)  # format, path and what else is known
-    step: int = 0
-    val_loss: float | None = None
-
-
-def load_plain_torch(path: Path) -> Any:
-    """torch.load restricted to tensors and plain containers: a pickled object is refused
-    before it is built, so loading can never run code."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a hostile or broken file: torch.load raises many error types
-        message = str(e)
-        found = re.search(r"GLOBAL ([\w.]+)", message)
-        if found:
-            raise CheckpointError(
-                f"{path} holds pickled objects ({found.group(1)}), not only tensors and plain "
-                "data; refusing to load it (nothing was executed)"
-            ) from None
-        # torch's message is a paragraph; the line naming what it refused is the useful one
-        lines = [s.strip() for s in message.splitlines() if s.strip()] or [type(e).__name__]
-        reason = next((s for s in lines if s.startswith("Unsupported")), lines[0])
-        raise CheckpointError(f"{path} is not a readable PyTorch file of plain tensors "
-                              f"({reason}); nothing was executed") from None
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} already exists and is not empty; choose a new --out")
-
-
 def write_run(imported: ImportedModel, out_dir: str | Path) -> Path:
     """Write `imported` as the chargpt run directory `out_dir` (which must be new or empty)."""
-    from chargpt.model.gpt import build_model
+    from chargpt.model.build import build_model
     from chargpt.runs import checkpoint as ckpt
     from chargpt.runs.rundir import RunDir
     from chargpt.runs.safety import LOAD_FACTOR, check_bounds, require_memory
 
     out = Path(out_dir)
-    _check_out(out)
+    check_new_dir(out)
     cfg = Config(model=imported.config)
     source = imported.source.get("path", "the source")  # its sizes are a stranger's numbers
     check_bounds(cfg.model, source)
@@ -100,17 +55,9 @@ def write_run(imported: ImportedModel, out_dir: str | Path) -> Path:
                             imported_from=imported.source)
     data = ckpt.CheckpointData(config=cfg.to_dict(), vocab=imported.tokenizer.to_dict(),
                                state=state)
-    tmp = temp_path_for(out, "import")
-    try:
-        tmp.mkdir(parents=True)
+    with new_dir(out, "import") as tmp:
         ckpt.save(tmp, CHECKPOINT_NAME, model, data)
         RunDir(tmp).write_config(cfg)
-        _check_out(out)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -135,7 +82,7 @@ def import_model(src: str | Path, out_dir: str | Path, meta: str | Path | None =
     """Read `src` (a Hugging Face folder, or nanoGPT's ckpt.pt or its folder) and write it as
     the run directory `out_dir`; `meta` is nanoGPT's meta.pkl when it is not found by itself."""
     src, out = Path(src), Path(out_dir)
-    _check_out(out)  # before reading anything large
+    check_new_dir(out)  # before reading anything large
     kind = detect(src)
     if meta is not None and kind != "nanogpt":
         raise ConfigError("--meta is only for nanoGPT checkpoints")

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from chargpt.config.schema import ModelConfig
 from chargpt.errors import ChargptError, CheckpointError, ConfigError
-from chargpt.interop.importer import ImportedModel, load_plain_torch
+from chargpt.interop.imported import ImportedModel, load_plain_torch
 from chargpt.text.tokenizer import CharTokenizer
 
 META_FILE = "meta.pkl"

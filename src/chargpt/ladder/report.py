@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from chargpt.fileio import atomic_write_text
+from chargpt.ladder.results import RungResult
 from chargpt.ladder.rungs import MODERN_TRAIN, RECIPES, Budget
-from chargpt.ladder.runner import RungResult
 
 
 def _num(x: float | None, fmt: str = ".4f") -> str:

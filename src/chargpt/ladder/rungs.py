@@ -293,7 +293,7 @@ def count_params(rung: Rung | str, vocab_size: int = 65) -> int:
     """Parameters of the rung's model at `vocab_size`, counted without allocating weights."""
     import torch
 
-    from chargpt.model.gpt import build_model
+    from chargpt.model.build import build_model
 
     cfg = rung_config(rung, Budget(), vocab_size=vocab_size)
     with torch.device("meta"):

@@ -16,7 +16,7 @@ from chargpt.config.schema import ModelConfig
 from chargpt.model.lm import Capabilities, language_model_loss
 
 if TYPE_CHECKING:
-    from chargpt.generation.sampling import KVCache
+    from chargpt.model.kv_cache import KVCache
 
 
 class BigramLM(nn.Module):

@@ -17,7 +17,7 @@ import torch
 
 from chargpt.config.schema import Config
 from chargpt.errors import ConfigError
-from chargpt.model.lm import build_model
+from chargpt.model.build import build_model
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, FLOP/s.
 PEAK_FLOPS: dict[str, float] = {

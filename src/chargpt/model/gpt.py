@@ -23,13 +23,10 @@ from torch import Tensor, nn
 
 from chargpt.config.schema import ModelConfig
 from chargpt.model.lm import Capabilities, language_model_loss
-from chargpt.model.lm import (
-    build_model as build_model,  # re-exported: `from chargpt.model.gpt import ...`
-)
 from chargpt.model.rope import apply_rope, rope_angles
 
 if TYPE_CHECKING:
-    from chargpt.generation.sampling import KVCache
+    from chargpt.model.kv_cache import KVCache
 
 
 def causal_mask(t_q: int, t_k: int, device: torch.device) -> Tensor:

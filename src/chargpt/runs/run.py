@@ -24,9 +24,10 @@ from chargpt.config.schema import Config
 from chargpt.device import pick_device
 from chargpt.errors import ConfigError
 from chargpt.model.evaluate import evaluate_tokens
-from chargpt.model.lm import build_model
+from chargpt.model.build import build_model
 from chargpt.runs.rundir import find_checkpoint
-from chargpt.generation.sampling import SamplingSettings, generate_tokens
+from chargpt.generation.sampling import generate_tokens
+from chargpt.generation.settings import SamplingSettings
 from chargpt.text.textstream import TextStream
 from chargpt.text.tokenizer import CharTokenizer
 

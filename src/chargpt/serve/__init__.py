@@ -61,7 +61,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     import torch
     import uvicorn
 
-    from chargpt.generation.sampling import SamplingSettings
+    from chargpt.generation.settings import SamplingSettings
     from chargpt.runs.run import load_run
     from chargpt.serve.api import Limits
     from chargpt.serve.app import create_app, model_name

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from chargpt.errors import ChargptError
-from chargpt.generation.sampling import SamplingSettings
+from chargpt.generation.settings import SamplingSettings
 from chargpt.runs.run import Run
 from chargpt.text.tokenizer import UNKNOWN_POLICIES, unknown_chars_message
 

@@ -2,41 +2,38 @@
 
 `chargpt train --time 10m` does not stop a run when the clock runs out (that would cut off the
 schedule's cooldown, and the schedule, not the model, would decide the loss). It measures
-instead: a `StepClock` times the training steps (evaluations excluded), a few evaluation
-batches give the cost of an evaluation, and `plan_steps` turns the time left into a step count
-so that training, every evaluation and the final checkpoint end inside the budget. The first
-plan comes after `CALIBRATION_STEPS` steps, all inside the learning-rate warmup, whose rates do
-not depend on the run's length. The run plans again every `REPLAN_EVERY` steps, each time
+instead: a `StepClock` times the training steps (evaluations excluded), a few evaluation batches
+give the cost of an evaluation, and `plan_steps` turns the time left into a step count so that
+training, every evaluation and the final checkpoint end inside the budget. The first plan comes
+after `config.values.CALIBRATION_STEPS` steps, all inside the learning-rate warmup, whose rates
+do not depend on the run's length. The run plans again every `REPLAN_EVERY` steps, each time
 from all the steps timed so far, for as long as the schedule lets the length change without
 changing a rate already used (a WSD run until its cooldown starts, `optim.length_free_steps`),
 so one slow or fast moment early on does not decide the run; once enough steps are timed, the
 plan assumes the slower moments' step time (`StepClock.step_seconds`), because the last plan
-must hold through the cooldown. Evaluations are spaced and, in a
-short budget, shortened so that together they take at most `EVAL_SHARE` of it; a budget run
-has no step-0 evaluation. A `Planner` holds a run's clock, what an evaluation costs and what
-the log was told, and turns measurements into revised `TrainConfig`s; the trainer measures
-(on every rank, averaged, so that all ranks plan alike), applies each plan and records it
-(`max_steps`, `planned_steps`, `eval_interval`, `eval_iters`) in the run's config.json before
-any checkpoint, so a resumed or re-run run keeps the plan instead of measuring again.
+must hold through the cooldown. Evaluations are spaced and, in a short budget, shortened so that
+together they take at most `EVAL_SHARE` of it; a budget run has no step-0 evaluation. A
+`Planner` holds a run's clock, what an evaluation costs and what the log was told, and turns
+measurements into revised `TrainConfig`s; the trainer measures (on every rank, averaged, so that
+all ranks plan alike), applies each plan and records it (`max_steps`, `planned_steps`,
+`eval_interval`, `eval_iters`) in the run's config.json before any checkpoint, so a resumed or
+re-run run keeps the plan instead of measuring again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from chargpt.errors import ConfigError
+from chargpt.config.values import check_time_budget
 from chargpt.training.optim import length_free_steps
 
-__all__ = ["CALIBRATION_STEPS", "EVAL_PROBE_ITERS", "EVAL_SHARE", "PLANNED_FIELDS", "Plan",
-           "Planner", "StepClock", "calibration_steps", "keep_history", "parse_duration",
-           "plan_steps"]
+__all__ = ["EVAL_PROBE_ITERS", "EVAL_SHARE", "PLANNED_FIELDS", "Plan",
+           "Planner", "StepClock", "keep_history", "plan_steps"]
 
-CALIBRATION_STEPS = 10  # the first steps, timed from the second (the first one warms up)
 MARGIN = 0.04  # of the time left, kept for the step time's drift on a shared machine
 EVAL_SHARE = 0.05  # of the budget, the most that all evaluations together may take
 MIN_EVAL_ITERS = 10  # batches per split: fewer would make an evaluation mostly noise
@@ -47,24 +44,6 @@ SLOW_WINDOWS = 5  # windows needed before the slow ones count
 SLOW_QUANTILE = 0.75  # the step time planned with, among the windows' (see StepClock)
 # the [train] values a plan sets: a resumed run keeps them, whatever the command line says
 PLANNED_FIELDS = ("max_steps", "planned_steps", "eval_interval", "eval_iters")
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in a duration such as '90s', '10m', '2h', '1.5h' or '45' (seconds)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", text)
-    seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"] if match else math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ConfigError(f"time budget must be a positive duration such as 90s, 10m or 2h, "
-                          f"got {text!r}")
-    return seconds
-
-
-def calibration_steps(warmup_steps: int, schedule_depends_on_length: bool) -> int:
-    """How many of the first steps time the step, all with rates that the plan cannot change."""
-    if not schedule_depends_on_length:
-        return CALIBRATION_STEPS
-    return min(CALIBRATION_STEPS, warmup_steps)
 
 
 @dataclass
@@ -86,15 +65,8 @@ class StepClock:
     @classmethod
     def of(cls, train: Any) -> StepClock | None:
         """The clock a `TrainConfig` needs: None without a budget or once it is planned."""
-        if not train.time_budget or train.planned_steps:
-            return None
-        budget = parse_duration(train.time_budget)
-        depends = train.schedule != "constant" and not train.lr_decay_steps
-        steps = calibration_steps(train.warmup_steps, depends)
-        if steps < 3:
-            raise ConfigError(f"a time budget times the first steps inside the warmup, so it "
-                              f"needs warmup_steps >= 3, got {train.warmup_steps}")
-        return cls(budget, steps)
+        checked = check_time_budget(train)
+        return None if checked is None else cls(*checked)
 
     def tick(self) -> None:
         """Note the end of a training step (the first one only starts the clock: it warms up)."""

@@ -26,26 +26,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from chargpt.errors import ChargptError, ConfigError
+from chargpt.config.values import TRACKERS, parse_log_to
+from chargpt.errors import ChargptError
 from chargpt.fileio import atomic_write_text
 
 if TYPE_CHECKING:
     from chargpt.config.schema import Config
 
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # name -> module it needs
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb-run-id"
 DEFAULT_WANDB_PROJECT = "chargpt"
-
-
-def parse_log_to(value: str) -> list[str]:
-    """The tracker names in a comma-separated `log_to` value, each once, in order."""
-    names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
-    unknown = [n for n in names if n not in TRACKERS]
-    if unknown:
-        raise ConfigError(f"unknown tracker {unknown[0]!r} in log_to (known: "
-                          f"{', '.join(TRACKERS)})")
-    return names
 
 
 def require_trackers(value: str) -> None:

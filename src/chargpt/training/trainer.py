@@ -32,9 +32,9 @@ from chargpt.data.prepared import PreparedData
 from chargpt.device import allow_tf32, autocast_context, autocast_dtype
 from chargpt.distributed import DistEnv, all_reduce_mean, gather_tensors
 from chargpt.errors import CheckpointError, TrainingError
+from chargpt.model.build import build_model
 from chargpt.model.evaluate import estimate_loss
 from chargpt.model.flops import estimate, mfu
-from chargpt.model.lm import build_model
 from chargpt.runs import checkpoint as ckpt
 from chargpt.runs.rundir import BEST, LAST, RunDir
 from chargpt.runs.safety import check_optimizer_state

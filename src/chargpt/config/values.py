@@ -1,0 +1,62 @@
+"""Config values that follow a small grammar or name a table: durations ('90s', '10m', '2h'),
+the tracker names of `log_to`, and how many first steps a time budget times.
+
+They live with the configuration so that validating a config never imports the training code
+that later uses these values (`training.budget`, `training.trackers`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from chargpt.errors import ConfigError
+
+__all__ = ["CALIBRATION_STEPS", "TRACKERS", "calibration_steps", "check_time_budget",
+           "parse_duration", "parse_log_to"]
+
+CALIBRATION_STEPS = 10  # the first steps, timed from the second (the first one warms up)
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # name -> module it needs
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as '90s', '10m', '2h', '1.5h' or '45' (seconds)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", text)
+    seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"] if match else math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"time budget must be a positive duration such as 90s, 10m or 2h, "
+                          f"got {text!r}")
+    return seconds
+
+
+def calibration_steps(warmup_steps: int, schedule_depends_on_length: bool) -> int:
+    """How many of the first steps time the step, all with rates that the plan cannot change."""
+    if not schedule_depends_on_length:
+        return CALIBRATION_STEPS
+    return min(CALIBRATION_STEPS, warmup_steps)
+
+
+def check_time_budget(train: Any) -> tuple[float, int] | None:
+    """A `TrainConfig`'s budget in seconds and its calibration steps; None without a budget or
+    once it is planned. A budget too short to time is a ConfigError."""
+    if not train.time_budget or train.planned_steps:
+        return None
+    budget = parse_duration(train.time_budget)
+    depends = train.schedule != "constant" and not train.lr_decay_steps
+    steps = calibration_steps(train.warmup_steps, depends)
+    if steps < 3:
+        raise ConfigError(f"a time budget times the first steps inside the warmup, so it "
+                          f"needs warmup_steps >= 3, got {train.warmup_steps}")
+    return budget, steps
+
+
+def parse_log_to(value: str) -> list[str]:
+    """The tracker names in a comma-separated `log_to` value, each once, in order."""
+    names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"unknown tracker {unknown[0]!r} in log_to (known: "
+                          f"{', '.join(TRACKERS)})")
+    return names
