@@ -1,0 +1,47 @@
+"""The benchmark corpora (benchmarks/corpora.py): built from Debian packages at run time, with
+their provenance beside them; no corpus text is committed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import corpora  # noqa: E402
+
+from chargpt.errors import DataError  # noqa: E402
+
+
+def test_fortune_separators_become_blank_lines(tmp_path):
+    folder = tmp_path / "usr/share/games/fortunes"
+    folder.mkdir(parents=True)
+    (folder / "b").write_text("Second.\n%\nThird.\n", encoding="utf-8")
+    (folder / "a").write_text("First, with ß.\n%\n", encoding="utf-8")
+    (folder / "a.dat").write_bytes(b"\x00\x01")  # fortune's index: not text
+    (folder / "a.u8").symlink_to(folder / "a")  # a second name of the same file
+    every = corpora.Corpus("t", "pkg", "usr/share/games/fortunes")
+    assert corpora._text_of(every, tmp_path) == "First, with ß.\n\n\nSecond.\n\nThird.\n"
+    only_b = corpora.Corpus("t", "pkg", "usr/share/games/fortunes", ("b",))
+    assert corpora._text_of(only_b, tmp_path) == "Second.\n\nThird.\n"
+
+
+def test_an_unknown_corpus_is_a_one_line_error():
+    with pytest.raises(DataError, match="unknown corpus 'nope'"):
+        corpora.fetch("nope")
+
+
+def test_a_corpus_is_built_from_its_package(tmp_path, monkeypatch):
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        pytest.skip("needs Debian's apt-get and dpkg-deb to download the fortunes package")
+    monkeypatch.setenv("CHARGPT_CACHE", str(tmp_path))
+    path = corpora.fetch("wisdom-en")
+    text = path.read_text(encoding="utf-8")
+    provenance = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    assert provenance["package"] == "fortunes" and provenance["characters"] == len(text)
+    assert len(text) > 50_000 and "\n%\n" not in text
+    assert corpora.fetch("wisdom-en") == path  # cached: built once
