@@ -13,11 +13,12 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from chargpt.cli.parser import build_parser
 from chargpt.config.flags import config_overrides
 from chargpt.config.presets import DEFAULT_PRESET, preset_description, preset_names
-from chargpt.config.schema import resolve_config
+from chargpt.config.schema import Config, resolve_config
 from chargpt.errors import ChargptError, ConfigError
 from chargpt.fileio import os_reason
 
@@ -72,8 +73,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--preset and --config cannot be combined with --resume")
         result = train(resume=args.resume, overrides=overrides)
     else:
-        result = train(resolve_config(args.preset, args.config, overrides),
-                       auto_resume=args.auto_resume)
+        cfg = resolve_config(args.preset, args.config, overrides)
+        if cfg.train.init_from:
+            cfg = _finetune_config(cfg, args.config, overrides)
+        result = train(cfg, auto_resume=args.auto_resume)
     if result.interrupted_by is not None:
         return 128 + result.interrupted_by
     print(f"done: {result.step} steps in {result.elapsed:.1f}s, best val loss "
@@ -88,6 +91,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             log_sample(cfg, result.run_dir, step, text)
     print(f"sample more with: chargpt sample {result.run_dir} --prompt \"ROMEO:\"")
     return 0
+
+
+def _finetune_config(cfg: Config, config_file: str | None,
+                     overrides: dict[str, Any]) -> Config:
+    from chargpt.training import finetune
+
+    with finetune.source(cfg.train.init_from) as src:
+        given = finetune.explicit_values(config_file, overrides)
+        return finetune.finetune_config(cfg, src.config, cfg.train.init_from, given)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -249,6 +249,11 @@ class TrainConfig:
     log_to: str = ""
     """Experiment trackers mirroring metrics.jsonl: 'tensorboard', 'wandb' or both, comma-separated
     or repeated (extras: pip install 'chargpt[tensorboard]' / 'chargpt[wandb]')."""
+    init_from: str = ""
+    """Start this new run from a trained model: a chargpt run or checkpoint directory, a Hugging
+    Face folder chargpt exported, or nanoGPT's ckpt.pt (only read). The model's shape is the
+    source's; characters new to it are added to its vocabulary; the learning rates default to a
+    fraction of the preset's."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_iters",

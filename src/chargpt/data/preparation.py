@@ -237,8 +237,10 @@ def _scan(job: _Job) -> _Scan:
     return _Scan(seen, sources, total_chars, sha)
 
 
-def _choose_vocabulary(job: _Job, scan: _Scan, vocab: CharTokenizer | None) -> CharTokenizer:
-    """Every character (or byte) that occurs, in order; or `vocab`, if it has them all."""
+def _choose_vocabulary(job: _Job, scan: _Scan, vocab: CharTokenizer | None,
+                       extend: bool) -> CharTokenizer:
+    """Every character (or byte) that occurs, in order; or `vocab`, if it has them all, or
+    with `extend` `vocab` followed by those it lacks."""
     occurring = np.flatnonzero(scan.seen)
     if vocab is None:
         if job.unit == "byte":
@@ -248,6 +250,8 @@ def _choose_vocabulary(job: _Job, scan: _Scan, vocab: CharTokenizer | None) -> C
         raise VocabError(f"the given vocabulary is of unit {vocab.unit!r}, but the corpus is "
                          f"being prepared as {job.unit!r}")
     missing = occurring[vocab.lookup_table()[occurring] < 0]
+    if missing.size and extend:
+        return CharTokenizer([*vocab.chars, *map(chr, missing.tolist())], unit=vocab.unit)
     if missing.size:
         what = str(job.files[0]) if len(job.files) == 1 else "the corpus"
         chars = [chr(c) for c in missing.tolist()]
@@ -374,20 +378,22 @@ def prepare(
     separator: str = "\n\n",
     chunk_bytes: int = 16 * 2**20,
     vocab: CharTokenizer | None = None,
+    extend_vocab: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Tokenize a corpus into a prepared-data directory and return its metadata.
 
     Documents are joined with `separator`; the vocabulary is every code point that occurs
     (including the separator's, when there is more than one document), or with unit "byte"
-    every byte value, unless a fixed `vocab` is given. The last `test_fraction` of the tokens
-    is the test split (none by default) and the `val_fraction` before it the validation split;
+    every byte value, unless a fixed `vocab` is given (with `extend_vocab`, the characters it
+    lacks are appended to it, so its ids stay). The last `test_fraction` of the tokens is the
+    test split (none by default) and the `val_fraction` before it the validation split;
     `heldout` = (val tokens, test tokens) fixes those counts instead (a standard split).
     """
     job = _plan(source, out_dir, val_fraction, test_fraction, heldout, unit, separator,
                 chunk_bytes, progress)
     scan = _scan(job)
-    tokenizer = _choose_vocabulary(job, scan, vocab)
+    tokenizer = _choose_vocabulary(job, scan, vocab, extend_vocab)
     n_train, n_val, n_test = _split(job, scan.total_chars)
     meta = _meta(job, scan, tokenizer, n_train, n_val, n_test)
     with _staging_dir(job.out_dir) as tmp:

@@ -28,7 +28,9 @@ from chargpt.distributed import DistEnv
 from chargpt.errors import ChargptError, CheckpointError, ConfigError
 from chargpt.runs import checkpoint as ckpt
 from chargpt.runs.rundir import RunDir
+from chargpt.runs.safety import CheckedCheckpoint
 from chargpt.text.tokenizer import check_same_vocab
+from chargpt.training import finetune
 from chargpt.training.budget import PLANNED_FIELDS
 from chargpt.training.trackers import require_trackers
 from chargpt.training.trainer import Trainer, TrainResult
@@ -44,8 +46,10 @@ def _join(cfg: Config) -> tuple[DistEnv, torch.device]:
     return env, device
 
 
-def _prepare_data(cfg: Config, rundir: RunDir, log: Callable[[str], None]) -> None:
-    """Prepare the run's own data/ from --input or the named dataset (not with --data-dir)."""
+def _prepare_data(cfg: Config, rundir: RunDir, log: Callable[[str], None],
+                  src: CheckedCheckpoint | None) -> None:
+    """Prepare the run's own data/ from --input or the named dataset (not with --data-dir); a
+    fine-tune's vocabulary is its source's, with the text's new characters appended."""
     dc = cfg.data
     if dc.data_dir:
         return
@@ -61,19 +65,30 @@ def _prepare_data(cfg: Config, rundir: RunDir, log: Callable[[str], None]) -> No
                 f"the {heldout[0]:,} before them val, the rest train")
     log(f"preparing {source}")
     prepare(source, rundir.data_dir(cfg), val_fraction=dc.val_fraction,
-            test_fraction=dc.test_fraction, heldout=heldout, unit=dc.unit, progress=True)
+            test_fraction=dc.test_fraction, heldout=heldout, unit=dc.unit, progress=True,
+            vocab=src.tokenizer if src else None, extend_vocab=src is not None)
 
 
 def new_trainer(cfg: Config, quiet: bool = False) -> Trainer:
-    """A Trainer for a new run of `cfg` in its out_dir (default: runs/<timestamp>)."""
+    """A Trainer for a new run of `cfg` in its out_dir (default: runs/<timestamp>), starting
+    from `cfg.train.init_from`'s weights when it names a trained model (finetune.py)."""
+    if not cfg.train.init_from:
+        return _new_trainer(cfg, quiet, None)
+    with finetune.source(cfg.train.init_from) as src:
+        finetune.check_model(cfg.model, src.config.model, cfg.train.init_from)
+        return _new_trainer(cfg, quiet, src)
+
+
+def _new_trainer(cfg: Config, quiet: bool, src: CheckedCheckpoint | None) -> Trainer:
     require_trackers(cfg.train.log_to)  # before the run directory exists
     env, device = _join(cfg)
     if env.enabled and not cfg.train.out_dir:
         raise ConfigError("set --out when training with torchrun (all ranks need one run dir)")
     rundir = RunDir(Path(cfg.train.out_dir)) if cfg.train.out_dir else RunDir.default()
+    log = (lambda s: None) if quiet or not env.is_main else print
     if env.is_main:
         rundir.create()
-        _prepare_data(cfg, rundir, (lambda s: None) if quiet else print)
+        _prepare_data(cfg, rundir, log, src)
     env.barrier()  # the other ranks wait for rank 0's prepared data
     data = rundir.load_data(cfg)
     if cfg.data.data_dir:
@@ -84,9 +99,15 @@ def new_trainer(cfg: Config, quiet: bool = False) -> Trainer:
         cfg, model=dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
     )
     check_split_lengths(data, cfg.model.block_size)
+    if src is not None:
+        finetune.check_vocab(data.tokenizer, src.tokenizer, cfg.train.init_from)
+        log(finetune.describe(cfg.train.init_from, src, data.tokenizer))
     if env.is_main:
         rundir.write_config(cfg)
-    return Trainer(cfg, rundir, data, env, device, quiet)
+    trainer = Trainer(cfg, rundir, data, env, device, quiet)
+    if src is not None:
+        finetune.load_source_weights(trainer.model, src)
+    return trainer
 
 
 def resume_trainer(
@@ -130,6 +151,8 @@ def resume_trainer(
 
 
 def _train_overrides_only(overrides: dict[str, Any]) -> dict[str, Any]:
+    if (overrides.get("train") or {}).get("init_from"):
+        raise ConfigError("--init-from starts a new run and --resume continues one; give one")
     bad = [f"{sec}.{k}" for sec, vals in overrides.items() if sec != "train" for k in vals]
     if bad:
         raise ConfigError(f"cannot change {', '.join(bad)} when resuming; start a new run instead")
