@@ -9,8 +9,9 @@ from conftest import tiny_config
 from chargpt.cli.commands import main
 from chargpt.config.schema import resolve_config
 from chargpt.data.batches import BatchSampler
+from chargpt.errors import ConfigError
 from chargpt.model.build import build_model
-from chargpt.model.flops import PEAK_FLOPS, estimate, match_gpu, mfu
+from chargpt.model.flops import PEAK_FLOPS, estimate, gpu_named, match_gpu, mfu
 from chargpt.training.launch import train
 
 
@@ -48,6 +49,20 @@ def test_gpu_names(name, key):
     assert key is None or key in PEAK_FLOPS
 
 
+@pytest.mark.parametrize("typed, key", [
+    ("H100", "H100-SXM"), ("h100", "H100-SXM"), ("H100 PCIe", "H100-PCIe"), ("H200", "H200"),
+    ("4090", "RTX-4090"), ("RTX 4090", "RTX-4090"), ("rtx-3090", "RTX-3090"), ("a100", "A100"),
+    ("A100-SXM4-80GB", "A100"), ("L4", "L4"), ("l40s", "L40S"), ("B200", "B200"),
+])
+def test_gpus_by_the_names_people_type(typed, key):
+    assert gpu_named(typed) == key
+
+
+def test_an_unknown_gpu_lists_the_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown GPU 'TPU' \(known: B200, H200, H100-SXM"):
+        gpu_named("TPU")
+
+
 def test_mfu_is_omitted_off_gpu():
     assert mfu(1e9, 1e5, torch.device("cpu")) is None
 
@@ -59,6 +74,8 @@ def test_estimate_command(capsys):
     assert "85." in out and "AdamW state" in out and "L4" in out and "one epoch" in out
     assert main(["estimate", "--gpu", "TPU"]) == 1
     assert "unknown GPU" in capsys.readouterr().err
+    assert main(["estimate", "--gpu", "h100"]) == 0
+    assert "on 1 x H100-SXM" in capsys.readouterr().out
 
 
 def test_ranks_split_the_single_process_stream():

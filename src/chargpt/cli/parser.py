@@ -164,7 +164,8 @@ def build_parser() -> Parser:
     p.add_argument("--corpus-chars", type=int, default=None,
                    help="training tokens, for the time per epoch (default: the config's "
                    "dataset's)")
-    p.add_argument("--gpu", default="A100", help="GPU model for the time estimate")
+    p.add_argument("--gpu", default="A100",
+                   help="GPU model for the time estimate (H100, H200, B200, A100, 4090, ...)")
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (data parallel)")
     p.add_argument("--mfu", type=float, default=0.4,
                    help="assumed model FLOPs utilisation (default: 0.4)")

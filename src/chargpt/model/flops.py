@@ -21,6 +21,8 @@ from chargpt.model.build import build_model
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, FLOP/s.
 PEAK_FLOPS: dict[str, float] = {
+    "B200": 2250e12,
+    "H200": 989e12,
     "H100-SXM": 989e12,
     "H100-PCIe": 756e12,
     "A100": 312e12,
@@ -33,12 +35,23 @@ PEAK_FLOPS: dict[str, float] = {
 }
 
 
+def gpu_named(name: str) -> str:
+    """The PEAK_FLOPS key for a GPU as people type it ('H100', 'h200', '4090', 'RTX 4090',
+    'A100-SXM4-80GB'); an unknown name is a ConfigError listing the known ones."""
+    exact = {key.upper(): key for key in PEAK_FLOPS}
+    typed = name.strip().upper().replace(" ", "-")
+    found = exact.get(typed) or match_gpu(typed) or match_gpu("RTX-" + typed)
+    if found is None:
+        raise ConfigError(f"unknown GPU {name!r} (known: {', '.join(PEAK_FLOPS)})")
+    return found
+
+
 def match_gpu(device_name: str) -> str | None:
     """The PEAK_FLOPS key for a CUDA device name such as 'NVIDIA A100-SXM4-80GB', or None."""
     name = device_name.upper().replace(" ", "-")
     if "H100" in name:
         return "H100-PCIe" if "PCIE" in name else "H100-SXM"
-    for key in ("A100", "L40S", "RTX-4090", "L4", "V100", "RTX-3090", "T4"):
+    for key in ("B200", "H200", "A100", "L40S", "RTX-4090", "L4", "V100", "RTX-3090", "T4"):
         token = key.upper()
         # 'L4' must not match 'L40S'; device names put the model between separators.
         if token == "L4" and "L40" in name:
@@ -110,8 +123,7 @@ def mfu(flops_per_token: float, tokens_per_second: float, device: torch.device) 
 
 def report(cfg: Config, *, gpu: str, gpus: int, mfu: float, corpus_chars: int) -> str:
     """The `chargpt estimate` text: size, FLOPs, memory and time on `gpus` x `gpu` at `mfu`."""
-    if gpu not in PEAK_FLOPS:
-        raise ConfigError(f"unknown GPU {gpu!r} (known: {', '.join(PEAK_FLOPS)})")
+    gpu = gpu_named(gpu)
     if not 0 < mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
     e = estimate(cfg, world_size=gpus)
