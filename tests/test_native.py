@@ -112,7 +112,7 @@ def test_weights_are_prepared_once_per_model_until_a_parameter_changes(monkeypat
     model = rope_gpt().eval()
     first = generate(model, prompt(1, 3), 30, generator=gen(4))
     assert torch.equal(generate(model, prompt(1, 3), 30, generator=gen(4)), first)
-    generate(model, prompt(1, 3), 30, generator=gen(4), weights="int8")
+    generate(model, prompt(1, 3), 30, generator=gen(4), weight_format="int8")
     assert [kind for kind, _ in made] == ["float32", "int8"]  # one each, the second call reused
     with torch.no_grad():
         model.lm_head.weight.mul_(-1.0)  # trained further: the next call must see it
@@ -211,7 +211,7 @@ def test_cli_samples_the_same_text_with_and_without_the_native_loop(tmp_path, ca
 
 def stored_as(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     """A copy whose weight matrices hold what the loop computes with when it stores them as
-    `kind` (SamplingSettings.weights)."""
+    `kind` (SamplingSettings.weight_format)."""
     copy = __import__("copy").deepcopy(model)
     with torch.no_grad():
         for module in copy.modules():
@@ -243,24 +243,24 @@ def test_narrow_weights_compute_in_float32_on_the_rounded_weights(overrides, kin
         for batch in (1, 3):
             idx = prompt(batch, 3)
             for options in (PICKS[1], PICKS[3]):
-                got = generate(model, idx, 40, generator=gen(5), weights=kind, **options)
+                got = generate(model, idx, 40, generator=gen(5), weight_format=kind, **options)
                 expected = generate(rounded, idx, 40, generator=gen(5), **options)
                 assert torch.equal(got, expected), (big, batch, options)
 
 
 def test_bfloat16_weights_are_a_setting_of_the_native_loop(capsys, monkeypatch):
     with pytest.raises(ConfigError, match="weights must be one of float32, bfloat16, int8"):
-        SamplingSettings(weights="float16")
+        SamplingSettings(weight_format="float16")
     with pytest.raises(ConfigError, match="needs the KV cache"):
-        SamplingSettings(weights="int8", native=False)
+        SamplingSettings(weight_format="int8", native=False)
     with pytest.raises(ConfigError, match="needs the KV cache and native decoding"):
-        SamplingSettings(weights="bfloat16", native=False)
+        SamplingSettings(weight_format="bfloat16", native=False)
     with pytest.raises(ConfigError, match="needs the KV cache and native decoding"):
-        SamplingSettings(weights="bfloat16", use_cache=False)
+        SamplingSettings(weight_format="bfloat16", use_cache=False)
     monkeypatch.setattr(decode_module, "_REPORTED", set())
     model = tiny_gpt().double()  # the loop does not run it: float32, and said once
     for _ in range(2):
-        got = generate(model, prompt(1, 3), 20, generator=gen(2), weights="bfloat16")
+        got = generate(model, prompt(1, 3), 20, generator=gen(2), weight_format="bfloat16")
         assert torch.equal(got, generate(model, prompt(1, 3), 20, generator=gen(2)))
     err = capsys.readouterr().err
     assert err.count("bfloat16 weights are a setting of the native decode loop") == 1

@@ -205,12 +205,12 @@ def test_a_server_with_narrower_weights_samples_what_the_run_api_samples_with_th
     monkeypatch.setattr(native, "_prepare", lambda *a: kinds.append(a[1]) or prepare(*a))
     monkeypatch.setattr(native, "_PREPARED", weakref.WeakKeyDictionary())  # none made yet
     params = {"temperature": 0.8, "top_k": 5, "seed": 3}
-    with BackgroundServer(create_app(run, weights="int8")) as srv:
+    with BackgroundServer(create_app(run, weight_format="int8")) as srv:
         status, body = post_json(srv, "/api/generate",
                                  {"prompt": "ROMEO:", "max_new_tokens": 60, **params})
     assert status == 200, body
     assert kinds == ["int8"]  # the generation's weights were stored as int8
-    assert body["text"] == run.generate("ROMEO:", 60, weights="int8", **params)
+    assert body["text"] == run.generate("ROMEO:", 60, weight_format="int8", **params)
 
 
 def test_openai_completions(server, run):

@@ -52,8 +52,8 @@ _MAX_HEAD_DIM = 1024  # the C code rotates a head in a buffer of this many float
 # the layout in which a block of weights serves many sequences while it is cached
 BIG = 1 << 17
 _NEVER = 2**31 - 1
-# what SamplingSettings.weights names: the kinds of weight matrix the C code reads, in the order
-# of its W_* constants
+# what SamplingSettings.weight_format names: the kinds of weight matrix the C code reads, in the
+# order of its W_* constants
 
 # order of the C code's dims[] and params[] (native_decode.c)
 _DIMS = ("layers", "heads", "head_dim", "embd", "hidden", "vocab", "norm", "act", "qk_norm",
@@ -177,10 +177,11 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def stored_weights(weight: Tensor, kind: str) -> tuple[Tensor, Tensor | None]:
-    """A weight matrix W (out, in) as the C loop stores it for `kind` (SamplingSettings.weights),
-    and the scales of an int8 matrix: float32; bfloat16 (each weight rounded to nearest); or
-    int8 with one scale per row, max |W[j]| / 127, each weight rounded to the nearest multiple
-    of it. The loop computes with `dequantized(...)` of these, exactly."""
+    """A weight matrix W (out, in) as the C loop stores it for `kind`
+    (SamplingSettings.weight_format), and the scales of an int8 matrix: float32; bfloat16
+    (each weight rounded to nearest); or int8 with one scale per row, max |W[j]| / 127, each
+    weight rounded to the nearest multiple of it. The loop computes with `dequantized(...)` of
+    these, exactly."""
     weight = weight.to(torch.float32)
     if kind == "float32":
         return weight, None
@@ -290,8 +291,8 @@ class NativeLoop:
     """A model's decode loop in C, for one KV cache and one way of picking tokens.
 
     The weights are copied into the C code's layout, the weight matrices as
-    `settings.weights` says (`stored_weights`), once per model and layout while no parameter
-    changes (`_prepared`); the cache's tensors are shared with the model's cached forward,
+    `settings.weight_format` says (`stored_weights`), once per model and layout while no
+    parameter changes (`_prepared`); the cache's tensors are shared with the model's cached forward,
     which fills them from the prompt."""
 
     def __init__(self, model: nn.Module, cache: KVCache, settings: SamplingSettings) -> None:
@@ -309,7 +310,7 @@ class NativeLoop:
         self._rows = [(batch * i // shares, batch * (i + 1) // shares) for i in range(shares)]
         self._threads = max(1, threads // shares)
         big = BIG if batch == shares else _NEVER  # one sequence per call: big matrices by rows
-        weights = _prepared(model, settings.weights, big)
+        weights = _prepared(model, settings.weight_format, big)
         norm_kind = "none" if cfg.norm == "none" else cfg.norm_type
         ptrs = list(weights.globals)
         for layer, layer_ptrs in enumerate(weights.layers):
@@ -324,7 +325,7 @@ class NativeLoop:
                     hidden=H, vocab=V, norm=_NORMS[norm_kind], act=_ACTS[cfg.activation],
                     qk_norm=int(cfg.qk_norm), rope=int(model.use_rope), wpe=int("wpe" in tr),
                     max_len=T, batch=batch, top_k=settings.top_k or 0, big=big,
-                    weights=WEIGHT_KINDS.index(settings.weights))
+                    weights=WEIGHT_KINDS.index(settings.weight_format))
         eps = float(getattr(tr.ln_f, "eps", None) or torch.finfo(torch.float32).eps)
         params = [eps, torch.finfo(torch.float32).eps, float(tr.h[0].attn.scale),
                   float(cfg.logit_softcap), float(settings.temperature),
