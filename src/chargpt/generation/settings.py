@@ -38,7 +38,7 @@ class SamplingSettings:
     """Decode with a compiled step (torch.compile, see decode.py): seconds to a minute of
     compiling the first time, several times faster per token after; eager where unavailable."""
     native: bool = True
-    """Decode with chargpt's C loop (native.py) where the model allows it (a float32
+    """Decode with chargpt's C loop (generation/native/) where the model allows it (a float32
     pre-norm GPT on the CPU) and a C compiler is found: built once per machine in about a
     second, many times faster per token than the torch step. Off: the torch step (`compile`
     picks which)."""
@@ -47,7 +47,7 @@ class SamplingSettings:
     8 significant bits: half the memory a token reads); or 'int8' (one scale per output, each
     weight rounded to 1/127 of its row's largest: a quarter). Faster for models whose weights
     outgrow the CPU's caches; tokens may then differ from float32's. The arithmetic stays
-    float32 (native.stored_weights); needs the native loop."""
+    float32 (native.layout.stored_weights); needs the native loop."""
 
     def __post_init__(self) -> None:
         t, k, p = self.temperature, self.top_k, self.top_p
