@@ -24,7 +24,7 @@ from pathlib import Path
 
 from chargpt.generation.native.structs import Cache, Chunk, Config, Model, header, layout
 
-__all__ = ["SOURCES", "Unavailable", "available", "library", "library_dir"]
+__all__ = ["SOURCES", "Unavailable", "available", "compiled_layout", "library", "library_dir"]
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "native_decode.c", HERE / "kernels.h")  # the first one is compiled

@@ -13,7 +13,8 @@
 #include <stdint.h>
 #include <string.h>
 /* Config, Norm, Linear, Layer, Model, Cache, Chunk and the NORM_*, ACT_* and W_* constants,
- * generated from structs.py's ctypes Structures (build.py writes the header) */
+ * generated from structs.py's ctypes Structures (build.py writes the header; structs.header()
+ * prints it) */
 #include "structs.h"
 #include "kernels.h"
 
