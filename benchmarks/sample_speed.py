@@ -36,12 +36,12 @@ MODELS = {
 
 def chars_per_second(model: torch.nn.Module, n_chars: int, use_cache: bool, seed: int,
                      batch_size: int = 1, compile: bool = False, native: bool = True,
-                     weights: str = "float32") -> float:
+                     weight_format: str = "float32") -> float:
     """New characters per second (all sequences of the batch counted) for one `generate`."""
     idx = torch.zeros(batch_size, 1, dtype=torch.long)
     options = dict(use_cache=use_cache, compile=compile, native=native)
     if use_cache and native:
-        options["weights"] = weights
+        options["weight_format"] = weight_format
     # warm-up: first-call allocations, the build of the native loop, a compiled step's compiling
     generate(model, idx, 8, **options)
     rng = torch.Generator().manual_seed(seed)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="the compiled torch step")
     parser.add_argument("--no-native", action="store_true",
                         help="the torch step instead of the native C loop")
-    parser.add_argument("--weights", default="float32",
+    parser.add_argument("--weights", dest="weight_format", default="float32", metavar="KIND",
                         help="precision of the native loop's weight matrices (or bfloat16)")
     args = parser.parse_args(argv)
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = dataclasses.replace(MODELS[name], pos_emb=args.pos_emb)
         model = build_model(cfg)
         cached = chars_per_second(model, args.chars, True, args.seed, args.batch_size,
-                                  args.compile, not args.no_native, args.weights)
+                                  args.compile, not args.no_native, args.weight_format)
         recompute = chars_per_second(model, args.chars, False, args.seed, args.batch_size)
         label = (f"{name} ({cfg.n_layer}L {cfg.n_head}H {cfg.n_embd}d, {cfg.pos_emb}, "
                  f"{model.num_params():,} p)")

@@ -129,7 +129,8 @@ def sampler(kind: str, cfg: ModelConfig, batch: int):
 
     def run_chargpt(n: int) -> None:
         generate(model, idx, n, seed=1, compile=kind == "compiled",
-                 native=kind.startswith("native"), weights=NARROW.get(kind, "float32"))
+                 native=kind.startswith("native"),
+                 weight_format=NARROW.get(kind, "float32"))
     return run_chargpt
 
 

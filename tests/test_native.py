@@ -12,15 +12,15 @@ from conftest import train_serve_run
 from test_sampling import gen, prompt, rope_gpt, tiny_gpt
 
 import chargpt.generation.decode as decode_module
-import chargpt.generation.native as native
 from chargpt.cli.commands import main
 from chargpt.errors import ConfigError
+from chargpt.generation.native import build, layout, loop, structs
 from chargpt.generation.sampling import generate
 from chargpt.generation.settings import SamplingSettings
 from chargpt.model.kv_cache import KVCache
 
-if not native.available()[0]:
-    pytest.skip(f"no native decode loop here ({native.available()[1]}); install a C compiler "
+if not build.available()[0]:
+    pytest.skip(f"no native decode loop here ({build.available()[1]}); install a C compiler "
                 "(gcc or clang) to test it", allow_module_level=True)
 
 WIRINGS = [
@@ -45,7 +45,7 @@ def both(model, idx, n, **options):
 @pytest.mark.parametrize("overrides", WIRINGS)
 def test_native_loop_samples_what_the_torch_step_samples(overrides):
     model = tiny_gpt(**overrides).eval()
-    assert native.supports(model)
+    assert loop.supports(model)
     n = 3 * model.config.block_size  # past the block: the cache rolls or is refilled
     for batch in (1, 3):
         idx = prompt(batch, 3)
@@ -69,8 +69,8 @@ def test_a_batch_split_over_threads_is_the_batch_on_one_thread():
         torch.set_num_threads(1)
         one = generate(model, idx, 60, generator=gen(3), temperature=0.9)
         torch.set_num_threads(3)
-        loop = native.NativeLoop(model, KVCache.for_model(model, 5), SamplingSettings())
-        assert len(loop._rows) == 3  # three shares of the batch: 0-1, 1-3, 3-5
+        native_loop = loop.NativeLoop(model, KVCache.for_model(model, 5), SamplingSettings())
+        assert len(native_loop._rows) == 3  # three shares of the batch: 0-1, 1-3, 3-5
         split = generate(model, idx, 60, generator=gen(3), temperature=0.9)
     finally:
         torch.set_num_threads(threads)
@@ -86,8 +86,8 @@ def test_a_big_product_split_over_threads_is_the_product_on_one_thread():
         torch.set_num_threads(1)
         one = generate(model, prompt(1, 3), 40, generator=gen(3), temperature=0.9)
         torch.set_num_threads(2)
-        loop = native.NativeLoop(model, KVCache.for_model(model, 1), SamplingSettings())
-        assert loop._threads == 2
+        native_loop = loop.NativeLoop(model, KVCache.for_model(model, 1), SamplingSettings())
+        assert native_loop._threads == 2
         split = generate(model, prompt(1, 3), 40, generator=gen(3), temperature=0.9)
     finally:
         torch.set_num_threads(threads)
@@ -97,9 +97,9 @@ def test_a_big_product_split_over_threads_is_the_product_on_one_thread():
 
 
 def test_models_the_loop_does_not_compute_use_the_torch_step():
-    assert not native.supports(tiny_gpt(norm="post"))  # no fast step at all
-    assert not native.supports(tiny_gpt().double())  # float64 weights
-    assert not native.supports(tiny_gpt().to(torch.bfloat16))
+    assert not loop.supports(tiny_gpt(norm="post"))  # no fast step at all
+    assert not loop.supports(tiny_gpt().double())  # float64 weights
+    assert not loop.supports(tiny_gpt().to(torch.bfloat16))
     model = tiny_gpt().double()
     got, expected = both(model, prompt(1, 3), 20, temperature=1.0)
     assert torch.equal(got, expected)
@@ -107,12 +107,12 @@ def test_models_the_loop_does_not_compute_use_the_torch_step():
 
 def test_weights_are_prepared_once_per_model_until_a_parameter_changes(monkeypatch):
     made = []
-    prepare = native._prepare
-    monkeypatch.setattr(native, "_prepare", lambda *a: made.append(a[1:]) or prepare(*a))
+    prepare = layout._prepare
+    monkeypatch.setattr(layout, "_prepare", lambda *a: made.append(a[1:]) or prepare(*a))
     model = rope_gpt().eval()
     first = generate(model, prompt(1, 3), 30, generator=gen(4))
     assert torch.equal(generate(model, prompt(1, 3), 30, generator=gen(4)), first)
-    generate(model, prompt(1, 3), 30, generator=gen(4), weights="int8")
+    generate(model, prompt(1, 3), 30, generator=gen(4), weight_format="int8")
     assert [kind for kind, _ in made] == ["float32", "int8"]  # one each, the second call reused
     with torch.no_grad():
         model.lm_head.weight.mul_(-1.0)  # trained further: the next call must see it
@@ -129,22 +129,44 @@ def test_weights_are_prepared_once_per_model_until_a_parameter_changes(monkeypat
 
 @pytest.fixture
 def fresh_library(monkeypatch, tmp_path):
-    """A native module that has not loaded its library yet, building into `tmp_path`."""
-    monkeypatch.setattr(native, "library_dir", lambda: tmp_path)
-    native._load.cache_clear()
+    """A build module that has not loaded its library yet, building into `tmp_path`."""
+    monkeypatch.setattr(build, "library_dir", lambda: tmp_path)
+    build._load.cache_clear()
     monkeypatch.setattr(decode_module, "_REPORTED", set())
     yield tmp_path
-    native._load.cache_clear()
+    build._load.cache_clear()
 
 
 def test_the_library_is_built_once_and_reused(fresh_library):
-    lib = native.library()
+    lib = build.library()
     built = list(fresh_library.glob("native_decode-*.so"))
     assert len(built) == 1 and lib._name == str(built[0])
-    native._load.cache_clear()
+    build._load.cache_clear()
     mtime = built[0].stat().st_mtime_ns
-    assert native.library()._name == str(built[0])
+    assert build.library()._name == str(built[0])
     assert built[0].stat().st_mtime_ns == mtime  # loaded again, not rebuilt
+
+
+def test_the_c_structs_are_the_ctypes_table():
+    # the header is written from structs.py's table: every struct and field of it is declared
+    # there, and the compiler lays each out where ctypes reads and writes it
+    text = structs.header()
+    for struct in structs.STRUCTS:
+        assert f"}} {struct.__name__};" in text
+        assert all(f"offsetof({struct.__name__}, {field})" in text
+                   for field, _ in struct._fields_)
+    assert build.compiled_layout(build.library()) == structs.layout()
+    assert len(structs.layout()) == sum(1 + len(s._fields_) for s in structs.STRUCTS)
+
+
+def test_a_library_whose_structs_disagree_with_ctypes_is_refused(fresh_library, monkeypatch):
+    build.library()  # built and loaded as it is
+    build._load.cache_clear()
+    swapped = structs.layout()
+    swapped[1], swapped[2] = swapped[2], swapped[1]  # Config's first two fields, swapped
+    monkeypatch.setattr(build, "layout", lambda: swapped)
+    ok, why = build.available()
+    assert not ok and "lays out the loop's structs differently from ctypes" in why
 
 
 @pytest.mark.parametrize("cc, reason", [
@@ -153,8 +175,8 @@ def test_the_library_is_built_once_and_reused(fresh_library):
 ])
 def test_without_a_working_compiler_sampling_warns_once_and_uses_the_torch_step(
         fresh_library, monkeypatch, capsys, cc, reason):
-    monkeypatch.setattr(native, "_compiler", lambda: cc and __import__("shutil").which(cc))
-    ok, why = native.available()
+    monkeypatch.setattr(build, "_compiler", lambda: cc and __import__("shutil").which(cc))
+    ok, why = build.available()
     assert not ok and reason in why
     model = rope_gpt()
     expected = generate(model, prompt(1, 3), 30, generator=gen(1), native=False)
@@ -171,25 +193,25 @@ def test_bad_input_never_reaches_the_c_code():
     cache = KVCache.for_model(model, 2)
     with torch.no_grad():
         model(prompt(2, 3), kv_cache=cache)
-    loop = native.NativeLoop(model, cache, SamplingSettings())
+    native_loop = loop.NativeLoop(model, cache, SamplingSettings())
     seq = torch.zeros(2, 10, dtype=torch.long)
     rot = decode_module.rotation_table(model.config, 20, torch.device("cpu"), torch.float32)
     seq[1, 3] = 10_000  # a token id the model does not have
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        loop.fill(seq, 4, 6, rot[3:5], None)
-    with pytest.raises(ValueError, match="one rotary row per token"):
-        loop.fill(seq, 4, 6, rot[3:4], None)
-    with pytest.raises(ValueError, match="noise must be"):
-        loop.fill(seq, 4, 6, rot[3:5], torch.ones(2, 1, 65))
-    with pytest.raises(ValueError, match="contiguous"):
-        loop.fill(seq[:1], 4, 6, rot[3:5], None)
-    with pytest.raises(ValueError, match="contiguous"):
-        loop.fill(seq, 4, 11, None, None)
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        native_loop.fill(seq, 4, 6, rot[3:5], None)
+    with pytest.raises(ConfigError, match="one rotary row per token"):
+        native_loop.fill(seq, 4, 6, rot[3:4], None)
+    with pytest.raises(ConfigError, match="noise must be"):
+        native_loop.fill(seq, 4, 6, rot[3:5], torch.ones(2, 1, 65))
+    with pytest.raises(ConfigError, match="contiguous"):
+        native_loop.fill(seq[:1], 4, 6, rot[3:5], None)
+    with pytest.raises(ConfigError, match="contiguous"):
+        native_loop.fill(seq, 4, 11, None, None)
     learned = tiny_gpt().eval()
     full = KVCache.for_model(learned, 1)
     full.advance(learned.config.block_size)
-    with pytest.raises(ValueError, match="the cache is full"):
-        native.NativeLoop(learned, full, SamplingSettings()).fill(seq[:1].clone(), 1, 2, None,
+    with pytest.raises(ConfigError, match="the cache is full"):
+        loop.NativeLoop(learned, full, SamplingSettings()).fill(seq[:1].clone(), 1, 2, None,
                                                                   None)
 
 
@@ -209,24 +231,31 @@ def test_cli_samples_the_same_text_with_and_without_the_native_loop(tmp_path, ca
 # --- bfloat16 and int8 weights ------------------------------------------------------------
 
 
+def dequantized(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """The reference for what each weight kind stores: the float32 weights the C loop computes
+    with when it stores `weight` as `kind`."""
+    stored, scale = layout.stored_weights(weight, kind)
+    return stored.to(torch.float32) if scale is None else stored.to(torch.float32) * scale[:, None]
+
+
 def stored_as(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     """A copy whose weight matrices hold what the loop computes with when it stores them as
-    `kind` (SamplingSettings.weights)."""
+    `kind` (SamplingSettings.weight_format)."""
     copy = __import__("copy").deepcopy(model)
     with torch.no_grad():
         for module in copy.modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(native.dequantized(module.weight, kind))
+                module.weight.copy_(dequantized(module.weight, kind))
     return copy
 
 
 def test_int8_weights_are_rows_scaled_to_127():
     w = torch.tensor([[0.5, -0.25, 0.1], [0.0, 0.0, 0.0], [-2.0, 1.0, 0.004]])
-    q, scale = native.stored_weights(w, "int8")
+    q, scale = layout.stored_weights(w, "int8")
     assert q.dtype == torch.int8 and q.abs().amax(dim=1).tolist() == [127, 0, 127]
     assert torch.allclose(scale, torch.tensor([0.5 / 127, 1.0, 2.0 / 127]))
-    assert (native.dequantized(w, "int8") - w).abs().le(scale[:, None] / 2 + 1e-9).all()
-    assert torch.equal(native.dequantized(w, "float32"), w)
+    assert (dequantized(w, "int8") - w).abs().le(scale[:, None] / 2 + 1e-9).all()
+    assert torch.equal(dequantized(w, "float32"), w)
 
 
 @pytest.mark.parametrize("kind", ["bfloat16", "int8"])
@@ -238,29 +267,29 @@ def test_narrow_weights_compute_in_float32_on_the_rounded_weights(overrides, kin
     rounded = stored_as(model, kind)
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), rounded.parameters(),
                                                      strict=True))
-    for big in (native.BIG, 1):  # 1: every matrix is "big", read by rows, split over threads
-        monkeypatch.setattr(native, "BIG", big)
+    for big in (loop.BIG, 1):  # 1: every matrix is "big", read by rows, split over threads
+        monkeypatch.setattr(loop, "BIG", big)
         for batch in (1, 3):
             idx = prompt(batch, 3)
             for options in (PICKS[1], PICKS[3]):
-                got = generate(model, idx, 40, generator=gen(5), weights=kind, **options)
+                got = generate(model, idx, 40, generator=gen(5), weight_format=kind, **options)
                 expected = generate(rounded, idx, 40, generator=gen(5), **options)
                 assert torch.equal(got, expected), (big, batch, options)
 
 
 def test_bfloat16_weights_are_a_setting_of_the_native_loop(capsys, monkeypatch):
     with pytest.raises(ConfigError, match="weights must be one of float32, bfloat16, int8"):
-        SamplingSettings(weights="float16")
+        SamplingSettings(weight_format="float16")
     with pytest.raises(ConfigError, match="needs the KV cache"):
-        SamplingSettings(weights="int8", native=False)
+        SamplingSettings(weight_format="int8", native=False)
     with pytest.raises(ConfigError, match="needs the KV cache and native decoding"):
-        SamplingSettings(weights="bfloat16", native=False)
+        SamplingSettings(weight_format="bfloat16", native=False)
     with pytest.raises(ConfigError, match="needs the KV cache and native decoding"):
-        SamplingSettings(weights="bfloat16", use_cache=False)
+        SamplingSettings(weight_format="bfloat16", use_cache=False)
     monkeypatch.setattr(decode_module, "_REPORTED", set())
     model = tiny_gpt().double()  # the loop does not run it: float32, and said once
     for _ in range(2):
-        got = generate(model, prompt(1, 3), 20, generator=gen(2), weights="bfloat16")
+        got = generate(model, prompt(1, 3), 20, generator=gen(2), weight_format="bfloat16")
         assert torch.equal(got, generate(model, prompt(1, 3), 20, generator=gen(2)))
     err = capsys.readouterr().err
     assert err.count("bfloat16 weights are a setting of the native decode loop") == 1

@@ -28,8 +28,8 @@ from conftest import train_serve_run
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-import chargpt.generation.native as native  # noqa: E402
 from chargpt.cli.commands import main  # noqa: E402
+from chargpt.generation.native import build, layout  # noqa: E402
 from chargpt.runs.run import load_run  # noqa: E402
 from chargpt.serve.app import Limits, create_app  # noqa: E402
 from chargpt.serve.background import BackgroundServer  # noqa: E402
@@ -196,21 +196,21 @@ def test_generate_matches_the_run_api(server, run):
     assert len(empty["text"]) == 5  # an empty prompt starts from a newline, like the CLI
 
 
-@pytest.mark.skipif(not native.available()[0], reason="no native decode loop here (install a "
+@pytest.mark.skipif(not build.available()[0], reason="no native decode loop here (install a "
                     "C compiler, gcc or clang, to test serving with narrower weights)")
 def test_a_server_with_narrower_weights_samples_what_the_run_api_samples_with_them(
         run, monkeypatch):
     kinds = []
-    prepare = native._prepare
-    monkeypatch.setattr(native, "_prepare", lambda *a: kinds.append(a[1]) or prepare(*a))
-    monkeypatch.setattr(native, "_PREPARED", weakref.WeakKeyDictionary())  # none made yet
+    prepare = layout._prepare
+    monkeypatch.setattr(layout, "_prepare", lambda *a: kinds.append(a[1]) or prepare(*a))
+    monkeypatch.setattr(layout, "_PREPARED", weakref.WeakKeyDictionary())  # none made yet
     params = {"temperature": 0.8, "top_k": 5, "seed": 3}
-    with BackgroundServer(create_app(run, weights="int8")) as srv:
+    with BackgroundServer(create_app(run, weight_format="int8")) as srv:
         status, body = post_json(srv, "/api/generate",
                                  {"prompt": "ROMEO:", "max_new_tokens": 60, **params})
     assert status == 200, body
     assert kinds == ["int8"]  # the generation's weights were stored as int8
-    assert body["text"] == run.generate("ROMEO:", 60, weights="int8", **params)
+    assert body["text"] == run.generate("ROMEO:", 60, weight_format="int8", **params)
 
 
 def test_openai_completions(server, run):

@@ -115,7 +115,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed,
                                 use_cache=not args.no_kv_cache, compile=args.compile,
-                                native=not args.no_native, weights=args.weights)
+                                native=not args.no_native, weight_format=args.weight_format)
     run = load_run(args.run_dir, args.checkpoint, device=args.device)
     ids = run.encode_prompt(prompt, args.unknown)  # checked before anything is printed
     # all samples decode as one batch; the first streams, the others follow when it is done
@@ -237,7 +237,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     request_timeout=args.request_timeout)
     serve(args.run_dir, args.host, args.port, limits=limits, checkpoint=args.checkpoint,
           device=args.device, threads=args.threads, name=args.name, log_level=args.log_level,
-          weights=args.weights)
+          weight_format=args.weight_format)
     return 0
 
 

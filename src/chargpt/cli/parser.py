@@ -32,7 +32,7 @@ CHECKPOINT_CHOICES = ("best", "last")
 
 
 def _weights_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", default="float32", metavar="KIND",
+    p.add_argument("--weights", dest="weight_format", default="float32", metavar="KIND",
                    help="how the native decode loop stores weight matrices: float32 (default), "
                    "bfloat16 or int8, which halve or quarter the memory read per token (faster "
                    "for models larger than the CPU's caches; samples may differ from float32's)")

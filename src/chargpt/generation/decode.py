@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chargpt.errors import warn
-from chargpt.generation import native
+from chargpt.generation.native import build, loop
 from chargpt.model.rope import rope_angles
 
 if TYPE_CHECKING:
@@ -177,7 +177,7 @@ class Decoder:
     """Decodes tokens one at a time from a prompt-filled `KVCache`.
 
     `logits(tok)` is one eager step; `fill(seq, start, end, noise)` samples seq[:, start:end]
-    token by token with `settings.pick`: through the native C loop (native.py) when the
+    token by token with `settings.pick`: through the native C loop (generation/native/) when the
     settings ask for it and the model and machine allow, else through the compiled step when
     `compile` is set, else eagerly. Positions past the cache's length roll (rotary models);
     callers refill a non-rolling cache before it is full.
@@ -194,13 +194,13 @@ class Decoder:
         self._step = (self._compiled() if compile and settings is not None
                       and self._native is None else None)
 
-    def _native_loop(self) -> native.NativeLoop | None:
+    def _native_loop(self) -> loop.NativeLoop | None:
         """The C loop, if the settings ask for it and it computes this model here."""
-        if self.settings is None or not self.settings.native or not native.supports(self.model):
+        if self.settings is None or not self.settings.native or not loop.supports(self.model):
             return None
         try:
-            return native.NativeLoop(self.model, self.cache, self.settings)
-        except native.Unavailable as e:
+            return loop.NativeLoop(self.model, self.cache, self.settings)
+        except build.Unavailable as e:
             report_once(f"the native decode loop is unavailable here: {e}; decoding with the "
                         "slower torch step (--no-native hides this)")
             return None

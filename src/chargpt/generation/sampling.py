@@ -175,9 +175,9 @@ def _filler(model: nn.Module, seq: Tensor, n0: int,
 
     def check_weights(decoder: Decoder | None) -> None:
         """Say so when the weights asked for are not what decodes."""
-        if settings.weights != "float32" and (decoder is None or not decoder.native):
-            report_once(f"{settings.weights} weights are a setting of the native decode loop, "
-                        "which does not decode this model here; decoding in float32")
+        if settings.weight_format != "float32" and (decoder is None or not decoder.native):
+            report_once(f"{settings.weight_format} weights are a setting of the native decode "
+                        "loop, which does not decode this model here; decoding in float32")
 
     def emit(t: int, logits: Tensor, noise: Tensor | None) -> None:
         """Sample seq[:, t] from next-token logits (B, V)."""

@@ -38,15 +38,16 @@ class SamplingSettings:
     """Decode with a compiled step (torch.compile, see decode.py): seconds to a minute of
     compiling the first time, several times faster per token after; eager where unavailable."""
     native: bool = True
-    """Decode with chargpt's C loop (native.py) where the model allows it (a float32 pre-norm
-    GPT on the CPU) and a C compiler is found: built once per machine in about a second, many
-    times faster per token than the torch step. Off: the torch step (`compile` picks which)."""
-    weights: str = "float32"
+    """Decode with chargpt's C loop (generation/native/) where the model allows it (a float32
+    pre-norm GPT on the CPU) and a C compiler is found: built once per machine in about a
+    second, many times faster per token than the torch step. Off: the torch step (`compile`
+    picks which)."""
+    weight_format: str = "float32"
     """How the native loop stores weight matrices: 'float32'; 'bfloat16' (each weight rounded to
     8 significant bits: half the memory a token reads); or 'int8' (one scale per output, each
     weight rounded to 1/127 of its row's largest: a quarter). Faster for models whose weights
     outgrow the CPU's caches; tokens may then differ from float32's. The arithmetic stays
-    float32 (native.stored_weights); needs the native loop."""
+    float32 (native.layout.stored_weights); needs the native loop."""
 
     def __post_init__(self) -> None:
         t, k, p = self.temperature, self.top_k, self.top_p
@@ -56,11 +57,12 @@ class SamplingSettings:
             raise ConfigError(f"top_k must be an integer >= 1, got {k!r}")
         if p is not None and not (0.0 < p <= 1.0):
             raise ConfigError(f"top_p must be in (0, 1], got {p}")
-        if self.weights not in WEIGHT_KINDS:
+        if self.weight_format not in WEIGHT_KINDS:
             raise ConfigError(f"weights must be one of {', '.join(WEIGHT_KINDS)}, "
-                              f"got {self.weights!r}")
-        if self.weights != "float32" and not (self.native and self.use_cache):
-            raise ConfigError(f"{self.weights} weights are a setting of the native decode loop, "
+                              f"got {self.weight_format!r}")
+        kind = self.weight_format
+        if kind != "float32" and not (self.native and self.use_cache):
+            raise ConfigError(f"{kind} weights are a setting of the native decode loop, "
                               "which needs the KV cache and native decoding on")
 
     @classmethod

@@ -54,9 +54,9 @@ def is_loopback(host: str) -> bool:
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
           limits: Limits | None = None, checkpoint: str | None = None, device: str = "auto",
           threads: int | None = None, name: str | None = None, log_level: str = "info",
-          weights: str = "float32") -> None:
-    """Load `run_dir` and serve it on http://host:port until interrupted; `weights` is how the
-    native decode loop stores the weight matrices (SamplingSettings.weights)."""
+          weight_format: str = "float32") -> None:
+    """Load `run_dir` and serve it on http://host:port until interrupted; `weight_format` is
+    how the native decode loop stores the weight matrices (SamplingSettings.weight_format)."""
     require_extra()
     import torch
     import uvicorn
@@ -66,7 +66,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     from chargpt.serve.api import Limits
     from chargpt.serve.app import create_app, model_name
 
-    SamplingSettings(weights=weights)  # an unknown kind is a one-line error before loading
+    SamplingSettings(weight_format=weight_format)  # an unknown kind: one line, before loading
     limits = limits or Limits()
     if not 0 <= port <= 65535:
         raise ChargptError(f"--port must be between 0 and 65535, got {port}")
@@ -75,7 +75,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     if n_threads < 1:
         raise ChargptError(f"--threads must be >= 1, got {n_threads}")
     torch.set_num_threads(n_threads)
-    app = create_app(run, limits, name=name, weights=weights)
+    app = create_app(run, limits, name=name, weight_format=weight_format)
     # Binding here turns "address already in use" into a one-line error instead of a log.
     sock = bind(host, port)
     port = sock.getsockname()[1]

@@ -59,10 +59,10 @@ class Server:
     """The request handlers, sharing one run, its limits and the generation slots."""
 
     def __init__(self, run: Run, limits: Limits, name: str | None = None,
-                 weights: str = "float32") -> None:
+                 weight_format: str = "float32") -> None:
         self.run = run
         self.limits = limits
-        self.weights = weights  # SamplingSettings.weights of every generation
+        self.weight_format = weight_format  # of every generation's SamplingSettings
         self.name = name or model_name(run)
         self.slots = Slots(limits)
         self.generations: set[Generation] = set()
@@ -100,8 +100,9 @@ class Server:
             self.slots.release()
 
         try:
-            if self.weights != req.sampling.weights:
-                req = replace(req, sampling=replace(req.sampling, weights=self.weights))
+            if self.weight_format != req.sampling.weight_format:
+                req = replace(req, sampling=replace(req.sampling,
+                                                    weight_format=self.weight_format))
             gen = Generation(self.run, req, self.limits.request_timeout, on_exit)
             gen.start()
         except BaseException:
@@ -259,10 +260,11 @@ def _handle(fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
 
 
 def create_app(run: Run, limits: Limits | None = None, name: str | None = None,
-               weights: str = "float32") -> Starlette:
-    """The ASGI app serving `run`, its weight matrices stored as `weights` for the native decode
-    loop (SamplingSettings.weights); `app.state.server` holds the handlers and live counters."""
-    server = Server(run, limits or Limits(), name, weights)
+               weight_format: str = "float32") -> Starlette:
+    """The ASGI app serving `run`, its weight matrices stored as `weight_format` for the native
+    decode loop (SamplingSettings.weight_format); `app.state.server` holds the handlers and live
+    counters."""
+    server = Server(run, limits or Limits(), name, weight_format)
 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
