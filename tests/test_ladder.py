@@ -324,7 +324,9 @@ def test_attention_command_crops_a_long_prompt(ladder_out, tmp_path, capsys):
     assert main(["attention", str(run_dir(ladder_out, "layernorm")), "--prompt",
                  "ROMEO: what light", "--out", str(png)]) == 0
     captured = capsys.readouterr()
-    assert "last 8" in captured.err and "over 8 characters" in captured.out
+    assert captured.err == ("chargpt: warning: the prompt has 17 characters; drawing its last 8 "
+                            "(the model's block_size)\n")
+    assert "over 8 characters" in captured.out
 
 
 def test_attention_command_errors(ladder_out, tmp_path, capsys):

@@ -31,7 +31,7 @@ from chargpt.data.batches import BatchSampler
 from chargpt.data.prepared import PreparedData
 from chargpt.device import allow_tf32, autocast_context, autocast_dtype
 from chargpt.distributed import DistEnv, all_reduce_mean, gather_tensors
-from chargpt.errors import CheckpointError, TrainingError
+from chargpt.errors import CheckpointError, TrainingError, warn
 from chargpt.model.build import build_model
 from chargpt.model.evaluate import estimate_loss
 from chargpt.model.flops import estimate, mfu
@@ -132,10 +132,9 @@ class Trainer:
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{last}: optimizer state does not fit the model: {e}") from None
         check_optimizer_state(self.optimizer, last)
-        if state.world_size != self.env.world_size:
-            self.out.log(f"warning: {last} was written by {state.world_size} process(es), "
-                         f"this run has {self.env.world_size}; training continues but is not "
-                         "bit-identical")
+        if state.world_size != self.env.world_size and self.is_main:
+            warn(f"{last} was written by {state.world_size} process(es), this run has "
+                 f"{self.env.world_size}; training continues but is not bit-identical")
         cpu_rng, cuda_rng = state.rng_of(self.env.rank)
         if cpu_rng is not None:
             torch.set_rng_state(cpu_rng)
