@@ -20,6 +20,7 @@ from chargpt.training.launch import train
 
 def test_off_by_default():
     assert faults.active() == Faults() and Faults().exit_at_step is None
+    assert Faults().interrupt_at_step is None
     assert chosen_faults([], {}) == Faults()
 
 
@@ -36,7 +37,7 @@ def test_exit_is_narrowed_to_one_rank_and_the_first_attempt():
 @pytest.mark.parametrize("name", ["CHARGPT_TEST_SAVE_DELAY", "CHARGPT_FAULT_EXIT_AT_STEP"])
 def test_the_cli_reads_no_fault_from_the_environment(monkeypatch, name):
     monkeypatch.setattr(faults, "_active", Faults())  # restored after the test
-    monkeypatch.setenv(name, "3")  # the variables earlier versions read
+    monkeypatch.setenv(name, "3")
     assert main(["presets"]) == 0
     assert faults.active() == Faults()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import corpus_text, one_line_error
+from conftest import corpus_text, ctrl_c_after, one_line_error
 
 from chargpt.cli.commands import main
 from chargpt.config.schema import ModelConfig
@@ -287,21 +287,12 @@ def test_the_report_says_which_rung_was_cut_short_and_why(tmp_path):
     assert "scaled-up:" not in format_markdown([full], ladder.Budget(cuda=True), "x")
 
 
-def test_an_interrupted_rung_stops_the_ladder(tmp_path, monkeypatch):
-    from chargpt.training.trainer import Trainer
-
-    original = Trainer.run
-
-    def interrupted_run(self, stop_at_step=None, time_limit=None):
-        result = original(self, stop_at_step=3)
-        result.interrupted_by = 2  # as if Ctrl-C arrived during step 3
-        return result
-
-    monkeypatch.setattr(Trainer, "run", interrupted_run)
+def test_an_interrupted_rung_stops_the_ladder(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(corpus_text(20_000), encoding="utf-8")
-    results = run_ladder(ladder.parse_rungs("bigram,one-head"), tmp_path / "out",
-                         ladder.Budget(max_steps=50), input=corpus, log=lambda s: None)
+    with ctrl_c_after(3):  # during the first rung
+        results = run_ladder(ladder.parse_rungs("bigram,one-head"), tmp_path / "out",
+                             ladder.Budget(max_steps=50), input=corpus, log=lambda s: None)
     assert [r.rung.name for r in results] == ["bigram"]
     assert results[0].status == "interrupted (seed 1337)"
     assert "interrupted (seed 1337)" in (tmp_path / "out" / "ladder.csv").read_text()

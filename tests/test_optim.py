@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import metrics, same_weights, tiny_config
+from conftest import ctrl_c_after, metrics, same_weights, tiny_config
 
 from chargpt.config.schema import Config, ModelConfig, TrainConfig
 from chargpt.errors import ConfigError
@@ -200,7 +200,8 @@ def fast_config(corpus, out, **train_overrides):
 def test_muon_resume_is_bit_identical(corpus, tmp_path):
     ref, split = tmp_path / "ref", tmp_path / "split"
     train(fast_config(corpus, ref), quiet=True)
-    first = train(fast_config(corpus, split), stop_at_step=13, quiet=True)
+    with ctrl_c_after(13):
+        first = train(fast_config(corpus, split), quiet=True)
     assert first.step == 13
     second = train(resume=split, quiet=True)
     assert second.step == 30

@@ -1,8 +1,8 @@
 """The training loop: step, log, evaluate, checkpoint, until done or interrupted.
 
 A `Trainer` holds one run's model, optimizer, batch sampler and run directory (launch.py builds
-it, for a new run or a resumed one) and `run()` trains until max_steps, a step limit, a time
-limit or a signal. A resumed run restores weights, optimizer, step, random-number states and the
+it, for a new run or a resumed one) and `run()` trains until max_steps, a time limit or a
+signal. A resumed run restores weights, optimizer, step, random-number states and the
 batch sampler (a `checkpoint.TrainState`), and evaluation draws its batches from its own
 fixed-seed sampler, so on CPU a run interrupted after N steps and resumed gives bit-identical
 weights to an uninterrupted one. The hot path does no host-device synchronisation except at log
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from chargpt import faults as faults_mod
+from chargpt import faults
 from chargpt.config.schema import Config
 from chargpt.data.batches import BatchSampler
 from chargpt.data.prepared import PreparedData
@@ -85,14 +85,12 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
-                 device: torch.device, quiet: bool = False,
-                 faults: faults_mod.Faults | None = None):
+                 device: torch.device, quiet: bool = False):
         self.cfg, self.rundir, self.data = cfg, rundir, data
         self.run_dir = rundir.path
         self.env, self.device = env, device
         self.is_main = env.is_main
         self.out = TrainLog(rundir, env.is_main, quiet)
-        self.faults = faults or faults_mod.active()
         tc = cfg.train
         self.amp_dtype = autocast_dtype(self.device, tc.dtype)
         allow_tf32(self.device)
@@ -178,7 +176,7 @@ class Trainer:
         data = ckpt.CheckpointData(config=self.cfg.to_dict(),
                                    vocab=self.data.tokenizer.to_dict(), state=state)
         try:
-            ckpt.save(self.run_dir, name, self.model, data, pause=self.faults.pause)
+            ckpt.save(self.run_dir, name, self.model, data, pause=faults.active().pause)
         except ckpt.SaveError as e:
             raise self.out.write_failed(f"checkpoint {e.target}", e.reason) from None
 
@@ -282,12 +280,11 @@ class Trainer:
         ok = all_reduce_mean(ok.reshape(1), self.env)  # 1.0 only if finite on every rank
         return bool(ok.item() == 1.0)
 
-    def run(self, stop_at_step: int | None = None, time_limit: float | None = None) -> TrainResult:
-        """Train until max_steps, `stop_at_step`, `time_limit` seconds of this call, or a signal.
+    def run(self, time_limit: float | None = None) -> TrainResult:
+        """Train until max_steps, `time_limit` seconds of this call, or a signal.
 
         Stopping early leaves a `last/` checkpoint that a resume continues exactly."""
         tc = self.cfg.train
-        self._stop_at = stop_at_step
         self.out.open_trackers(self.cfg, self.step)
         self._t0 = time.perf_counter()
         deadline = None if time_limit is None else self._t0 + time_limit
@@ -308,24 +305,18 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, self.best_val_loss, self.last_val_loss,
                            self.elapsed(), stop.signum)
 
-    def _end(self) -> int:
-        """The step this call stops at: max_steps (planned, with a time budget) or earlier."""
-        max_steps = self.cfg.train.max_steps
-        return max_steps if self._stop_at is None else min(self._stop_at, max_steps)
-
     def _loop(self, stop: StopRequest) -> None:
         tc = self.cfg.train
         since = _SinceLog(torch.zeros((), device=self.device))
         saved_at = self.step
         stopping = stop.due(at_log_step=True)
-        end = self._end()
-        while self.step < end and not stopping:
+        while self.step < tc.max_steps and not stopping:
             since.add(self.train_step())
-            self.faults.after_step(self.step)
+            faults.active().after_step(self.step)
             if self._planner is not None and self._planner.after_step(self.step, tc):
-                self._plan()
-                tc, end = self.cfg.train, self._end()
-            at_log = self.step % tc.log_interval == 0 or self.step == end
+                self._plan(self._planner)
+                tc = self.cfg.train  # max_steps and the evaluations as planned
+            at_log = self.step % tc.log_interval == 0 or self.step == tc.max_steps
             if at_log:
                 self._log_train(since)
             self.out.advance()
@@ -347,17 +338,13 @@ class Trainer:
                          f"to {self.rundir.checkpoint(LAST)}; continue with: chargpt train "
                          f"--resume {self.run_dir}")
 
-    def _plan(self) -> None:
+    def _plan(self, planner: Planner) -> None:
         """Fix (or revise) max_steps and the evaluations from the budget and the clock."""
-        planner = self._planner
-        assert planner is not None
         t0 = time.perf_counter()
         first = not planner.clock.planned
-        if planner.eval_cost is None:
-            planner.eval_cost = self._rehearse_evaluation()
-        measured = torch.tensor(planner.measurements())
-        train, message = planner.revise(self.cfg.train, self.step, self.elapsed(),
-                                        all_reduce_mean(measured, self.env).tolist())
+        train, message = planner.plan(
+            self.cfg.train, self.step, self.elapsed(), rehearse=self._rehearse_evaluation,
+            average=lambda xs: all_reduce_mean(torch.tensor(xs), self.env).tolist())
         if train is not None:
             self.cfg = dataclasses.replace(self.cfg, train=train)
             self._config_stale = True
