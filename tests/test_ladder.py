@@ -368,7 +368,7 @@ def test_plot_attention_grid_takes_a_models_tensor(tmp_path):
     ],
 )
 def test_plot_attention_grid_rejects_bad_shapes(shape, labels, match, tmp_path):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         plot_attention_grid(np.zeros(shape), ["x"] * labels, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
 

@@ -65,6 +65,14 @@ def _one_muon_step(weight: torch.Tensor, grad: torch.Tensor, split: int = 1) -> 
     return (weight - p.detach()) / 0.1
 
 
+def test_muon_refuses_groups_it_cannot_step():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ConfigError, match="unknown param group kind 'sgd'"):
+        Muon([{"params": [p], "kind": "sgd"}])
+    with pytest.raises(ConfigError, match="2-D weight matrices only"):
+        Muon([{"params": [p], "kind": "muon"}])
+
+
 def test_a_muon_update_has_singular_values_near_one():
     update = _one_muon_step(torch.randn(64, 64), conditioned(64, 64, seed=2))
     s = torch.linalg.svdvals(update)
