@@ -15,6 +15,7 @@ from chargpt import faults
 from chargpt.cli.commands import main
 from chargpt.faults import Faults
 from chargpt.runs import checkpoint as ckpt
+from chargpt.runs.trainstate import TrainState
 from chargpt.training.launch import train
 
 
@@ -49,7 +50,7 @@ class _Tiny(torch.nn.Module):
 
 
 def _data(step: int) -> ckpt.CheckpointData:
-    return ckpt.CheckpointData(config={}, vocab={}, state=ckpt.TrainState(step=step))
+    return ckpt.CheckpointData(config={}, vocab={}, state=TrainState(step=step))
 
 
 def test_checkpoint_save_pauses_where_a_kill_matters(tmp_path):

@@ -13,7 +13,7 @@ from conftest import ctrl_c_after, metrics, same_weights, tiny_config
 from chargpt.config.schema import Config, ModelConfig, TrainConfig
 from chargpt.errors import ConfigError
 from chargpt.model.build import build_model
-from chargpt.runs.checkpoint import split_optimizer_state
+from chargpt.runs.trainstate import split_optimizer_state
 from chargpt.training.launch import train
 from chargpt.training.optim import Muon, lr_at, make_optimizer, orthogonalize
 

@@ -3,7 +3,7 @@
 A `Trainer` holds one run's model, optimizer, batch sampler and run directory (launch.py builds
 it, for a new run or a resumed one) and `run()` trains until max_steps, a time limit or a
 signal. A resumed run restores weights, optimizer, step, random-number states and the
-batch sampler (a `checkpoint.TrainState`), and evaluation draws its batches from its own
+batch sampler (a `trainstate.TrainState`), and evaluation draws its batches from its own
 fixed-seed sampler, so on CPU a run interrupted after N steps and resumed gives bit-identical
 weights to an uninterrupted one. The hot path does no host-device synchronisation except at log
 and eval steps. SIGINT and SIGTERM finish the current step, write `last/`, and return; a second
@@ -38,6 +38,7 @@ from chargpt.model.flops import estimate, mfu
 from chargpt.runs import checkpoint as ckpt
 from chargpt.runs.rundir import BEST, LAST, RunDir
 from chargpt.runs.safety import check_optimizer_state
+from chargpt.runs.trainstate import TrainState
 from chargpt.training.budget import EVAL_PROBE_ITERS, Planner
 from chargpt.training.optim import lr_at, make_optimizer
 from chargpt.training.stopping import StopRequest
@@ -122,9 +123,9 @@ class Trainer:
         self._planner = Planner.of(tc)
         self._config_stale = False  # a plan newer than config.json
 
-    def restore(self, last: Path, state: ckpt.TrainState) -> None:
+    def restore(self, last: Path, state: TrainState) -> None:
         """Continue from checkpoint `last`: its weights and its training state."""
-        ckpt.load_weights(self.model, last)
+        ckpt.load_model_tensors(self.model, last)
         try:
             self.optimizer.load_state_dict(state.optimizer)
         except (ValueError, KeyError, RuntimeError) as e:
@@ -167,7 +168,7 @@ class Trainer:
         if self._config_stale:  # a resume must find the plan the saved steps were taken under
             self.rundir.write_config(self.cfg)
             self._config_stale = False
-        state = ckpt.TrainState(
+        state = TrainState(
             step=self.step, best_val_loss=self.best_val_loss, val_loss=self.last_val_loss,
             elapsed=self.elapsed(), world_size=self.env.world_size,
             sampler=self.sampler.state_dict(), cpu_rng=cpu_rng, cuda_rng=cuda_rng,
