@@ -217,10 +217,8 @@ class Trainer:
         self.out.record({"kind": "eval", "step": self.step, "train_loss": train_loss,
                          "val_loss": val_loss, "val_bpc": bpc, "elapsed": round(elapsed, 3)})
         if not math.isfinite(val_loss):
-            raise TrainingError(
-                f"val loss is {val_loss} at step {self.step}; the last good checkpoint is "
-                f"{self.rundir.checkpoint(LAST)} (try a lower --lr or --dtype float32)"
-            )
+            raise self._diverged(f"val loss is {val_loss} at step {self.step}",
+                                 "try a lower --lr or --dtype float32")
         if val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
             self.save(BEST)
@@ -229,6 +227,13 @@ class Trainer:
         if self._planner is not None:
             t2 = time.perf_counter()
             self._planner.evaluated((t1 - t0) / self.cfg.train.eval_iters, t2 - t1, t2 - t0)
+
+    def _diverged(self, what: str, advice: str = "") -> TrainingError:
+        """The error for a non-finite loss: `what` happened, and which checkpoint is still good
+        (a non-finite loss never replaces one)."""
+        hint = f" ({advice})" if advice else ""
+        return TrainingError(f"{what}; the last good checkpoint is "
+                             f"{self.rundir.checkpoint(LAST)}{hint}")
 
     # the loop
 
@@ -328,10 +333,7 @@ class Trainer:
         if self.step != saved_at:
             if since.losses and not math.isfinite(all_reduce_mean(since.total, self.env).item()):
                 # Weights may be NaN since the last log step; never let them replace last/.
-                raise TrainingError(
-                    f"training loss became non-finite before step {self.step}; the last good "
-                    f"checkpoint is {self.rundir.checkpoint(LAST)}"
-                )
+                raise self._diverged(f"training loss became non-finite before step {self.step}")
             self.save(LAST)
         if stop.signum is not None:
             name = signal.Signals(stop.signum).name
@@ -379,11 +381,8 @@ class Trainer:
         now = time.perf_counter()
         tok_s = since.steps * self.tokens_per_step() / max(now - since.t0, 1e-9)
         if not math.isfinite(mean_loss):
-            raise TrainingError(
-                f"training loss became {mean_loss} by step {self.step}; the last good "
-                f"checkpoint is {self.rundir.checkpoint(LAST)} (try a lower --lr, "
-                "--grad-clip 1.0 or --dtype float32)"
-            )
+            raise self._diverged(f"training loss became {mean_loss} by step {self.step}",
+                                 "try a lower --lr, --grad-clip 1.0 or --dtype float32")
         util = mfu(self._flops_per_token, tok_s / self.env.world_size, self.device)
         self.out.record({"kind": "train", "step": self.step, "loss": mean_loss,
                          "lr": lr_at(self.step - 1, self.cfg.train), "tok_per_s": round(tok_s),
