@@ -22,8 +22,8 @@ __all__ = ["BatchSampler"]
 
 def _stream_seed(seed: int) -> int:
     # SeedSequence turns the seed into a well-mixed 64-bit seed, so nearby seeds get unrelated
-    # streams rather than shifted copies of one another. The fixed second word keeps every
-    # stream what it has always been (it once held a rank; all ranks now share one stream).
+    # streams rather than shifted copies of one another. The second word is fixed at 0: all
+    # ranks share one stream, and a saved run's stream must stay the one it was drawn from.
     ss = np.random.SeedSequence([seed % 2**64, 0])
     return int(ss.generate_state(1, dtype=np.uint64)[0])
 
