@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 import chargpt
+from chargpt import faults
 from chargpt.cli.commands import main
 from chargpt.config.schema import Config, apply_overrides
 from chargpt.data.datasets import DATASETS, Dataset, cache_dir, fetch
@@ -255,6 +256,18 @@ def cli(*args: str, faults: list[str] | None = None,
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cli_command(*args, faults=faults), env=env,
                             stdout=stdout, stderr=subprocess.PIPE, text=True)
+
+
+@contextlib.contextmanager
+def ctrl_c_after(step: int) -> Iterator[None]:
+    """Inside, a training run in this process is stopped the way a user stops one: SIGINT
+    (Ctrl-C) right after `step` (faults.Faults.interrupt_at_step)."""
+    previous = faults.active()
+    faults.install(faults.Faults(interrupt_at_step=step))
+    try:
+        yield
+    finally:
+        faults.install(previous)
 
 
 def one_line_error(capsys, code: int, expected_code: int = 1) -> str:

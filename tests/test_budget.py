@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import one_line_error, same_weights, tiny_config, tiny_flags
+from conftest import ctrl_c_after, one_line_error, same_weights, tiny_config, tiny_flags
 
 import chargpt.training.budget as budget_module
 from chargpt.cli.commands import main
@@ -181,7 +181,8 @@ def test_a_planned_run_is_a_plain_run_of_the_planned_length(corpus, tmp_path, ca
 def test_a_resumed_budget_run_keeps_its_plan(corpus, tmp_path, capsys, fixed_step_time):
     cfg = tiny_config(corpus, tmp_path / "run", time_budget="6s", max_steps=1000,
                       eval_interval=1000)
-    first = train(cfg, stop_at_step=15)
+    with ctrl_c_after(15):
+        first = train(cfg)
     planned = json.loads((tmp_path / "run" / "config.json").read_text())["train"]["max_steps"]
     assert first.step == 15 < planned
     capsys.readouterr()

@@ -11,6 +11,7 @@ import torch
 
 from chargpt.errors import CheckpointError
 from chargpt.runs import checkpoint as ckpt
+from chargpt.runs.trainstate import TrainState
 
 
 class Tiny(torch.nn.Module):
@@ -28,7 +29,7 @@ def _data(step, model=None):
         model.a.weight.sum().backward()
         o.step()
         opt = o.state_dict()
-    state = ckpt.TrainState(step=step, optimizer=opt, cpu_rng=[torch.get_rng_state()])
+    state = TrainState(step=step, optimizer=opt, cpu_rng=[torch.get_rng_state()])
     return ckpt.CheckpointData(config={"c": 1}, vocab={"chars": ["a"]}, state=state)
 
 
@@ -43,7 +44,7 @@ def test_round_trip(tmp_path):
     path = ckpt.save(tmp_path, "last", m, data)
     assert ckpt.resolve(tmp_path, "last") == path
     m2 = Tiny()
-    ckpt.load_weights(m2, path)
+    ckpt.load_model_tensors(m2, path)
     for k, v in m.state_dict().items():
         assert torch.equal(v, m2.state_dict()[k])
     state = ckpt.load_train_state(path, resumable=True)
@@ -127,7 +128,7 @@ def test_weights_for_another_shape_are_refused(tmp_path):
     path = ckpt.save(tmp_path, "last", Tiny(), _data(1))
     other = torch.nn.Linear(5, 5)
     with pytest.raises(CheckpointError, match="does not fit"):
-        ckpt.load_weights(other, path)
+        ckpt.load_model_tensors(other, path)
 
 
 @pytest.mark.parametrize("crash_point", ["after_tmp_written", "after_first_rename"])

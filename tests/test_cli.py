@@ -208,3 +208,21 @@ def test_every_subcommand_the_parser_offers_has_a_command():
     # The parser (cli_parser.py) and the commands (cli.py) meet by the subcommand's name.
     subparsers = build_parser()._subparsers._group_actions[0]
     assert set(subparsers.choices) == set(COMMANDS)
+
+
+def test_warnings_and_errors_are_lines_of_their_own_beside_a_progress_bar(capsys):
+    from tqdm import tqdm
+
+    from chargpt.errors import CheckpointError, report, warn
+
+    bar = tqdm(total=10, file=sys.stderr)  # drawn, as on a terminal
+    bar.update(3)
+    warn("something went on differently")
+    report(CheckpointError("something failed"))
+    bar.close()
+    err = capsys.readouterr().err
+    # the bar is cleared first (a carriage return), so each line starts a line of its own
+    assert "\rchargpt: warning: something went on differently\n" in err
+    assert "\rchargpt: error: something failed\n" in err
+    warn("no bar")
+    assert capsys.readouterr().err == "chargpt: warning: no bar\n"

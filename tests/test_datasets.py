@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import register_dataset, zip_bytes
 
-from chargpt.data.datasets import DATASETS, Archive, Digest, cache_dir, fetch
+from chargpt.data.datasets import DATASETS, Archive, Dataset, Digest, cache_dir, fetch
 from chargpt.errors import ConfigError, DataError
 
 BODY = "Şu an sadece bir test: 東京 🙂\n".encode() * 500
@@ -214,3 +214,8 @@ def test_zip_slip_members_are_never_written(file_server, monkeypatch, tmp_path: 
     assert fetch("enwik8").read_bytes() == CORPUS
     assert [p.name for p in dataset_cache.iterdir()] == ["enwik8"]
     assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_a_dataset_without_a_checksum_cannot_be_declared():
+    with pytest.raises(ConfigError, match="dataset loose has no checksum"):
+        Dataset(name="loose", url="http://127.0.0.1/x.txt", sha256="", size=1, filename="x.txt")

@@ -15,11 +15,13 @@ from chargpt import faults
 from chargpt.cli.commands import main
 from chargpt.faults import Faults
 from chargpt.runs import checkpoint as ckpt
+from chargpt.runs.trainstate import TrainState
 from chargpt.training.launch import train
 
 
 def test_off_by_default():
     assert faults.active() == Faults() and Faults().exit_at_step is None
+    assert Faults().interrupt_at_step is None
     assert chosen_faults([], {}) == Faults()
 
 
@@ -36,7 +38,7 @@ def test_exit_is_narrowed_to_one_rank_and_the_first_attempt():
 @pytest.mark.parametrize("name", ["CHARGPT_TEST_SAVE_DELAY", "CHARGPT_FAULT_EXIT_AT_STEP"])
 def test_the_cli_reads_no_fault_from_the_environment(monkeypatch, name):
     monkeypatch.setattr(faults, "_active", Faults())  # restored after the test
-    monkeypatch.setenv(name, "3")  # the variables earlier versions read
+    monkeypatch.setenv(name, "3")
     assert main(["presets"]) == 0
     assert faults.active() == Faults()
 
@@ -48,7 +50,7 @@ class _Tiny(torch.nn.Module):
 
 
 def _data(step: int) -> ckpt.CheckpointData:
-    return ckpt.CheckpointData(config={}, vocab={}, state=ckpt.TrainState(step=step))
+    return ckpt.CheckpointData(config={}, vocab={}, state=TrainState(step=step))
 
 
 def test_checkpoint_save_pauses_where_a_kill_matters(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import corpus_text, one_line_error
+from conftest import corpus_text, ctrl_c_after, one_line_error
 
 from chargpt.cli.commands import main
 from chargpt.config.schema import ModelConfig
@@ -287,21 +287,12 @@ def test_the_report_says_which_rung_was_cut_short_and_why(tmp_path):
     assert "scaled-up:" not in format_markdown([full], ladder.Budget(cuda=True), "x")
 
 
-def test_an_interrupted_rung_stops_the_ladder(tmp_path, monkeypatch):
-    from chargpt.training.trainer import Trainer
-
-    original = Trainer.run
-
-    def interrupted_run(self, stop_at_step=None, time_limit=None):
-        result = original(self, stop_at_step=3)
-        result.interrupted_by = 2  # as if Ctrl-C arrived during step 3
-        return result
-
-    monkeypatch.setattr(Trainer, "run", interrupted_run)
+def test_an_interrupted_rung_stops_the_ladder(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(corpus_text(20_000), encoding="utf-8")
-    results = run_ladder(ladder.parse_rungs("bigram,one-head"), tmp_path / "out",
-                         ladder.Budget(max_steps=50), input=corpus, log=lambda s: None)
+    with ctrl_c_after(3):  # during the first rung
+        results = run_ladder(ladder.parse_rungs("bigram,one-head"), tmp_path / "out",
+                             ladder.Budget(max_steps=50), input=corpus, log=lambda s: None)
     assert [r.rung.name for r in results] == ["bigram"]
     assert results[0].status == "interrupted (seed 1337)"
     assert "interrupted (seed 1337)" in (tmp_path / "out" / "ladder.csv").read_text()
@@ -324,7 +315,9 @@ def test_attention_command_crops_a_long_prompt(ladder_out, tmp_path, capsys):
     assert main(["attention", str(run_dir(ladder_out, "layernorm")), "--prompt",
                  "ROMEO: what light", "--out", str(png)]) == 0
     captured = capsys.readouterr()
-    assert "last 8" in captured.err and "over 8 characters" in captured.out
+    assert captured.err == ("chargpt: warning: the prompt has 17 characters; drawing its last 8 "
+                            "(the model's block_size)\n")
+    assert "over 8 characters" in captured.out
 
 
 def test_attention_command_errors(ladder_out, tmp_path, capsys):
@@ -375,7 +368,7 @@ def test_plot_attention_grid_takes_a_models_tensor(tmp_path):
     ],
 )
 def test_plot_attention_grid_rejects_bad_shapes(shape, labels, match, tmp_path):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         plot_attention_grid(np.zeros(shape), ["x"] * labels, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
 

@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
-from conftest import metrics, same_weights, tiny_config
+from conftest import ctrl_c_after, metrics, same_weights, tiny_config
 
 from chargpt.config.schema import Config, ModelConfig, TrainConfig
 from chargpt.errors import ConfigError
 from chargpt.model.build import build_model
-from chargpt.runs.checkpoint import split_optimizer_state
+from chargpt.runs.trainstate import split_optimizer_state
 from chargpt.training.launch import train
 from chargpt.training.optim import Muon, lr_at, make_optimizer, orthogonalize
 
@@ -63,6 +63,14 @@ def _one_muon_step(weight: torch.Tensor, grad: torch.Tensor, split: int = 1) -> 
     p.grad = grad
     opt.step()
     return (weight - p.detach()) / 0.1
+
+
+def test_muon_refuses_groups_it_cannot_step():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ConfigError, match="unknown param group kind 'sgd'"):
+        Muon([{"params": [p], "kind": "sgd"}])
+    with pytest.raises(ConfigError, match="2-D weight matrices only"):
+        Muon([{"params": [p], "kind": "muon"}])
 
 
 def test_a_muon_update_has_singular_values_near_one():
@@ -200,7 +208,8 @@ def fast_config(corpus, out, **train_overrides):
 def test_muon_resume_is_bit_identical(corpus, tmp_path):
     ref, split = tmp_path / "ref", tmp_path / "split"
     train(fast_config(corpus, ref), quiet=True)
-    first = train(fast_config(corpus, split), stop_at_step=13, quiet=True)
+    with ctrl_c_after(13):
+        first = train(fast_config(corpus, split), quiet=True)
     assert first.step == 13
     second = train(resume=split, quiet=True)
     assert second.step == 30

@@ -19,6 +19,13 @@ def _edit_meta(path: Path, **changes) -> None:
     (path / "meta.json").write_text(json.dumps(meta))
 
 
+def _npy_version(path: Path, major: int) -> None:
+    """The same .npy file, its magic claiming another format version."""
+    data = bytearray(path.read_bytes())
+    data[6] = major  # b"\x93NUMPY", then the major and minor version bytes
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize(
     ("damage", "match"),
     [
@@ -31,6 +38,8 @@ def _edit_meta(path: Path, **changes) -> None:
         (lambda p: _edit_meta(p, vocab_size="many"), "no valid 'vocab_size'"),
         (lambda p: (p / "train.npy").unlink(), "train.npy is missing"),
         (lambda p: (p / "val.npy").write_bytes(b"garbage"), "val.npy cannot be read"),
+        (lambda p: _npy_version(p / "val.npy", 3), r"val.npy is a .npy file of format version "
+                                                   r"\(3, 0\), which chargpt does not write"),
         (lambda p: (p / "vocab.json").unlink(), "vocabulary file not found"),
         (lambda p: CharTokenizer.from_text("xyz").save(p / "vocab.json"), "fingerprint"),
         (lambda p: np.save(p / "val.npy", np.array([{}], dtype=object)), "val.npy holds object"),

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli, metrics, same_weights, tiny_config, tiny_flags, weights
+from conftest import cli, ctrl_c_after, metrics, same_weights, tiny_config, tiny_flags, weights
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -65,8 +65,8 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypa
 
 def test_nan_when_interrupted_never_replaces_last(corpus, tmp_path, monkeypatch):
     poison_at(monkeypatch, {12})
-    with pytest.raises(TrainingError):
-        train(tiny_config(corpus, tmp_path / "run"), stop_at_step=13, quiet=True)
+    with pytest.raises(TrainingError, match="before step 13"), ctrl_c_after(13):
+        train(tiny_config(corpus, tmp_path / "run"), quiet=True)
     assert json.loads((tmp_path / "run" / "last" / "state.json").read_text())["step"] == 10
 
 

@@ -9,7 +9,16 @@ import signal
 import time
 
 import pytest
-from conftest import cli, corpus_text, metrics, same_weights, tiny_flags, write, write_corpus
+from conftest import (
+    cli,
+    corpus_text,
+    ctrl_c_after,
+    metrics,
+    same_weights,
+    tiny_flags,
+    write,
+    write_corpus,
+)
 from conftest import tiny_config as base_config
 
 from chargpt.config.schema import TrainConfig
@@ -74,8 +83,9 @@ def test_existing_run_dir_is_not_overwritten(corpus, tmp_path):
 def test_resume_is_bit_identical(corpus, tmp_path, stop_at):
     ref, split = tmp_path / "ref", tmp_path / "split"
     train(tiny_config(corpus, ref), quiet=True)
-    first = train(tiny_config(corpus, split), stop_at_step=stop_at, quiet=True)
-    assert first.step == stop_at
+    with ctrl_c_after(stop_at):
+        first = train(tiny_config(corpus, split), quiet=True)
+    assert first.step == stop_at and first.interrupted_by == signal.SIGINT
     second = train(resume=split, quiet=True)
     assert second.step == 30
     assert same_weights(ref, split)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from chargpt.errors import ConfigError
+from chargpt.errors import ConfigError, TrainingError, report
 
 
 @dataclass(frozen=True)
@@ -101,9 +100,10 @@ class DistEnv:
 
 
 def _give_up_joining(rank: int, seconds: float) -> None:
-    print(f"chargpt: error: rank {rank} could not join the process group within {seconds:.0f} s "
-          "(CHARGPT_DIST_TIMEOUT); exiting so that torchrun can restart the job",
-          file=sys.stderr, flush=True)
+    """The watchdog's way out: the main thread is stuck inside torch, so no exception reaches
+    the CLI; the error is reported here and the process exits with torchrun's retry status."""
+    report(TrainingError(f"rank {rank} could not join the process group within {seconds:.0f} s "
+                         "(CHARGPT_DIST_TIMEOUT); exiting so that torchrun can restart the job"))
     os._exit(75)
 
 

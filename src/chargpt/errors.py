@@ -3,10 +3,11 @@
 Every problem caused by input (a file, a flag, a checkpoint, a prompt) is raised as a
 `ChargptError` whose message is one self-contained line; the CLI prints it as
 `chargpt: error: <message>` and exits non-zero instead of showing a traceback. `warn` is the
-one way to tell the user that chargpt went on differently from what was asked.
+one way to tell the user that chargpt went on differently from what was asked, and `report`
+the one line for an error where no exception can reach the CLI (a watchdog thread).
 """
 
-import sys
+from chargpt.progress import write_line
 
 
 class ChargptError(Exception):
@@ -35,5 +36,11 @@ class TrainingError(ChargptError):
 
 def warn(message: str) -> None:
     """Tell the user, in one line on stderr, about something chargpt did instead of what was
-    asked (a damaged checkpoint passed over, a plot not drawn); the command goes on."""
-    print(f"chargpt: warning: {message}", file=sys.stderr, flush=True)
+    asked (a damaged checkpoint passed over, a plot not drawn); the command goes on. A progress
+    bar being drawn is moved out of the line's way."""
+    write_line(f"chargpt: warning: {message}")
+
+
+def report(error: ChargptError) -> None:
+    """The line the CLI prints for `error`, for code that must end the process itself."""
+    write_line(f"chargpt: error: {error}")

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from chargpt.errors import ConfigError
 from chargpt.fileio import atomic_write
 
 
@@ -113,18 +114,18 @@ def _as_layer_head_maps(maps: Any) -> Any:
     arr = np.asarray(maps, dtype=np.float32)
     if arr.ndim == 5:
         if arr.shape[1] != 1:
-            raise ValueError(f"attention maps for {arr.shape[1]} sequences; pass one (B = 1)")
+            raise ConfigError(f"attention maps for {arr.shape[1]} sequences; pass one (B = 1)")
         arr = arr[:, 0]
     elif arr.ndim == 3:
         arr = arr[None]
     elif arr.ndim == 2:
         arr = arr[None, None]
     elif arr.ndim != 4:
-        raise ValueError(f"attention maps must have 2 to 5 dimensions, got shape {arr.shape}")
+        raise ConfigError(f"attention maps must have 2 to 5 dimensions, got shape {arr.shape}")
     if arr.shape[-1] != arr.shape[-2]:
-        raise ValueError(f"attention maps must be square (T, T), got shape {arr.shape}")
+        raise ConfigError(f"attention maps must be square (T, T), got shape {arr.shape}")
     if 0 in arr.shape:
-        raise ValueError(f"attention maps are empty, shape {arr.shape}")
+        raise ConfigError(f"attention maps are empty, shape {arr.shape}")
     return arr
 
 
@@ -142,7 +143,7 @@ def plot_attention_grid(
     arr = _as_layer_head_maps(maps)
     n_layer, n_head, T, _ = arr.shape
     if len(tokens) != T:
-        raise ValueError(f"{len(tokens)} token labels for attention maps over {T} positions")
+        raise ConfigError(f"{len(tokens)} token labels for attention maps over {T} positions")
     labels = [attention_label(t) for t in tokens]
     cell = min(3.6, max(1.8, 0.14 * T))  # inches per map: room for one label per character
     # at least room for the title and the axis labels, which a single small map is narrower than

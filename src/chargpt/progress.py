@@ -2,7 +2,8 @@
 
 A bar is drawn on stderr only when the caller asks for one and stderr is a terminal, so logs,
 pipes and tests see nothing. Byte counts are shown with binary prefixes (KiB, MiB). tqdm is
-imported when a bar is made, so importing chargpt stays cheap.
+imported when a bar is made, so importing chargpt stays cheap. `write_line` prints a line on
+stderr around any bar being drawn (the one way warnings and errors reach the terminal).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["progress_bar", "wanted"]
+__all__ = ["progress_bar", "wanted", "write_line"]
 
 
 def wanted(enabled: bool) -> bool:
@@ -31,3 +32,13 @@ def progress_bar(total: int, desc: str = "", *, unit: str = "B", enabled: bool =
     scale = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
     return tqdm(total=total, desc=desc or None, unit=unit, initial=initial, file=sys.stderr,
                 disable=not wanted(enabled), leave=False, dynamic_ncols=True, **scale)
+
+
+def write_line(text: str) -> None:
+    """Print one line on stderr; a bar being drawn there is cleared first and redrawn after."""
+    tqdm = sys.modules.get("tqdm")  # no bar exists before tqdm is imported
+    if tqdm is not None and getattr(tqdm.tqdm, "_instances", None):
+        tqdm.tqdm.write(text, file=sys.stderr)
+        sys.stderr.flush()
+    else:
+        print(text, file=sys.stderr, flush=True)

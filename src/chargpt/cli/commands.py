@@ -1,10 +1,10 @@
 """The `chargpt` command: subcommands, each a thin call into one module.
 
 Each subcommand is a `cmd_NAME(args) -> int`, found by its name in `COMMANDS`; its arguments
-are declared in cli_parser.py. To add a subcommand, write its `cmd_NAME`, add it to `COMMANDS`
-and add its parser block to `cli_parser.build_parser`. Errors a user can fix are printed as one
-line, `chargpt: error: ...`, with a non-zero exit status; torch is imported only by the
-subcommands that need it, so `chargpt --help` is instant.
+are declared in parser.py. To add a subcommand, write its `cmd_NAME`, add it to `COMMANDS`
+and add its parser block to `parser.build_parser`. Errors a user can fix are printed as one
+line, `chargpt: error: ...` (`errors.report`), with a non-zero exit status; torch is imported
+only by the subcommands that need it, so `chargpt --help` is instant.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from chargpt import errors
 from chargpt.cli.parser import build_parser
 from chargpt.config.flags import config_overrides
 from chargpt.config.presets import DEFAULT_PRESET, preset_description, preset_names
@@ -215,8 +216,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
     ids = prompt_ids[-run.block_size :]
     maps = run.attention_maps(ids)  # (n_layer, n_head, T, T)
     if len(prompt_ids) > len(ids):
-        print(f"note: the prompt has {len(prompt_ids)} characters; drawing its last "
-              f"{len(ids)} (the model's block_size)", file=sys.stderr)
+        errors.warn(f"the prompt has {len(prompt_ids)} characters; drawing its last {len(ids)} "
+                    "(the model's block_size)")
     chars = [run.tokenizer.decode([i]) for i in ids]
     title = f"attention maps of {Path(args.run_dir).resolve().name} at step {run.step}"
     plot_attention_grid(maps, chars, args.out, title=title)
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ChargptError as e:
-        print(f"chargpt: error: {e}", file=sys.stderr)
+        errors.report(e)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("chargpt: interrupted", file=sys.stderr)
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
-        print(f"chargpt: error: {os_reason(e)}{where}", file=sys.stderr)
+        errors.report(ChargptError(f"{os_reason(e)}{where}"))
         return EXIT_ERROR
 
 

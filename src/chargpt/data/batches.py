@@ -22,8 +22,8 @@ __all__ = ["BatchSampler"]
 
 def _stream_seed(seed: int) -> int:
     # SeedSequence turns the seed into a well-mixed 64-bit seed, so nearby seeds get unrelated
-    # streams rather than shifted copies of one another. The fixed second word keeps every
-    # stream what it has always been (it once held a rank; all ranks now share one stream).
+    # streams rather than shifted copies of one another. The second word is fixed at 0: all
+    # ranks share one stream, and a saved run's stream must stay the one it was drawn from.
     ss = np.random.SeedSequence([seed % 2**64, 0])
     return int(ss.generate_state(1, dtype=np.uint64)[0])
 
@@ -90,11 +90,9 @@ class BatchSampler:
         self._epoch_state: torch.Tensor | None = None
         self._epoch_starts: np.ndarray | None = None
 
-    def _new_epoch(self) -> None:
+    def _new_epoch(self) -> np.ndarray:
+        """Start an epoch: a random offset and a permutation of the windows; its starts."""
         self._epoch_state = self._generator.get_state()
-        self._build_epoch()
-
-    def _build_epoch(self) -> None:
         T = self.block_size
         offset = int(torch.randint(T, (1,), generator=self._generator)[0])
         n_windows = (len(self.tokens) - 1 - offset) // T
@@ -103,16 +101,17 @@ class BatchSampler:
         perm = torch.randperm(n_windows, generator=self._generator).numpy()
         self._epoch_starts = offset + perm.astype(np.int64) * T
         self._epoch_pos = 0
+        return self._epoch_starts
 
     def _draw_epoch(self, n: int) -> np.ndarray:
         out = []
         while n > 0:
-            if self._epoch_starts is None or self._epoch_pos >= len(self._epoch_starts):
-                if self._epoch_starts is not None:
+            starts = self._epoch_starts
+            if starts is None or self._epoch_pos >= len(starts):
+                if starts is not None:
                     self.epoch += 1
-                self._new_epoch()
-            assert self._epoch_starts is not None
-            take = self._epoch_starts[self._epoch_pos : self._epoch_pos + n]
+                starts = self._new_epoch()
+            take = starts[self._epoch_pos : self._epoch_pos + n]
             self._epoch_pos += len(take)
             out.append(take)
             n -= len(take)

@@ -79,7 +79,7 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if not self.sha256 and self.archive is None:
-            raise ValueError(f"dataset {self.name} has no checksum to verify it by")
+            raise ConfigError(f"dataset {self.name} has no checksum to verify it by")
 
     @property
     def corpus_check(self) -> tuple[int, Digest]:

@@ -88,15 +88,17 @@ def _check_header(path: Path, dtype: str, length: int, rerun: str) -> None:
             version = npy_format.read_magic(f)
             read = {(1, 0): npy_format.read_array_header_1_0,
                     (2, 0): npy_format.read_array_header_2_0}.get(version)
-            if read is None:
-                raise ValueError(f".npy format version {version} is not one chargpt writes")
-            shape, fortran, descr = read(f)
+            header = None if read is None else read(f)
             offset, size = f.tell(), os.fstat(f.fileno()).st_size
     except FileNotFoundError:
         raise DataError(f"{path.name} is missing; {rerun}") from None
     except (OSError, ValueError, EOFError, SyntaxError) as e:
         raise DataError(f"{path.name} cannot be read ({' '.join(str(e).split())}); "
                         f"{rerun}") from None
+    if header is None:
+        raise DataError(f"{path.name} is a .npy file of format version {version}, which "
+                        f"chargpt does not write; {rerun}")
+    shape, fortran, descr = header
     if len(shape) != 1 or fortran:
         raise DataError(f"{path.name} is not a 1-D token array; {rerun}")
     if descr != np.dtype(dtype):

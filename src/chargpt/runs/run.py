@@ -26,6 +26,7 @@ from chargpt.errors import ConfigError
 from chargpt.model.evaluate import evaluate_tokens
 from chargpt.model.build import build_model
 from chargpt.runs.rundir import find_checkpoint
+from chargpt.runs.trainstate import TrainState
 from chargpt.generation.sampling import generate_tokens
 from chargpt.generation.settings import SamplingSettings
 from chargpt.text.textstream import TextStream
@@ -40,7 +41,7 @@ class Run:
     config: Config
     tokenizer: CharTokenizer
     model: torch.nn.Module
-    state: ckpt.TrainState
+    state: TrainState
     device: torch.device
 
     @classmethod
@@ -50,7 +51,7 @@ class Run:
         found = find_checkpoint(path, checkpoint)
         dev = pick_device(device)
         model = build_model(found.config.model)
-        ckpt.load_weights(model, found.path)
+        ckpt.load_model_tensors(model, found.path)
         model.to(dev).eval()
         return cls(found.path, found.config, found.tokenizer, model, found.state, dev)
 

@@ -12,11 +12,10 @@ import importlib.util
 import ipaddress
 import os
 import socket
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from chargpt.errors import ChargptError
+from chargpt.errors import ChargptError, warn
 
 if TYPE_CHECKING:
     from chargpt.serve.api import Limits
@@ -84,8 +83,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
           f"step {run.step}) at http://{shown}:{port}/ (torch threads: {n_threads}; Ctrl-C "
           "to stop)", flush=True)
     if not is_loopback(host):
-        print(f"chargpt: warning: listening on {host}, not loopback: anyone who can reach this "
-              "machine can use the model", file=sys.stderr, flush=True)
+        warn(f"listening on {host}, not loopback: anyone who can reach this machine can use the "
+             "model")
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
                             # connections beyond the slots and the queue get a quick 503
                             limit_concurrency=limits.max_concurrent + limits.max_queue + 64)

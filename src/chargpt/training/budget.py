@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +82,9 @@ class StepClock:
             self.window_start = busy
 
     def busy(self) -> float:
-        """Seconds spent in timed training steps so far."""
-        assert self.first is not None
+        """Seconds spent in timed training steps so far (none before the first tick)."""
+        if self.first is None:
+            return 0.0
         return max(self.last - self.first - self.excluded, 0.0)
 
     def exclude(self, seconds: float) -> None:
@@ -204,16 +206,22 @@ class Planner:
         self.eval_cost = (per_batch, fixed)
         self.clock.exclude(total)
 
-    def measurements(self) -> list[float]:
-        """What the next plan is made from: seconds per step, per evaluation batch, and of an
-        evaluation's checkpoints and plot (the trainer averages them over ranks)."""
-        assert self.eval_cost is not None
-        return [self.clock.step_seconds(), *self.eval_cost]
+    def plan(self, train: Any, step: int, elapsed: float, *,
+             rehearse: Callable[[], tuple[float, float]],
+             average: Callable[[list[float]], list[float]]) -> tuple[Any | None, str | None]:
+        """`revise` from this process's measurements: seconds per step, per evaluation batch,
+        and of an evaluation's checkpoints and plot. `rehearse()` prices an evaluation when none
+        has been timed yet (a budget run plans before its first); `average` makes every rank
+        plan from the same numbers."""
+        if self.eval_cost is None:
+            self.eval_cost = rehearse()
+        measured = average([self.clock.step_seconds(), *self.eval_cost])
+        return self.revise(train, step, elapsed, measured)
 
     def revise(self, train: Any, step: int, elapsed: float,
                measured: list[float]) -> tuple[Any | None, str | None]:
         """`train` re-planned after `step` steps and `elapsed` seconds from `measured` (see
-        `measurements`): the new TrainConfig, or None when the plan stands, and a line for the
+        `plan`): the new TrainConfig, or None when the plan stands, and a line for the
         log, or None when there is nothing new to say."""
         step_s, batch_s, fixed_s = measured
         plan = keep_history(plan_steps(

@@ -165,7 +165,6 @@ def train(
     resume: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     auto_resume: bool = False,
-    stop_at_step: int | None = None,
     time_limit: float | None = None,
     quiet: bool = False,
 ) -> TrainResult:
@@ -173,8 +172,8 @@ def train(
     [train] settings such as max_steps). With `auto_resume`, a config whose out_dir already
     holds this run continues from its last complete checkpoint (or starts over if none was
     written yet): the same call can be repeated after any crash, as torchrun's elastic restarts
-    do. `stop_at_step` ends this call early, as an interruption would, leaving a checkpoint
-    that `resume` continues exactly; so does `time_limit` (seconds of this call)."""
+    do. `time_limit` (seconds of this call) ends it early, as an interruption would, leaving a
+    checkpoint that `resume` continues exactly."""
     if resume is not None:
         if config is not None:
             raise ConfigError("give either a config or a run directory to resume, not both")
@@ -184,7 +183,7 @@ def train(
         if overrides:
             cfg = apply_overrides(cfg, overrides, "overrides")
         trainer = _start_or_continue(cfg, auto_resume, quiet)
-    result = trainer.run(stop_at_step=stop_at_step, time_limit=time_limit)
+    result = trainer.run(time_limit=time_limit)
     trainer.env.barrier()  # no rank leaves while rank 0 may still be writing
     trainer.env.shutdown()
     return result

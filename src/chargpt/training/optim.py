@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from chargpt.config.schema import TrainConfig
+from chargpt.errors import ConfigError
 
 # Coefficients of the quintic Newton-Schulz iteration, chosen (Jordan et al., 2024) to push
 # every singular value of a normalised matrix into roughly [0.7, 1.2] in about five steps,
@@ -114,9 +115,9 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["kind"] not in ("muon", "adamw"):
-                raise ValueError(f"unknown param group kind {group['kind']!r}")
+                raise ConfigError(f"unknown param group kind {group['kind']!r}")
             if group["kind"] == "muon" and any(p.dim() != 2 for p in group["params"]):
-                raise ValueError("Muon groups take 2-D weight matrices only")
+                raise ConfigError("Muon groups take 2-D weight matrices only")
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from chargpt.config.values import TRACKERS, parse_log_to
-from chargpt.errors import ChargptError
+from chargpt.errors import ChargptError, warn
 from chargpt.fileio import atomic_write_text
 
 if TYPE_CHECKING:
@@ -155,9 +155,8 @@ class WandbTracker:
 class Trackers:
     """The trackers a run logs to; `log` and `close` never raise once training is under way."""
 
-    def __init__(self, trackers: dict[str, Tracker], log: Callable[[str], None]) -> None:
+    def __init__(self, trackers: dict[str, Tracker]) -> None:
         self._trackers = trackers
-        self._log = log
 
     def __bool__(self) -> bool:
         return bool(self._trackers)
@@ -167,8 +166,8 @@ class Trackers:
             action()
         except Exception as e:  # a mirror failing must not stop training
             self._trackers.pop(name, None)
-            self._log(f"warning: {name} logging failed ({' '.join(str(e).split())}); "
-                      "continuing with metrics.jsonl only")
+            warn(f"{name} logging failed ({' '.join(str(e).split())}); continuing with "
+                 "metrics.jsonl only")
 
     def log(self, row: dict[str, Any]) -> None:
         for name, tracker in list(self._trackers.items()):
@@ -195,9 +194,9 @@ def open_trackers(cfg: Config, run_dir: str | Path, start_step: int | None,
             else:
                 opened[name] = WandbTracker(Path(run_dir), cfg, log)
     except BaseException:
-        Trackers(opened, log).close()
+        Trackers(opened).close()
         raise
-    return Trackers(opened, log)
+    return Trackers(opened)
 
 
 def log_sample(cfg: Config, run_dir: str | Path, step: int, text: str,

@@ -1,9 +1,9 @@
 """The training loop: step, log, evaluate, checkpoint, until done or interrupted.
 
 A `Trainer` holds one run's model, optimizer, batch sampler and run directory (launch.py builds
-it, for a new run or a resumed one) and `run()` trains until max_steps, a step limit, a time
-limit or a signal. A resumed run restores weights, optimizer, step, random-number states and the
-batch sampler (a `checkpoint.TrainState`), and evaluation draws its batches from its own
+it, for a new run or a resumed one) and `run()` trains until max_steps, a time limit or a
+signal. A resumed run restores weights, optimizer, step, random-number states and the
+batch sampler (a `trainstate.TrainState`), and evaluation draws its batches from its own
 fixed-seed sampler, so on CPU a run interrupted after N steps and resumed gives bit-identical
 weights to an uninterrupted one. The hot path does no host-device synchronisation except at log
 and eval steps. SIGINT and SIGTERM finish the current step, write `last/`, and return; a second
@@ -25,19 +25,20 @@ from typing import Any
 
 import torch
 
-from chargpt import faults as faults_mod
+from chargpt import faults
 from chargpt.config.schema import Config
 from chargpt.data.batches import BatchSampler
 from chargpt.data.prepared import PreparedData
 from chargpt.device import allow_tf32, autocast_context, autocast_dtype
 from chargpt.distributed import DistEnv, all_reduce_mean, gather_tensors
-from chargpt.errors import CheckpointError, TrainingError
+from chargpt.errors import CheckpointError, TrainingError, warn
 from chargpt.model.build import build_model
 from chargpt.model.evaluate import estimate_loss
 from chargpt.model.flops import estimate, mfu
 from chargpt.runs import checkpoint as ckpt
 from chargpt.runs.rundir import BEST, LAST, RunDir
 from chargpt.runs.safety import check_optimizer_state
+from chargpt.runs.trainstate import TrainState
 from chargpt.training.budget import EVAL_PROBE_ITERS, Planner
 from chargpt.training.optim import lr_at, make_optimizer
 from chargpt.training.stopping import StopRequest
@@ -85,14 +86,12 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
-                 device: torch.device, quiet: bool = False,
-                 faults: faults_mod.Faults | None = None):
+                 device: torch.device, quiet: bool = False):
         self.cfg, self.rundir, self.data = cfg, rundir, data
         self.run_dir = rundir.path
         self.env, self.device = env, device
         self.is_main = env.is_main
         self.out = TrainLog(rundir, env.is_main, quiet)
-        self.faults = faults or faults_mod.active()
         tc = cfg.train
         self.amp_dtype = autocast_dtype(self.device, tc.dtype)
         allow_tf32(self.device)
@@ -124,18 +123,17 @@ class Trainer:
         self._planner = Planner.of(tc)
         self._config_stale = False  # a plan newer than config.json
 
-    def restore(self, last: Path, state: ckpt.TrainState) -> None:
+    def restore(self, last: Path, state: TrainState) -> None:
         """Continue from checkpoint `last`: its weights and its training state."""
-        ckpt.load_weights(self.model, last)
+        ckpt.load_model_tensors(self.model, last)
         try:
             self.optimizer.load_state_dict(state.optimizer)
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{last}: optimizer state does not fit the model: {e}") from None
         check_optimizer_state(self.optimizer, last)
-        if state.world_size != self.env.world_size:
-            self.out.log(f"warning: {last} was written by {state.world_size} process(es), "
-                         f"this run has {self.env.world_size}; training continues but is not "
-                         "bit-identical")
+        if state.world_size != self.env.world_size and self.is_main:
+            warn(f"{last} was written by {state.world_size} process(es), this run has "
+                 f"{self.env.world_size}; training continues but is not bit-identical")
         cpu_rng, cuda_rng = state.rng_of(self.env.rank)
         if cpu_rng is not None:
             torch.set_rng_state(cpu_rng)
@@ -170,7 +168,7 @@ class Trainer:
         if self._config_stale:  # a resume must find the plan the saved steps were taken under
             self.rundir.write_config(self.cfg)
             self._config_stale = False
-        state = ckpt.TrainState(
+        state = TrainState(
             step=self.step, best_val_loss=self.best_val_loss, val_loss=self.last_val_loss,
             elapsed=self.elapsed(), world_size=self.env.world_size,
             sampler=self.sampler.state_dict(), cpu_rng=cpu_rng, cuda_rng=cuda_rng,
@@ -179,7 +177,7 @@ class Trainer:
         data = ckpt.CheckpointData(config=self.cfg.to_dict(),
                                    vocab=self.data.tokenizer.to_dict(), state=state)
         try:
-            ckpt.save(self.run_dir, name, self.model, data, pause=self.faults.pause)
+            ckpt.save(self.run_dir, name, self.model, data, pause=faults.active().pause)
         except ckpt.SaveError as e:
             raise self.out.write_failed(f"checkpoint {e.target}", e.reason) from None
 
@@ -219,10 +217,8 @@ class Trainer:
         self.out.record({"kind": "eval", "step": self.step, "train_loss": train_loss,
                          "val_loss": val_loss, "val_bpc": bpc, "elapsed": round(elapsed, 3)})
         if not math.isfinite(val_loss):
-            raise TrainingError(
-                f"val loss is {val_loss} at step {self.step}; the last good checkpoint is "
-                f"{self.rundir.checkpoint(LAST)} (try a lower --lr or --dtype float32)"
-            )
+            raise self._diverged(f"val loss is {val_loss} at step {self.step}",
+                                 "try a lower --lr or --dtype float32")
         if val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
             self.save(BEST)
@@ -231,6 +227,13 @@ class Trainer:
         if self._planner is not None:
             t2 = time.perf_counter()
             self._planner.evaluated((t1 - t0) / self.cfg.train.eval_iters, t2 - t1, t2 - t0)
+
+    def _diverged(self, what: str, advice: str = "") -> TrainingError:
+        """The error for a non-finite loss: `what` happened, and which checkpoint is still good
+        (a non-finite loss never replaces one)."""
+        hint = f" ({advice})" if advice else ""
+        return TrainingError(f"{what}; the last good checkpoint is "
+                             f"{self.rundir.checkpoint(LAST)}{hint}")
 
     # the loop
 
@@ -283,12 +286,11 @@ class Trainer:
         ok = all_reduce_mean(ok.reshape(1), self.env)  # 1.0 only if finite on every rank
         return bool(ok.item() == 1.0)
 
-    def run(self, stop_at_step: int | None = None, time_limit: float | None = None) -> TrainResult:
-        """Train until max_steps, `stop_at_step`, `time_limit` seconds of this call, or a signal.
+    def run(self, time_limit: float | None = None) -> TrainResult:
+        """Train until max_steps, `time_limit` seconds of this call, or a signal.
 
         Stopping early leaves a `last/` checkpoint that a resume continues exactly."""
         tc = self.cfg.train
-        self._stop_at = stop_at_step
         self.out.open_trackers(self.cfg, self.step)
         self._t0 = time.perf_counter()
         deadline = None if time_limit is None else self._t0 + time_limit
@@ -309,24 +311,18 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, self.best_val_loss, self.last_val_loss,
                            self.elapsed(), stop.signum)
 
-    def _end(self) -> int:
-        """The step this call stops at: max_steps (planned, with a time budget) or earlier."""
-        max_steps = self.cfg.train.max_steps
-        return max_steps if self._stop_at is None else min(self._stop_at, max_steps)
-
     def _loop(self, stop: StopRequest) -> None:
         tc = self.cfg.train
         since = _SinceLog(torch.zeros((), device=self.device))
         saved_at = self.step
         stopping = stop.due(at_log_step=True)
-        end = self._end()
-        while self.step < end and not stopping:
+        while self.step < tc.max_steps and not stopping:
             since.add(self.train_step())
-            self.faults.after_step(self.step)
+            faults.active().after_step(self.step)
             if self._planner is not None and self._planner.after_step(self.step, tc):
-                self._plan()
-                tc, end = self.cfg.train, self._end()
-            at_log = self.step % tc.log_interval == 0 or self.step == end
+                self._plan(self._planner)
+                tc = self.cfg.train  # max_steps and the evaluations as planned
+            at_log = self.step % tc.log_interval == 0 or self.step == tc.max_steps
             if at_log:
                 self._log_train(since)
             self.out.advance()
@@ -337,10 +333,7 @@ class Trainer:
         if self.step != saved_at:
             if since.losses and not math.isfinite(all_reduce_mean(since.total, self.env).item()):
                 # Weights may be NaN since the last log step; never let them replace last/.
-                raise TrainingError(
-                    f"training loss became non-finite before step {self.step}; the last good "
-                    f"checkpoint is {self.rundir.checkpoint(LAST)}"
-                )
+                raise self._diverged(f"training loss became non-finite before step {self.step}")
             self.save(LAST)
         if stop.signum is not None:
             name = signal.Signals(stop.signum).name
@@ -348,17 +341,13 @@ class Trainer:
                          f"to {self.rundir.checkpoint(LAST)}; continue with: chargpt train "
                          f"--resume {self.run_dir}")
 
-    def _plan(self) -> None:
+    def _plan(self, planner: Planner) -> None:
         """Fix (or revise) max_steps and the evaluations from the budget and the clock."""
-        planner = self._planner
-        assert planner is not None
         t0 = time.perf_counter()
         first = not planner.clock.planned
-        if planner.eval_cost is None:
-            planner.eval_cost = self._rehearse_evaluation()
-        measured = torch.tensor(planner.measurements())
-        train, message = planner.revise(self.cfg.train, self.step, self.elapsed(),
-                                        all_reduce_mean(measured, self.env).tolist())
+        train, message = planner.plan(
+            self.cfg.train, self.step, self.elapsed(), rehearse=self._rehearse_evaluation,
+            average=lambda xs: all_reduce_mean(torch.tensor(xs), self.env).tolist())
         if train is not None:
             self.cfg = dataclasses.replace(self.cfg, train=train)
             self._config_stale = True
@@ -392,11 +381,8 @@ class Trainer:
         now = time.perf_counter()
         tok_s = since.steps * self.tokens_per_step() / max(now - since.t0, 1e-9)
         if not math.isfinite(mean_loss):
-            raise TrainingError(
-                f"training loss became {mean_loss} by step {self.step}; the last good "
-                f"checkpoint is {self.rundir.checkpoint(LAST)} (try a lower --lr, "
-                "--grad-clip 1.0 or --dtype float32)"
-            )
+            raise self._diverged(f"training loss became {mean_loss} by step {self.step}",
+                                 "try a lower --lr, --grad-clip 1.0 or --dtype float32")
         util = mfu(self._flops_per_token, tok_s / self.env.world_size, self.device)
         self.out.record({"kind": "train", "step": self.step, "loss": mean_loss,
                          "lr": lr_at(self.step - 1, self.cfg.train), "tok_per_s": round(tok_s),

@@ -33,7 +33,7 @@ class TrainLog:
     def __init__(self, rundir: RunDir, is_main: bool, quiet: bool = False):
         self.rundir, self.is_main, self.quiet = rundir, is_main, quiet
         self.bar: Any = None
-        self.trackers = Trackers({}, self.log)
+        self.trackers = Trackers({})
         self._plot_failed = False
 
     def log(self, message: str) -> None:
