@@ -5,8 +5,8 @@ A checkpoint is a directory (`RUN/last/`, `RUN/best/`) holding the model's tenso
 `trainstate.TrainState`: everything besides the model that a run needs to continue exactly.
 The state's numbers go to `state.json`; for a resumable checkpoint (`last/`) the optimizer's
 tensors go to `optimizer.safetensors` and every rank's random-number states and the batch
-sampler's stream to `rng.safetensors`. `manifest.json` is written last and records the sha256 of every other
-file, so a loader can tell a complete checkpoint from a torn or tampered one.
+sampler's stream to `rng.safetensors`. `manifest.json` is written last and records the sha256
+of every other file, so a loader can tell a complete checkpoint from a torn or tampered one.
 
 A save builds `NAME.tmp/`, then swaps it in with two renames (`NAME -> NAME.old`, `NAME.tmp ->
 NAME`); whatever moment a crash hits, one complete checkpoint is left among those three names

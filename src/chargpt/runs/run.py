@@ -19,16 +19,16 @@ from typing import Any
 
 import torch
 
-from chargpt.runs import checkpoint as ckpt
 from chargpt.config.schema import Config
 from chargpt.device import pick_device
 from chargpt.errors import ConfigError
-from chargpt.model.evaluate import evaluate_tokens
-from chargpt.model.build import build_model
-from chargpt.runs.rundir import find_checkpoint
-from chargpt.runs.trainstate import TrainState
 from chargpt.generation.sampling import generate_tokens
 from chargpt.generation.settings import SamplingSettings
+from chargpt.model.build import build_model
+from chargpt.model.evaluate import evaluate_tokens
+from chargpt.runs import checkpoint as ckpt
+from chargpt.runs.rundir import find_checkpoint
+from chargpt.runs.trainstate import TrainState
 from chargpt.text.textstream import TextStream
 from chargpt.text.tokenizer import CharTokenizer
 

@@ -24,13 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chargpt.runs import checkpoint as ckpt
 from chargpt import errors
 from chargpt.config.schema import Config
+from chargpt.data.prepared import PreparedData, load_prepared
 from chargpt.errors import ChargptError, CheckpointError, ConfigError
 from chargpt.fileio import atomic_write_text, os_reason, read_error
-from chargpt.data.prepared import PreparedData, load_prepared
-from chargpt.runs.safety import LOAD_FACTOR, TRAIN_FACTOR, CheckedCheckpoint, check_bounds, check_checkpoint
+from chargpt.runs import checkpoint as ckpt
+from chargpt.runs.safety import (
+    LOAD_FACTOR,
+    TRAIN_FACTOR,
+    CheckedCheckpoint,
+    check_bounds,
+    check_checkpoint,
+)
 
 __all__ = ["BEST", "CHECKPOINTS", "LAST", "RunDir", "find_checkpoint"]
 

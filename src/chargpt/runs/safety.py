@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from chargpt.runs import checkpoint as ckpt
 from chargpt.config.schema import Config, ModelConfig
 from chargpt.errors import CheckpointError, ConfigError
 from chargpt.model.build import build_model
+from chargpt.runs import checkpoint as ckpt
 from chargpt.text.tokenizer import CharTokenizer, check_same_vocab
 
 __all__ = ["BOUNDS", "LOAD_FACTOR", "TRAIN_FACTOR", "CheckedCheckpoint", "available_memory",
