@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL, one_line_error, tiny_flags, weights, write
+from conftest import (
+    TINY_MODEL,
+    ctrl_c_after,
+    metrics,
+    one_line_error,
+    same_weights,
+    tiny_flags,
+    weights,
+    write,
+)
 from test_hostile import with_config
 
 import chargpt.model.build as build_mod
@@ -19,7 +28,7 @@ from chargpt.cli.commands import main
 from chargpt.config.schema import resolve_config
 from chargpt.runs.rundir import find_checkpoint
 from chargpt.training import finetune
-from chargpt.training.launch import new_trainer
+from chargpt.training.launch import new_trainer, train
 
 OLD_TEXT = "the quick brown fox jumps over the lazy dog.\n" * 300
 NEW_TEXT = "Grüße, Straße: größer als ein Fuß. ÄÖÜ ß!\n" * 300
@@ -43,15 +52,20 @@ def tree_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def finetune_trainer(source: Path, tmp_path: Path):
-    """The Trainer of a fine-tune of `source` on NEW_TEXT, before its first step."""
+def finetune_cfg(source: Path, tmp_path: Path, out: str = "ft", **train_values):
+    """The config `chargpt train --init-from SOURCE --input new.txt` resolves to."""
     corpus = write(tmp_path / "new.txt", NEW_TEXT)
-    overrides = {"train": {"init_from": str(source), "out_dir": str(tmp_path / "ft"),
-                           "progress": False}, "data": {"input": str(corpus)}}
+    overrides = {"train": {"init_from": str(source), "out_dir": str(tmp_path / out),
+                           "progress": False, "sample_chars": 0, **train_values},
+                 "data": {"input": str(corpus)}}
     cfg = resolve_config(None, None, overrides)
     with finetune.source(source) as src:
-        cfg = finetune.finetune_config(cfg, src.config, source, overrides)
-    return new_trainer(cfg, quiet=True)
+        return finetune.finetune_config(cfg, src.config, source, overrides)
+
+
+def finetune_trainer(source: Path, tmp_path: Path):
+    """The Trainer of a fine-tune of `source` on NEW_TEXT, before its first step."""
+    return new_trainer(finetune_cfg(source, tmp_path), quiet=True)
 
 
 def test_old_ids_keep_their_rows_and_new_rows_start_at_the_mean(source, tmp_path):
@@ -177,3 +191,18 @@ def test_a_hugging_face_export_is_a_source(source, tmp_path, capsys):
     assert torch.allclose(after["transformer.wte.weight"][:n_old],
                           before["transformer.wte.weight"])
     assert not list(tmp_path.glob("chargpt-init-from-*"))  # the scratch import is gone
+
+
+def test_a_resumed_finetune_is_bit_identical_to_an_uninterrupted_one(source, tmp_path):
+    budget = {"max_steps": 16, "eval_interval": 4, "eval_iters": 2, "batch_size": 4,
+              "warmup_steps": 2}
+    train(finetune_cfg(source, tmp_path, "ref", **budget), quiet=True)
+    with ctrl_c_after(7):
+        first = train(finetune_cfg(source, tmp_path, "split", **budget), quiet=True)
+    assert first.step == 7
+    second = train(resume=tmp_path / "split", quiet=True)  # from its own checkpoint, not SOURCE
+    assert second.step == 16
+    assert same_weights(tmp_path / "ref", tmp_path / "split")
+    evals = [[(r["step"], r["val_loss"]) for r in metrics(tmp_path / d, "eval")]
+             for d in ("ref", "split")]
+    assert evals[0] == evals[1] and len(evals[0]) == 5

@@ -162,7 +162,7 @@ def grown(weights: dict[str, Tensor], shapes: dict[str, torch.Size], old_vocab: 
 def load_source_weights(model: nn.Module, src: CheckedCheckpoint) -> None:
     """Put the source's weights into `model` (built for the union vocabulary)."""
     old = build_model(src.config.model)
-    ckpt.load_weights(old, src.path)
+    ckpt.load_model_tensors(old, src.path)
     target = model.state_dict()
     weights = grown(old.state_dict(), {k: v.shape for k, v in target.items()},
                     src.config.model.vocab_size)
