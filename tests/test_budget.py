@@ -17,9 +17,9 @@ from chargpt.training.budget import (
     EVAL_SHARE,
     MARGIN,
     MIN_EVAL_ITERS,
+    Plan,
     Planner,
     StepClock,
-    keep_history,
     plan_steps,
 )
 from chargpt.training.launch import train
@@ -55,22 +55,24 @@ def test_cli_bad_time_is_one_line(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_the_step_time_planned_with_is_that_of_the_slower_moments(monkeypatch):
+def test_the_step_time_planned_with_is_the_recent_one(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(budget_module.time, "perf_counter", lambda: now[0])
     clock = StepClock(budget=60.0, first_plan_after=10)
     clock.tick()  # the first step only starts the clock
-    for window in range(20):  # a machine that is 20% slower one window in three
+    for window in range(16):  # a machine that is twice as slow from the 11th window on
         for _ in range(10):
-            now[0] += 0.06 if window % 3 == 2 else 0.05
+            now[0] += 0.05 if window < 10 else 0.10
             clock.tick()
-        if window == 3:
-            assert clock.step_seconds() == pytest.approx(0.0525)  # 4 windows: the mean
-    assert clock.step_seconds() == pytest.approx(0.06)  # the slowest quarter of 20 windows
+        if window == 1:
+            assert clock.step_seconds() == pytest.approx(0.05)  # 2 windows: the mean
+        if window == 11:  # the last three windows: one fast, two slow
+            assert clock.step_seconds() == pytest.approx((0.05 + 0.10 + 0.10) / 3)
+    assert clock.step_seconds() == pytest.approx(0.10)  # only the slow speed is recent
     clock.exclude(5.0)  # an evaluation: not a step's time
     now[0] += 5.0 + 0.05
     clock.tick()
-    assert clock.busy() == pytest.approx(140 * 0.05 + 60 * 0.06 + 0.05)
+    assert clock.busy() == pytest.approx(100 * 0.05 + 60 * 0.10 + 0.05)
 
 
 def test_plan_fits_steps_evaluations_and_the_final_checkpoint():
@@ -118,11 +120,29 @@ def test_a_revised_plan_never_changes_a_rate_already_used():
     short = plan_steps(budget=10.0, elapsed=8.0, step=80, step_seconds=0.1, eval_seconds=0.1,
                        eval_iters=100, eval_interval=250)
     assert short.steps < 160  # taken as it is, its cooldown would have started behind step 80
-    kept = keep_history(short, 80, train)
-    assert kept.steps == 160  # the cooldown starts at step 80, the next one
-    new = kept.apply(train)
-    assert [lr_at(s, new) for s in range(80)] == [lr_at(s, train) for s in range(80)]
-    assert lr_at(80, new) == train.lr and lr_at(81, new) < train.lr
+    new = short.apply(train, 80)
+    assert new.max_steps == short.steps  # the run still ends on time: the cooldown starts now
+    assert new.cooldown_plan == f"80:{short.steps}"
+    assert [lr_at(s, new) for s in range(81)] == [lr_at(s, train) for s in range(81)]
+    assert lr_at(81, new) < train.lr and lr_at(new.max_steps - 1, new) > train.min_lr
+    assert lr_at(new.max_steps, new) == train.min_lr
+
+
+def test_a_cooldown_re_aimed_again_and_again_keeps_every_rate_it_used():
+    from chargpt.training.optim import lr_at
+
+    train = resolve_config(overrides={"train": {
+        "schedule": "wsd", "cooldown_frac": 0.5, "warmup_steps": 5, "max_steps": 200}}).train
+    taken = [lr_at(s, train) for s in range(131)]  # the cooldown began at step 100
+    for step, end in ((130, 260), (170, 230), (200, 250)):  # a slower, faster, slower machine
+        train = Plan(end, 10.0, 0.1, 0.1, 1000, 10, 1, 0.0).apply(train, step)
+        assert train.max_steps == end
+        assert [lr_at(s, train) for s in range(step + 1)] == taken[: step + 1]
+        taken = [lr_at(s, train) for s in range(end + 1)]
+    assert train.cooldown_plan == "100:200,130:260,170:230,200:250"
+    rates = taken[100:]
+    assert all(b < a for a, b in zip(rates, rates[1:-1], strict=False))  # falls all the way
+    assert taken[250] == train.min_lr
 
 
 def test_the_planner_revises_the_config_and_tells_the_log_only_of_large_moves():
@@ -210,8 +230,8 @@ def test_cli_time_flag_plans_and_auto_resume_keeps_the_plan(corpus, tmp_path, ca
 
 
 def test_a_budget_run_replans_from_its_measured_steps(corpus, tmp_path, capsys, monkeypatch):
-    """Steps measured slower at first (0.1 s) than later (0.05 s): the plan grows while the
-    WSD schedule is still stable, never past its cooldown, and config.json keeps the last one."""
+    """Steps measured slower at first (0.1 s) than later (0.05 s): the plan grows, and
+    config.json keeps the last plan, the re-aimed cooldown included."""
     monkeypatch.setattr(StepClock, "step_seconds",
                         lambda self: 0.1 if self.ticks < 9 else 0.05)
     monkeypatch.setattr(Trainer, "elapsed", lambda self: 0.1 * self.step)
@@ -226,7 +246,38 @@ def test_a_budget_run_replans_from_its_measured_steps(corpus, tmp_path, capsys, 
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r["step"] for r in rows if r["kind"] == "eval"]
     assert evals == [result.step]  # no step-0 evaluation; the final one
-    # every rate the run used is the one a plain run of the final length uses
-    plain = train(tiny_config(corpus, tmp_path / "plain", max_steps=result.step, **wsd))
+    # every rate the run used is the one a plain run of the recorded plan uses
+    plain = train(tiny_config(corpus, tmp_path / "plain", max_steps=result.step,
+                              cooldown_plan=saved["cooldown_plan"], **wsd))
     assert plain.step == result.step
     assert same_weights(tmp_path / "run", tmp_path / "plain")
+
+
+@pytest.mark.parametrize("slower", [2.0, 0.5])
+def test_a_budget_is_kept_when_the_machine_changes_speed_halfway(corpus, tmp_path, monkeypatch,
+                                                                 slower):
+    """A synthetic clock: a step takes 0.05 s until 40% of the budget, then `slower` times
+    that (the machine slows down, or speeds up, in the middle of the WSD cooldown); an
+    evaluation batch takes 0.01 s. The run must end within 3% of its 12 s budget."""
+    now = [0.0]
+    monkeypatch.setattr(budget_module.time, "perf_counter", lambda: now[0])
+    step, evaluate = Trainer.train_step, Trainer.evaluate
+
+    def timed_step(self):
+        loss = step(self)
+        now[0] += 0.05 * (slower if now[0] > 0.4 * 12 else 1.0)
+        return loss
+
+    def timed_evaluate(self, iters=None):
+        losses = evaluate(self, iters)
+        now[0] += 0.01 * 2 * (iters or self.cfg.train.eval_iters)
+        return losses
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    monkeypatch.setattr(Trainer, "evaluate", timed_evaluate)
+    result = train(tiny_config(corpus, tmp_path / "run", time_budget="12s", max_steps=10_000,
+                               schedule="wsd", cooldown_frac=0.5, warmup_steps=5,
+                               eval_interval=100))
+    assert 0.97 * 12 <= result.elapsed <= 1.03 * 12, result.elapsed
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert saved["max_steps"] == result.step and saved["cooldown_plan"]  # re-aimed on the way

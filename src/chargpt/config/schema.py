@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from chargpt.config.presets import DEFAULT_PRESET, load_preset, load_toml
-from chargpt.config.values import check_time_budget, parse_log_to
+from chargpt.config.values import check_time_budget, parse_cooldown_plan, parse_log_to
 from chargpt.errors import ConfigError
 
 
@@ -249,6 +249,11 @@ class TrainConfig:
     log_to: str = ""
     """Experiment trackers mirroring metrics.jsonl: 'tensorboard', 'wandb' or both, comma-separated
     or repeated (extras: pip install 'chargpt[tensorboard]' / 'chargpt[wandb]')."""
+    cooldown_plan: str = ""
+    """Set by a time budget's plans, not by hand: where a WSD run's cooldown was re-aimed, as
+    'step:end' pairs. From each step the rate falls in a straight line from where it is toward
+    min_lr at that end, so a plan may move max_steps during the cooldown without changing a
+    rate already used. Empty: the schedule's own cooldown."""
     init_from: str = ""
     """Start this new run from a trained model: a chargpt run or checkpoint directory, a Hugging
     Face folder chargpt exported, or nanoGPT's ckpt.pt (only read). The model's shape is the
@@ -286,6 +291,7 @@ class TrainConfig:
         )
 
         parse_log_to(self.log_to)
+        parse_cooldown_plan(self.cooldown_plan)
 
     @property
     def decay_steps(self) -> int:

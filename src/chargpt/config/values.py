@@ -1,5 +1,6 @@
 """Config values that follow a small grammar or name a table: durations ('90s', '10m', '2h'),
-the tracker names of `log_to`, and how many first steps a time budget times.
+the tracker names of `log_to`, how many first steps a time budget times, and the re-aimed
+cooldown a budget's plans record (`cooldown_plan`).
 
 They live with the configuration so that validating a config never imports the training code
 that later uses these values (`training.budget`, `training.trackers`).
@@ -7,6 +8,7 @@ that later uses these values (`training.budget`, `training.trackers`).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 from chargpt.errors import ConfigError
 
 __all__ = ["CALIBRATION_STEPS", "TRACKERS", "calibration_steps", "check_time_budget",
-           "parse_duration", "parse_log_to"]
+           "format_cooldown_plan", "parse_cooldown_plan", "parse_duration", "parse_log_to"]
 
 CALIBRATION_STEPS = 10  # the first steps, timed from the second (the first one warms up)
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # name -> module it needs
@@ -60,3 +62,23 @@ def parse_log_to(value: str) -> list[str]:
         raise ConfigError(f"unknown tracker {unknown[0]!r} in log_to (known: "
                           f"{', '.join(TRACKERS)})")
     return names
+
+
+@functools.cache
+def parse_cooldown_plan(value: str) -> tuple[tuple[int, int], ...]:
+    """The (step, end) pairs of a `cooldown_plan` such as '120:400,130:390': steps rising,
+    each end past its step."""
+    pairs = []
+    for item in filter(None, (s.strip() for s in value.split(","))):
+        match = re.fullmatch(r"(\d+):(\d+)", item)
+        if not match:
+            raise ConfigError(f"cooldown_plan must be 'step:end' pairs, got {item!r}")
+        step, end = int(match.group(1)), int(match.group(2))
+        if end <= step or (pairs and step <= pairs[-1][0]):
+            raise ConfigError(f"cooldown_plan {value!r}: each step must rise and end after it")
+        pairs.append((step, end))
+    return tuple(pairs)
+
+
+def format_cooldown_plan(pairs: tuple[tuple[int, int], ...]) -> str:
+    return ",".join(f"{step}:{end}" for step, end in pairs)

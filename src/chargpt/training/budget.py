@@ -6,18 +6,17 @@ instead: a `StepClock` times the training steps (evaluations excluded), a few ev
 give the cost of an evaluation, and `plan_steps` turns the time left into a step count so that
 training, every evaluation and the final checkpoint end inside the budget. The first plan comes
 after `config.values.CALIBRATION_STEPS` steps, all inside the learning-rate warmup, whose rates
-do not depend on the run's length. The run plans again every `REPLAN_EVERY` steps, each time
-from all the steps timed so far, for as long as the schedule lets the length change without
-changing a rate already used (a WSD run until its cooldown starts, `optim.length_free_steps`),
-so one slow or fast moment early on does not decide the run; once enough steps are timed, the
-plan assumes the slower moments' step time (`StepClock.step_seconds`), because the last plan
-must hold through the cooldown. Evaluations are spaced and, in a short budget, shortened so that
-together they take at most `EVAL_SHARE` of it; a budget run has no step-0 evaluation. A
-`Planner` holds a run's clock, what an evaluation costs and what the log was told, and turns
-measurements into revised `TrainConfig`s; the trainer measures (on every rank, averaged, so that
-all ranks plan alike), applies each plan and records it (`max_steps`, `planned_steps`,
-`eval_interval`, `eval_iters`) in the run's config.json before any checkpoint, so a resumed or
-re-run run keeps the plan instead of measuring again.
+do not depend on the run's length. The run plans again every `REPLAN_EVERY` steps, from the
+recent step time (`StepClock.step_seconds`), for as long as the schedule lets the length change
+without changing a rate already used (`optim.length_free_steps`): to the end for WSD, whose
+cooldown, once begun, is re-aimed at each new end (`reaimed`, `optim.cooldown_level`), so a
+machine that slows down or speeds up in the cooldown still ends the run on time. Evaluations are
+spaced and, in a short budget, shortened so that together they take at most `EVAL_SHARE` of it;
+a budget run has no step-0 evaluation. A `Planner` holds a run's clock, what an evaluation costs
+and what the log was told, and turns measurements into revised `TrainConfig`s; the trainer
+measures (on every rank, averaged, so that all ranks plan alike), applies each plan and records
+it (`PLANNED_FIELDS`) in the run's config.json before any checkpoint, so a resumed or re-run run
+keeps the plan instead of measuring again.
 """
 
 from __future__ import annotations
@@ -29,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from chargpt.config.values import check_time_budget
-from chargpt.training.optim import length_free_steps
+from chargpt.config.values import check_time_budget, format_cooldown_plan, parse_cooldown_plan
+from chargpt.training.optim import cooldown_start, length_free_steps
 
 __all__ = ["EVAL_PROBE_ITERS", "EVAL_SHARE", "PLANNED_FIELDS", "Plan",
            "Planner", "StepClock", "keep_history", "plan_steps"]
@@ -41,10 +40,9 @@ MIN_EVAL_ITERS = 10  # batches per split: fewer would make an evaluation mostly 
 EVAL_PROBE_ITERS = 4  # batches per split timed to price an evaluation before the first one
 REPLAN_EVERY = 10  # steps between plans while the run's length is still free to change
 WINDOW = 10  # timed steps per window of the step-time record
-SLOW_WINDOWS = 5  # windows needed before the slow ones count
-SLOW_QUANTILE = 0.75  # the step time planned with, among the windows' (see StepClock)
+RECENT_WINDOWS = 3  # the windows the step time is planned with, once there are as many
 # the [train] values a plan sets: a resumed run keeps them, whatever the command line says
-PLANNED_FIELDS = ("max_steps", "planned_steps", "eval_interval", "eval_iters")
+PLANNED_FIELDS = ("max_steps", "planned_steps", "eval_interval", "eval_iters", "cooldown_plan")
 
 
 @dataclass
@@ -93,16 +91,13 @@ class StepClock:
             self.excluded += seconds
 
     def step_seconds(self) -> float:
-        """Seconds per training step to plan with: the mean over every step timed so far, or,
-        once there are SLOW_WINDOWS windows of WINDOW steps, the SLOW_QUANTILE quantile of them
-        if that is slower. The last plan is made when the cooldown starts and must hold for the
-        rest of the run; a machine whose speed drifts (a shared VM's does, by 10% within a
-        minute) then keeps a reserve the size of its own drift."""
-        mean = self.busy() / max(1, self.ticks)
-        if len(self.windows) < SLOW_WINDOWS:
-            return mean
-        ranked = sorted(self.windows)
-        return max(mean, ranked[math.ceil(SLOW_QUANTILE * (len(ranked) - 1))])
+        """Seconds per training step to plan with: the mean over the last RECENT_WINDOWS
+        windows of WINDOW steps, or over every step timed while there are fewer. A run plans
+        again every REPLAN_EVERY steps to its end, so the recent speed is the one that counts:
+        a machine that slows down (or speeds up) halfway is followed within a few windows."""
+        if len(self.windows) < RECENT_WINDOWS:
+            return self.busy() / max(1, self.ticks)
+        return sum(self.windows[-RECENT_WINDOWS:]) / RECENT_WINDOWS
 
     def due(self, step: int, train: Any) -> bool:
         """Whether to plan after `step`: the first plan once the calibration steps are timed,
@@ -134,10 +129,32 @@ class Plan:
                 f"split, {where}, at {self.eval_seconds:.2f}s each, at most {EVAL_SHARE:.0%} "
                 f"of the budget together; {MARGIN:.0%} of the time left kept in reserve)")
 
-    def apply(self, train: Any) -> Any:
-        """`train` (a TrainConfig) with this plan's values."""
-        return dataclasses.replace(train, max_steps=self.steps, planned_steps=self.steps,
-                                   eval_interval=self.eval_interval, eval_iters=self.eval_iters)
+    def apply(self, train: Any, step: int) -> Any:
+        """`train` (a TrainConfig) with this plan's values, planned after `step` steps; a WSD
+        cooldown already begun is re-aimed at the new end (see `reaimed`)."""
+        steps, cooldown = reaimed(train, step, self.steps)
+        return dataclasses.replace(train, max_steps=steps, planned_steps=steps,
+                                   eval_interval=self.eval_interval, eval_iters=self.eval_iters,
+                                   cooldown_plan=cooldown)
+
+
+def reaimed(train: Any, step: int, steps: int) -> tuple[int, str]:
+    """The step count and `cooldown_plan` of a run planned after `step` steps to end at
+    `steps`: unchanged unless the schedule is WSD and its cooldown has begun, or would begin
+    behind `step` with the new length; then the cooldown is re-aimed from `step` at `steps`."""
+    if train.schedule != "wsd" or train.lr_decay_steps:
+        return steps, train.cooldown_plan
+    plan = parse_cooldown_plan(train.cooldown_plan)
+    if not plan:
+        start = cooldown_start(train)
+        if step <= start and cooldown_start(dataclasses.replace(train, max_steps=steps)) >= step:
+            return steps, ""  # the cooldown is still ahead: the length is free
+        plan = ((start, train.max_steps),) if step > start else ()
+    at = max(step, train.warmup_steps)
+    steps = max(steps, at + 1)
+    if plan and plan[-1][1] == steps:
+        return steps, train.cooldown_plan  # aimed there already
+    return steps, format_cooldown_plan((*plan, (at, steps)))
 
 
 def plan_steps(*, budget: float, elapsed: float, step: int, step_seconds: float,
@@ -230,7 +247,9 @@ class Planner:
             eval_interval=train.eval_interval, checkpoint_seconds=fixed_s), step, train)
         first = not self.clock.planned
         self.clock.planned = True
-        if not first and plan.steps == train.max_steps:
+        planned = plan.apply(train, step)
+        if not first and (planned.max_steps, planned.cooldown_plan) == (
+                train.max_steps, train.cooldown_plan):
             return None, None
         message = None
         if first or abs(plan.steps - self.logged_steps) >= 0.05 * self.logged_steps:
@@ -238,4 +257,4 @@ class Planner:
                        f"time budget: plan revised to {plan.steps} steps at step {step} "
                        f"({step_s * 1e3:.1f} ms per step over {self.clock.ticks} timed steps)")
             self.logged_steps = plan.steps
-        return plan.apply(train), message
+        return planned, message

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from chargpt.config.schema import TrainConfig
+from chargpt.config.values import parse_cooldown_plan
 from chargpt.errors import ConfigError
 
 # Coefficients of the quintic Newton-Schulz iteration, chosen (Jordan et al., 2024) to push
@@ -32,7 +33,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     with the 'constant' schedule, lr after the warmup.
 
     WSD holds lr until the last `cooldown_frac` of the decay steps, then falls linearly to
-    min_lr; a run can be extended before its cooldown without disturbing what came earlier.
+    min_lr (`cooldown_level`, which a time budget's plans may re-aim).
     """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -41,13 +42,30 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if step >= cfg.decay_steps:
         return cfg.min_lr
     if cfg.schedule == "wsd":
-        start = cooldown_start(cfg)
-        if step < start:
-            return cfg.lr
-        progress = (step - start) / max(1, cfg.decay_steps - start)
-        return cfg.lr + progress * (cfg.min_lr - cfg.lr)
+        return cfg.lr + cooldown_level(step, cfg) * (cfg.min_lr - cfg.lr)
     progress = (step - cfg.warmup_steps) / max(1, cfg.decay_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def cooldown_level(step: int, cfg: TrainConfig) -> float:
+    """How far a WSD run's rate has fallen at `step`, from lr (0) to min_lr (1): linearly over
+    the last `cooldown_frac` of the decay steps; or, once a time budget has re-aimed the
+    cooldown (`cooldown_plan`), along a straight line from each re-aiming step toward min_lr at
+    the end planned there, each line starting where the one before it had got to, so that the
+    rates before a re-aiming are the ones the run took."""
+    plan = parse_cooldown_plan(cfg.cooldown_plan)
+    if not plan:
+        start = cooldown_start(cfg)
+        return max(0.0, (step - start) / max(1, cfg.decay_steps - start))
+    level = 0.0
+    if step < plan[0][0]:
+        return level
+    for (at, end), following in zip(plan, [*plan[1:], None], strict=True):
+        upto = step if following is None or step < following[0] else following[0]
+        level += (1.0 - level) * min(1.0, (upto - at) / (end - at))
+        if upto == step:
+            break
+    return level
 
 
 def cooldown_start(cfg: TrainConfig) -> int:
@@ -57,12 +75,14 @@ def cooldown_start(cfg: TrainConfig) -> int:
 
 
 def length_free_steps(cfg: TrainConfig) -> int:
-    """How many first steps have rates that do not depend on max_steps: a time budget may
-    still change max_steps while the run is short of this (budget.py)."""
+    """Until which step a time budget may still change max_steps without changing a rate
+    already used (budget.py): the end for WSD (whose cooldown a plan re-aims instead, see
+    `cooldown_level`) and for a schedule that does not depend on the length, the warmup for
+    cosine, whose decay spans the whole run."""
     if cfg.schedule == "constant" or cfg.lr_decay_steps:
         return cfg.max_steps  # the length decides nothing but the end
-    if cfg.schedule == "wsd":
-        return cooldown_start(cfg)
+    if cfg.schedule == "wsd":  # re-aiming the cooldown keeps every rate used (see lr_at)
+        return cfg.max_steps
     return cfg.warmup_steps  # cosine: the decay spans the whole run
 
 
