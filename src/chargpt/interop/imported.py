@@ -30,11 +30,12 @@ class ImportedModel:
     val_loss: float | None = None
 
 
-def load_plain_torch(path: Path) -> Any:
+def load_plain_torch(path: Path, mmap: bool = False) -> Any:
     """torch.load restricted to tensors and plain containers: a pickled object is refused
-    before it is built, so loading can never run code."""
+    before it is built, so loading can never run code. With `mmap`, the file is mapped and no
+    tensor's bytes are read until the tensor is used."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a hostile or broken file: torch.load raises many error types
         message = str(e)
         found = re.search(r"GLOBAL ([\w.]+)", message)

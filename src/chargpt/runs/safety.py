@@ -30,7 +30,7 @@ from chargpt.text.tokenizer import CharTokenizer, check_same_vocab
 
 __all__ = ["BOUNDS", "LOAD_FACTOR", "TRAIN_FACTOR", "CheckedCheckpoint", "available_memory",
            "check_bounds", "check_checkpoint", "check_optimizer_state", "check_weights",
-           "estimate_params", "require_memory"]
+           "estimate_params", "read_header", "require_memory"]
 
 # The largest value of each size a loaded config may have: far past any model chargpt trains
 # (GPT-3 has 96 layers of width 12,288), yet finite, so that a config from a stranger never
@@ -79,8 +79,9 @@ def _expected_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], 
     return expected, [names for names in by_id.values() if len(names) > 1]
 
 
-def _header(path: Path) -> dict[str, tuple[str, list[int]]]:
-    """{name: (dtype, shape)} of a safetensors file, from its header alone."""
+def read_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """{name: (dtype, shape)} of a safetensors file, from its header alone (no tensor is
+    read); a file safetensors cannot open is one CheckpointError."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {name: (f.get_slice(name).get_dtype(), list(f.get_slice(name).get_shape()))
@@ -93,7 +94,7 @@ def _header(path: Path) -> dict[str, tuple[str, list[int]]]:
 def check_weights(path: Path, model: torch.nn.Module, config_file: str | Path) -> None:
     """The weights file holds exactly the tensors `model` (built on the meta device from
     `config_file`) has, with the same shapes and dtypes; read from its header only."""
-    header = _header(path)
+    header = read_header(path)
     expected, tied = _expected_tensors(model)
     for name, (dtype, shape) in header.items():
         if name not in expected:
@@ -187,11 +188,12 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB"
 
 
-def require_memory(model: ModelConfig, factor: int, source: str | Path) -> None:
-    """Refuse a model that needs more memory (`factor` bytes per parameter) than the machine
-    has available, before it is built."""
+def require_memory(model: ModelConfig, factor: int, source: str | Path,
+                   extra_bytes: int = 0) -> None:
+    """Refuse a model that needs more memory (`factor` bytes per parameter, and `extra_bytes`
+    besides: files read whole) than the machine has available, before it is built."""
     params = estimate_params(model)
-    need, have = params * factor, available_memory()
+    need, have = params * factor + extra_bytes, available_memory()
     if have is not None and need > have:
         raise CheckpointError(
             f"{source} describes a model of {params / 1e6:,.1f} M parameters, which needs about "
