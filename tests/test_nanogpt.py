@@ -4,6 +4,7 @@ and planted pickles in ckpt.pt or meta.pkl run nothing and give one line of erro
 
 import math
 import pickle
+import shutil
 import time
 from pathlib import Path
 
@@ -357,3 +358,28 @@ def test_a_meta_pkl_with_a_lying_vocabulary_is_one_line(tmp_path, capsys, meta, 
     (tmp_path / "data" / "shakespeare_char" / "meta.pkl").write_bytes(pickle.dumps(meta))
     code = main(["import", str(out), "--out", str(tmp_path / "run")])
     assert needle in one_line_error(capsys, code)
+
+
+def test_a_sparse_tensor_that_reads_out_of_bounds_is_refused(tmp_path, capsys):
+    """A sparse CSR tensor whose row pointers claim a million values over one: torch's
+    weights-only load builds it unchecked by default, and using it reads past its buffers."""
+    _, out, _ = nanogpt_repo(tmp_path)
+    shutil.copy(out / "ckpt.pt", out / "ckpt.pt.orig")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    name = "_orig_mod.transformer.ln_f.weight"
+    n = ckpt["model"][name].numel()
+    ckpt["model"][name] = torch.sparse_csr_tensor(
+        torch.tensor([0, 1 << 20]), torch.tensor([0]), torch.tensor([1.0]), size=(1, n),
+        check_invariants=False)
+    torch.save(ckpt, out / "ckpt.pt")
+    code = main(["import", str(out), "--out", str(tmp_path / "run")])
+    assert "crow_indices[..., -1] == nnz" in one_line_error(capsys, code)
+    # a valid sparse head: still not weights (and torch.equal, comparing it with the embedding
+    # to see whether they are tied, has no sparse kernel)
+    ckpt = torch.load(tmp_path / "out-shakespeare-char" / "ckpt.pt.orig", weights_only=True)
+    head = "_orig_mod.lm_head.weight"
+    ckpt["model"][head] = ckpt["model"][head].to_sparse()
+    torch.save(ckpt, out / "ckpt.pt")
+    code = main(["import", str(out), "--out", str(tmp_path / "run")])
+    assert "has no 'model' state_dict of dense tensors" in one_line_error(capsys, code)
+    assert not (tmp_path / "run").exists()

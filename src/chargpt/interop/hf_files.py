@@ -21,7 +21,7 @@ from torch import Tensor
 from chargpt.errors import ChargptError, CheckpointError
 from chargpt.fileio import read_json
 from chargpt.interop.hf_export import WEIGHT_FILES
-from chargpt.interop.imported import load_plain_torch
+from chargpt.interop.imported import is_dense_tensor_dict, load_plain_torch
 from chargpt.runs.checkpoint import MAX_JSON_BYTES
 from chargpt.runs.safety import read_header
 from chargpt.text.tokenizer import CharTokenizer
@@ -68,8 +68,8 @@ def _load_bin(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path} is not in torch.save's zip format (PyTorch >= 1.6), the "
                               "one chargpt reads; save it again, or as safetensors")
     state = load_plain_torch(path, mmap=True)
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} is not a dict of tensors")
+    if not is_dense_tensor_dict(state):
+        raise CheckpointError(f"{path} is not a dict of dense tensors")
     return state
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from chargpt.config.schema import ModelConfig
 from chargpt.errors import ChargptError, CheckpointError, ConfigError
 from chargpt.fileio import read_bytes
-from chargpt.interop.imported import ImportedModel, load_plain_torch
+from chargpt.interop.imported import ImportedModel, is_dense_tensor_dict, load_plain_torch
 from chargpt.text.tokenizer import CharTokenizer
 
 META_FILE = "meta.pkl"
@@ -258,8 +258,8 @@ def _strip(name: str) -> str:
 
 def state_dict_from(ckpt: dict[str, Any], path: Path) -> dict[str, Tensor]:
     model = ckpt.get("model")
-    if not isinstance(model, dict) or not all(isinstance(v, Tensor) for v in model.values()):
-        raise CheckpointError(f"{path} has no 'model' state_dict of tensors")
+    if not is_dense_tensor_dict(model):
+        raise CheckpointError(f"{path} has no 'model' state_dict of dense tensors")
     # ".attn.bias" alone (not ".c_attn.bias") is the causal mask older nanoGPTs registered
     return {_strip(k): v for k, v in model.items() if not _strip(k).endswith(".attn.bias")}
 
