@@ -360,6 +360,7 @@ def test_a_meta_pkl_with_a_lying_vocabulary_is_one_line(tmp_path, capsys, meta, 
     assert needle in one_line_error(capsys, code)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 def test_a_sparse_tensor_that_reads_out_of_bounds_is_refused(tmp_path, capsys):
     """A sparse CSR tensor whose row pointers claim a million values over one: torch's
     weights-only load builds it unchecked by default, and using it reads past its buffers."""
