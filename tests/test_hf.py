@@ -301,3 +301,89 @@ def test_a_pickle_planted_in_pytorch_model_bin_runs_nothing(tmp_path, capsys):
     probe = tmp_path / "probe"
     pickle.loads(pickle.dumps(WritesAFile(probe)))  # the reference: a plain unpickler runs it
     assert probe.exists()
+
+
+# --- a hostile folder is bounded before any tensor is read -----------------------------------
+
+
+def forbid_tensor_reads(monkeypatch):
+    """Fail the test if a tensor of a safetensors file is loaded from now on (headers may be
+    read)."""
+    import safetensors.torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was loaded before the bounds and memory were checked")
+
+    monkeypatch.setattr(safetensors.torch, "safe_open", refuse)
+
+
+def edit_config(src: Path, **changes) -> None:
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def test_a_hostile_hf_config_is_refused_before_a_tensor_is_read(tmp_path, capsys, monkeypatch):
+    src, _ = gpt2_folder(tmp_path / "gpt2")
+    forbid_tensor_reads(monkeypatch)
+    edit_config(src, n_layer=1_000_000)
+    code = main(["import", str(src), "--out", str(tmp_path / "run")])
+    assert f"{src}: model.n_layer is 1,000,000, more than chargpt loads" in one_line_error(
+        capsys, code)
+    edit_config(src, n_layer=2, head_dim=[1] * 3, model_type="llama", hidden_size=32,
+                num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
+                rms_norm_eps=hf.RMS_NORM_EPS, max_position_embeddings=32)
+    code = main(["import", str(src), "--out", str(tmp_path / "run")])
+    assert "head_dim must be a positive integer, got [1, 1, 1]" in one_line_error(capsys, code)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_vocabulary_past_the_bounds_in_a_header_is_refused_before_it_is_read(
+        tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    src, _ = gpt2_folder(tmp_path / "gpt2")
+    weights = load_file(str(src / "model.safetensors"))
+    # 1.2 M rows of one byte: a small file whose header names more characters than Unicode has
+    weights["transformer.wte.weight"] = torch.zeros(1_200_000, 1, dtype=torch.uint8)
+    save_file(weights, str(src / "model.safetensors"))
+    forbid_tensor_reads(monkeypatch)
+    code = main(["import", str(src), "--out", str(tmp_path / "run")])
+    assert "model.vocab_size is 1,200,000, more than chargpt loads" in one_line_error(capsys,
+                                                                                       code)
+
+
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_an_hf_model_larger_than_the_memory_is_refused_before_a_tensor_is_read(
+        tmp_path, capsys, monkeypatch, weights_file):
+    """The model's own need, and then the weights files' bytes (a 4 MB tensor the model does
+    not have): both counted from the headers, before the tensors are loaded."""
+    from chargpt.runs import safety
+
+    src, _ = gpt2_folder(tmp_path / "gpt2")
+    weights = load_file(str(src / "model.safetensors"))
+    if weights_file == "pytorch_model.bin":
+        (src / "model.safetensors").unlink()
+        torch.save(weights, src / weights_file)
+    forbid_tensor_reads(monkeypatch)
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    monkeypatch.setattr(safety, "available_memory", lambda: 100_000)
+    code = main(["import", str(src), "--out", str(tmp_path / "run")])
+    assert "describes a model of 0.0 M parameters" in one_line_error(capsys, code)
+    assert all(k.get("mmap") for k in loads)  # a .bin is only mapped, never read
+
+    weights["junk"] = torch.zeros(1_000_000)
+    if weights_file == "pytorch_model.bin":
+        torch.save(weights, src / weights_file)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(weights, str(src / weights_file))
+    monkeypatch.setattr(safety, "available_memory", lambda: 3_000_000)
+    code = main(["import", str(src), "--out", str(tmp_path / "run")])
+    assert "of memory; this machine has 0.0 GB available" in one_line_error(capsys, code)
+    assert all(k.get("mmap") for k in loads)
+    monkeypatch.undo()  # enough memory: the tensors are read, and the extra one refused
+    code = main(["import", str(src), "--out", str(tmp_path / "run")])
+    assert "tensor transformer.junk (not part of a GPT-2" in one_line_error(capsys, code)

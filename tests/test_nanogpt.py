@@ -4,6 +4,8 @@ and planted pickles in ckpt.pt or meta.pkl run nothing and give one line of erro
 
 import math
 import pickle
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,9 @@ from conftest import one_line_error
 from torch import nn
 
 from chargpt.cli.commands import main
-from chargpt.interop.nanogpt import read_plain_pickle
+from chargpt.errors import CheckpointError
+from chargpt.interop import nanogpt
+from chargpt.interop.nanogpt import MAX_META_DEPTH, read_plain_pickle
 from chargpt.runs.run import load_run
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -269,7 +273,7 @@ def test_the_plain_reader_reads_dicts_strings_and_integers_and_nothing_else(prot
             "stoi": {"a": 0}, "nested": {"x": {"y": "z"}}}
     assert read_plain_pickle(pickle.dumps(meta, protocol=protocol)) == meta
     for obj in (WritesAFile("x"), print, Path("x"), 1.5, [1], (1, 2), None, {1.5j}):
-        with pytest.raises(ValueError, match="it refers to|pickle operation"):
+        with pytest.raises(CheckpointError, match="it refers to|pickle operation"):
             read_plain_pickle(pickle.dumps({"a": obj}, protocol=protocol))
 
 
@@ -280,3 +284,103 @@ def test_a_checkpoint_that_is_not_nanogpts_is_refused(tmp_path, capsys):
     (tmp_path / "ckpt.pt").write_bytes(b"not a zip file")
     code = main(["import", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "run")])
     assert "is not a readable PyTorch file" in one_line_error(capsys, code)
+
+
+def shared_nesting(levels: int, width: int = 2) -> dict:
+    """A dict whose `width` entries are one dict, `levels` deep: small as a pickle (each level
+    is stored once), width**levels paths for a traversal that does not remember what it saw."""
+    x: dict = {"a": "b"}
+    for _ in range(levels):
+        x = dict.fromkeys(range(width), x)
+    return x
+
+
+def self_referencing() -> dict:
+    d: dict = {"vocab_size": 1, "itos": {0: "a"}}
+    d["me"] = d
+    return d
+
+
+@pytest.mark.parametrize("name,obj,needle", [
+    ("self", self_referencing(), "contains itself"),
+    ("shared", {"vocab_size": 1, "itos": {0: "a"}, "x": shared_nesting(60)}, "nested more than"),
+    ("deep", {"vocab_size": 1, "itos": {0: "a"}, "x": shared_nesting(15)}, "nested more than"),
+])
+def test_a_hostile_meta_pkl_is_one_line_in_bounded_time(tmp_path, capsys, name, obj, needle):
+    _, out, _ = nanogpt_repo(tmp_path)
+    meta = tmp_path / "data" / "shakespeare_char" / "meta.pkl"
+    meta.write_bytes(pickle.dumps(obj))
+    assert len(meta.read_bytes()) < 1000
+    t0 = time.monotonic()
+    code = main(["import", str(out), "--out", str(tmp_path / "run")])
+    assert needle in one_line_error(capsys, code)
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(CheckpointError, match=needle):
+        read_plain_pickle(meta.read_bytes(), meta)
+
+
+def test_shared_nesting_within_the_depth_limit_is_read_in_linear_time(tmp_path):
+    _, out, chars = nanogpt_repo(tmp_path)
+    meta = tmp_path / "data" / "shakespeare_char" / "meta.pkl"
+    obj = {"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+           "x": shared_nesting(MAX_META_DEPTH - 2, 8)}  # 8**14 paths through 14 dicts
+    meta.write_bytes(pickle.dumps(obj))
+    t0 = time.monotonic()
+    assert main(["import", str(out), "--out", str(tmp_path / "run")]) == 0
+    assert time.monotonic() - t0 < 30
+    back = read_plain_pickle(meta.read_bytes())
+    assert back.keys() == obj.keys() and back["itos"] == obj["itos"]
+
+
+def test_meta_pkl_size_and_value_limits(tmp_path, capsys, monkeypatch):
+    """A meta.pkl larger than the limit is not read; one that builds more values than a full
+    vocabulary needs is refused while it is read (limits lowered here, as the test's own)."""
+    _, out, chars = nanogpt_repo(tmp_path)
+    meta = tmp_path / "data" / "shakespeare_char" / "meta.pkl"
+    size = len(meta.read_bytes())
+    monkeypatch.setattr(nanogpt, "MAX_META_BYTES", size - 1)
+    code = main(["import", str(out), "--out", str(tmp_path / "run")])
+    assert f"more than {size - 1:,} bytes" in one_line_error(capsys, code)
+    monkeypatch.setattr(nanogpt, "MAX_META_BYTES", size)
+    monkeypatch.setattr(nanogpt, "MAX_META_VALUES", 3 * len(chars))
+    code = main(["import", str(out), "--out", str(tmp_path / "run")])
+    assert "more than" in one_line_error(capsys, code)
+    monkeypatch.setattr(nanogpt, "MAX_META_VALUES", 4 * len(chars) + 8)
+    assert main(["import", str(out), "--out", str(tmp_path / "run")]) == 0
+
+
+@pytest.mark.parametrize("meta,needle", [
+    ({"vocab_size": 10**12, "itos": {0: "a"}}, "does not number its characters"),
+    ({"vocab_size": 2, "itos": {0: "a", "1": "b"}}, "does not number its characters"),
+])
+def test_a_meta_pkl_with_a_lying_vocabulary_is_one_line(tmp_path, capsys, meta, needle):
+    _, out, _ = nanogpt_repo(tmp_path)
+    (tmp_path / "data" / "shakespeare_char" / "meta.pkl").write_bytes(pickle.dumps(meta))
+    code = main(["import", str(out), "--out", str(tmp_path / "run")])
+    assert needle in one_line_error(capsys, code)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_a_sparse_tensor_that_reads_out_of_bounds_is_refused(tmp_path, capsys):
+    """A sparse CSR tensor whose row pointers claim a million values over one: torch's
+    weights-only load builds it unchecked by default, and using it reads past its buffers."""
+    _, out, _ = nanogpt_repo(tmp_path)
+    shutil.copy(out / "ckpt.pt", out / "ckpt.pt.orig")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    name = "_orig_mod.transformer.ln_f.weight"
+    n = ckpt["model"][name].numel()
+    ckpt["model"][name] = torch.sparse_csr_tensor(
+        torch.tensor([0, 1 << 20]), torch.tensor([0]), torch.tensor([1.0]), size=(1, n),
+        check_invariants=False)
+    torch.save(ckpt, out / "ckpt.pt")
+    code = main(["import", str(out), "--out", str(tmp_path / "run")])
+    assert "crow_indices[..., -1] == nnz" in one_line_error(capsys, code)
+    # a valid sparse head: still not weights (and torch.equal, comparing it with the embedding
+    # to see whether they are tied, has no sparse kernel)
+    ckpt = torch.load(tmp_path / "out-shakespeare-char" / "ckpt.pt.orig", weights_only=True)
+    head = "_orig_mod.lm_head.weight"
+    ckpt["model"][head] = ckpt["model"][head].to_sparse()
+    torch.save(ckpt, out / "ckpt.pt")
+    code = main(["import", str(out), "--out", str(tmp_path / "run")])
+    assert "has no 'model' state_dict of dense tensors" in one_line_error(capsys, code)
+    assert not (tmp_path / "run").exists()

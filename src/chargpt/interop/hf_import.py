@@ -1,114 +1,38 @@
-"""Hugging Face in: a `transformers` folder read back into a chargpt model (hf.py writes one).
+"""Hugging Face in: a `transformers` folder read back into a chargpt model (hf_export writes one).
 
 `read_hf` accepts GPT-2-shaped folders with a character tokenizer and the Llama/Qwen3 folders
 `chargpt export` writes, undoing what the export did (Conv1D transposes, the gated-MLP forms,
 the sign flip of rotary heads), and refuses with the reason whatever chargpt cannot compute
-exactly. Weights are read as plain tensors only (safetensors, or torch.load with
-weights_only=True), and the tokenizer must give every character its own id.
+exactly. Before any tensor is read, the model's sizes, from config.json and the weights'
+headers, pass the same bounds and memory check as a loaded checkpoint (`_check_sizes`). Weights
+are read as plain tensors only (safetensors, or torch.load with weights_only=True; see
+hf_files.py), and the tokenizer must give every character its own id.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
 from chargpt.config.schema import ModelConfig
-from chargpt.errors import ChargptError, CheckpointError, ConfigError
-from chargpt.interop.hf_export import (
-    LAYER_NORM_EPS,
-    RMS_NORM_EPS,
-    WEIGHT_FILES,
-    half_flip,
-    require_hf,
+from chargpt.errors import CheckpointError, ConfigError
+from chargpt.interop.hf_export import LAYER_NORM_EPS, RMS_NORM_EPS, half_flip, require_hf
+from chargpt.interop.hf_files import (
+    read_char_tokenizer,
+    read_config,
+    read_hf_weights,
+    read_weights_header,
+    weight_files,
 )
-from chargpt.interop.imported import ImportedModel, load_plain_torch
-from chargpt.text.tokenizer import CharTokenizer
+from chargpt.interop.imported import ImportedModel
+from chargpt.runs.safety import LOAD_FACTOR, check_bounds, require_memory
 
-__all__ = ["read_char_tokenizer", "read_hf", "read_hf_weights"]
+__all__ = ["read_hf"]
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} is not a JSON object")
-    return data
-
-
-def _load_safetensors(path: Path) -> dict[str, Tensor]:
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable: {' '.join(str(e).split())}") from None
-
-
-def read_hf_weights(src: Path) -> dict[str, Tensor]:
-    """The folder's tensors, from safetensors (one file or shards) or a weights-only .bin."""
-    if (src / "model.safetensors").is_file():
-        return _load_safetensors(src / "model.safetensors")
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index} has no weight_map")
-        out: dict[str, Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            if not isinstance(shard, str) or Path(shard).name != shard:
-                raise CheckpointError(f"{index} names a shard outside the folder: {shard!r}")
-            out.update(_load_safetensors(src / shard))
-        return out
-    if (src / "pytorch_model.bin").is_file():
-        state = load_plain_torch(src / "pytorch_model.bin")
-        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-            raise CheckpointError(f"{src / 'pytorch_model.bin'} is not a dict of tensors")
-        return state
-    raise CheckpointError(f"{src} has no weights (expected one of {', '.join(WEIGHT_FILES)})")
-
-
-def read_char_tokenizer(src: Path, vocab_size: int) -> CharTokenizer:
-    """chargpt's vocabulary from the folder's tokenizer.json, checked to work character-wise."""
-    from tokenizers import Tokenizer
-
-    path = src / "tokenizer.json"
-    if not path.is_file():
-        raise CheckpointError(f"{src} has no tokenizer.json (a character tokenizer is needed)")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises plain Exception for malformed files
-        raise CheckpointError(f"{path} is unreadable: {' '.join(str(e).split())}") from None
-    vocab = tok.get_vocab(with_added_tokens=True)
-    by_id = {i: t for t, i in vocab.items()}
-    if sorted(by_id) != list(range(vocab_size)):
-        raise CheckpointError(f"{path} has {len(vocab)} tokens with ids that are not "
-                              f"0..{vocab_size - 1}, the model's vocabulary")
-    chars = [by_id[i] for i in range(vocab_size)]
-    long = [t for t in chars if len(t) != 1]
-    if long:
-        raise CheckpointError(f"{path} is not a character tokenizer: token {long[0]!r} is "
-                              f"{len(long[0])} characters long")
-    text = "".join(chars)
-    try:
-        ids = tok.encode(text, add_special_tokens=False).ids
-    except Exception as e:
-        raise CheckpointError(f"{path} cannot encode its own vocabulary: {e}") from None
-    # Only the ids matter: chargpt decodes with its own vocabulary, not the file's decoder.
-    if ids != list(range(vocab_size)):
-        raise CheckpointError(f"{path} does not give each character its own token (its "
-                              "normaliser or pre-tokeniser changes or groups the text)")
-    try:
-        return CharTokenizer(chars)
-    except ChargptError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+MODEL_TYPES = ("gpt2", "llama", "qwen3")
 
 
 def _take(weights: dict[str, Tensor], name: str, where: Path) -> Tensor:
@@ -170,17 +94,23 @@ def _gpt2_blocks(w: dict[str, Tensor], n_layer: int, src: Path,
     return [*biases, "transformer.ln_f.bias"]
 
 
-def _from_gpt2(config: dict[str, Any], weights: dict[str, Tensor], src: Path
-               ) -> tuple[ModelConfig, dict[str, Tensor]]:
+def _gpt2_shape(config: dict[str, Any], src: Path) -> tuple[int, int, int, int]:
+    """(n_embd, n_head, n_layer, MLP width) of a GPT-2 config chargpt can express."""
     cpath = src / "config.json"
-    act = _gpt2_activation(config, src)
     n_embd = _int(config, "n_embd", cpath)
     n_head = _int(config, "n_head", cpath)
     n_layer = _int(config, "n_layer", cpath)
     n_inner = config.get("n_inner") or 4 * n_embd
-    if not isinstance(n_inner, int) or n_inner % n_embd:
-        raise _unsupported(src, f"n_inner {n_inner}", f"chargpt's MLP width is a whole "
-                           f"multiple of n_embd ({n_embd})")
+    if not isinstance(n_inner, int) or isinstance(n_inner, bool) or n_inner % n_embd:
+        raise _unsupported(src, f"n_inner {str(n_inner)[:40]}", "chargpt's MLP width is a "
+                           f"whole multiple of n_embd ({n_embd})")
+    return n_embd, n_head, n_layer, n_inner
+
+
+def _from_gpt2(config: dict[str, Any], weights: dict[str, Tensor], src: Path
+               ) -> tuple[ModelConfig, dict[str, Tensor]]:
+    act = _gpt2_activation(config, src)
+    n_embd, n_head, n_layer, n_inner = _gpt2_shape(config, src)
     # Weights saved from the bare GPT2Model have no "transformer." prefix; the causal-mask
     # buffers some older checkpoints carry are not weights.
     w = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
@@ -225,9 +155,12 @@ def _rope_theta(config: dict[str, Any], src: Path) -> float:
         raise _unsupported(src, f"rope_type {rope_type!r}", "chargpt's rotary positions are "
                            "the default, unscaled ones")
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool):
-        raise CheckpointError(f"{src / 'config.json'}: rope_theta must be a number")
-    return float(theta)
+    try:
+        if isinstance(theta, int | float) and not isinstance(theta, bool):
+            return float(theta)  # ModelConfig checks that it is finite and > 1
+    except OverflowError:  # an integer of hundreds of digits
+        pass
+    raise CheckpointError(f"{src / 'config.json'}: rope_theta must be a finite number")
 
 
 def _rotary_shape(config: dict[str, Any], src: Path) -> tuple[int, int, int, int]:
@@ -240,7 +173,7 @@ def _rotary_shape(config: dict[str, Any], src: Path) -> tuple[int, int, int, int
     if config.get("num_key_value_heads", n_head) != n_head:
         raise _unsupported(src, "grouped-query attention", "chargpt has one key and value "
                            "head per query head")
-    if config.get("head_dim", n_embd // n_head) * n_head != n_embd or hidden % n_embd:
+    if _int(config, "head_dim", cpath, n_embd // n_head or 1) * n_head != n_embd or hidden % n_embd:
         raise _unsupported(src, "head_dim or intermediate_size", "chargpt's heads split "
                            "n_embd evenly and its MLP is a whole multiple of n_embd wide")
     eps = config.get("rms_norm_eps")
@@ -279,44 +212,47 @@ def _check_qk_norm_gains(w: dict[str, Tensor], q: str, src: Path) -> None:
             raise _unsupported(src, f"learned {norm} gains", "chargpt's QK-norm has no weights")
 
 
+def _rotary_layer(w: dict[str, Tensor], i: int, sd: dict[str, Tensor], flip: Tensor,
+                  config: dict[str, Any], src: Path, family: str) -> tuple[str, bool]:
+    """Move layer `i` from `w` into `sd` with chargpt's names; its MLP's activation, and
+    whether it has a bias that is not zero. chargpt has all four biases or none: a missing one
+    is zeros (all are dropped later if every one is zero)."""
+    p, q = f"transformer.h.{i}.", f"model.layers.{i}."
+    sd[p + "ln_1.weight"] = _take(w, q + "input_layernorm.weight", src)
+    sd[p + "ln_2.weight"] = _take(w, q + "post_attention_layernorm.weight", src)
+    if family == "qwen3":
+        _check_qk_norm_gains(w, q, src)
+    proj = {n: _take(w, f"{q}self_attn.{n}.weight", src)
+            for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    sd[p + "attn.c_attn.weight"] = torch.cat(
+        (proj["q_proj"] * flip[:, None], proj["k_proj"] * flip[:, None], proj["v_proj"]))
+    sd[p + "attn.c_proj.weight"] = proj["o_proj"]
+    b = {n: w.pop(f"{q}self_attn.{n}.bias", None) for n in proj}
+    activation, sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_proj.weight"], b_gate, b_down = (
+        _gated_mlp(w, q, config.get("hidden_act"), src))
+    qkv_bias = None if b["q_proj"] is None else torch.cat(
+        (b["q_proj"] * flip, b["k_proj"] * flip, b["v_proj"]))
+    n_embd, hidden = flip.numel(), config["intermediate_size"]  # checked by _rotary_shape
+    any_bias = False
+    for name, t, size in (("attn.c_attn.bias", qkv_bias, 3 * n_embd),
+                          ("attn.c_proj.bias", b["o_proj"], n_embd),
+                          ("mlp.c_fc.bias", b_gate, hidden), ("mlp.c_proj.bias", b_down, n_embd)):
+        any_bias = any_bias or (t is not None and bool(torch.count_nonzero(t)))
+        sd[p + name] = t if t is not None else torch.zeros(size)
+    return activation, any_bias
+
+
 def _from_rotary(config: dict[str, Any], weights: dict[str, Tensor], src: Path, family: str
                  ) -> tuple[ModelConfig, dict[str, Tensor]]:
     """The inverse of `_rotary_weights`: Llama/Qwen3 folders shaped like chargpt's exports."""
     n_embd, n_head, n_layer, hidden = _rotary_shape(config, src)
     theta = _rope_theta(config, src)
-    act = config.get("hidden_act")
     w = dict(weights)
-    flip = None  # set once the head size is known to be valid (ModelConfig checks it)
-    sd: dict[str, Tensor] = {"transformer.wte.weight": _take(w, "model.embed_tokens.weight",
-                                                             src)}
-    vocab_size = sd["transformer.wte.weight"].size(0)
-    activations, any_bias = set(), False
-    for i in range(n_layer):
-        p, q = f"transformer.h.{i}.", f"model.layers.{i}."
-        sd[p + "ln_1.weight"] = _take(w, q + "input_layernorm.weight", src)
-        sd[p + "ln_2.weight"] = _take(w, q + "post_attention_layernorm.weight", src)
-        if family == "qwen3":
-            _check_qk_norm_gains(w, q, src)
-        if flip is None:
-            flip = half_flip(ModelConfig(n_embd=n_embd, n_head=n_head))
-        proj = {n: _take(w, f"{q}self_attn.{n}.weight", src) for n in ("q_proj", "k_proj",
-                                                                         "v_proj", "o_proj")}
-        sd[p + "attn.c_attn.weight"] = torch.cat(
-            (proj["q_proj"] * flip[:, None], proj["k_proj"] * flip[:, None], proj["v_proj"]))
-        sd[p + "attn.c_proj.weight"] = proj["o_proj"]
-        b = {n: w.pop(f"{q}self_attn.{n}.bias", None) for n in proj}
-        activation, sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_proj.weight"], b_gate, b_down = (
-            _gated_mlp(w, q, act, src))
-        activations.add(activation)
-        qkv_bias = None if b["q_proj"] is None else torch.cat(
-            (b["q_proj"] * flip, b["k_proj"] * flip, b["v_proj"]))
-        # chargpt has all four biases or none: missing ones are zeros, dropped below if all are
-        for name, t, size in (("attn.c_attn.bias", qkv_bias, 3 * n_embd),
-                              ("attn.c_proj.bias", b["o_proj"], n_embd),
-                              ("mlp.c_fc.bias", b_gate, hidden),
-                              ("mlp.c_proj.bias", b_down, n_embd)):
-            any_bias = any_bias or (t is not None and bool(torch.count_nonzero(t)))
-            sd[p + name] = t if t is not None else torch.zeros(size)
+    sd = {"transformer.wte.weight": _take(w, "model.embed_tokens.weight", src)}
+    flip = half_flip(ModelConfig(n_embd=n_embd, n_head=n_head))
+    layers = [_rotary_layer(w, i, sd, flip, config, src, family) for i in range(n_layer)]
+    activations = {activation for activation, _ in layers}
+    any_bias = any(bias for _, bias in layers)
     if len(activations) != 1:
         raise _unsupported(src, "layers with different MLP forms", "chargpt uses one "
                            "activation everywhere")
@@ -331,7 +267,7 @@ def _from_rotary(config: dict[str, Any], weights: dict[str, Tensor], src: Path, 
                            "chargpt can express")
     if not any_bias:
         sd = {k: v for k, v in sd.items() if not k.endswith(".bias")}
-    cfg = ModelConfig(arch="gpt", vocab_size=vocab_size,
+    cfg = ModelConfig(arch="gpt", vocab_size=sd["transformer.wte.weight"].size(0),
                       block_size=_int(config, "max_position_embeddings", src / "config.json"),
                       n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                       dropout=_dropout(config, "attention_dropout"), bias=any_bias,
@@ -341,21 +277,52 @@ def _from_rotary(config: dict[str, Any], weights: dict[str, Tensor], src: Path, 
     return cfg, sd
 
 
+def _rows(header: dict[str, tuple[str, list[int]]], names: tuple[str, ...]) -> int:
+    """The first dimension of the first of `names` the header holds (1 if none: the
+    translation then says which tensor is missing)."""
+    shape = next((header[n][1] for n in names if n in header), [])
+    return shape[0] if shape else 1
+
+
+def _check_sizes(config: dict[str, Any], files: list[Path], src: Path, model_type: str
+                 ) -> None:
+    """The model the folder describes, from config.json and the weights' headers alone, within
+    the bounds a loaded checkpoint must keep, and the memory to load it (its weights files are
+    read whole, and the model is built besides) available: checked before any tensor is read.
+    The sizes are what the import builds; only details no size depends on wait for the
+    tensors' values (which biases are zero, whether the head is tied: counted untied)."""
+    header = read_weights_header(files)
+    if model_type == "gpt2":
+        n_embd, n_head, n_layer, width = _gpt2_shape(config, src)
+        vocab = _rows(header, ("transformer.wte.weight", "wte.weight"))
+        block = _rows(header, ("transformer.wpe.weight", "wpe.weight"))
+    else:
+        n_embd, n_head, n_layer, width = _rotary_shape(config, src)
+        vocab = _rows(header, ("model.embed_tokens.weight",))
+        block = _int(config, "max_position_embeddings", src / "config.json")
+    sizes = ModelConfig(arch="gpt", vocab_size=vocab, block_size=block, n_layer=n_layer,
+                        n_head=n_head, n_embd=n_embd, mlp_ratio=max(1, width // n_embd),
+                        tie_weights=False, pos_emb="learned" if model_type == "gpt2" else "rope")
+    check_bounds(sizes, src)
+    require_memory(sizes, LOAD_FACTOR, src, extra_bytes=sum(f.stat().st_size for f in files))
+
+
 def read_hf(src: str | Path) -> ImportedModel:
     """A chargpt model from a transformers folder (GPT-2-shaped, or Llama/Qwen3 as exported)."""
     require_hf("importing a Hugging Face folder")
     src = Path(src)
-    config = _read_json(src / "config.json")
+    config = read_config(src / "config.json")
     model_type = config.get("model_type")
-    weights = read_hf_weights(src)
+    if model_type not in MODEL_TYPES:
+        raise _unsupported(src, f"model_type {str(model_type)[:40]!r}", "chargpt reads gpt2, "
+                           "and the llama and qwen3 folders it exports")
     try:
+        _check_sizes(config, weight_files(src), src, model_type)
+        weights = read_hf_weights(src)
         if model_type == "gpt2":
             cfg, sd = _from_gpt2(config, weights, src)
-        elif model_type in ("llama", "qwen3"):
-            cfg, sd = _from_rotary(config, weights, src, model_type)
         else:
-            raise _unsupported(src, f"model_type {model_type!r}", "chargpt reads gpt2, and the "
-                               "llama and qwen3 folders it exports")
+            cfg, sd = _from_rotary(config, weights, src, model_type)
     except ConfigError as e:  # a shape or size ModelConfig refuses
         raise CheckpointError(f"cannot import {src}: {e}") from None
     tokenizer = read_char_tokenizer(src, cfg.vocab_size)

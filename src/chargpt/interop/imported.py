@@ -15,7 +15,7 @@ from chargpt.config.schema import ModelConfig
 from chargpt.errors import CheckpointError
 from chargpt.text.tokenizer import CharTokenizer
 
-__all__ = ["ImportedModel", "load_plain_torch"]
+__all__ = ["ImportedModel", "is_dense_tensor_dict", "load_plain_torch"]
 
 
 @dataclass
@@ -30,11 +30,15 @@ class ImportedModel:
     val_loss: float | None = None
 
 
-def load_plain_torch(path: Path) -> Any:
+def load_plain_torch(path: Path, mmap: bool = False) -> Any:
     """torch.load restricted to tensors and plain containers: a pickled object is refused
-    before it is built, so loading can never run code."""
+    before it is built, so loading can never run code. Sparse tensors are checked while they
+    are loaded (torch skips that by default, and a sparse tensor whose indices point past its
+    values reads out of bounds when used). With `mmap`, the file is mapped and no tensor's
+    bytes are read until the tensor is used."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.sparse.check_sparse_tensor_invariants():
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a hostile or broken file: torch.load raises many error types
         message = str(e)
         found = re.search(r"GLOBAL ([\w.]+)", message)
@@ -48,3 +52,9 @@ def load_plain_torch(path: Path) -> Any:
         reason = next((s for s in lines if s.startswith("Unsupported")), lines[0])
         raise CheckpointError(f"{path} is not a readable PyTorch file of plain tensors "
                               f"({reason}); nothing was executed") from None
+
+
+def is_dense_tensor_dict(obj: Any) -> bool:
+    """Whether `obj` is a dict of dense (strided) tensors: the only weights a model has."""
+    return isinstance(obj, dict) and all(
+        isinstance(v, Tensor) and v.layout == torch.strided for v in obj.values())

@@ -9,11 +9,14 @@ prefix, dropping the causal-mask buffers older versions saved, and carrying `mod
 Both files are read as plain data only: the checkpoint with weights-only torch.load, and
 meta.pkl without an unpickler at all: its opcodes are decoded by `pickletools` and only those
 that build dicts, strings and integers are carried out; any reference to a global (a class, a
-function) or call is refused before anything could run.
+function) or call is refused before anything could run. Its size, the values it pushes and the
+depth of its dicts are bounded, a dict inside itself is refused, and the check takes time
+linear in the file however its dicts are shared.
 """
 
 from __future__ import annotations
 
+import math
 import pickletools
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,8 @@ from torch import Tensor
 
 from chargpt.config.schema import ModelConfig
 from chargpt.errors import ChargptError, CheckpointError, ConfigError
-from chargpt.interop.imported import ImportedModel, load_plain_torch
+from chargpt.fileio import read_bytes
+from chargpt.interop.imported import ImportedModel, is_dense_tensor_dict, load_plain_torch
 from chargpt.text.tokenizer import CharTokenizer
 
 META_FILE = "meta.pkl"
@@ -32,10 +36,23 @@ MODEL_ARGS = {"n_layer": int, "n_head": int, "n_embd": int, "block_size": int,
               "vocab_size": int, "bias": bool, "dropout": float}
 
 
+# A meta.pkl's limits. nanoGPT's is two dicts deep ({"itos": {0: "a"}}); a vocabulary of every
+# code point, itos and stoi, is about 25 MB and pushes about 4.4 million values (each id and
+# character, and stoi's entries), so these refuse nothing real and bound the memory and time
+# a hostile file can take.
+MAX_META_BYTES = 64 << 20
+MAX_META_VALUES = 4 * 0x110000 + 4096
+MAX_META_DEPTH = 16
+
 _INTS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
 _STRS = {"UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
 _PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
 _GETS = {"GET", "BINGET", "LONG_BINGET"}
+_PUSHES = _INTS | _STRS | _GETS | {"EMPTY_DICT", "DICT"}
+
+
+class _NotPlain(Exception):
+    """What the plain reader refuses; `read_plain_pickle` turns it into one line."""
 
 
 def _refusal(name: str, arg: Any, stack: list[Any]) -> str:
@@ -48,14 +65,32 @@ def _refusal(name: str, arg: Any, stack: list[Any]) -> str:
     return f"it uses the pickle operation {name}; only dicts, strings and integers are read"
 
 
-def read_plain_pickle(raw: bytes) -> Any:
+def read_plain_pickle(raw: bytes, source: str | Path = "the pickle") -> Any:
     """The value of a pickle made only of dicts, strings and integers.
 
     This is not an unpickler: `pickletools.genops` only decodes the opcodes, and the few that
     build dicts, strings and integers are carried out here. Every opcode that would look up a
     global (a class, or a function such as os.system), call one, or fetch an object from
-    outside is refused, so there is nothing a crafted file could make run. Raises ValueError
-    naming what was refused."""
+    outside is refused, so there is nothing a crafted file could make run; so is a pickle that
+    pushes more than MAX_META_VALUES values, nests dicts more than MAX_META_DEPTH deep, or puts
+    a dict inside itself. Whatever is refused, and whatever the opcodes do wrong (a truncated
+    file, an unknown memo slot, an item set on a string), is one CheckpointError naming
+    `source`."""
+    try:
+        obj = _run_plain_ops(raw)
+        _check_plain(obj)
+    except (_NotPlain, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        # ValueError: genops' own (truncated, unknown opcode) and an odd number of items;
+        # TypeError/AttributeError: an item set on a string, an unhashable key; KeyError: an
+        # unknown memo slot; IndexError: an empty stack or no mark
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"{source} is not plain metadata ({reason}); refused without "
+                              "running anything") from None
+    return obj
+
+
+def _run_plain_ops(raw: bytes) -> Any:
+    """Carry out the plain-data opcodes of `raw`; `_NotPlain` for any other."""
     stack: list[Any] = []
     marks: list[int] = []
     memo: dict[Any, Any] = {}
@@ -66,13 +101,17 @@ def read_plain_pickle(raw: bytes) -> Any:
         del stack[start:]
         return items
 
+    pushed = 0
     for op, arg, _ in pickletools.genops(raw):
         name = op.name
+        pushed += name in _PUSHES
+        if pushed > MAX_META_VALUES:
+            raise _NotPlain(f"it pushes more than {MAX_META_VALUES:,} values")
         if name in ("PROTO", "FRAME"):
             continue
         if name == "STOP":
             if len(stack) != 1:
-                raise ValueError("it ends with an unbalanced stack")
+                raise _NotPlain("it ends with an unbalanced stack")
             return stack[0]
         if name in _INTS or name in _STRS:
             stack.append(arg)
@@ -96,31 +135,49 @@ def read_plain_pickle(raw: bytes) -> Any:
         elif name in _GETS:
             stack.append(memo[arg])
         else:
-            raise ValueError(_refusal(name, arg, stack))
-    raise ValueError("it has no STOP")
+            raise _NotPlain(_refusal(name, arg, stack))
+    raise _NotPlain("it has no STOP")
 
 
-def _is_plain(obj: Any) -> bool:
-    if isinstance(obj, dict):
-        return all(_is_plain(k) and _is_plain(v) for k, v in obj.items())
-    return isinstance(obj, str) or (isinstance(obj, int) and not isinstance(obj, bool))
+def _check_plain(obj: Any) -> None:
+    """Every value reachable from `obj` is a dict, a string or an integer (not a bool), dicts
+    nest at most MAX_META_DEPTH deep, and no dict holds itself. Each dict's height is worked
+    out once and remembered, so a dict shared by many others (2**n paths through n dicts)
+    costs one visit, and the recursion never goes deeper than the limit."""
+    heights: dict[int, int] = {}  # id of a checked dict -> its height
+    on_path: set[int] = set()
+
+    def height(value: Any, depth: int) -> int:
+        if not isinstance(value, dict):
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                raise _NotPlain("it holds more than dicts, strings and integers: a "
+                                f"{type(value).__name__}")
+            return 0
+        key = id(value)
+        if key in on_path:
+            raise _NotPlain("a dict in it contains itself")
+        if key not in heights:
+            if depth >= MAX_META_DEPTH:
+                raise _NotPlain(f"its dicts are nested more than {MAX_META_DEPTH} deep")
+            on_path.add(key)
+            heights[key] = 1 + max((height(x, depth + 1) for kv in value.items() for x in kv),
+                                   default=0)
+            on_path.discard(key)
+        if depth + heights[key] > MAX_META_DEPTH:
+            raise _NotPlain(f"its dicts are nested more than {MAX_META_DEPTH} deep")
+        return heights[key]
+
+    height(obj, 0)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
     """meta.pkl as a dict of dicts, strings and integers, or a one-line CheckpointError."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        obj = read_plain_pickle(raw)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        # TypeError/AttributeError: e.g. SETITEM on a string; KeyError: an unknown memo slot
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise CheckpointError(f"{path} is not plain metadata ({reason}); refused without "
-                              "running anything") from None
-    if not isinstance(obj, dict) or not _is_plain(obj):
-        raise CheckpointError(f"{path} holds more than dicts, strings and integers; refused")
+    raw = read_bytes(path, what="nanoGPT meta.pkl", error=CheckpointError,
+                     max_bytes=MAX_META_BYTES)
+    obj = read_plain_pickle(raw, path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, where nanoGPT keeps a "
+                              "dict of its vocabulary")
     return obj
 
 
@@ -129,7 +186,7 @@ def tokenizer_from_meta(meta: dict[str, Any], path: Path) -> CharTokenizer:
     if not isinstance(itos, dict) or not isinstance(size, int):
         raise CheckpointError(f"{path} has no character vocabulary ('itos' and 'vocab_size'); "
                               "is this a character-level nanoGPT dataset?")
-    if sorted(itos) != list(range(size)):
+    if len(itos) != size or set(itos) != set(range(size)):  # a size checked before a range
         raise CheckpointError(f"{path}: 'itos' does not number its characters 0..{size - 1}")
     chars = [itos[i] for i in range(size)]
     stoi = meta.get("stoi")
@@ -167,13 +224,26 @@ def _model_args(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
     out = {}
     for key, tp in MODEL_ARGS.items():
         value = args.get(key)
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float
-              else isinstance(value, tp) and (tp is bool or not isinstance(value, bool)))
+        if tp is float:
+            ok, value = _number(value) is not None, _number(value)
+        else:
+            ok = isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
         if not ok:
-            raise CheckpointError(f"{path}: model_args[{key!r}] is {value!r}, expected "
+            raise CheckpointError(f"{path}: model_args[{key!r}] is {_shown(value)}, expected "
                                   f"{tp.__name__}")
-        out[key] = tp(value)
+        out[key] = value
     return out
+
+
+def _shown(value: Any) -> str:
+    """A value of a stranger's file in a message: a scalar's repr, cut short (an int has no
+    repr past 4,300 digits), else its type."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return "a very large int"
+    if value is None or isinstance(value, int | float | str):
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    return f"a {type(value).__name__}"
 
 
 def _strip(name: str) -> str:
@@ -188,18 +258,21 @@ def _strip(name: str) -> str:
 
 def state_dict_from(ckpt: dict[str, Any], path: Path) -> dict[str, Tensor]:
     model = ckpt.get("model")
-    if not isinstance(model, dict) or not all(isinstance(v, Tensor) for v in model.values()):
-        raise CheckpointError(f"{path} has no 'model' state_dict of tensors")
+    if not is_dense_tensor_dict(model):
+        raise CheckpointError(f"{path} has no 'model' state_dict of dense tensors")
     # ".attn.bias" alone (not ".c_attn.bias") is the causal mask older nanoGPTs registered
     return {_strip(k): v for k, v in model.items() if not _strip(k).endswith(".attn.bias")}
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, Tensor) and value.numel() == 1:
-        return float(value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return None
+    """`value` (a number or a one-element tensor) as a finite float, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float | Tensor):
+        return None
+    try:
+        number = float(value)
+    except (OverflowError, TypeError, ValueError, RuntimeError):  # huge, complex, not one element
+        return None
+    return number if math.isfinite(number) else None
 
 
 def read_nanogpt(ckpt_path: Path, meta: Path | None = None) -> ImportedModel:
@@ -233,6 +306,7 @@ def read_nanogpt(ckpt_path: Path, meta: Path | None = None) -> ImportedModel:
     return ImportedModel(
         config=cfg, tokenizer=tokenizer, state_dict=sd,
         source={"format": "nanogpt", "path": str(ckpt_path), "meta": str(meta_path)},
-        step=step if isinstance(step, int) and not isinstance(step, bool) else 0,
+        step=step if isinstance(step, int) and not isinstance(step, bool)
+        and 0 <= step < 2**63 else 0,
         val_loss=_number(ckpt.get("best_val_loss")),
     )

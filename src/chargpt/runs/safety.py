@@ -6,8 +6,8 @@ config with a million layers, weights of other shapes or dtypes than the config 
 vocabulary of another size. `check_checkpoint` is the one gate every loader passes (sample,
 eval, serve, attention, export and resume, through rundir.find_checkpoint): it verifies the
 manifest, then checks the config's sizes against generous but finite bounds (`check_bounds`),
-the memory the model needs, estimated from the config alone, against what the machine has
-(`require_memory`), and the vocabulary against the config. Only then is the model built, on the
+the memory the model needs, estimated from the config alone, against what the machine has,
+or its memory cgroup (a container's limit) if that allows less (`require_memory`), and the vocabulary against the config. Only then is the model built, on the
 meta device, which allocates nothing, to compare the tensors it expects with the weights file's
 header, read without loading a tensor (`check_weights`). A caller builds the real model after
 all of that has passed.
@@ -30,7 +30,7 @@ from chargpt.text.tokenizer import CharTokenizer, check_same_vocab
 
 __all__ = ["BOUNDS", "LOAD_FACTOR", "TRAIN_FACTOR", "CheckedCheckpoint", "available_memory",
            "check_bounds", "check_checkpoint", "check_optimizer_state", "check_weights",
-           "estimate_params", "require_memory"]
+           "estimate_params", "read_header", "require_memory"]
 
 # The largest value of each size a loaded config may have: far past any model chargpt trains
 # (GPT-3 has 96 layers of width 12,288), yet finite, so that a config from a stranger never
@@ -79,8 +79,9 @@ def _expected_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], 
     return expected, [names for names in by_id.values() if len(names) > 1]
 
 
-def _header(path: Path) -> dict[str, tuple[str, list[int]]]:
-    """{name: (dtype, shape)} of a safetensors file, from its header alone."""
+def read_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """{name: (dtype, shape)} of a safetensors file, from its header alone (no tensor is
+    read); a file safetensors cannot open is one CheckpointError."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {name: (f.get_slice(name).get_dtype(), list(f.get_slice(name).get_shape()))
@@ -93,7 +94,7 @@ def _header(path: Path) -> dict[str, tuple[str, list[int]]]:
 def check_weights(path: Path, model: torch.nn.Module, config_file: str | Path) -> None:
     """The weights file holds exactly the tensors `model` (built on the meta device from
     `config_file`) has, with the same shapes and dtypes; read from its header only."""
-    header = _header(path)
+    header = read_header(path)
     expected, tied = _expected_tensors(model)
     for name, (dtype, shape) in header.items():
         if name not in expected:
@@ -165,13 +166,29 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, where: Path) -> None
                                           f"{tuple(p.shape)}")
 
 
-def available_memory() -> int | None:
-    """Bytes of memory this machine can give a new allocation now, or None if unknown.
+# Where the memory figures are read; tests point these at files of their own.
+PROC_MEMINFO = Path("/proc/meminfo")
+PROC_CGROUP = Path("/proc/self/cgroup")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
-    Linux's MemAvailable counts the page cache that can be dropped; elsewhere the physical
-    memory (sysconf) is the best the standard library offers."""
+# Per cgroup version: the limit file, the usage file, and the memory.stat key of the page cache
+# the kernel can drop (inactive files), which counts as free as MemAvailable counts it.
+_CGROUP_FILES = {2: ("memory.max", "memory.current", "inactive_file"),
+                 1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can have now, or None if unknown: the machine's
+    (Linux's MemAvailable, which counts the page cache that can be dropped; elsewhere the
+    physical memory from sysconf), or less where a memory cgroup (a container's limit) allows
+    less."""
+    figures = [f for f in (_machine_available(), _cgroup_available()) if f is not None]
+    return min(figures) if figures else None
+
+
+def _machine_available() -> int | None:
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
+        with open(PROC_MEMINFO, encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
@@ -183,15 +200,80 @@ def available_memory() -> int | None:
         return None
 
 
+def _read_int(path: Path) -> int | None:
+    """A cgroup file's number; None if it is missing, unreadable or 'max' (no limit)."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _page_cache(directory: Path, key: str) -> int:
+    try:
+        lines = (directory / "memory.stat").read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return 0
+    values = [line.split()[1] for line in lines if line.startswith(key + " ")]
+    return int(values[0]) if values and values[0].isdigit() else 0
+
+
+def _cgroup_dirs() -> list[tuple[int, Path, Path]]:
+    """(version, mount, directory) of this process's memory cgroups, from /proc/self/cgroup:
+    the v2 cgroup (on a cgroup2 mount at CGROUP_ROOT, or at CGROUP_ROOT/unified beside v1) and
+    v1's memory controller (CGROUP_ROOT/memory)."""
+    try:
+        lines = PROC_CGROUP.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if hierarchy == "0" and not controllers:
+            version, mounts = 2, [CGROUP_ROOT, CGROUP_ROOT / "unified"]
+        elif "memory" in controllers.split(","):
+            version, mounts = 1, [CGROUP_ROOT / "memory"]
+        else:
+            continue
+        relative = Path(path.strip()).relative_to("/") if path.startswith("/") else Path()
+        found += [(version, mount, mount / relative) for mount in mounts if ".." not in
+                  relative.parts]
+    return found
+
+
+def _cgroup_available() -> int | None:
+    """The least memory this process's memory cgroups, and every cgroup above them, still
+    allow: each limit less its usage (less the page cache it can drop); None where none has a
+    limit. Inside a container the cgroup's own path is often not mounted: the mount's root is
+    the container's cgroup then."""
+    least = None
+    for version, mount, leaf in _cgroup_dirs():
+        limit_file, usage_file, cache_key = _CGROUP_FILES[version]
+        directory = leaf if leaf.is_dir() else mount
+        for d in [directory, *directory.parents]:
+            limit = _read_int(d / limit_file)
+            if limit is not None:
+                used = max(0, (_read_int(d / usage_file) or 0) - _page_cache(d, cache_key))
+                free = max(0, limit - used)
+                least = free if least is None else min(least, free)
+            if d == mount:
+                break
+    return least
+
+
 def _gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB"
 
 
-def require_memory(model: ModelConfig, factor: int, source: str | Path) -> None:
-    """Refuse a model that needs more memory (`factor` bytes per parameter) than the machine
-    has available, before it is built."""
+def require_memory(model: ModelConfig, factor: int, source: str | Path,
+                   extra_bytes: int = 0) -> None:
+    """Refuse a model that needs more memory (`factor` bytes per parameter, and `extra_bytes`
+    besides: files read whole) than the machine has available, before it is built."""
     params = estimate_params(model)
-    need, have = params * factor, available_memory()
+    need, have = params * factor + extra_bytes, available_memory()
     if have is not None and need > have:
         raise CheckpointError(
             f"{source} describes a model of {params / 1e6:,.1f} M parameters, which needs about "

@@ -1,9 +1,12 @@
 """What a client may send to `chargpt serve`: the limits, request parsing, and API errors.
 
 Every request body is read under a size cap and checked field by field, so a bad request is a
-400 whose one-line message names the field (`param`), never a server error. A generation
-request becomes a `GenRequest` holding the prompt's token ids and its `SamplingSettings`; the
-`/v1/completions` flavour accepts OpenAI's field names and refuses what chargpt cannot do.
+400 whose one-line message names the field (`param`), never a server error: whatever the JSON
+parser refuses (a number past Python's int-string limit, nesting past the recursion limit), a
+lone surrogate, and numbers of any size (compared as integers, never overflowing a float or a
+decode loop's int32). A generation request becomes a `GenRequest` holding the prompt's token
+ids and its `SamplingSettings`; the `/v1/completions` flavour accepts OpenAI's field names and
+refuses what chargpt cannot do.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from chargpt.text.tokenizer import UNKNOWN_POLICIES, unknown_chars_message
 
 MAX_SEED = 2**63 - 1
 MAX_STOP_STRINGS = 4
+GENERATE_FIELDS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
+                   "stream", "stop", "unknown"}  # /api/generate's; /v1/completions ignores extras
 
 
 @dataclass(frozen=True)
@@ -97,32 +102,63 @@ async def read_json(request: Request, limits: Limits) -> dict[str, Any]:
         if size > limits.max_body_bytes:  # a chunked body has no Content-Length to check
             raise too_big
         parts.append(chunk)
+    return parse_json(b"".join(parts))
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """A body's JSON object. Whatever the parser refuses is a 400: bad syntax, an integer past
+    Python's int-string limit (a ValueError), nesting past the recursion limit; so is a string
+    with a lone surrogate, which no response could echo back as UTF-8."""
     try:
-        body = json.loads(b"".join(parts) or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "request body is not valid JSON") from None
+        body = json.loads(raw or b"{}")
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError too
+        reason = "nested too deeply" if isinstance(e, RecursionError) else _clip(str(e))
+        raise ApiError(400, f"request body is not valid JSON ({reason})") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "request body holds a lone surrogate (\\ud800-\\udfff), which "
+                       "is not text") from None
+    except RecursionError:
+        raise ApiError(400, "request body is not valid JSON (nested too deeply)") from None
     return body
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    """`text` on one line, cut to `limit` characters: a message must not echo a 64 KiB value."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _show(value: Any) -> str:
+    """A client's value in a message: a scalar as JSON, cut short; a container by its kind."""
+    if isinstance(value, list | dict):
+        return "an array" if isinstance(value, list) else "an object"
+    return _clip(json.dumps(value), 40)
 
 
 def _number(body: dict[str, Any], key: str, default: Any, *, integer: bool = False,
             low: float | None = None, high: float | None = None, low_open: bool = False,
             nullable: bool = False) -> Any:
+    """`body[key]` checked as a number in [low, high]. Integers are compared as integers,
+    never converted to float, so one of 400 digits is out of range, not an overflow."""
     value = body.get(key, default)
     if value is None:
         if nullable:
             return None
         raise ApiError(400, f"{key} must be a number", param=key)
     ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+    if (isinstance(value, bool) or not ok_type
+            or (isinstance(value, float) and not math.isfinite(value))):
         kind = "an integer" if integer else "a number"
-        raise ApiError(400, f"{key} must be {kind}, got {json.dumps(value)}", param=key)
+        raise ApiError(400, f"{key} must be {kind}, got {_show(value)}", param=key)
     if low is not None and (value <= low if low_open else value < low):
-        raise ApiError(400, f"{key} must be {'>' if low_open else '>='} {low}, got {value}",
-                       param=key)
+        raise ApiError(400, f"{key} must be {'>' if low_open else '>='} {low}, got "
+                       f"{_show(value)}", param=key)
     if high is not None and value > high:
-        raise ApiError(400, f"{key} must be <= {high}, got {value}", param=key)
+        raise ApiError(400, f"{key} must be <= {high}, got {_show(value)}", param=key)
     return value
 
 
@@ -152,54 +188,75 @@ def encode_prompt(run: Run, prompt: Any, limits: Limits, unknown: Any = "error",
 def parse_generate(run: Run, body: dict[str, Any], limits: Limits, *, openai: bool) -> GenRequest:
     """Validate a generation request; `openai` selects the /v1/completions field names."""
     if openai:
-        prompt = body.get("prompt", "")
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise ApiError(400, "prompt must be a string or a list of exactly one string",
-                               param="prompt")
-            prompt = prompt[0]
-        if _number(body, "n", 1, integer=True, low=1) != 1:
-            raise ApiError(400, "only n = 1 is supported", param="n")
-        if _number(body, "best_of", 1, integer=True, low=1) != 1:
-            raise ApiError(400, "only best_of = 1 is supported", param="best_of")
-        if body.get("logprobs") is not None:
-            raise ApiError(400, "logprobs are not supported", param="logprobs")
-        tokens_key, default_tokens = "max_tokens", 16  # OpenAI's default
+        prompt = _openai_prompt(body)
+        tokens_key, default_tokens = "max_tokens", min(16, limits.max_new_tokens)  # OpenAI's
     else:
-        allowed = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
-                   "stream", "stop", "unknown"}
-        unknown_keys = sorted(set(body) - allowed)
-        if unknown_keys:
-            raise ApiError(400, f"unknown field(s): {', '.join(unknown_keys)}",
-                           param=unknown_keys[0])
+        refuse_unknown_fields(body, GENERATE_FIELDS)
         prompt = body.get("prompt", "")
         tokens_key, default_tokens = "max_new_tokens", min(200, limits.max_new_tokens)
     ids = encode_prompt(run, prompt, limits, body.get("unknown", "error"))
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS
-            or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in stop)):
-        raise ApiError(400, f"stop must be a string or a list of up to {MAX_STOP_STRINGS} "
-                       "non-empty strings of at most 64 characters", param="stop")
+    stop = _stop_strings(body.get("stop"))
     for flag in ("stream", "echo") if openai else ("stream",):
         if not isinstance(body.get(flag, False), bool):
             raise ApiError(400, f"{flag} must be true or false", param=flag)
-    sampling = SamplingSettings(
-        temperature=float(_number(body, "temperature", 1.0, low=0, high=100)),
-        top_k=_number(body, "top_k", None, integer=True, low=1, nullable=True),
-        top_p=_number(body, "top_p", None, low=0, low_open=True, high=1, nullable=True),
-        seed=_number(body, "seed", None, integer=True, low=0, high=MAX_SEED, nullable=True),
-    )
     return GenRequest(
         prompt=prompt,
         ids=ids,
         max_new_tokens=_number(body, tokens_key, default_tokens, integer=True, low=0,
                                high=limits.max_new_tokens),
-        sampling=sampling,
+        sampling=_sampling(body, run.tokenizer.vocab_size),
         stream=body.get("stream", False),
         stop=stop,
         echo=bool(openai and body.get("echo", False)),
+    )
+
+
+def refuse_unknown_fields(body: dict[str, Any], allowed: set[str]) -> None:
+    """A 400 naming the fields of `body` outside `allowed` (quoted when not plain words)."""
+    names = [k if k.isprintable() and k.strip() == k and k else json.dumps(k)
+             for k in sorted(set(body) - allowed)]
+    if names:
+        raise ApiError(400, f"unknown field(s): {_clip(', '.join(names))}",
+                       param=_clip(names[0], 40))
+
+
+def _openai_prompt(body: dict[str, Any]) -> Any:
+    """The prompt of a /v1/completions request, refusing what chargpt cannot do (several
+    choices, log probabilities); OpenAI's other fields are ignored, as OpenAI's clients expect."""
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise ApiError(400, "prompt must be a string or a list of exactly one string",
+                           param="prompt")
+        prompt = prompt[0]
+    if _number(body, "n", 1, integer=True, low=1) != 1:
+        raise ApiError(400, "only n = 1 is supported", param="n")
+    if _number(body, "best_of", 1, integer=True, low=1) != 1:
+        raise ApiError(400, "only best_of = 1 is supported", param="best_of")
+    if body.get("logprobs") is not None:
+        raise ApiError(400, "logprobs are not supported", param="logprobs")
+    return prompt
+
+
+def _stop_strings(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in stops)):
+        raise ApiError(400, f"stop must be a string or a list of up to {MAX_STOP_STRINGS} "
+                       "non-empty strings of at most 64 characters", param="stop")
+    return stops
+
+
+def _sampling(body: dict[str, Any], vocab_size: int) -> SamplingSettings:
+    """The request's sampling fields. A top_k of the vocabulary's size or more keeps every
+    token, exactly what no top_k does, and is passed on as None: the decode loops need not
+    hold a number of any size."""
+    top_k = _number(body, "top_k", None, integer=True, low=1, nullable=True)
+    return SamplingSettings(
+        temperature=float(_number(body, "temperature", 1.0, low=0, high=100)),
+        top_k=None if top_k is not None and top_k >= vocab_size else top_k,
+        top_p=_number(body, "top_p", None, low=0, low_open=True, high=1, nullable=True),
+        seed=_number(body, "seed", None, integer=True, low=0, high=MAX_SEED, nullable=True),
     )

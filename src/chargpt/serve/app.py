@@ -32,7 +32,15 @@ from starlette.staticfiles import StaticFiles
 from chargpt.errors import ChargptError
 from chargpt.runs.run import Run
 from chargpt.runs.rundir import CHECKPOINTS
-from chargpt.serve.api import ApiError, GenRequest, Limits, encode_prompt, parse_generate, read_json
+from chargpt.serve.api import (
+    ApiError,
+    GenRequest,
+    Limits,
+    encode_prompt,
+    parse_generate,
+    read_json,
+    refuse_unknown_fields,
+)
 from chargpt.serve.generation import ClientGone, Generation, Slots
 
 __all__ = ["Limits", "Server", "create_app", "model_name"]
@@ -215,10 +223,7 @@ class Server:
 
     async def api_attention(self, request: Request) -> Response:
         body = await read_json(request, self.limits)
-        unknown_keys = sorted(set(body) - {"prompt", "unknown"})
-        if unknown_keys:
-            raise ApiError(400, f"unknown field(s): {', '.join(unknown_keys)}",
-                           param=unknown_keys[0])
+        refuse_unknown_fields(body, {"prompt", "unknown"})
         if not self.run.has_attention:
             arch = self.run.config.model.arch
             raise ApiError(400, f"this model (arch {arch}) has no attention to show")
