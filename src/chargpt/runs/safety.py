@@ -6,11 +6,11 @@ config with a million layers, weights of other shapes or dtypes than the config 
 vocabulary of another size. `check_checkpoint` is the one gate every loader passes (sample,
 eval, serve, attention, export and resume, through rundir.find_checkpoint): it verifies the
 manifest, then checks the config's sizes against generous but finite bounds (`check_bounds`),
-the memory the model needs, estimated from the config alone, against what the machine has,
-or its memory cgroup (a container's limit) if that allows less (`require_memory`), and the vocabulary against the config. Only then is the model built, on the
-meta device, which allocates nothing, to compare the tensors it expects with the weights file's
-header, read without loading a tensor (`check_weights`). A caller builds the real model after
-all of that has passed.
+the memory the model needs, estimated from the config alone, against what the machine has, or
+its memory cgroup (a container's limit) if that allows less (`require_memory`), and the
+vocabulary against the config. Only then is the model built, on the meta device, which allocates
+nothing, to compare the tensors it expects with the weights file's header, read without loading
+a tensor (`check_weights`). A caller builds the real model after all of that has passed.
 """
 
 from __future__ import annotations
