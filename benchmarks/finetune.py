@@ -17,6 +17,7 @@ on the whole val split of Tiny Shakespeare (what was forgotten). Val-loss curves
 `--plot`.
 
     python benchmarks/finetune.py [--budgets 30s,2m] [--scales 1,0.3,0.1] [--out DIR]
+                                  [--no-variants] [--plot PNG]
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ def main() -> int:
     parser.add_argument("--scales", default="1,0.3,0.1")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=Path("docs/images/finetune_curves.png"))
+    parser.add_argument("--no-variants", action="store_true",
+                        help="only scratch and the learning-rate scales (no zero rows, frozen)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="chargpt-finetune-"))
     torch.manual_seed(0)
@@ -139,8 +142,10 @@ def main() -> int:
             run = out / f"{budget}-ft-{s}"
             variants.append((f"ft x{s:g}", lambda run=run, b=budget, s=s: train(
                 finetune_cfg(source, corpus, run, b, s), quiet=True)))
-        for name, patch, fn in (("ft zero rows", "grown", zero_rows),
-                                ("ft frozen emb", "load_source_weights", frozen_embeddings)):
+        extras = () if args.no_variants else (
+            ("ft zero rows", "grown", zero_rows),
+            ("ft frozen emb", "load_source_weights", frozen_embeddings))
+        for name, patch, fn in extras:
             run = out / f"{budget}-{name.replace(' ', '-')}"
             variants.append((name, patched(patch, fn)(
                 lambda run=run, b=budget: train(finetune_cfg(source, corpus, run, b, 0.3),
