@@ -413,3 +413,39 @@ def tiny_run(tmp_path_factory) -> Path:
 def run_copy(tiny_run, tmp_path) -> Path:
     """A copy of `tiny_run` this test may damage."""
     return Path(shutil.copytree(tiny_run, tmp_path / "run"))
+
+
+# --- no silent skips in CI ----------------------------------------------------------------------
+# A skip names what is missing (a C compiler, a dev extra, Chromium, root for a tmpfs, Tiny
+# Shakespeare). On a contributor's machine it stays a skip; in CI (`CI` set, as .ci/run runs),
+# where everything is installed, a skip would hide an untested feature behind a green run, so it
+# fails with that same line.
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def _skip_reason(report: pytest.CollectReport | pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _fail_skip_in_ci(report: pytest.CollectReport | pytest.TestReport) -> None:
+    if report.skipped and in_ci() and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where nothing may be missing: {_skip_reason(report)}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())

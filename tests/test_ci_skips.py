@@ -1,0 +1,41 @@
+"""In CI a skip fails the run with the line that names what is missing; elsewhere it stays a
+skip (conftest's `_fail_skip_in_ci`). Run on a scratch test folder with this suite's conftest."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRATCH_TESTS = {
+    "test_missing_extra.py": 'import pytest\npytest.importorskip("no_such_extra_xyz", '
+                             'reason="the xyz extra: pip install xyz")\n\n'
+                             'def test_x():\n    pass\n',
+    "test_missing_tool.py": "import pytest\n\ndef test_y():\n    pytest.skip('no C compiler "
+                            "found; install gcc')\n\ndef test_z():\n    pass\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRATCH_TESTS))
+@pytest.mark.parametrize("ci", [True, False])
+def test_a_skip_fails_only_in_ci(tmp_path, name, ci):
+    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path)
+    (tmp_path / name).write_text(SCRATCH_TESTS[name])
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    if ci:
+        env["CI"] = "true"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(tmp_path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    named = "pip install xyz" if "extra" in name else "install gcc"
+    if ci:
+        assert done.returncode != 0, done.stdout
+        assert "skipped in CI, where nothing may be missing: " in done.stdout
+        assert named in done.stdout
+    else:
+        assert done.returncode in (0, 5), done.stdout  # 5: the only test was skipped
+        assert "skipped" in done.stdout.splitlines()[-1]
