@@ -195,8 +195,7 @@ def _filler(model: nn.Module, seq: Tensor, n0: int,
         return recompute
 
     cache = KVCache.for_model(model, seq.size(0))
-    decoder = (Decoder(model, cache, settings, compile=settings.compile)
-               if caps.fast_decode else None)
+    decoder = Decoder(model, cache, settings) if caps.fast_decode else None
     check_weights(decoder)
     keep = max(1, block_size // 2)  # tokens kept when a full, non-rolling cache is refilled
 
