@@ -14,8 +14,10 @@ import chargpt.generation.decode as decode_module
 from chargpt.cli.commands import main
 from chargpt.errors import ConfigError
 from chargpt.generation.decode import fused_linear, static_logits
-from chargpt.generation.sampling import KVCache, draw_noise, generate, sample_next_token
+from chargpt.generation.draw import draw_noise, sample_next_token
+from chargpt.generation.loop import generate
 from chargpt.generation.settings import SamplingSettings
+from chargpt.model.kv_cache import KVCache
 
 
 def multinomial_reference(logits, generator, temperature=1.0, top_k=None, top_p=None):

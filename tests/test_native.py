@@ -15,7 +15,7 @@ import chargpt.generation.decode as decode_module
 import chargpt.generation.native as native
 from chargpt.cli.commands import main
 from chargpt.errors import ConfigError
-from chargpt.generation.sampling import generate
+from chargpt.generation.loop import generate
 from chargpt.generation.settings import SamplingSettings
 from chargpt.model.kv_cache import KVCache
 

@@ -11,9 +11,11 @@ import torch
 from chargpt.config.schema import ModelConfig
 from chargpt.errors import ConfigError
 from chargpt.generation.decode import Decoder
-from chargpt.generation.sampling import KVCache, generate, generate_tokens, sample_next_token
+from chargpt.generation.draw import sample_next_token
+from chargpt.generation.loop import generate, generate_tokens
 from chargpt.generation.settings import SamplingSettings
 from chargpt.model.build import build_model
+from chargpt.model.kv_cache import KVCache
 
 V = 13
 

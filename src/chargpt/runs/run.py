@@ -26,7 +26,7 @@ from chargpt.errors import ConfigError
 from chargpt.model.evaluate import evaluate_tokens
 from chargpt.model.build import build_model
 from chargpt.runs.rundir import find_checkpoint
-from chargpt.generation.sampling import generate_tokens
+from chargpt.generation.loop import generate_tokens
 from chargpt.generation.settings import SamplingSettings
 from chargpt.text.textstream import TextStream
 from chargpt.text.tokenizer import CharTokenizer
