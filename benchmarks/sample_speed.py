@@ -25,7 +25,7 @@ import time
 import torch
 
 from chargpt.config.schema import ModelConfig
-from chargpt.generation.sampling import generate
+from chargpt.generation.loop import generate
 from chargpt.model.build import build_model
 
 MODELS = {

@@ -44,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 from time_to_loss import SHAKESPEARE, RefGPT  # noqa: E402
 
 from chargpt.config.schema import ModelConfig, resolve_config  # noqa: E402
-from chargpt.generation.sampling import generate  # noqa: E402
+from chargpt.generation.loop import generate  # noqa: E402
 from chargpt.model.build import build_model  # noqa: E402
 
 DEFAULT = dataclasses.replace(resolve_config().model, vocab_size=65)

@@ -51,7 +51,7 @@ def test_sample_options(trained, capsys, tmp_path):
     prompt = tmp_path / "p.txt"
     prompt.write_text("ROMEO", encoding="utf-8")
     # 5 prompt + 10 new characters fit in block_size 16, where cached and recomputed sampling
-    # must agree exactly (beyond it the cache keeps a half window, see sampling.py).
+    # must agree exactly (beyond it the cache keeps a half window, see generation/loop.py).
     assert main(["sample", str(trained), "--prompt-file", str(prompt), "--max-new-tokens", "10",
                  "--num-samples", "2", "--seed", "1", "--temperature", "0", "--no-kv-cache",
                  "--checkpoint", "last"]) == 0

@@ -14,8 +14,10 @@ import chargpt.generation.decode as decode_module
 from chargpt.cli.commands import main
 from chargpt.errors import ConfigError
 from chargpt.generation.decode import fused_linear, static_logits
-from chargpt.generation.sampling import KVCache, draw_noise, generate, sample_next_token
+from chargpt.generation.draw import draw_noise, sample_next_token
+from chargpt.generation.loop import generate
 from chargpt.generation.settings import SamplingSettings
+from chargpt.model.kv_cache import KVCache
 
 
 def multinomial_reference(logits, generator, temperature=1.0, top_k=None, top_p=None):
@@ -101,13 +103,17 @@ def compile_fails(monkeypatch):
     monkeypatch.setattr(decode_module.torch, "compile", broken)
 
 
-def test_a_failing_compile_falls_back_to_the_eager_step(compile_fails):
+def test_a_failing_compile_falls_back_to_the_eager_step(compile_fails, monkeypatch, capsys):
+    monkeypatch.setattr(decode_module, "_REPORTED", set())
     model = rope_gpt()
     idx = prompt(2, 3)
     eager = generate(model, idx, 30, temperature=1.0, generator=gen(2), native=False)
-    with pytest.warns(RuntimeWarning, match=r"no working C\+\+ compiler\); decoding eagerly"):
-        fallback = generate(model, idx, 30, temperature=1.0, generator=gen(2), compile=True,
-                            native=False)
+    capsys.readouterr()
+    fallback = generate(model, idx, 30, temperature=1.0, generator=gen(2), compile=True,
+                        native=False)
+    err = capsys.readouterr().err
+    assert err.startswith("chargpt: warning: torch.compile is not available for decoding")
+    assert "no working C++ compiler); decoding eagerly" in err
     assert torch.equal(fallback, eager)
 
 

@@ -337,7 +337,7 @@ FAST = dict(pos_emb="rope", qk_norm=True, activation="relu2", zero_init_proj=Tru
 
 
 def test_rotary_scores_depend_only_on_relative_position():
-    from chargpt.model.gpt import apply_rope, rope_angles
+    from chargpt.model.rope import apply_rope, rope_rows
 
     torch.manual_seed(8)
     hs = 16
@@ -345,8 +345,8 @@ def test_rotary_scores_depend_only_on_relative_position():
                                                                           dtype=torch.float64)
 
     def score(m: int, n: int) -> float:
-        cq, sq = rope_angles(torch.tensor([m]), hs, 10000.0)
-        ck, sk = rope_angles(torch.tensor([n]), hs, 10000.0)
+        cq, sq = rope_rows(torch.tensor([m]), hs, 10000.0)
+        ck, sk = rope_rows(torch.tensor([n]), hs, 10000.0)
         qr = apply_rope(q, cq.double(), sq.double())
         kr = apply_rope(k, ck.double(), sk.double())
         return (qr * kr).sum().item()
@@ -356,9 +356,10 @@ def test_rotary_scores_depend_only_on_relative_position():
             assert score(m + shift, n + shift) == pytest.approx(score(m, n), abs=1e-5)
     assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)  # position does matter
     # rotation keeps norms
-    c, s = rope_angles(torch.arange(4), hs, 10000.0)
+    c, s = rope_rows(torch.arange(4), hs, 10000.0)
     x = torch.randn(2, 4, 3, hs)
-    torch.testing.assert_close(apply_rope(x, c, s).norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(apply_rope(x, c[:, None], s[:, None]).norm(dim=-1),
+                               x.norm(dim=-1))
 
 
 def test_rope_model_logits_are_shift_invariant_through_the_cache():

@@ -14,8 +14,8 @@ from test_sampling import gen, prompt, rope_gpt, tiny_gpt
 import chargpt.generation.decode as decode_module
 from chargpt.cli.commands import main
 from chargpt.errors import ConfigError
+from chargpt.generation.loop import generate
 from chargpt.generation.native import build, layout, loop, structs
-from chargpt.generation.sampling import generate
 from chargpt.generation.settings import SamplingSettings
 from chargpt.model.kv_cache import KVCache
 

@@ -10,10 +10,12 @@ import torch
 
 from chargpt.config.schema import ModelConfig
 from chargpt.errors import ConfigError
-from chargpt.generation.decode import decode_step
-from chargpt.generation.sampling import KVCache, generate, generate_tokens, sample_next_token
+from chargpt.generation.decode import Decoder
+from chargpt.generation.draw import sample_next_token
+from chargpt.generation.loop import generate, generate_tokens
 from chargpt.generation.settings import SamplingSettings
 from chargpt.model.build import build_model
+from chargpt.model.kv_cache import KVCache
 
 V = 13
 
@@ -313,7 +315,7 @@ def test_one_layer_rope_cache_rolls_and_matches_recompute_beyond_block_size(bloc
 def sliding_window_logits(model, idx, window: int, monkeypatch) -> torch.Tensor:
     """Logits of `model`'s weights over all of `idx` (B, N) at once, each position attending
     to itself and the window - 1 positions before it, in every layer."""
-    import chargpt.model.gpt as model_module
+    import chargpt.model.attention as attention_module
 
     big = build_model(dataclasses.replace(model.config, block_size=idx.size(1))).double()
     big.load_state_dict(model.state_dict())  # rotary: no position table, same weights
@@ -324,7 +326,7 @@ def sliding_window_logits(model, idx, window: int, monkeypatch) -> torch.Tensor:
         full = torch.ones(t_q, t_k, dtype=torch.bool, device=device)
         return full.tril(diagonal=t_k - t_q) & full.triu(diagonal=t_k - t_q - window + 1)
 
-    monkeypatch.setattr(model_module, "causal_mask", banded)
+    monkeypatch.setattr(attention_module, "causal_mask", banded)
     with torch.no_grad():
         return big.eval()(idx)[0]
 
@@ -372,12 +374,13 @@ def test_decode_step_matches_the_cached_forward(overrides):
     slow, fast = KVCache.for_model(model, 2), KVCache.for_model(model, 2)
     n = min(3, model.config.block_size)
     steps = 14 if slow.rolling else model.config.block_size
+    decoder = Decoder(model, fast, SamplingSettings(native=False))  # its eager step
     with torch.no_grad():
         model(idx[:, :n], kv_cache=slow)
         model(idx[:, :n], kv_cache=fast)
         for t in range(n, steps):
             expected = model(idx[:, t : t + 1], kv_cache=slow)[0][:, -1]
-            torch.testing.assert_close(decode_step(model, idx[:, t : t + 1], fast), expected,
+            torch.testing.assert_close(decoder.logits(idx[:, t]), expected,
                                        atol=1e-5, rtol=1e-5)
     assert fast.position == slow.position
     assert not tiny_gpt(norm="post").capabilities().fast_decode

@@ -1,20 +1,22 @@
-"""The decoder-only Transformer (GPT), chargpt's main model (the factory is in lm.py).
+"""The decoder-only Transformer (GPT), chargpt's main model (the factory is in build.py).
 
 `GPT` follows GPT-2's layout and parameter names (`transformer.wte`, `transformer.h.0.attn.c_attn`,
 `lm_head`, ...) so its checkpoints read like nanoGPT's. Every part the lecture discusses can be
 switched through `ModelConfig`: LayerNorm placement (pre, post, none), residual connections, the
 MLP sub-layer, the activation and weight tying; so can the speedrun community's changes: rotary
 position embeddings (RoPE), ReLU-squared MLPs, QK-norm, RMSNorm and zero-initialised output
-projections. Attention runs through PyTorch's fused
-`scaled_dot_product_attention`; an explicit masked-softmax path computes the same thing and is
-used to check the fused path and to return attention weights for heatmaps. Incremental decoding
-uses a `KVCache` (see sampling.py) that lives outside the model and is passed to `forward`;
-single-token steps have their own functional path in decode.py.
+projections. Attention is its own module (attention.py). Incremental decoding uses a `KVCache`
+that lives outside the model and is passed to `forward`; `step` is the same model for one token
+in eval mode, through the same modules (each block's, attention's and the MLP's own `step`),
+written for decoding speed: no dropout, shape checks, module calls around the matrix products
+or cache bookkeeping, and static shapes that `torch.compile` can fuse (generation/decode.py).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,20 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chargpt.config.schema import ModelConfig
+from chargpt.errors import ConfigError
+from chargpt.model.attention import CausalSelfAttention, Linear
 from chargpt.model.lm import Capabilities, language_model_loss
-from chargpt.model.rope import apply_rope, rope_angles
+from chargpt.model.rope import rope_rows
 
 if TYPE_CHECKING:
-    from chargpt.model.kv_cache import KVCache
-
-
-def causal_mask(t_q: int, t_k: int, device: torch.device) -> Tensor:
-    """Boolean (t_q, t_k) mask, True where attention is allowed.
-
-    The queries are the last `t_q` of `t_k` positions (the first `t_k - t_q` keys come from a
-    cache), so query i may see keys up to and including its own position `t_k - t_q + i`.
-    """
-    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
+    from chargpt.model.kv_cache import CacheSlot, KVCache
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -43,101 +38,6 @@ def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm_type == "rmsnorm":
         return nn.RMSNorm(config.n_embd)
     return nn.LayerNorm(config.n_embd, bias=config.bias)
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head masked self-attention: every position attends to itself and earlier ones.
-
-    Queries, keys and values come from one fused projection `c_attn`; the heads' outputs are
-    concatenated and mixed by `c_proj`. With a `KVCache` the new keys and values are appended
-    to those of earlier calls, so a forward over only the newest token still sees the whole
-    context. Set `use_sdpa = False` (or ask for weights) to use the explicit masked-softmax path.
-    """
-
-    def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
-        super().__init__()
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.head_dim = config.head_dim
-        self.layer_idx = layer_idx
-        self.dropout = config.dropout
-        self.qk_norm = config.qk_norm
-        self.use_sdpa = True
-        # the lecture's code divides by sqrt(n_embd) (a slip): keep it reproducible
-        self.scale = 1.0 / math.sqrt(config.head_dim if config.attn_scale == "head"
-                                     else config.n_embd)
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd,
-                                bias=config.bias and config.qkv_bias)
-        # without a projection the heads' outputs, side by side, are the result
-        self.c_proj = (nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-                       if config.attn_proj else None)
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.resid_dropout = nn.Dropout(config.dropout)
-
-    def _heads(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, ve: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries, keys and values (B, nh, T, hs) of `x` (B, T, C), normalised and rotated
-        as the config says, the value embeddings `ve` (B, T, C) added to the values."""
-        B, T, C = x.shape
-        qkv = self.c_attn(x)  # (B, T, 3C)
-        if ve is not None:
-            qkv = torch.cat((qkv[..., : 2 * C], qkv[..., 2 * C :] + ve), dim=-1)
-        v = qkv[..., 2 * C :].view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        # queries and keys side by side, so each transform runs once for both
-        qk = qkv[..., : 2 * C].view(B, T, 2 * self.n_head, self.head_dim)  # (B, T, 2nh, hs)
-        if self.qk_norm:
-            qk = F.rms_norm(qk, (self.head_dim,))
-        if rope is not None:
-            qk = apply_rope(qk, *rope)
-        q, k = qk.transpose(1, 2).split(self.n_head, dim=1)  # (B, nh, T, hs) each
-        return q, k, v
-
-    def forward(
-        self,
-        x: Tensor,
-        kv_cache: KVCache | None = None,
-        need_weights: bool = False,
-        rope: tuple[Tensor, Tensor] | None = None,
-        ve: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Return the attention output (B, T, C) and, if `need_weights`, the softmax weights
-        (B, nh, T, T_total), where T_total counts cached positions too. `rope` is the (cos,
-        sin) pair of the new tokens' positions when positions are rotary; `ve` (B, T, C), the
-        tokens' value embeddings, is added to the values."""
-        B, T, C = x.shape
-        q, k, v = self._heads(x, rope, ve)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, T_total, hs)
-            # a cache kept in another dtype than autocast's output must not break the matmuls
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        t_total = k.size(2)
-
-        weights = None
-        if self.use_sdpa and not need_weights:
-            p = self.dropout if self.training else 0.0
-            if t_total == T:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
-                                                   scale=self.scale)
-            elif T == 1:
-                # the single newest query may see every cached key: nothing to mask
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
-            else:
-                # is_causal aligns its triangle to the top-left, wrong when keys precede queries
-                mask = causal_mask(T, t_total, x.device)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                                   scale=self.scale)
-        else:
-            att = (q @ k.transpose(-2, -1)) * self.scale  # (B, nh, T, T_total)
-            att = att.masked_fill(~causal_mask(T, t_total, x.device), float("-inf"))
-            att = F.softmax(att, dim=-1)
-            if need_weights:
-                weights = att
-            y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
-        if self.c_proj is not None:
-            y = self.c_proj(y)
-        return self.resid_dropout(y), weights
 
 
 class MLP(nn.Module):
@@ -163,8 +63,14 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.act(self.c_fc(x))  # (B, T, mlp_ratio * C)
-        return self.dropout(self.c_proj(h) if self.c_proj is not None else h)
+        return self.dropout(self.step(x, F.linear))
+
+    def step(self, x: Tensor, linear: Linear) -> Tensor:
+        """The MLP of `x` (..., C) without dropout, its matrix products by `linear`: `forward`
+        in eval mode, and the MLP of a decode step."""
+        fc, proj = self.c_fc, self.c_proj
+        h = self.act(linear(x, fc.weight, fc.bias))  # (..., mlp_ratio * C)
+        return h if proj is None else linear(h, proj.weight, proj.bias)
 
 
 class ReLUSquared(nn.Module):
@@ -203,22 +109,33 @@ class Block(nn.Module):
         self,
         x: Tensor,
         kv_cache: KVCache | None = None,
-        need_weights: bool = False,
+        need_att: bool = False,
         rope: tuple[Tensor, Tensor] | None = None,
         ve: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Return the new residual stream (B, T, C) and the attention weights if asked for."""
+        """Return the new residual stream (B, T, C) and, if `need_att`, the attention
+        probabilities."""
         if self.norm == "post":
-            a, weights = self.attn(x, kv_cache, need_weights, rope, ve)
+            a, att = self.attn(x, kv_cache, need_att, rope, ve)
             x = self.ln_1(self._sublayer(x, a))
             if self.mlp is not None and self.ln_2 is not None:
                 x = self.ln_2(self._sublayer(x, self.mlp(x)))
         else:  # 'pre', or 'none' where ln_1/ln_2 are identities
-            a, weights = self.attn(self.ln_1(x), kv_cache, need_weights, rope, ve)
+            a, att = self.attn(self.ln_1(x), kv_cache, need_att, rope, ve)
             x = self._sublayer(x, a)
             if self.mlp is not None and self.ln_2 is not None:
                 x = self._sublayer(x, self.mlp(self.ln_2(x)))
-        return x, weights
+        return x, att
+
+    def step(self, x: Tensor, at: CacheSlot, rope: tuple[Tensor, Tensor] | None,
+             ve: Tensor | None, linear: Linear) -> Tensor:
+        """`forward` for one token `x` (B, C) in eval mode, reading and writing the cache at
+        `at`; for pre-norm (or norm-free) blocks with residuals, the ones `GPT.step` serves."""
+        x = x + self.attn.step(self.ln_1(x), at, rope, ve, linear)
+        mlp = self.mlp
+        if mlp is not None:
+            x = x + mlp.step(self.ln_2(x), linear)
+        return x
 
 
 class GPT(nn.Module):
@@ -231,6 +148,7 @@ class GPT(nn.Module):
     crop the context). With a `KVCache`, `idx` holds only the tokens that follow those already
     cached, positions continue from the cache's position, and the cache grows by T. With rotary
     positions a full rolling cache takes one more token at a time, replacing its oldest entry.
+    `step(tok, at)` is that cached forward for a single token, the decode step.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -251,12 +169,14 @@ class GPT(nn.Module):
             )
         self.transformer = nn.ModuleDict(modules)
         self.use_rope = config.pos_emb == "rope"
+        self.learned_pos = config.pos_emb == "learned"
+        self.value_embeds = config.value_embeds
         if self.use_rope:
             # not persistent: derived from the config, so checkpoints hold only weights
-            cos, sin = rope_angles(torch.arange(config.block_size), config.head_dim,
-                                   config.rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            cos, sin = rope_rows(torch.arange(config.block_size), config.head_dim,
+                                 config.rope_base)
+            self.register_buffer("rope_cos", cos[:, None], persistent=False)  # (T, 1, hs)
+            self.register_buffer("rope_sin", sin[:, None], persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.head_bias)
         if config.tie_weights:
             self.transformer.wte.weight = self.lm_head.weight
@@ -312,20 +232,46 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         x, rope = self._embed(idx, kv_cache)
-        for i, block in enumerate(self.transformer.h):
-            x, _ = block(x, kv_cache, False, rope, self._value_embed(i, idx))
+        for block, ve in zip(self.transformer.h, self._value_embeds(idx), strict=True):
+            x, _ = block(x, kv_cache, False, rope, ve)
         if kv_cache is not None:
             kv_cache.advance(idx.size(1))
-        logits = self._logits(self.lm_head(self.transformer.ln_f(x)))  # (B, T, vocab_size)
+        logits = self._head(x, F.linear)  # (B, T, vocab_size)
         loss = language_model_loss(logits, targets) if targets is not None else None
         return logits, loss
 
-    def _value_embed(self, layer: int, idx: Tensor) -> Tensor | None:
-        """Block `layer`'s value embeddings of the tokens `idx`, (B, T, C), if it has them."""
-        return self.transformer.ve[layer](idx) if "ve" in self.transformer else None
+    def step(self, tok: Tensor, at: CacheSlot, rope: tuple[Tensor, Tensor] | None = None,
+             linear: Linear = F.linear) -> Tensor:
+        """Logits (B, vocab_size) of the token after `tok` (B,): what `forward(tok[:, None],
+        kv_cache=cache)` computes in eval mode, for the models whose `capabilities()` say
+        `fast_decode`. The token's keys and values are written at `at.slot` in place; `rope`
+        is the (cos, sin) rows (hs,) of its position (rotary models). The matrix products go
+        through `linear`; the caller advances its `KVCache`."""
+        x = self._tokens(tok, at.slot)  # (B, C)
+        for block, ve in zip(self.transformer.h, self._value_embeds(tok), strict=True):
+            x = block.step(x, at, rope, ve, linear)
+        return self._head(x, linear)  # (B, vocab_size)
 
-    def _logits(self, logits: Tensor) -> Tensor:
-        """The head's output, soft-capped if the config asks for it."""
+    def _tokens(self, idx: Tensor, pos: Tensor | None) -> Tensor:
+        """The token embeddings (..., C) of `idx` (...), plus those of their positions `pos`
+        when positions are learned."""
+        tr = self.transformer
+        x = F.embedding(idx, tr.wte.weight)
+        if self.learned_pos:
+            x = x + F.embedding(pos, tr.wpe.weight)
+        return x
+
+    def _value_embeds(self, idx: Tensor) -> Iterator[Tensor | None]:
+        """Each block's value embeddings (..., C) of the tokens `idx` (...), in block order and
+        made as the blocks ask for them; None for every block when the model has none."""
+        if not self.value_embeds:
+            return itertools.repeat(None, self.config.n_layer)
+        return (F.embedding(idx, table.weight) for table in self.transformer.ve)
+
+    def _head(self, x: Tensor, linear: Linear) -> Tensor:
+        """The logits of the residual stream `x` (..., C), soft-capped if the config asks."""
+        head = self.lm_head
+        logits = linear(self.transformer.ln_f(x), head.weight, head.bias)
         cap = self.config.logit_softcap
         # tanh saturates smoothly: confident logits stop growing without a hard clip
         return cap * torch.tanh(logits / cap) if cap else logits
@@ -333,35 +279,32 @@ class GPT(nn.Module):
     def _embed(
         self, idx: Tensor, kv_cache: KVCache | None
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """The embedded tokens (B, T, C) and, for rotary models, their positions' (cos, sin)."""
+        """The embedded tokens (B, T, C) and, for rotary models, their positions' (cos, sin)
+        rows (T, 1, hs)."""
         T = idx.size(1)
         start = kv_cache.position if kv_cache is not None else 0
         block_size = self.config.block_size
         if T < 1:
-            raise ValueError("GPT.forward needs at least one token per sequence")
+            raise ConfigError("GPT.forward needs at least one token per sequence")
         rolls = self.use_rope and kv_cache is not None and kv_cache.rolling and T == 1
         if start + T > block_size and not rolls:
             where = f"{start} cached + {T} new tokens" if start else f"sequence of {T} tokens"
-            raise ValueError(
-                f"{where} exceeds block_size {block_size}; "
-                "crop the context to the last block_size tokens"
-            )
-        x = self.transformer.wte(idx)
-        rope = None
-        if self.use_rope:
-            if start + T <= block_size:
-                rope = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
-            else:  # a rolled cache: positions past the table, relative distances unchanged
-                pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-                rope = rope_angles(pos, self.config.head_dim, self.config.rope_base)
-        elif "wpe" in self.transformer:
-            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-            x = x + self.transformer.wpe(pos)
-        return self.transformer.drop(x), rope
+            raise ConfigError(f"{where} exceeds block_size {block_size}; "
+                              "crop the context to the last block_size tokens")
+        pos = (torch.arange(start, start + T, device=idx.device)  # (T,)
+               if self.learned_pos or start + T > block_size else None)
+        x = self.transformer.drop(self._tokens(idx, pos))
+        if not self.use_rope:
+            return x, None
+        if start + T <= block_size:
+            return x, (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        # a rolled cache: positions past the table, relative distances unchanged
+        cos, sin = rope_rows(pos, self.config.head_dim, self.config.rope_base)
+        return x, (cos[:, None], sin[:, None])
 
     def capabilities(self) -> Capabilities:
-        """A KV cache (rolling with rotary positions), attention maps, and the fast single-token
-        step of decode.py for pre-norm (or no norm) models with residuals."""
+        """A KV cache (rolling with rotary positions), attention maps, and the single-token
+        `step` for pre-norm (or no norm) models with residuals."""
         cfg = self.config
         return Capabilities(context=cfg.block_size, kv_cache=True, rolling_cache=self.use_rope,
                             fast_decode=cfg.norm in ("pre", "none") and cfg.residual,
@@ -369,7 +312,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def attention_maps(self, idx: Tensor) -> Tensor:
-        """Softmax attention weights of every layer and head for the sequences `idx` (B, T).
+        """Attention probabilities of every layer and head for the sequences `idx` (B, T).
 
         Returns a float tensor (n_layer, B, n_head, T, T) whose entry [l, b, h, i, j] is how
         much query position i attends to key position j (rows sum to 1, zero above the
@@ -380,11 +323,10 @@ class GPT(nn.Module):
         try:
             x, rope = self._embed(idx, None)
             maps = []
-            for i, block in enumerate(self.transformer.h):
-                x, weights = block(x, need_weights=True, rope=rope,
-                                   ve=self._value_embed(i, idx))
-                assert weights is not None
-                maps.append(weights.float())
+            for block, ve in zip(self.transformer.h, self._value_embeds(idx), strict=True):
+                x, att = block(x, need_att=True, rope=rope, ve=ve)
+                assert att is not None  # need_att: always returned
+                maps.append(att.float())
             return torch.stack(maps)
         finally:
             self.train(was_training)

@@ -1,12 +1,35 @@
 """`KVCache`: the keys and values of earlier positions that a model's attention layers keep
-while decoding, so each new token is run through the model alone."""
+while decoding, so each new token is run through the model alone; `CacheSlot`: where a
+single-token step (`GPT.step`) writes its key and value in a cache and which slots it reads."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["KVCache"]
+from chargpt.errors import ConfigError
+
+__all__ = ["CacheSlot", "KVCache"]
+
+
+class CacheSlot(NamedTuple):
+    """A single-token step's place in a KV cache.
+
+    The step writes its token's key and value at `slot` of each layer's `keys[layer]` and
+    `values[layer]` (B, n_head, max_len, head_dim), in place, and its query reads the first
+    `n_keys` slots, or, for static shapes (a compiled step), every slot with the additive
+    `mask` (max_len,): 0 where a slot is written, -inf where not yet.
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    slot: Tensor
+    """(1,) long: the token's position modulo max_len. Only rotary caches roll, so with learned
+    positions this is the token's position too (its position embedding's row)."""
+    n_keys: int | None = None
+    mask: Tensor | None = None
 
 
 class KVCache:
@@ -90,7 +113,7 @@ class KVCache:
         end = self.pos + T
         if end > self.max_len:
             if not (self.rolling and T == 1):
-                raise ValueError(f"KV cache overflow: {self.pos} cached + {T} new > "
+                raise ConfigError(f"KV cache overflow: {self.pos} cached + {T} new > "
                                  f"max_len {self.max_len}")
             slot = self.pos % self.max_len  # the oldest entry
             self.k[layer_idx][:, :, slot] = k[:, :, 0]

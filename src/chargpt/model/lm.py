@@ -30,9 +30,10 @@ class Capabilities:
     rolling_cache: bool = False
     """Positions are relative (rotary), so a full cache may drop its oldest entry and go on."""
     fast_decode: bool = False
-    """`chargpt.generation.decode` has a fast single-token step for this configuration."""
+    """`step(tok, at)` computes its forward for one token from a KV cache (`GPT.step`, run by
+    `chargpt.generation.decode` eagerly or compiled; the native loop computes the same)."""
     attention: bool = False
-    """It has self-attention: `attention_maps(idx)` returns its weights."""
+    """It has self-attention: `attention_maps(idx)` returns its attention probabilities."""
 
 
 def language_model_loss(logits: Tensor, targets: Tensor) -> Tensor:

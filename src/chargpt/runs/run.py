@@ -22,7 +22,7 @@ import torch
 from chargpt.config.schema import Config
 from chargpt.device import pick_device
 from chargpt.errors import ConfigError
-from chargpt.generation.sampling import generate_tokens
+from chargpt.generation.loop import generate_tokens
 from chargpt.generation.settings import SamplingSettings
 from chargpt.model.build import build_model
 from chargpt.model.evaluate import evaluate_tokens

@@ -1,19 +1,19 @@
-"""Sampling text from a trained model: the settings, next-token sampling and the decode loop.
+"""The generation loop: new tokens from a model and a prompt, streamed or collected.
 
-`SamplingSettings` holds how to sample (temperature, top-k, top-p, seed, cache), validated
-once. `generate_tokens` streams new tokens one step (one token per sequence) at a time and
-`generate` collects them behind the prompt. Each step's logits come either from a full forward
-over the recent context (recompute) or from a `KVCache` that holds earlier keys and values so
-only the newest token is run through the model; `generate_tokens` documents exactly which
-context the model sees in each case. `sample_next_token` turns logits into a token with
-temperature, top-k and top-p (nucleus) filtering, drawing from an explicit `torch.Generator`
-for repeatability. What a model supports is asked through `model.capabilities()` (lm.py).
+`generate_tokens` streams new tokens one step (one token per sequence) at a time and
+`generate` collects them behind the prompt. Each step's logits come from one of three
+strategies, chosen from the settings and `model.capabilities()` (lm.py): `Recompute`, a full
+forward over the recent context; `Cached`, a `KVCache` that holds earlier keys and values so
+that only the newest token is run through the model's forward; and `FastCached`, the same
+cache with each token one `GPT.step` (decode.py: eager, compiled or the native C loop).
+`generate_tokens` documents exactly which context the model sees in each case. Each token is
+drawn by `SamplingSettings.pick` with noise from draw.py, a chunk of steps at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -21,45 +21,12 @@ from torch import Tensor, nn
 
 from chargpt.errors import ConfigError
 from chargpt.generation.decode import Decoder, report_once
+from chargpt.generation.draw import draw_noise
 from chargpt.generation.settings import SamplingSettings
 from chargpt.model.kv_cache import KVCache
 from chargpt.model.lm import eval_mode
 
-
-def draw_noise(generator: torch.Generator | Sequence[torch.Generator] | None,
-               shape: tuple[int, ...], device: torch.device) -> Tensor:
-    """Exp(1) noise of `shape` (..., B, V) for `SamplingSettings.pick`: from one generator
-    (None: torch's global one), or row b from `generator[b]`. Drawing n steps at once gives
-    the same numbers as n draws of one step."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.empty(shape, device=device).exponential_(generator=generator)
-    rows = [torch.empty(*shape[:-2], shape[-1], device=device).exponential_(generator=g)
-            for g in generator]
-    return torch.stack(rows, dim=-2)
-
-
-def sample_next_token(
-    logits: Tensor,
-    generator: torch.Generator | None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-) -> Tensor:
-    """Draw one token per row of `logits` (B, V); returns (B, 1) token ids.
-
-    temperature 0 is greedy (argmax); otherwise logits are divided by it. top_k keeps the k
-    largest logits (ties with the k-th are kept too); top_p keeps the smallest set of most
-    likely tokens whose probabilities add up to at least top_p (never fewer than one). Both
-    may be combined, top_k first. `generator` (None = torch's global one) makes draws
-    repeatable; it must live on the logits' device.
-    """
-    return _sample(logits, generator, SamplingSettings(temperature, top_k, top_p))
-
-
-def _sample(logits: Tensor, generator: torch.Generator | None, s: SamplingSettings) -> Tensor:
-    """`sample_next_token` with settings checked already."""
-    noise = None if s.temperature == 0 else draw_noise(generator, logits.shape, logits.device)
-    return s.pick(logits, noise)
+__all__ = ["Cached", "FastCached", "Recompute", "generate", "generate_tokens"]
 
 
 def generate_tokens(
@@ -153,7 +120,7 @@ def _decode(model: nn.Module, idx: Tensor, max_new_tokens: int, settings: Sampli
         seq = torch.empty(B, n0 + max_new_tokens, dtype=torch.long, device=idx.device)
         seq[:, :n0] = prompt
         with torch.inference_mode():
-            fill = _filler(model, seq, n0, settings)
+            strategy = choose_strategy(model, seq, n0, settings)
         n, chunk = n0, 1
         while n < n0 + max_new_tokens:
             end = min(n + chunk, n0 + max_new_tokens)
@@ -162,63 +129,9 @@ def _decode(model: nn.Module, idx: Tensor, max_new_tokens: int, settings: Sampli
                 # the noise of the whole chunk in one draw: the same numbers as step by step
                 noise = (None if settings.temperature == 0 else
                          draw_noise(generator, (end - n, B, model.config.vocab_size), idx.device))
-                fill(n, end, noise)
+                strategy.fill(n, end, noise)
             yield seq[:, n:end]  # (B, end - n), read before the next chunk is asked for
             n, chunk = end, min(2 * chunk, MAX_CHUNK)
-
-
-def _filler(model: nn.Module, seq: Tensor, n0: int,
-            settings: SamplingSettings) -> Callable[[int, int, Tensor | None], None]:
-    """fill(n, end, noise) samples seq[:, n:end] token by token; one per decode strategy."""
-    block_size = model.config.block_size
-    caps = model.capabilities()
-
-    def check_weights(decoder: Decoder | None) -> None:
-        """Say so when the weights asked for are not what decodes."""
-        if settings.weight_format != "float32" and (decoder is None or not decoder.native):
-            report_once(f"{settings.weight_format} weights are a setting of the native decode "
-                        "loop, which does not decode this model here; decoding in float32")
-
-    def emit(t: int, logits: Tensor, noise: Tensor | None) -> None:
-        """Sample seq[:, t] from next-token logits (B, V)."""
-        seq[:, t : t + 1] = settings.pick(logits, noise)
-
-    if not settings.use_cache or not caps.kv_cache:
-        context = block_size if not settings.use_cache else caps.context
-
-        check_weights(None)
-
-        def recompute(n: int, end: int, noise: Tensor | None) -> None:
-            for t in range(n, end):
-                emit(t, model(seq[:, max(0, t - context) : t])[0][:, -1],
-                     None if noise is None else noise[t - n])
-        return recompute
-
-    cache = KVCache.for_model(model, seq.size(0))
-    decoder = (Decoder(model, cache, settings, compile=settings.compile)
-               if caps.fast_decode else None)
-    check_weights(decoder)
-    keep = max(1, block_size // 2)  # tokens kept when a full, non-rolling cache is refilled
-
-    def cached(n: int, end: int, noise: Tensor | None) -> None:
-        t = n
-        while t < end:
-            step_noise = None if noise is None else noise[t - n]
-            if t == n0:
-                emit(t, model(seq[:, :t], kv_cache=cache)[0][:, -1], step_noise)  # the prompt
-            elif cache.pos == block_size and not cache.rolling:
-                cache.reset()
-                emit(t, model(seq[:, t - keep : t], kv_cache=cache)[0][:, -1], step_noise)
-            elif decoder is not None:
-                # single steps up to the chunk's end, or until a non-rolling cache is full
-                stop = end if cache.rolling else min(end, t + block_size - cache.pos)
-                decoder.fill(seq, t, stop, None if noise is None else noise[t - n : stop - n])
-                t = stop
-                continue
-            else:
-                emit(t, model(seq[:, t - 1 : t], kv_cache=cache)[0][:, -1], step_noise)
-            t += 1
-    return cached
 
 
 def generate(
@@ -237,3 +150,101 @@ def generate(
     new = [chunk.clone() for chunk in _chunks(model, idx, max_new_tokens, settings, generator,
                                                options)]
     return torch.cat([idx, *new], dim=1)
+
+
+def _at(noise: Tensor | None, i: int) -> Tensor | None:
+    """Step i's noise (B, V) of a chunk's `noise` (n, B, V); None when greedy."""
+    return None if noise is None else noise[i]
+
+
+class Recompute:
+    """Each token from a full forward over at most the last `context` tokens: nanoGPT's loop
+    (the whole block), or a model without a cache fed its context (the bigram: one token)."""
+
+    def __init__(self, model: nn.Module, seq: Tensor, settings: SamplingSettings,
+                 context: int) -> None:
+        self.model, self.seq, self.settings, self.context = model, seq, settings, context
+
+    def fill(self, n: int, end: int, noise: Tensor | None) -> None:
+        """Sample seq[:, n:end], each token from those before it; `noise` (end - n, B, V)."""
+        for t in range(n, end):
+            logits = self.model(self.seq[:, max(0, t - self.context) : t])[0][:, -1]
+            self.seq[:, t : t + 1] = self.settings.pick(logits, _at(noise, t - n))
+
+
+class Cached:
+    """The prompt run once through the model's forward to fill a `KVCache`, then each token
+    fed alone. A full cache that cannot roll (learned positions) is refilled from the last
+    half block of tokens; a rolling one drops its oldest entry (see `generate_tokens`)."""
+
+    def __init__(self, model: nn.Module, seq: Tensor, n0: int,
+                 settings: SamplingSettings) -> None:
+        self.model, self.seq, self.n0, self.settings = model, seq, n0, settings
+        self.cache = KVCache.for_model(model, seq.size(0))
+        self.block_size = model.config.block_size
+        self.keep = max(1, self.block_size // 2)  # tokens a refilled cache starts from
+
+    def fill(self, n: int, end: int, noise: Tensor | None) -> None:
+        """Sample seq[:, n:end], each token from the one before it and the cache; `noise`
+        (end - n, B, V)."""
+        t, cache = n, self.cache
+        while t < end:
+            if t == self.n0:
+                self._forward(t, 0, _at(noise, t - n))  # the prompt
+            elif cache.pos == self.block_size and not cache.rolling:
+                cache.reset()
+                self._forward(t, t - self.keep, _at(noise, t - n))
+            else:
+                t = self._steps(t, end, None if noise is None else noise[t - n :])
+                continue
+            t += 1
+
+    def _forward(self, t: int, start: int, noise: Tensor | None) -> None:
+        """Sample seq[:, t] from a cached forward over seq[:, start:t]."""
+        logits = self.model(self.seq[:, start:t], kv_cache=self.cache)[0][:, -1]
+        self.seq[:, t : t + 1] = self.settings.pick(logits, noise)
+
+    def _steps(self, t: int, end: int, noise: Tensor | None) -> int:
+        """Sample seq[:, t] from the cache and the token before it, `noise[0]` its noise;
+        returns the next position to sample."""
+        self._forward(t, t - 1, _at(noise, 0))
+        return t + 1
+
+
+class FastCached(Cached):
+    """`Cached` whose single tokens are `GPT.step`s of a `Decoder` (eager, compiled or the
+    native C loop, as the settings ask), a chunk per call; for models whose capabilities say
+    `fast_decode`."""
+
+    def __init__(self, model: nn.Module, seq: Tensor, n0: int,
+                 settings: SamplingSettings) -> None:
+        super().__init__(model, seq, n0, settings)
+        self.decoder = Decoder(model, self.cache, settings)
+
+    def _steps(self, t: int, end: int, noise: Tensor | None) -> int:
+        # up to the chunk's end, or until a non-rolling cache is full
+        cache = self.cache
+        stop = end if cache.rolling else min(end, t + self.block_size - cache.pos)
+        self.decoder.fill(self.seq, t, stop, None if noise is None else noise[: stop - t])
+        return stop
+
+
+def choose_strategy(model: nn.Module, seq: Tensor, n0: int,
+                    settings: SamplingSettings) -> Recompute | Cached:
+    """How to sample seq[:, n0:] after the prompt seq[:, :n0]: from the settings and what the
+    model can do. Says so when the weights asked for are not what decodes."""
+    caps = model.capabilities()
+    strategy: Recompute | Cached
+    if not settings.use_cache:
+        strategy = Recompute(model, seq, settings, model.config.block_size)
+    elif not caps.kv_cache:
+        strategy = Recompute(model, seq, settings, caps.context)
+    elif caps.fast_decode:
+        strategy = FastCached(model, seq, n0, settings)
+    else:
+        strategy = Cached(model, seq, n0, settings)
+    native = isinstance(strategy, FastCached) and strategy.decoder.native
+    if settings.weight_format != "float32" and not native:
+        report_once(f"{settings.weight_format} weights are a setting of the native decode "
+                    "loop, which does not decode this model here; decoding in float32")
+    return strategy
