@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 
+from chargpt.config.fields import field_docs
 from chargpt.config.presets import load_preset, preset_names
 from chargpt.config.schema import (
     SECTIONS,
@@ -11,7 +12,6 @@ from chargpt.config.schema import (
     ConfigError,
     ModelConfig,
     apply_overrides,
-    field_docs,
     resolve_config,
 )
 

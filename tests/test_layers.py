@@ -181,3 +181,30 @@ def test_the_graph_sees_every_kind_of_import(tmp_path, monkeypatch, source, expe
     graph = import_graph()
     assert expected in graph["chargpt.c"]
     assert cycles(graph) == [["chargpt.a.b", "chargpt.c"]]
+
+
+# --- sizes a reader can hold in mind ----------------------------------------------------------
+
+MAX_PY_LINES, MAX_C_LINES, MAX_FUNCTION_LINES = 400, 500, 50
+LONG_TABLES = {("cli/parser.py", "build_parser")}  # a declarative table of every subcommand
+
+
+def test_every_module_and_function_is_short_enough():
+    long = []
+    for path in sorted((SRC / PACKAGE).rglob("*")):
+        where = str(path.relative_to(SRC / PACKAGE))
+        if path.suffix in (".c", ".h"):
+            lines = len(path.read_text(encoding="utf-8").splitlines())
+            if lines > MAX_C_LINES:
+                long.append(f"{where}: {lines} lines")
+        if path.suffix != ".py":
+            continue
+        text = path.read_text(encoding="utf-8")
+        if len(text.splitlines()) > MAX_PY_LINES:
+            long.append(f"{where}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES and (where, node.name) not in LONG_TABLES:
+                    long.append(f"{where}: {node.name} is {lines} lines")
+    assert long == []

@@ -13,7 +13,8 @@ import dataclasses
 import typing
 from typing import Any, Literal
 
-from chargpt.config.schema import SECTIONS, field_docs, field_types, resolve_config
+from chargpt.config.fields import field_docs, field_types
+from chargpt.config.schema import SECTIONS, resolve_config
 
 __all__ = ["add_config_flags", "config_overrides"]
 

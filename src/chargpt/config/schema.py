@@ -9,17 +9,13 @@ silently trains the wrong model.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import math
-import textwrap
-import typing
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+from chargpt.config.fields import coerce, field_types
 from chargpt.config.presets import DEFAULT_PRESET, load_preset, load_toml
 from chargpt.config.values import check_time_budget, parse_cooldown_plan, parse_log_to
 from chargpt.errors import ConfigError
@@ -317,57 +313,6 @@ class Config:
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 
-# --- field introspection --------------------------------------------------------------------
-
-
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Map each field of a dataclass to the docstring written under it in the source."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check a TOML or CLI value against a field's type, converting where lossless."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        _check(value in choices, f"{where} must be one of {', '.join(map(str, choices))}, "
-                                 f"got {value!r}")
-        return value
-    if tp is bool:
-        _check(isinstance(value, bool), f"{where} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool),
-               f"{where} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
-               f"{where} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        _check(isinstance(value, str), f"{where} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp!r}")  # a bug in chargpt, not user input
-
-
 def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Config:
     """Return a new Config with `overrides` ({section: {key: value}}) applied and validated."""
     sections: dict[str, dict[str, Any]] = {}
@@ -379,7 +324,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Conf
         current = dataclasses.asdict(getattr(cfg, name))
         for key, value in values.items():
             _check(key in types_, f"{source}: unknown key '{key}' in [{name}]")
-            current[key] = _coerce(value, types_[key], f"{source}: {name}.{key}")
+            current[key] = coerce(value, types_[key], f"{source}: {name}.{key}")
         sections[name] = current
     try:
         return dataclasses.replace(

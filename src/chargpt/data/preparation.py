@@ -239,8 +239,7 @@ def _scan(job: _Job) -> _Scan:
 
 def _choose_vocabulary(job: _Job, scan: _Scan, vocab: CharTokenizer | None,
                        extend: bool) -> CharTokenizer:
-    """Every character (or byte) that occurs, in order; or `vocab`, if it has them all, or
-    with `extend` `vocab` followed by those it lacks."""
+    """Every character (or byte) that occurs; or `vocab` (with `extend`, and those it lacks)."""
     occurring = np.flatnonzero(scan.seen)
     if vocab is None:
         if job.unit == "byte":
@@ -253,9 +252,8 @@ def _choose_vocabulary(job: _Job, scan: _Scan, vocab: CharTokenizer | None,
     if missing.size and extend:
         return CharTokenizer([*vocab.chars, *map(chr, missing.tolist())], unit=vocab.unit)
     if missing.size:
-        what = str(job.files[0]) if len(job.files) == 1 else "the corpus"
-        chars = [chr(c) for c in missing.tolist()]
-        raise VocabError(unknown_chars_message(what, chars, hint=None, unit=job.unit))
+        what, chars = str(job.files[0]) if len(job.files) == 1 else "the corpus", missing.tolist()
+        raise VocabError(unknown_chars_message(what, [*map(chr, chars)], hint=None, unit=job.unit))
     return vocab
 
 
