@@ -64,7 +64,7 @@ def test_byte_unknowns_are_named_as_bytes() -> None:
     assert tok.encode("aé", unknown="replace") == tok.encode("a  ")  # each byte replaced
     with pytest.raises(ConfigError, match="one byte"):
         tok.encode("é", unknown="replace", replacement="é")
-    with pytest.raises(Exception, match="not a byte"):
+    with pytest.raises(DataError, match="not a byte"):
         CharTokenizer(["ğ"], unit="byte")
 
 

@@ -1,5 +1,7 @@
 """The CLI end to end on a tiny corpus, and every bad input as a one-line error with exit != 0."""
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -23,14 +25,23 @@ def trained(tmp_path_factory):
     corpus = root / "corpus.txt"
     corpus.write_text(corpus_text(30_000), encoding="utf-8")
     run = root / "run"
-    code = main(["train", "--input", str(corpus), "--out", str(run), "--sample-chars", "40",
-                 *TINY_FLAGS])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["train", "--input", str(corpus), "--out", str(run), "--sample-chars", "40",
+                     *TINY_FLAGS])
     assert code == 0
+    (root / "train-output.txt").write_text(printed.getvalue(), encoding="utf-8")
     return run
 
 
-def test_train_ends_with_a_sample(trained, capsys):
-    # The fixture's output was captured by pytest before this test; re-check the run's files.
+def test_train_ends_with_a_sample(trained):
+    printed = (trained.parent / "train-output.txt").read_text(encoding="utf-8")
+    header = f"--- sample from {trained / 'best'} (step 40, seed "
+    assert header in printed
+    sample = printed.split(header, 1)[1].split("\n", 1)[1]
+    text = sample[: sample.index("\nsample more with: ")]
+    vocab = set(json.loads((trained / "data" / "vocab.json").read_text(encoding="utf-8"))["chars"])
+    assert len(text) == 40 and set(text) <= vocab  # 40 characters, every one the model's
     assert (trained / "best" / "manifest.json").exists()
     assert (trained / "loss_curve.png").exists()
 

@@ -179,8 +179,17 @@ def test_write_error_on_helper_thread(tmp_path: Path, monkeypatch) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
 
 
-def test_progress_flag_is_harmless(tmp_path: Path) -> None:
-    prepare(write(tmp_path / "a.txt", "hello world"), tmp_path / "out", progress=True)
+def test_progress_flag_is_harmless(tmp_path: Path, capsys) -> None:
+    # With a progress bar asked for, the prepared data is what it is without one, and off a
+    # terminal (pytest's captured streams) the bar draws nothing.
+    corpus = write(tmp_path / "a.txt", "hello world\n" * 500)
+    with_bar = prepare(corpus, tmp_path / "bar", progress=True)
+    without = prepare(corpus, tmp_path / "plain", progress=False)
+    assert {k: v for k, v in with_bar.items() if k != "created"} == \
+        {k: v for k, v in without.items() if k != "created"}
+    for name in ("train.npy", "val.npy", "vocab.json"):
+        assert (tmp_path / "bar" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    assert capsys.readouterr().err == ""
 
 
 # --- Tiny Shakespeare -----------------------------------------------------------------------
