@@ -5,6 +5,7 @@ model is allocated, and a resume it stops leaves the run directory as it was."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -251,8 +252,13 @@ def test_a_hostile_run_is_not_resumed_and_not_changed(run_copy, capsys, no_huge_
 
 
 def test_a_torn_last_metrics_line_is_no_damage(run_copy, capsys):
+    rows = (run_copy / "metrics.jsonl").read_text().splitlines()
     metrics_line(run_copy, '{"kind": "train", "st')  # a kill in the middle of a write
     assert main(["train", "--resume", str(run_copy), "--max-steps", "25"]) == 0
+    assert "dropped 1 torn line(s)" in capsys.readouterr().err
+    after = (run_copy / "metrics.jsonl").read_text().splitlines()
+    assert after[: len(rows)] == rows  # every whole row kept, the torn one gone
+    assert all(json.loads(line)["step"] > 20 for line in after[len(rows):])
 
 
 # --- prepared data --------------------------------------------------------------------------

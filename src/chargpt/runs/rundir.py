@@ -162,9 +162,13 @@ class RunDir:
         """The rows of metrics.jsonl. A line that is not JSON was torn by a kill and is skipped;
         a JSON line that is not a metrics row means the file was damaged or edited: that is a
         one-line CheckpointError naming the line."""
+        return self._metrics_rows()[0]
+
+    def _metrics_rows(self) -> tuple[list[dict[str, Any]], int]:
+        """The rows of metrics.jsonl and how many torn lines were skipped."""
         if not self.metrics_file.exists():
-            return []
-        rows = []
+            return [], 0
+        rows, torn = [], 0
         try:
             with open(self.metrics_file, "rb") as f:
                 # readline's limit bounds the memory a line without newlines could take
@@ -176,18 +180,24 @@ class RunDir:
                     row = _metrics_row(line, f"{self.metrics_file} line {number}")
                     if row is not None:
                         rows.append(row)
+                    torn += row is None and bool(line.strip())
         except OSError as e:
             raise read_error(self.metrics_file, e, what="metrics file",
                              error=CheckpointError) from None
-        return rows
+        return rows, torn
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop rows after `step` (logged after the checkpoint a resume starts from)."""
-        rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+        """Drop rows after `step` (logged after the checkpoint a resume starts from), and lines
+        a kill tore in the middle of a write, saying how many."""
+        rows, torn = self._metrics_rows()
+        if torn:
+            errors.warn(f"{self.metrics_file}: dropped {torn} torn line(s), written when a run "
+                        "was killed in the middle of a write")
+        rows = [r for r in rows if r.get("step", 0) <= step]
         self._replace(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
 
 
