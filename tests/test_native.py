@@ -129,11 +129,12 @@ def test_weights_are_prepared_once_per_model_until_a_parameter_changes(monkeypat
 
 @pytest.fixture
 def fresh_library(monkeypatch, tmp_path):
-    """A build module that has not loaded its library yet, building into `tmp_path`."""
-    monkeypatch.setattr(build, "library_dir", lambda: tmp_path)
+    """A build module that has not loaded its library yet, whose cache directory is `tmp_path`
+    (private to the user); yields where its libraries are kept."""
+    monkeypatch.setenv("CHARGPT_CACHE", str(tmp_path))
     build._load.cache_clear()
     monkeypatch.setattr(decode_module, "_REPORTED", set())
-    yield tmp_path
+    yield tmp_path.resolve() / "native"
     build._load.cache_clear()
 
 
@@ -175,7 +176,7 @@ def test_a_library_whose_structs_disagree_with_ctypes_is_refused(fresh_library, 
 ])
 def test_without_a_working_compiler_sampling_warns_once_and_uses_the_torch_step(
         fresh_library, monkeypatch, capsys, cc, reason):
-    monkeypatch.setattr(build, "_compiler", lambda: cc and __import__("shutil").which(cc))
+    monkeypatch.setattr(build, "_compiler", lambda: cc and [__import__("shutil").which(cc)])
     ok, why = build.available()
     assert not ok and reason in why
     model = rope_gpt()
