@@ -11,13 +11,13 @@ temporary directory (`chargpt-native-UID`), or failing that in a fresh one for t
 and `warn` says so once. In the chosen directory, `Store` holds a lock (one process builds
 while the others wait for its library) and `records.json`: each library's sha256, recorded
 when it is built and checked before every load, and the flag sets that failed here, which no
-later process tries again.
+later process tries again (removing the file forgets them). Off POSIX systems, where ownership
+is not checked here, no library is kept: sampling takes the torch step.
 """
 
 from __future__ import annotations
 
 import atexit
-import fcntl
 import json
 import os
 import shutil
@@ -28,6 +28,9 @@ from typing import Any
 
 from chargpt.errors import warn
 from chargpt.fileio import atomic_write_text, sha256_file
+
+if os.name == "posix":  # elsewhere library_dir refuses, so nothing is locked
+    import fcntl
 
 __all__ = ["Store", "library_dir"]
 
@@ -67,9 +70,13 @@ def _private(directory: Path, own: Path) -> tuple[Path, str | None]:
 
 def library_dir() -> Path:
     """The directory built libraries are kept in: `native/` in chargpt's cache directory when
-    no one but the user can write it, else a private directory of the user's (said once)."""
+    no one but the user can write it, else a private directory of the user's (said once). An
+    OSError where ownership cannot be checked, or no directory can be made."""
     from chargpt.data.datasets import cache_dir
 
+    if os.name != "posix":
+        raise OSError("a library is kept only where its owner and permissions can be checked "
+                      "(a POSIX system)")
     cache = cache_dir().resolve()
     configured, why = _private(cache / "native", cache)
     if why is None:
