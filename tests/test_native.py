@@ -6,6 +6,8 @@ compiler that fails, models it does not compute, bad input)."""
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 from conftest import train_serve_run
@@ -129,11 +131,12 @@ def test_weights_are_prepared_once_per_model_until_a_parameter_changes(monkeypat
 
 @pytest.fixture
 def fresh_library(monkeypatch, tmp_path):
-    """A build module that has not loaded its library yet, building into `tmp_path`."""
-    monkeypatch.setattr(build, "library_dir", lambda: tmp_path)
+    """A build module that has not loaded its library yet, whose cache directory is `tmp_path`
+    (private to the user); yields where its libraries are kept."""
+    monkeypatch.setenv("CHARGPT_CACHE", str(tmp_path))
     build._load.cache_clear()
     monkeypatch.setattr(decode_module, "_REPORTED", set())
-    yield tmp_path
+    yield tmp_path.resolve() / "native"
     build._load.cache_clear()
 
 
@@ -175,7 +178,7 @@ def test_a_library_whose_structs_disagree_with_ctypes_is_refused(fresh_library, 
 ])
 def test_without_a_working_compiler_sampling_warns_once_and_uses_the_torch_step(
         fresh_library, monkeypatch, capsys, cc, reason):
-    monkeypatch.setattr(build, "_compiler", lambda: cc and __import__("shutil").which(cc))
+    monkeypatch.setattr(build, "_compiler", lambda: cc and [__import__("shutil").which(cc)])
     ok, why = build.available()
     assert not ok and reason in why
     model = rope_gpt()
@@ -213,6 +216,39 @@ def test_bad_input_never_reaches_the_c_code():
     with pytest.raises(ConfigError, match="the cache is full"):
         loop.NativeLoop(learned, full, SamplingSettings()).fill(seq[:1].clone(), 1, 2, None,
                                                                   None)
+
+
+def test_positions_past_the_learned_table_are_refused_in_python_and_in_c():
+    # a non-rolling cache longer than the model's block: the slots exist, the positions do not
+    model = tiny_gpt().eval()
+    cfg, block = model.config, model.config.block_size
+    cache = KVCache(cfg.n_layer, 2, cfg.n_head, cfg.head_dim, 4 * block)
+    native_loop = loop.NativeLoop(model, cache, SamplingSettings())
+    seq = torch.zeros(2, 4 * block + 1, dtype=torch.long)
+    with pytest.raises(ConfigError, match=f"past the model's {block} learned positions"):
+        native_loop.fill(seq, 1, block + 2, None, None)
+    native_loop.fill(seq, 1, block + 1, None, None)  # every learned position: fine
+    assert cache.pos == block
+    with pytest.raises(ConfigError, match=f"positions up to {block} are past"):
+        native_loop.fill(seq, block + 1, block + 2, None, None)
+    # the C code refuses the same call by itself, and chunks outside their arrays
+    codes = {name: -i for i, (name, _) in enumerate(structs.FILL_ERRORS, 1)}
+    work = torch.empty(native_loop.lib.chargpt_work_size(ctypes.byref(native_loop._config)))
+
+    def fill(**fields) -> int:
+        chunk = structs.Chunk(seq=ctypes.cast(seq.data_ptr(), ctypes.POINTER(ctypes.c_int64)),
+                              stride=seq.size(1), work=layout.floats(work),
+                              **{"start": block + 1, "end": block + 2, "pos": block, "row0": 0,
+                                 "row1": 2, "threads": 1, **fields})
+        return native_loop.lib.chargpt_fill(ctypes.byref(native_loop._config),
+                                            ctypes.byref(native_loop._weights.model),
+                                            ctypes.byref(native_loop._cache), ctypes.byref(chunk))
+
+    assert fill() == codes["PAST_POSITIONS"]
+    assert fill(pos=block - 1) == 0  # the last learned position
+    for bad in (dict(row1=3), dict(row0=-1), dict(start=0, pos=0), dict(end=4 * block + 2),
+                dict(pos=-1), dict(start=3, end=2), dict(threads=0)):
+        assert fill(**bad) == codes["BAD_CHUNK"], bad
 
 
 def test_cli_samples_the_same_text_with_and_without_the_native_loop(tmp_path, capsys):

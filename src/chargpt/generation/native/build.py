@@ -1,27 +1,34 @@
 """Building the native decode loop's library with this machine's C compiler, and loading it.
 
 `native_decode.c` (with `kernels.h`, and `structs.h` written from structs.py's table) is
-compiled once per machine, about a second: with `$CC`, else cc, gcc or clang, tuned with
-`-march=native` and OpenMP where the compiler has them, else with fewer flags. The library is
-kept in chargpt's cache directory (`library_dir`) under a name that hashes the sources, the
-compiler, its flags and the CPU, and loaded with ctypes; a library whose structs the compiler
-laid out differently from ctypes is refused. `available()` says whether it could be had here,
+compiled once per machine, about a second: with `$CC` (split as a shell would: `ccache gcc`),
+else cc, gcc or clang, tuned with `-march=native` and OpenMP where the compiler has them, else
+with fewer flags. The library is kept in a directory only the user can write (store.py) under a
+name that hashes the sources, the compiler, its flags and the CPU, and loaded with ctypes once
+its sha256 is the one recorded when it was built. A library that differs from its record, or
+does not load, is built again, once; a flag set whose library fails to build or to load is
+passed over for the next, and remembered, so no later process tries it again. One process
+builds at a time, under the store's lock. A library whose structs the compiler laid out
+differently from ctypes is refused. `available()` says whether the library could be had here,
 and why not; `library()` raises `Unavailable` with that reason.
 """
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
 from ctypes import POINTER, c_int, c_int64
 from pathlib import Path
 
+from chargpt.generation.native.store import Store, library_dir
 from chargpt.generation.native.structs import Cache, Chunk, Config, Model, header, layout
 
 __all__ = ["SOURCES", "Unavailable", "available", "compiled_layout", "library", "library_dir"]
@@ -40,12 +47,17 @@ class Unavailable(RuntimeError):
     """The native library cannot be built or loaded here; the message says why."""
 
 
-def _compiler() -> str | None:
-    """The C compiler: `$CC` (the usual way to choose one), else the first of cc, gcc, clang."""
-    cc = os.environ.get("CC")
-    if cc:
-        return shutil.which(cc)
-    return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+def _compiler() -> list[str] | None:
+    """The C compiler's command: `$CC` (the usual way to choose one, split as a shell would),
+    else the first of cc, gcc, clang."""
+    try:
+        words = shlex.split(os.environ.get("CC", ""))
+    except ValueError:  # unbalanced quotes
+        return None
+    if words:
+        found = shutil.which(words[0])
+        return [found, *words[1:]] if found else None
+    return next(([p] for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
 
 
 def _cpu_identity() -> str:
@@ -61,38 +73,76 @@ def _cpu_identity() -> str:
     return "\n".join(ident)
 
 
-def _build(cc: str, out_dir: Path) -> Path:
-    """Compile the sources into `out_dir` (kept across runs); returns the library's path."""
-    sources = [p.read_bytes() for p in SOURCES] + [header().encode()]
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+def _name(cc: list[str]) -> str:
+    """The compiler as the user would name it: `gcc`, `ccache gcc`."""
+    return " ".join([Path(cc[0]).name, *cc[1:]])
+
+
+def _key(cc: list[str], version: str, flags: tuple[str, ...]) -> str:
+    """What a library built with `flags` is named after: the sources, the compiler, its
+    version, the flags and the CPU."""
+    parts = [*(p.read_bytes() for p in SOURCES), header().encode(), "\0".join(cc).encode(),
+             version.encode(), " ".join(flags).encode(), _cpu_identity().encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+
+
+def _compile(cc: list[str], flags: tuple[str, ...], path: Path) -> str | None:
+    """Compile the sources with `flags` into `path`, replaced whole; None, or the compiler's
+    last line of complaint."""
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        (Path(tmp) / HEADER).write_text(header(), encoding="utf-8")
+        built = Path(tmp) / "lib.so"
+        run = subprocess.run([*cc, *flags, "-I", tmp, "-o", str(built), str(SOURCES[0]), "-lm"],
+                             capture_output=True, text=True, timeout=300)
+        if run.returncode == 0 and built.is_file():
+            os.replace(built, path)
+            return None
+    if run.returncode < 0:  # killed (out of memory, say): no verdict on the flags
+        raise subprocess.SubprocessError(f"{_name(cc)} was killed by signal {-run.returncode}")
+    return (run.stderr.strip().splitlines() or ["no message"])[-1]
+
+
+def _open(path: Path) -> tuple[ctypes.CDLL | None, str]:
+    """The library at `path`, its functions declared; or None and why it does not load."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"its library does not load ({' '.join(str(e).split())})"
+    try:
+        _declare(lib)
+    except AttributeError as e:  # a function is missing: unloaded, so a rebuild is loaded anew
+        _ctypes.dlclose(lib._handle)
+        return None, f"its library lacks a function ({' '.join(str(e).split())})"
+    return lib, ""
+
+
+def _find_or_build(cc: list[str], store: Store) -> ctypes.CDLL:
+    """The library of the first flag set that builds and loads here: the one kept in `store`
+    if it is the one recorded and loads, else built again (once); flag sets that fail are
+    remembered and passed over."""
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True,
                              timeout=60).stdout
     errors = []
     for tuning in _TUNINGS:
         flags = (*_BASE_FLAGS, *tuning)
-        key = hashlib.sha256(b"\0".join(
-            [*sources, cc.encode(), version.encode(), " ".join(flags).encode(),
-             _cpu_identity().encode()])).hexdigest()[:20]
-        path = out_dir / f"native_decode-{key}.so"
-        if path.exists():
-            return path
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-            (Path(tmp) / HEADER).write_bytes(sources[-1])
-            built = Path(tmp) / "lib.so"
-            run = subprocess.run([cc, *flags, "-I", tmp, "-o", str(built), str(SOURCES[0]),
-                                  "-lm"], capture_output=True, text=True, timeout=300)
-            if run.returncode == 0:
-                os.replace(built, path)  # atomic: a concurrent build writes the same bytes
-                return path
-        errors.append((run.stderr.strip().splitlines() or ["no message"])[-1])
-    raise Unavailable(f"{Path(cc).name} could not build it: {errors[-1]}")
-
-
-def library_dir() -> Path:
-    """Where built libraries are kept: `native/` in chargpt's cache directory."""
-    from chargpt.data.datasets import cache_dir
-
-    return cache_dir() / "native"
+        key = _key(cc, version, flags)
+        known = store.failed(key)
+        if known is not None:
+            errors.append(known)
+            continue
+        path = store.dir / f"native_decode-{key}.so"
+        lib = _open(path)[0] if store.verified(path) else None
+        if lib is not None:
+            return lib
+        why = _compile(cc, flags, path)
+        if why is None:
+            store.built(path)
+            lib, why = _open(path)
+            if lib is not None:
+                return lib
+        store.fail(key, why)
+        errors.append(why)
+    raise Unavailable(f"{_name(cc)} could not build it: {errors[-1]}")
 
 
 def compiled_layout(lib: ctypes.CDLL) -> list[int]:
@@ -118,14 +168,14 @@ def _load() -> ctypes.CDLL | Unavailable:
     if cc is None:
         return Unavailable("no C compiler found (install one, or name it in $CC)")
     try:
-        lib = ctypes.CDLL(str(_build(cc, library_dir())))
+        with Store(library_dir()) as store:
+            lib = _find_or_build(cc, store)
     except Unavailable as e:
         return e
     except (OSError, subprocess.SubprocessError) as e:
         return Unavailable(f"{type(e).__name__}: {e}")
-    _declare(lib)
     if compiled_layout(lib) != layout():
-        return Unavailable(f"{Path(cc).name} lays out the loop's structs differently from ctypes")
+        return Unavailable(f"{_name(cc)} lays out the loop's structs differently from ctypes")
     return lib
 
 

@@ -23,7 +23,15 @@ from torch import Tensor, nn
 from chargpt.errors import ConfigError
 from chargpt.generation.native.build import library
 from chargpt.generation.native.layout import floats, prepared
-from chargpt.generation.native.structs import ACTIVATIONS, MAX_HEAD_DIM, NORMS, Cache, Chunk, Config
+from chargpt.generation.native.structs import (
+    ACTIVATIONS,
+    FILL_ERRORS,
+    MAX_HEAD_DIM,
+    NORMS,
+    Cache,
+    Chunk,
+    Config,
+)
 from chargpt.generation.settings import WEIGHT_KINDS, SamplingSettings
 
 if TYPE_CHECKING:
@@ -62,6 +70,7 @@ def _config(model: nn.Module, cache: KVCache, settings: SamplingSettings, big: i
     return Config(
         n_layer=cfg.n_layer, n_head=cfg.n_head, head_dim=cfg.head_dim, n_embd=cfg.n_embd,
         hidden=cfg.mlp_ratio * cfg.n_embd, vocab_size=cfg.vocab_size, max_len=cache.max_len,
+        n_positions=_learned_positions(model) or 0,
         batch=cache.k[0].size(0), norm=NORMS.index("none" if cfg.norm == "none" else
                                                    cfg.norm_type),
         activation=ACTIVATIONS.index(cfg.activation), qk_norm=int(cfg.qk_norm),
@@ -72,10 +81,19 @@ def _config(model: nn.Module, cache: KVCache, settings: SamplingSettings, big: i
         top_p=float(settings.top_p if settings.top_p is not None else 1.0))
 
 
+def _learned_positions(model: nn.Module) -> int | None:
+    """Rows of the model's table of learned positions; None without one."""
+    return model.config.block_size if "wpe" in model.transformer else None
+
+
 def _cache(model: nn.Module, cache: KVCache) -> tuple[Cache, list[ctypes.Array]]:
     """The KV cache's tensors for the C loop (each checked), and the arrays that hold them."""
-    cfg, batch = model.config, cache.k[0].size(0)
-    expected = (batch, cfg.n_head, cache.max_len, cfg.head_dim)
+    cfg = model.config
+    if not (len(cache.k) == len(cache.v) == cfg.n_layer and cache.max_len >= 1
+            and cache.k[0].dim() == 4 and cache.k[0].size(0) >= 1):
+        raise ConfigError(f"native decode: the KV cache must hold {cfg.n_layer} layers of keys "
+                          "and values, of one position and one row at least")
+    expected = (cache.k[0].size(0), cfg.n_head, cache.max_len, cfg.head_dim)
     for t in (*cache.k, *cache.v):
         if tuple(t.shape) != expected or t.dtype != torch.float32 or not t.is_contiguous():
             raise ConfigError(f"native decode: the KV cache is not float32 {expected} and "
@@ -97,6 +115,7 @@ class NativeLoop:
         if not supports(model):
             raise ConfigError("this model has no native decode loop (see native.loop.supports)")
         self.lib, self.cache = library(), cache
+        self._cache, self._cache_arrays = _cache(model, cache)
         batch = cache.k[0].size(0)
         # rows never interact: with several threads, each samples its share of the batch (the
         # C call releases the GIL), so --num-samples N uses every core torch is allowed; a
@@ -107,24 +126,28 @@ class NativeLoop:
         self._threads = max(1, threads // shares)
         big = BIG if batch == shares else _NEVER  # one sequence per call: big matrices by rows
         self._weights = prepared(model, settings.weight_format, big)
-        self._cache, self._cache_arrays = _cache(model, cache)
         self._config = _config(model, cache, settings, big)
         size = self.lib.chargpt_work_size(ctypes.byref(self._config))
         self._work = [torch.empty(size) for _ in self._rows]
         self.batch, self.vocab = batch, model.config.vocab_size
         self.rope, self.head_dim = model.use_rope, model.config.head_dim
         self.positions = None if cache.rolling else cache.max_len  # slots before a refill
+        self.learned = _learned_positions(model)
 
     def _check(self, seq: Tensor, start: int, end: int, rot: Tensor | None,
                noise: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """The arguments of `fill` checked; `rot` and `noise` as the C code reads them."""
-        n = end - start
+        n, pos = end - start, self.cache.pos
         if (seq.dtype != torch.long or seq.device.type != "cpu" or not seq.is_contiguous()
-                or seq.size(0) != self.batch or not 1 <= start <= end <= seq.size(1)):
+                or seq.dim() != 2 or seq.size(0) != self.batch
+                or not 1 <= start <= end <= seq.size(1)):
             raise ConfigError("native decode: seq must be a contiguous (batch, n) long tensor "
                               "holding the positions asked for")
-        if self.positions is not None and self.cache.pos + n > self.positions:
+        if pos < 0 or (self.positions is not None and pos + n > self.positions):
             raise ConfigError("native decode: the cache is full; refill it first")
+        if self.learned is not None and pos + n > self.learned:
+            raise ConfigError(f"native decode: positions up to {pos + n - 1} are past the "
+                              f"model's {self.learned} learned positions")
         if self.rope:
             if rot is None or tuple(rot.shape) != (n, 2, self.head_dim):
                 raise ConfigError("native decode: one rotary row per token is needed")
@@ -159,6 +182,7 @@ class NativeLoop:
 
         others = [_pool().submit(run, chunk) for chunk in chunks[1:]]
         status = [run(chunks[0]), *(f.result() for f in others)]
-        if any(status):
-            raise ConfigError("native decode: a token id is outside the vocabulary")
+        refused = next((s for s in status if s), 0)
+        if refused:
+            raise ConfigError(f"native decode: {FILL_ERRORS[-refused - 1][1]}")
         self.cache.advance(end - start)

@@ -262,20 +262,35 @@ static void block(const Config *c, const Layer *l, float *K_l, float *V_l, const
     }
 }
 
+/* FILL_BAD_CHUNK when the chunk's rows, tokens or positions lie outside the arrays Config
+ * describes, FILL_PAST_POSITIONS when a position is past the learned ones, else 0: loop.py
+ * refuses such calls before they are made; this keeps the arrays safe from any other caller */
+static int check(const Config *c, const Model *m, const Chunk *ch)
+{
+    if (ch->row0 < 0 || ch->row0 > ch->row1 || ch->row1 > c->batch || ch->start < 1
+        || ch->start > ch->end || ch->end > ch->stride || ch->pos < 0 || c->max_len < 1
+        || ch->threads < 1)
+        return FILL_BAD_CHUNK;
+    if (m->wpe && ch->pos + (ch->end - ch->start) > c->n_positions) return FILL_PAST_POSITIONS;
+    return 0;
+}
+
 /* Samples seq[b, start:end] for the chunk's rows, each token from the one before it and the
  * KV cache (see Chunk in structs.py). Rows never interact, so callers may run disjoint row
  * ranges at once, each with its own work memory; Chunk.threads more split each big product
- * (where built with OpenMP). Returns 0, or -1 for a token id out of range. */
+ * (where built with OpenMP). Returns 0, or a FILL_* error. */
 int chargpt_fill(const Config *c, const Model *m, const Cache *kv, const Chunk *ch)
 {
     const int C = c->n_embd, V = c->vocab_size, T = c->max_len, B = ch->row1 - ch->row0;
+    const int refused = check(c, m, ch);
+    if (refused) return refused;
     State s = state_of(c, ch->work, B);
     int64_t pos = ch->pos;
     for (int64_t t = ch->start; t < ch->end; t++, pos++) {
         const int slot = (int)(pos % T), n_keys = pos + 1 < T ? (int)(pos + 1) : T;
         for (int b = 0; b < B; b++) {
             const int64_t tok = token(ch, b, t);
-            if (tok < 0 || tok >= V) return -1;
+            if (tok < 0 || tok >= V) return FILL_BAD_TOKEN;
             memcpy(s.x + (int64_t)b * C, m->wte + tok * C, sizeof(float) * C);
             if (m->wpe)
                 for (int i = 0; i < C; i++) s.x[(int64_t)b * C + i] += m->wpe[pos * C + i];

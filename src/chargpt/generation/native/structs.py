@@ -15,12 +15,17 @@ from ctypes import POINTER, c_float, c_int32, c_int64, c_void_p
 
 from chargpt.generation.settings import WEIGHT_KINDS
 
-__all__ = ["ACTIVATIONS", "MAX_HEAD_DIM", "NORMS", "STRUCTS", "Cache", "Chunk", "Config",
-           "Layer", "Linear", "Model", "Norm", "header", "layout"]
+__all__ = ["ACTIVATIONS", "FILL_ERRORS", "MAX_HEAD_DIM", "NORMS", "STRUCTS", "Cache", "Chunk",
+           "Config", "Layer", "Linear", "Model", "Norm", "header", "layout"]
 
 NORMS = ("none", "layernorm", "rmsnorm")  # the C code's NORM_* constants, in this order
 ACTIVATIONS = ("relu", "relu2", "gelu")  # ACT_*
 MAX_HEAD_DIM = 1024  # the C code rotates a head in a buffer of this many floats
+# what chargpt_fill returns, -1, -2, ..., for a call it refuses (FILL_* in C), and why: loop.py
+# checks every call before it is made, and the C code checks what it can again
+FILL_ERRORS = (("BAD_TOKEN", "a token id is outside the vocabulary"),
+               ("PAST_POSITIONS", "a position is past the model's learned positions"),
+               ("BAD_CHUNK", "the chunk's rows, tokens or positions are outside its arrays"))
 _floats = POINTER(c_float)
 
 
@@ -33,6 +38,7 @@ class Config(ctypes.Structure):
         ("hidden", c_int32),  # the MLP's width
         ("vocab_size", c_int32),
         ("max_len", c_int32),  # positions of the KV cache
+        ("n_positions", c_int32),  # rows of Model.wpe (0 without learned positions)
         ("batch", c_int32),  # rows of the KV cache and of the noise
         ("norm", c_int32),  # NORM_*
         ("activation", c_int32),  # ACT_*
@@ -127,7 +133,9 @@ def header() -> str:
              "#ifndef CHARGPT_STRUCTS_H", "#define CHARGPT_STRUCTS_H",
              "#include <stddef.h>", "#include <stdint.h>", "",
              f"#define MAX_HEAD_DIM {MAX_HEAD_DIM}", _enum("NORM_", NORMS),
-             _enum("ACT_", ACTIVATIONS), _enum("W_", WEIGHT_KINDS), ""]
+             _enum("ACT_", ACTIVATIONS), _enum("W_", WEIGHT_KINDS),
+             "enum { " + ", ".join(f"FILL_{name} = {-i}" for i, (name, _) in
+                                   enumerate(FILL_ERRORS, 1)) + " };", ""]
     for struct in STRUCTS:
         lines += ["typedef struct {",
                   *(f"    {_declaration(f, t)};" for f, t in struct._fields_),
