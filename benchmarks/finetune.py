@@ -106,9 +106,11 @@ def score(run: Path, ids) -> float:
     return model.evaluate_ids(ids, batch_size=256)
 
 
-def val_curve(run: Path) -> list[tuple[float, float]]:
+def loss_curve(run: Path) -> list[tuple[float, float]]:
+    """(seconds, training loss on the new text) at each log step: a budget run evaluates only
+    a few times, so its val loss is too sparse to draw."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["elapsed"], r["val_loss"]) for r in rows if r.get("kind") == "eval"]
+    return [(r["elapsed"], r["loss"]) for r in rows if r.get("kind") == "train"]
 
 
 def main() -> int:
@@ -160,7 +162,7 @@ def main() -> int:
             old = "" if name == "scratch" else f"{score(run, shakespeare.val):.4f}"
             print(f"| {budget} | {name} | {result.elapsed:.1f} ({seconds:.0f} wall) | "
                   f"{new:.4f} | {old} |", flush=True)
-            curves[f"{budget} {name}"] = val_curve(run)
+            curves[f"{budget} {name}"] = loss_curve(run)
     plot(curves, args.plot)
     print(f"curves: {args.plot}; runs: {out}")
     return 0
@@ -180,7 +182,7 @@ def plot(curves: dict[str, list[tuple[float, float]]], path: Path) -> None:
                 xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, marker=".", label=key.split(" ", 1)[1])
         ax.set(title=f"poems-en, --time {budget}", xlabel="seconds of training",
-               ylabel="val loss (estimate, nats/char)")
+               ylabel="training loss (nats/char, mean of 10 steps)")
         ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
