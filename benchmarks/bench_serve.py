@@ -12,6 +12,7 @@ streaming generations at once (total characters per second), the attention endpo
 from __future__ import annotations
 
 import argparse
+import gc
 import http.client
 import json
 import statistics
@@ -29,6 +30,8 @@ from bench_resume import SHAKESPEARE, make_run  # noqa: E402
 from chargpt.runs.run import load_run  # noqa: E402
 from chargpt.serve.app import Limits, create_app  # noqa: E402
 from chargpt.serve.background import BackgroundServer  # noqa: E402
+
+SEQUENTIAL = 10  # requests timed one after another
 
 
 def post(srv: BackgroundServer, path: str, body: dict) -> bytes:
@@ -57,16 +60,19 @@ def measure_serve(chars: int, clients: int, input_path: Path = SHAKESPEARE) -> d
     with tempfile.TemporaryDirectory() as tmp:
         run = load_run(make_run(Path(tmp), input_path=input_path), device="cpu")
         limits = Limits(max_new_tokens=10_000, max_concurrent=2, max_queue=clients)
-        with BackgroundServer(create_app(run, limits)) as srv:
+        app = create_app(run, limits)
+        gc.freeze()  # as `chargpt serve` does once its app is built
+        with BackgroundServer(app) as srv:
             body = {"prompt": "ROMEO:", "max_new_tokens": chars, "seed": 1}
-            # warm-up: the first streaming response imports anyio's asyncio backend (~0.3 s),
-            # a one-time cost that would otherwise land in the concurrent measure
-            post(srv, "/api/generate", {**body, "max_new_tokens": 8})
-            post(srv, "/api/generate", {**body, "max_new_tokens": 8, "stream": True})
+            # warm-up, at full length: the first streaming response imports anyio's asyncio
+            # backend (~0.3 s), and the first long generation pays ~0.2 s more; one-time costs
+            # that would otherwise land in the measures
+            for stream in (False, True):
+                post(srv, "/api/generate", {**body, "stream": stream})
             t0 = time.perf_counter()
-            for i in range(5):
+            for i in range(SEQUENTIAL):
                 post(srv, "/api/generate", {**body, "seed": i})
-            sequential = 5 * chars / (time.perf_counter() - t0)
+            sequential = SEQUENTIAL * chars / (time.perf_counter() - t0)
 
             def stream(i: int) -> None:
                 post(srv, "/api/generate", {**body, "seed": i, "stream": True})
