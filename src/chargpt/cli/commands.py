@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--preset and --config cannot be combined with --resume")
         result = train(resume=args.resume, overrides=overrides)
     else:
-        cfg = resolve_config(args.preset, args.config, overrides)
+        cfg = resolve_config(args.preset, args.config, _auto_size_default(args, overrides))
         if cfg.train.init_from:
             cfg = _finetune_config(cfg, args.config, overrides)
         result = train(cfg, auto_resume=args.auto_resume)
@@ -92,6 +92,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             log_sample(cfg, result.run_dir, step, text)
     print(f"sample more with: chargpt sample {result.run_dir} --prompt \"ROMEO:\"")
     return 0
+
+
+def _auto_size_default(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` with size 'auto' when only a time budget was given: no preset, no config
+    file, no size, no model to start from, no value the size would choose."""
+    from chargpt.config.schema import SIZED_KEYS
+    from chargpt.config.sizing import load_rule
+
+    train = overrides.get("train") or {}
+    shaped = any(k in (overrides.get(section) or {}) for section, keys in SIZED_KEYS.items()
+                 for k in keys)
+    if (not train.get("time_budget") or args.preset or args.config or "size" in train
+            or train.get("init_from") or shaped or load_rule().forecast is None):
+        return overrides
+    return {**overrides, "train": {**train, "size": "auto"}}
 
 
 def _finetune_config(cfg: Config, config_file: str | None,
@@ -164,14 +179,53 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from chargpt.model.flops import report
 
     cfg = resolve_config(args.preset, args.config, config_overrides(args))
+    if cfg.train.time_budget and cfg.data.input:
+        print(_forecast(cfg, args))
+        return 0
     # The named dataset's sizes, unless the run reads the user's own text.
     named = not (cfg.data.input or cfg.data.data_dir)
     vocab, chars = DATASETS[cfg.data.dataset if named else "shakespeare"].estimate_sizes
     vocab = args.vocab_size or vocab
     cfg = apply_overrides(cfg, {"model": {"vocab_size": vocab}}, "command line")
-    print(report(cfg, gpu=args.gpu, gpus=args.gpus, mfu=args.mfu,
+    print(report(cfg, gpu=args.gpu or "A100", gpus=args.gpus, mfu=args.mfu,
                  corpus_chars=args.corpus_chars or chars))
     return 0
+
+
+def _forecast(cfg: Config, args: argparse.Namespace) -> str:
+    """What `train --input FILE --time T` would choose, timed here (or on --gpu)."""
+    import tempfile
+
+    import torch
+
+    from chargpt.config.schema import apply_overrides
+    from chargpt.data.preparation import prepare
+    from chargpt.data.prepared import load_prepared
+    from chargpt.device import pick_device
+    from chargpt.distributed import DistEnv
+    from chargpt.runs.rundir import RunDir
+    from chargpt.training import autosize
+
+    dc = cfg.data
+    with tempfile.TemporaryDirectory(prefix="chargpt-estimate-") as tmp:
+        prepare(dc.input, Path(tmp) / "data", val_fraction=dc.val_fraction,
+                test_fraction=dc.test_fraction, unit=dc.unit, progress=True)
+        data = load_prepared(Path(tmp) / "data")
+        cfg = apply_overrides(cfg, {"model": {"vocab_size": data.tokenizer.vocab_size}},
+                              "the corpus")
+        times = (autosize.gpu_step_seconds(cfg, args.gpu, args.gpus, args.mfu) if args.gpu
+                 else None)
+        device = torch.device("cpu") if args.gpu else pick_device(cfg.train.device)
+        _, choice, _ = autosize.auto_size(cfg, RunDir(Path(tmp) / "run"), data, DistEnv(),
+                                          device, times)
+        body = autosize.block_params_of(cfg)
+        stats = autosize.corpus_stats(data)
+    where = (f"{args.gpus} x {args.gpu} at {args.mfu:.0%} MFU (from FLOPs, not timed)"
+             if args.gpu else f"this machine ({device}), timed")
+    return (f"{choice.describe(cfg.train.time_budget)}\n\nstep times: {where}; corpus: "
+            f"{stats.train_tokens:,} training tokens, vocabulary {stats.vocab_size}, "
+            f"{stats.bits_per_char:.2f} bits/char under lzma\n\n"
+            f"{autosize.forecast_table(choice, body, stats)}")
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

@@ -155,7 +155,9 @@ def build_parser() -> Parser:
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("estimate", help="parameters, FLOPs, memory and time of a config",
-                       description="Estimate what a configuration costs before training it.")
+                       description="Estimate what a configuration costs before training it. "
+                       "With --input FILE and --time T: the model `chargpt train --input FILE "
+                       "--time T` would choose here, and the val loss to expect.")
     p.add_argument("--preset", choices=preset_names(), default=None)
     p.add_argument("--config", metavar="FILE")
     p.add_argument("--vocab-size", type=int, default=None,
@@ -164,8 +166,10 @@ def build_parser() -> Parser:
     p.add_argument("--corpus-chars", type=int, default=None,
                    help="training tokens, for the time per epoch (default: the config's "
                    "dataset's)")
-    p.add_argument("--gpu", default="A100",
-                   help="GPU model for the time estimate (H100, H200, B200, A100, 4090, ...)")
+    p.add_argument("--gpu", default=None,
+                   help="GPU model for the time estimate (H100, H200, B200, A100, 4090, ...; "
+                   "default A100); with --input and --time, the forecast is for this GPU "
+                   "instead of this machine")
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (data parallel)")
     p.add_argument("--mfu", type=float, default=0.4,
                    help="assumed model FLOPs utilisation (default: 0.4)")

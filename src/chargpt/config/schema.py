@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from chargpt.config.fields import coerce, field_types
 from chargpt.config.presets import DEFAULT_PRESET, load_preset, load_toml
+from chargpt.config.sizing import load_rule
 from chargpt.config.values import check_time_budget, parse_cooldown_plan, parse_log_to
 from chargpt.errors import ConfigError
 
@@ -250,6 +251,13 @@ class TrainConfig:
     'step:end' pairs. From each step the rate falls in a straight line from where it is toward
     min_lr at that end, so a plan may move max_steps during the cooldown without changing a
     rate already used. Empty: the schedule's own cooldown."""
+    size: str = ""
+    """The model's size from the sizing rule (config/sizing.json), over the preset's recipe:
+    'auto' chooses the size a time budget buys on this machine for this corpus, timing the
+    candidates first (the default of `chargpt train --time` without --preset, --config or model
+    flags); a size's name ('3x96', '4x192', ...) takes that one; empty keeps the preset's."""
+    size_choice: str = ""
+    """Set by --size auto, not by hand: what it chose, the val loss it forecast, and why."""
     init_from: str = ""
     """Start this new run from a trained model: a chargpt run or checkpoint directory, a Hugging
     Face folder chargpt exported, or nanoGPT's ckpt.pt (only read). The model's shape is the
@@ -288,6 +296,8 @@ class TrainConfig:
 
         parse_log_to(self.log_to)
         parse_cooldown_plan(self.cooldown_plan)
+        if self.size not in ("", "auto"):
+            load_rule().size(self.size)
 
     @property
     def decay_steps(self) -> int:
@@ -342,11 +352,35 @@ def resolve_config(
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Config:
-    """Defaults, then a preset (default: shakespeare-cpu), then a TOML file, then overrides."""
-    cfg = Config()
-    cfg = apply_overrides(cfg, load_preset(preset or DEFAULT_PRESET), f"preset {preset}")
+    """Defaults, then a preset (default: shakespeare-cpu), then a named size of the sizing rule
+    when [train] size names one, then a TOML file, then overrides."""
+    layers = [(load_preset(preset or DEFAULT_PRESET), f"preset {preset}")]
     if config_file:
-        cfg = apply_overrides(cfg, load_toml(config_file), str(config_file))
+        layers.append((load_toml(config_file), str(config_file)))
     if overrides:
-        cfg = apply_overrides(cfg, overrides, "command line")
+        layers.append((overrides, "command line"))
+    cfg = Config()
+    for tables, source in layers:
+        cfg = apply_overrides(cfg, tables, source)
+    if cfg.train.size == "auto":
+        _check_auto_size(layers[1:])
+    elif cfg.train.size:
+        sized = load_rule().size(cfg.train.size).overrides()
+        cfg = Config()
+        for tables, source in [layers[0], (sized, f"size {cfg.train.size}"), *layers[1:]]:
+            cfg = apply_overrides(cfg, tables, source)
     return cfg
+
+
+SIZED_KEYS = {"model": ("n_layer", "n_embd", "n_head", "block_size", "dropout"),
+              "train": ("batch_size",)}
+
+
+def _check_auto_size(layers: list[tuple[dict[str, Any], str]]) -> None:
+    """--size auto chooses the shape: a shape value given as well is an error, not ignored."""
+    for tables, source in layers:
+        for section, keys in SIZED_KEYS.items():
+            given = [k for k in keys if k in (tables.get(section) or {})]
+            if given:
+                raise ConfigError(f"{source}: size 'auto' chooses {', '.join(given)}; give "
+                                  "either those or the automatic size")

@@ -22,7 +22,7 @@ from chargpt import errors
 from chargpt.config.schema import Config, apply_overrides
 from chargpt.data.datasets import dataset, fetch
 from chargpt.data.preparation import prepare
-from chargpt.data.prepared import check_split_lengths
+from chargpt.data.prepared import PreparedData, check_split_lengths
 from chargpt.device import pick_device
 from chargpt.distributed import DistEnv
 from chargpt.errors import ChargptError, CheckpointError, ConfigError
@@ -30,7 +30,7 @@ from chargpt.runs import checkpoint as ckpt
 from chargpt.runs.rundir import RunDir
 from chargpt.runs.safety import CheckedCheckpoint
 from chargpt.text.tokenizer import check_same_vocab
-from chargpt.training import finetune
+from chargpt.training import autosize, finetune
 from chargpt.training.budget import PLANNED_FIELDS
 from chargpt.training.trackers import require_trackers
 from chargpt.training.trainer import Trainer, TrainResult
@@ -98,6 +98,7 @@ def _new_trainer(cfg: Config, quiet: bool, src: CheckedCheckpoint | None) -> Tra
     cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
     )
+    cfg, choosing = _sized(cfg, rundir, data, env, device, log)
     check_split_lengths(data, cfg.model.block_size)
     if src is not None:
         finetune.check_vocab(data.tokenizer, src.tokenizer, cfg.train.init_from)
@@ -105,9 +106,22 @@ def _new_trainer(cfg: Config, quiet: bool, src: CheckedCheckpoint | None) -> Tra
     if env.is_main:
         rundir.write_config(cfg)
     trainer = Trainer(cfg, rundir, data, env, device, quiet)
+    trainer.elapsed_before = choosing  # the budget began when the choosing did
     if src is not None:
         finetune.load_source_weights(trainer.model, src)
     return trainer
+
+
+def _sized(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv, device: torch.device,
+           log: Callable[[str], None]) -> tuple[Config, float]:
+    """`cfg` at the size `--size auto` chooses (autosize.py), and the seconds choosing took."""
+    if cfg.train.size != "auto":
+        return cfg, 0.0  # a named size was layered in by resolve_config
+    if cfg.train.init_from:
+        raise ConfigError("--size auto and --init-from both set the model's shape; give one")
+    cfg, _, seconds = autosize.auto_size(cfg, rundir, data, env, device)
+    log(cfg.train.size_choice)
+    return cfg, seconds
 
 
 def resume_trainer(

@@ -1,0 +1,188 @@
+"""Which model a time budget buys for a corpus, and the val loss to expect: the sizing rule.
+
+The rule is data, `sizing.json`, written by `benchmarks/fit_sizing.py` from the measurements
+of `benchmarks/sweep.py`: a ladder of sizes (each a few values over the fast recipe's preset),
+a forecast fitted to the sweep, and where the fit came from. The forecast gives a size's val
+loss after it has trained on `tokens` tokens of a corpus:
+
+    loss = e0 + e1 * h + A * P^-alpha + B * D_eff^-beta
+
+with `h` the corpus's bits per character under lzma (how predictable the text is), `P` the
+size's parameters inside its blocks, and `D_eff` the tokens trained on, where each pass over a
+corpus of `U` training tokens after the first is worth less than the one before (a repeated
+token's value decays with the passes, `repeats`): D_eff = U * (1 + r * (1 - exp(-(D/U - 1)/r)))
+past one epoch. Nothing in the rule knows the machine: `choose` is given each size's step time
+as measured here, turns the budget into tokens per size, and takes the size with the lowest
+forecast. A faster machine affords more tokens, and so a larger size.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import lzma
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from chargpt.errors import ConfigError
+
+__all__ = ["Choice", "CorpusStats", "Forecast", "Rule", "Size", "choose",
+           "corpus_bits_per_char", "load_rule", "MIN_STEPS", "TRAIN_SHARE"]
+
+# a size needs this many steps to warm up (the recipe's 50), train and cool down; fewer and it
+# is not a candidate
+MIN_STEPS = 100
+# of a budget, what the steps get: the planner keeps the rest for evaluations (budget.EVAL_SHARE)
+# and its margin, and the choice itself takes a few seconds
+TRAIN_SHARE = 0.88
+LZMA_SAMPLE = 1_000_000  # characters compressed to price a corpus's predictability
+
+
+@dataclass(frozen=True)
+class Size:
+    """One size of the ladder: values over the base preset's model and train tables."""
+
+    name: str
+    model: dict[str, Any]
+    train: dict[str, Any]
+    base_preset: str
+
+    @property
+    def tokens_per_step(self) -> int:
+        return int(self.train["batch_size"]) * int(self.model["block_size"])
+
+    def overrides(self) -> dict[str, dict[str, Any]]:
+        return {"model": dict(self.model), "train": dict(self.train)}
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """The fitted loss of a size after some tokens of a corpus (see the module docstring)."""
+
+    e0: float
+    e1: float
+    A: float
+    alpha: float
+    B: float
+    beta: float
+    repeats: float
+    spread: float  # half the range quoted around a forecast: the fit's worst miss, measured
+
+    def effective_tokens(self, tokens: float, train_tokens: float) -> float:
+        if tokens <= train_tokens:
+            return tokens
+        extra = tokens / train_tokens - 1.0
+        return train_tokens * (1.0 + self.repeats * (1.0 - math.exp(-extra / self.repeats)))
+
+    def loss(self, body_params: float, tokens: float, corpus: CorpusStats) -> float:
+        d = self.effective_tokens(tokens, corpus.train_tokens)
+        return (self.e0 + self.e1 * corpus.bits_per_char
+                + self.A * body_params ** -self.alpha + self.B * d ** -self.beta)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The ladder of sizes, the forecast (None until a sweep was fitted), and its provenance."""
+
+    sizes: tuple[Size, ...]
+    forecast: Forecast | None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    dropout: dict[str, float] = field(default_factory=dict)  # {"epochs_above": x, "value": p}
+
+    def size(self, name: str) -> Size:
+        for s in self.sizes:
+            if s.name == name:
+                return s
+        raise ConfigError(f"unknown size {name!r} (known: {', '.join(s.name for s in self.sizes)})")
+
+
+@dataclass(frozen=True)
+class CorpusStats:
+    """What the rule needs to know of a corpus."""
+
+    train_tokens: int
+    vocab_size: int
+    bits_per_char: float
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The size chosen for a budget, what it is expected to reach, and the candidates' forecasts
+    (name -> (tokens, loss)) it was chosen from."""
+
+    size: Size
+    tokens: int
+    steps: int
+    loss: float
+    spread: float
+    dropout: float
+    candidates: dict[str, tuple[int, float]]
+
+    def describe(self, budget: str) -> str:
+        """One line for the log: what was chosen and why."""
+        others = ", ".join(f"{name} {loss:.2f}" for name, (_, loss) in self.candidates.items())
+        return (f"--time {budget} chooses {self.size.name} (about {self.steps:,} steps, "
+                f"{self.tokens / 1e6:.1f} M tokens): val loss forecast {self.loss:.2f} "
+                f"({self.loss - self.spread:.2f}-{self.loss + self.spread:.2f}); forecasts "
+                f"at this budget: {others}")
+
+
+def corpus_bits_per_char(text: str) -> float:
+    """Bits per character lzma needs for (the first million characters of) `text`."""
+    sample = text[:LZMA_SAMPLE]
+    if not sample:
+        raise ConfigError("the corpus is empty")
+    return 8.0 * len(lzma.compress(sample.encode("utf-8"), preset=6)) / len(sample)
+
+
+def _check_rule(data: Any) -> None:
+    ok = isinstance(data, dict) and isinstance(data.get("sizes"), list) and data["sizes"]
+    if not ok:
+        raise ConfigError("sizing.json: 'sizes' must be a non-empty list")
+
+
+def _rule_data() -> Any:
+    """sizing.json, as shipped in the package."""
+    return json.loads(resources.files("chargpt.config").joinpath("sizing.json").read_text("utf-8"))
+
+
+@functools.lru_cache(maxsize=1)
+def load_rule() -> Rule:
+    """The rule shipped in the package (sizing.json)."""
+    data = _rule_data()
+    _check_rule(data)
+    base = data.get("base_preset", "fast-cpu")
+    sizes = tuple(Size(s["name"], s["model"], s["train"], base) for s in data["sizes"])
+    forecast = Forecast(**data["forecast"]) if data.get("forecast") else None
+    return Rule(sizes, forecast, data.get("provenance") or {}, data.get("dropout") or {})
+
+
+def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
+           body_params: dict[str, int], corpus: CorpusStats) -> Choice:
+    """The size with the lowest forecast after `train_seconds` of its steps (`step_seconds`,
+    measured here, for the sizes that were measured) among those that get MIN_STEPS; the
+    smallest size measured when none does (`Choice.steps` then says how few it gets)."""
+    if rule.forecast is None:
+        raise ConfigError("this chargpt has no fitted sizing rule (sizing.json's forecast)")
+    measured = [size for size in rule.sizes if size.name in step_seconds]
+    if not measured:
+        raise ConfigError("no size of the sizing rule was timed")
+    candidates: dict[str, tuple[int, float]] = {}
+    for size in measured:
+        steps = int(train_seconds / step_seconds[size.name])
+        if steps < MIN_STEPS and candidates:
+            continue
+        tokens = max(1, steps) * size.tokens_per_step
+        candidates[size.name] = (tokens, rule.forecast.loss(body_params[size.name], tokens,
+                                                            corpus))
+    enough = {name: c for name, c in candidates.items()
+              if c[0] >= MIN_STEPS * rule.size(name).tokens_per_step}
+    best = min(enough or candidates, key=lambda n: candidates[n][1])
+    size, (tokens, loss) = rule.size(best), candidates[best]
+    epochs = tokens / corpus.train_tokens
+    dropout = (rule.dropout.get("value", 0.0)
+               if rule.dropout and epochs > rule.dropout.get("epochs_above", math.inf) else 0.0)
+    return Choice(size, tokens, tokens // size.tokens_per_step, loss, rule.forecast.spread,
+                  dropout, candidates)

@@ -1,0 +1,167 @@
+"""`--size auto`: the model a time budget buys on this machine for this corpus, chosen before
+the first step, and `--size NAME`: one size of the ladder by name.
+
+The rule and its forecast are config/sizing.py's; what this module adds is the machine. Each
+candidate size is built as the run would build it (the same Trainer, optimizer and batches) and
+timed for a few steps here, smallest first; the next size's time is first guessed from the last
+one measured and its FLOPs, and the measuring stops at the first size the budget cannot give
+`MIN_STEPS` steps, or when timing it would cost more than `MEASURE_SHARE` of the budget. Under
+torchrun every rank times the sizes by itself and the ranks average their times, so all choose
+alike. The seconds spent measuring count against the budget. The choice is applied to the
+config (the size's values, dropout where the rule regularises) and recorded in it
+(`TrainConfig.size` names the size, `size_choice` says why), so a resumed run never chooses
+again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from chargpt.config.schema import Config, apply_overrides
+from chargpt.config.sizing import (
+    MIN_STEPS,
+    TRAIN_SHARE,
+    Choice,
+    CorpusStats,
+    Size,
+    choose,
+    corpus_bits_per_char,
+    load_rule,
+)
+from chargpt.config.values import parse_duration
+from chargpt.data.prepared import PreparedData
+from chargpt.distributed import DistEnv, all_reduce_mean
+from chargpt.errors import ConfigError, warn
+from chargpt.model.build import build_model
+from chargpt.model.flops import estimate
+from chargpt.runs.rundir import RunDir
+
+__all__ = ["MEASURE_SHARE", "apply_size", "auto_size", "block_params", "block_params_of",
+           "corpus_stats", "forecast_table", "gpu_step_seconds"]
+
+MEASURE_SHARE = 0.03  # of the budget, the most that timing the candidate sizes may take
+WARMUP_STEPS, TIMED_STEPS = 2, 3
+
+
+def apply_size(cfg: Config, size: Size, dropout: float | None = None,
+               choice: str = "") -> Config:
+    """`cfg` with `size`'s values, its name recorded (and why, for an automatic choice)."""
+    model = dict(size.model) if dropout is None else {**size.model, "dropout": dropout}
+    return apply_overrides(cfg, {"model": model, "train": {
+        **size.train, "size": size.name, "size_choice": choice}}, f"size {size.name}")
+
+
+def corpus_stats(data: PreparedData) -> CorpusStats:
+    """What the sizing rule needs of the run's corpus, from its training split."""
+    sample = data.tokenizer.decode(data.train[:1_000_000].tolist())
+    return CorpusStats(len(data.train), data.tokenizer.vocab_size, corpus_bits_per_char(sample))
+
+
+def block_params(model: torch.nn.Module) -> int:
+    """Parameters inside the model's Transformer blocks: the P of the sizing forecast."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if name.startswith("transformer.h."))
+
+
+def _time_size(cfg: Config, rundir: RunDir, data: PreparedData,
+               device: torch.device) -> tuple[float, int]:
+    """Seconds per training step of `cfg` here, timed after a few warm-up steps, and its
+    block parameters."""
+    from chargpt.training.trainer import Trainer  # the class that trains it, built but not run
+
+    trainer = Trainer(cfg, rundir, data, DistEnv(), device, quiet=True)
+    trainer.model.train()
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            trainer.train_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    steps(WARMUP_STEPS)
+    t0 = time.perf_counter()
+    steps(TIMED_STEPS)
+    return (time.perf_counter() - t0) / TIMED_STEPS, block_params(trainer.model)
+
+
+def block_params_of(cfg: Config) -> dict[str, int]:
+    """Block parameters of every size over `cfg` (built on the meta device)."""
+    with torch.device("meta"):
+        return {size.name: block_params(build_model(apply_size(cfg, size).model))
+                for size in load_rule().sizes}
+
+
+def _measure(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
+             device: torch.device, budget: float) -> tuple[dict[str, float], dict[str, int]]:
+    """Step seconds and block parameters of each size worth timing, smallest first."""
+    times: dict[str, float] = {}
+    body: dict[str, int] = {}
+    last: tuple[float, float] | None = None  # (seconds, FLOPs) of the last size timed
+    spent = 0.0
+    for size in load_rule().sizes:
+        sized = apply_size(cfg, size)
+        flops = estimate(sized).flops_per_step
+        if last is not None:
+            guess = last[0] * flops / last[1]
+            too_slow = budget * TRAIN_SHARE / guess < MIN_STEPS
+            if too_slow or spent + guess * (WARMUP_STEPS + TIMED_STEPS) > MEASURE_SHARE * budget:
+                break
+        t0 = time.perf_counter()
+        times[size.name], body[size.name] = _time_size(sized, rundir, data, device)
+        spent += time.perf_counter() - t0
+        last = (times[size.name], flops)
+    if env.enabled:
+        mean = all_reduce_mean(torch.tensor(list(times.values()), device=device), env)
+        times = dict(zip(times, mean.tolist(), strict=True))
+    return times, body
+
+
+def gpu_step_seconds(cfg: Config, gpu: str, gpus: int, mfu: float) -> dict[str, float]:
+    """Seconds per step of every size on `gpus` x `gpu` at `mfu`, from its FLOPs (not timed)."""
+    from chargpt.model.flops import PEAK_FLOPS, gpu_named
+
+    peak = PEAK_FLOPS[gpu_named(gpu)] * mfu * gpus
+    return {size.name: estimate(apply_size(cfg, size)).flops_per_step / peak
+            for size in load_rule().sizes}
+
+
+def forecast_table(choice: Choice, body: dict[str, int], stats: CorpusStats) -> str:
+    """The candidates a choice was made from, as a Markdown table."""
+    lines = ["| size | block params | tokens | epochs | val loss forecast |",
+             "|---|---:|---:|---:|---:|"]
+    for name, (tokens, loss) in choice.candidates.items():
+        mark = " (chosen)" if name == choice.size.name else ""
+        lines.append(f"| {name}{mark} | {body[name] / 1e6:.2f} M | {tokens / 1e6:.1f} M | "
+                     f"{tokens / stats.train_tokens:.1f} | {loss:.2f} +- {choice.spread:.2f} |")
+    return "\n".join(lines)
+
+
+def auto_size(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
+              device: torch.device, step_seconds: dict[str, float] | None = None
+              ) -> tuple[Config, Choice, float]:
+    """`cfg` with the size `--time` buys here for this corpus (or on the machine whose
+    `step_seconds` are given), the choice, and the seconds the choosing took (they count
+    against the budget)."""
+    if not cfg.train.time_budget:
+        raise ConfigError("--size auto chooses for a time budget; give --time too")
+    t0 = time.perf_counter()
+    budget = parse_duration(cfg.train.time_budget)
+    times, body = (_measure(cfg, rundir, data, env, device, budget) if step_seconds is None
+                   else (step_seconds, block_params_of(cfg)))
+    stats = corpus_stats(data)
+    world = max(1, env.world_size)
+    # every step of the job trains world_size batches: as many steps of one batch, each
+    # taking 1/world_size of the time
+    per_batch = {name: seconds / world for name, seconds in times.items()}
+    choice = choose(load_rule(), (budget - (time.perf_counter() - t0)) * TRAIN_SHARE,
+                    per_batch, body, stats)
+    choice = dataclasses.replace(choice, steps=choice.steps // world)
+    if choice.steps < MIN_STEPS and env.is_main:
+        warn(f"--time {cfg.train.time_budget} buys only about {choice.steps} steps of the "
+             f"smallest size, {choice.size.name}, here: too few to learn much; give more time")
+    chosen = apply_size(cfg, choice.size, choice.dropout,
+                        choice.describe(cfg.train.time_budget))
+    return chosen, choice, time.perf_counter() - t0

@@ -1,0 +1,197 @@
+"""The sizing rule: the forecast, the choice it makes for a budget, how a size is layered into a
+config, and `--size auto` end to end (a real budget run that times its candidates here)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from chargpt.cli import main
+from chargpt.config import sizing
+from chargpt.config.schema import resolve_config
+from chargpt.config.sizing import CorpusStats, Forecast, choose, corpus_bits_per_char, load_rule
+from chargpt.errors import ConfigError
+from chargpt.model.build import build_model
+from chargpt.runs.rundir import RunDir
+from chargpt.training.autosize import block_params
+
+FORECAST = {"e0": 0.2, "e1": 0.3, "A": 30.0, "alpha": 0.3, "B": 40.0, "beta": 0.3,
+            "repeats": 4.0, "spread": 0.05}
+CORPUS = CorpusStats(train_tokens=1_000_000, vocab_size=65, bits_per_char=2.6)
+
+
+@pytest.fixture
+def fitted(monkeypatch):
+    """The shipped sizes with a known forecast, whatever sizing.json holds."""
+    data = sizing._rule_data()
+    monkeypatch.setattr(sizing, "_rule_data", lambda: {**data, "forecast": FORECAST,
+                                                       "dropout": {}})
+    load_rule.cache_clear()
+    yield load_rule()
+    load_rule.cache_clear()
+
+
+_BODIES: dict[tuple[str, ...], dict[str, int]] = {}
+
+
+def _body(rule) -> dict[str, int]:
+    """Block parameters of each size (built on the meta device, once per set of sizes)."""
+    key = tuple(s.name for s in rule.sizes)
+    if key not in _BODIES:
+        _BODIES[key] = _body_uncached(rule.sizes)
+    return _BODIES[key]
+
+
+def _body_uncached(sizes: tuple) -> dict[str, int]:
+    out = {}
+    for size in sizes:
+        cfg = resolve_config("fast-cpu", overrides={**size.overrides(),
+                                                    "model": {**size.model, "vocab_size": 65}})
+        with torch.device("meta"):
+            out[size.name] = block_params(build_model(cfg.model))
+    return out
+
+
+def _flops_times(rule, seconds_per_gflop: float) -> dict[str, float]:
+    """A machine that takes `seconds_per_gflop` per GFLOP of a step (6 per parameter-token)."""
+    body = _body(rule)
+    return {s.name: 6 * body[s.name] * s.tokens_per_step * seconds_per_gflop / 1e9
+            for s in rule.sizes}
+
+
+def test_shipped_rule_is_valid():
+    rule = load_rule()
+    names = [s.name for s in rule.sizes]
+    assert len(set(names)) == len(names) >= 5
+    body = _body(rule)
+    assert [body[n] for n in names] == sorted(body[n] for n in names)  # smallest first
+    if rule.forecast is not None:  # once fitted: numbers that make a loss, and where from
+        assert rule.forecast.spread > 0 and rule.provenance["runs"] > 0
+        assert math.isfinite(rule.forecast.loss(body[names[0]], 1e6, CORPUS))
+
+
+def test_repeated_tokens_are_worth_less():
+    f = Forecast(**FORECAST)
+    u = 100_000
+    assert f.effective_tokens(50_000, u) == 50_000
+    worth = [f.effective_tokens(d, u) for d in (2 * u, 4 * u, 16 * u, 64 * u)]
+    assert all(a < b for a, b in zip(worth, worth[1:], strict=False))
+    assert worth[-1] < u * (1 + f.repeats) and worth[0] < 2 * u
+
+
+def test_more_time_or_a_faster_machine_buys_a_larger_model(fitted):
+    body = _body(fitted)
+    times = _flops_times(fitted, 0.02)
+    order = [s.name for s in fitted.sizes]
+    picks = [order.index(choose(fitted, t, times, body, CORPUS).size.name)
+             for t in (20, 120, 600, 3600, 36000)]
+    assert picks == sorted(picks) and picks[-1] > picks[0]
+    slow = choose(fitted, 120, times, body, CORPUS)
+    fast = choose(fitted, 120, {k: v / 50 for k, v in times.items()}, body, CORPUS)
+    assert order.index(fast.size.name) > order.index(slow.size.name)
+    assert fast.loss < slow.loss
+
+
+def test_the_choice_is_the_lowest_forecast_and_says_so(fitted):
+    body, times = _body(fitted), _flops_times(fitted, 0.02)
+    choice = choose(fitted, 300, times, body, CORPUS)
+    assert choice.loss == min(loss for _, loss in choice.candidates.values())
+    assert choice.steps >= sizing.MIN_STEPS
+    line = choice.describe("5m")
+    assert choice.size.name in line and f"{choice.loss:.2f}" in line and "5m" in line
+
+
+def test_a_budget_too_short_for_any_size_takes_the_smallest(fitted):
+    choice = choose(fitted, 1.0, _flops_times(fitted, 0.02), _body(fitted), CORPUS)
+    assert choice.size == fitted.sizes[0] and choice.steps < sizing.MIN_STEPS
+
+
+def test_an_unfitted_rule_refuses_to_choose(monkeypatch):
+    data = sizing._rule_data()
+    monkeypatch.setattr(sizing, "_rule_data", lambda: {**data, "forecast": None})
+    load_rule.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="no fitted sizing rule"):
+            choose(load_rule(), 60, {"3x96": 0.05}, {"3x96": 300_000}, CORPUS)
+    finally:
+        load_rule.cache_clear()
+
+
+def test_small_corpora_get_dropout_where_the_rule_says(monkeypatch):
+    data = sizing._rule_data()
+    monkeypatch.setattr(sizing, "_rule_data", lambda: {
+        **data, "forecast": FORECAST, "dropout": {"epochs_above": 10, "value": 0.1}})
+    load_rule.cache_clear()
+    try:
+        rule = load_rule()
+        body, times = _body(rule), _flops_times(rule, 0.02)
+        small = CorpusStats(20_000, 60, 3.0)
+        assert choose(rule, 300, times, body, small).dropout == 0.1
+        assert choose(rule, 300, times, body, CORPUS).dropout == 0.0
+    finally:
+        load_rule.cache_clear()
+
+
+def test_predictable_text_costs_fewer_bits():
+    assert corpus_bits_per_char("abcd" * 5000) < 0.5
+    import random
+
+    rng = random.Random(0)
+    noise = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(20000))
+    assert corpus_bits_per_char(noise) > 4.0
+    with pytest.raises(ConfigError):
+        corpus_bits_per_char("")
+
+
+def test_a_named_size_sits_between_the_preset_and_the_flags():
+    cfg = resolve_config(None, None, {"train": {"size": "4x192"}, "model": {"n_layer": 2}})
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size) == (2, 192, 128)
+    assert cfg.train.size == "4x192" and cfg.train.optimizer == "muon"  # the preset's recipe
+    with pytest.raises(ConfigError, match="unknown size"):
+        resolve_config(None, None, {"train": {"size": "5x5"}})
+
+
+def test_auto_size_with_a_shape_flag_is_an_error():
+    with pytest.raises(ConfigError, match="chooses n_layer"):
+        resolve_config(None, None, {"train": {"size": "auto", "time_budget": "1m"},
+                                    "model": {"n_layer": 2}})
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n"
+                   for i in range(3000))
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_time_alone_chooses_the_size_and_records_why(fitted, small_corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--input", str(small_corpus), "--time", "16s", "--out", str(out),
+                 "--sample-chars", "0", "--eval-iters", "5", "--no-progress"])
+    assert code == 0
+    log = capsys.readouterr().out
+    cfg = RunDir(out).read_config()
+    assert cfg.train.size in {s.name for s in fitted.sizes}
+    assert cfg.train.size_choice.startswith("--time 16s chooses " + cfg.train.size)
+    assert cfg.train.size_choice in log
+    size = fitted.size(cfg.train.size)
+    assert (cfg.model.n_layer, cfg.model.n_embd) == (size.model["n_layer"], size.model["n_embd"])
+    # the choosing counts against the budget: the first plan already has it as time used
+    used = float(re.search(r"steps planned \(([\d.]+)s used so far", log).group(1))
+    assert used > 0
+    # how close the run ends to its budget is tested with a synthetic clock (test_budget.py):
+    # a bound on this real clock would fail whenever the machine is shared
+
+
+def test_a_preset_keeps_its_own_shape(fitted, small_corpus, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--input", str(small_corpus), "--preset", "fast-cpu", "--time", "6s",
+                 "--out", str(out), "--sample-chars", "0", "--eval-iters", "5",
+                 "--no-progress"]) == 0
+    cfg = RunDir(out).read_config()
+    assert cfg.train.size == "" and (cfg.model.n_layer, cfg.model.n_embd) == (4, 128)
