@@ -173,3 +173,28 @@ def test_patience_zero_trains_exactly_as_a_run_without_the_rule(small, tmp_path,
     assert (saved["plateau_step"], saved["planned_steps"], saved["cooldown_plan"]) == (0, 0, "")
     said = final_word(metrics(off, "eval")[-1]["val_loss"], result.best_val_loss)
     assert said is None or said in printed  # a worse end is never silent
+
+
+def test_a_budget_run_that_stalls_ends_early_and_plans_no_more(small, tmp_path, capsys,
+                                                               monkeypatch):
+    """Steps said to take 0.1 s and every evaluation 0.01 s a batch (+0.1 s for its checkpoints
+    and plot): a 60 s budget plans ~550 steps, an evaluation every 28; the plateau ends the run
+    well before, and the budget's plans leave it there."""
+    from chargpt.training.budget import Planner, StepClock
+    from chargpt.training.trainer import Trainer
+
+    rehearse = Trainer._rehearse_evaluation
+    monkeypatch.setattr(Trainer, "_rehearse_evaluation",
+                        lambda self: (rehearse(self), 0.01, 0.1)[1:])
+    monkeypatch.setattr(Planner, "evaluated",
+                        lambda self, *measured: setattr(self, "eval_cost", (0.01, 0.1)))
+    monkeypatch.setattr(StepClock, "step_seconds", lambda self: 0.1)
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: 0.1 * self.step)
+    out = tmp_path / "run"
+    result = train(overfit(small, out, time_budget="60s", max_steps=10**5))
+    printed = capsys.readouterr().out
+    planned = int(printed.split(" steps planned")[0].split()[-1])
+    saved = settings(out)
+    assert 0 < saved["plateau_step"] < result.step == saved["max_steps"] == \
+        saved["planned_steps"] < planned
+    assert "plan revised" not in printed.split("plateau at step")[1]
