@@ -60,8 +60,9 @@ def test_a_plateau_inside_the_cooldown_shortens_it_from_where_its_rate_is():
     assert (new.max_steps, new.cooldown_plan) == (180, "100:200,150:180")
     assert rates(new, 150) == rates(train, 150)
     assert lr_at(180, new) == train.min_lr < lr_at(179, new) < lr_at(150, new)
-    late, _ = end_early(train, 190, 2, 2.0, 1.9)  # its own end comes sooner than a fifth
+    late, line = end_early(train, 190, 2, 2.0, 1.9)  # its own end comes sooner than a fifth
     assert (late.max_steps, late.cooldown_plan, late.plateau_step) == (200, "", 190)
+    assert line.endswith("the run's own end, step 200, comes as soon, so it stands")
 
 
 @pytest.mark.parametrize("name", ["cosine", "constant"])

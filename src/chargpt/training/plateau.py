@@ -48,7 +48,8 @@ def end_early(train: TrainConfig, step: int, stale: int, val_loss: float,
         end = min(train.max_steps, step + max(1, round(COOLDOWN_SHARE * step)))
         steps, plan = cooled_from(train, step, end)
         what = (f"; the cooldown to min_lr runs from here to step {steps} instead of "
-                f"{train.max_steps}, and the run ends there")
+                f"{train.max_steps}, and the run ends there" if steps < train.max_steps else
+                f"; the run's own end, step {steps}, comes as soon, so it stands")
         decay = train.lr_decay_steps
     else:
         steps, plan = step, train.cooldown_plan
