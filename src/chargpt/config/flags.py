@@ -18,7 +18,9 @@ from chargpt.config.schema import SECTIONS, resolve_config
 
 __all__ = ["add_config_flags", "config_overrides"]
 
-HIDDEN_FIELDS = {("model", "vocab_size"), ("train", "planned_steps")}  # set by the run itself
+# set by the run itself
+HIDDEN_FIELDS = {("model", "vocab_size"), ("train", "planned_steps"), ("train", "plateau_step"),
+                 ("train", "size_choice")}
 FLAG_ALIASES = {("train", "out_dir"): ["--out"], ("train", "time_budget"): ["--time"]}
 REPEATABLE_FLAGS = {("train", "log_to")}  # each use adds to a comma-separated list
 

@@ -185,8 +185,8 @@ class TrainConfig:
     fit in it; evaluations are spaced (never closer than eval_interval) and, in a short budget,
     shortened to take at most 5% of it (see budget.py)."""
     planned_steps: int = 0
-    """The step count a time_budget run planned for itself (0 = not planned yet); recorded in
-    config.json so that a resumed run keeps its plan."""
+    """The step count a run planned for itself: a time_budget's plan, or the end the plateau
+    rule chose (0 = not planned); recorded in config.json so that a resumed run keeps it."""
     batch_size: int = 12
     """Sequences per micro-batch."""
     grad_accum: int = 1
@@ -258,6 +258,19 @@ class TrainConfig:
     flags); a size's name ('3x96', '4x192', ...) takes that one; empty keeps the preset's."""
     size_choice: str = ""
     """Set by --size auto, not by hand: what it chose, the val loss it forecast, and why."""
+    patience: int = 0
+    """End the run early once this many evaluations in a row have not beaten the best val loss
+    by more than 0.2% (0 = off, train to max_steps). A WSD run then cools down over the next
+    fifth of the steps taken and ends; any other schedule stops at once. best/ keeps the best
+    model either way. Off by default: measured on a 61 K-character corpus (docs/fast.md), 2
+    ended the overfitting run 100 steps after its best with the same best/, so it saves time
+    but never a better model, and on a corpus that is not used up a stalled val loss at the
+    peak rate is the rate's noise, which the full schedule's cooldown removes; try 2 on a
+    small corpus."""
+    plateau_step: int = 0
+    """Set by the plateau rule (`patience`), not by hand: the step at which the val loss had
+    stopped improving and the run chose to end early (0 = it did not); max_steps and
+    cooldown_plan record the end it chose."""
     init_from: str = ""
     """Start this new run from a trained model: a chargpt run or checkpoint directory, a Hugging
     Face folder chargpt exported, or nanoGPT's ckpt.pt (only read). The model's shape is the
@@ -269,7 +282,8 @@ class TrainConfig:
                      "log_interval"):
             value = getattr(self, name)
             _check(value >= 1, f"{name} must be >= 1, got {value}")
-        for name in ("warmup_steps", "lr_decay_steps", "sample_chars"):
+        for name in ("warmup_steps", "lr_decay_steps", "sample_chars", "patience",
+                     "plateau_step"):
             value = getattr(self, name)
             _check(value >= 0, f"{name} must be >= 0, got {value}")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):

@@ -1,11 +1,12 @@
 """A run's training state: everything besides the weights that it needs to continue exactly.
 
-`TrainState` holds the step, the losses, the elapsed time, every rank's random-number states,
-the batch sampler's stream and the optimizer. `to_saved` splits it into what a checkpoint
-stores as JSON (`state.json`) and as tensors (`rng.safetensors`), and `from_saved` is its
-inverse and the one place that reads older variants of that layout; `split_optimizer_state`
-and `join_optimizer_state` do the same for the optimizer (`optimizer.safetensors` and the
-JSON rest). Which files these go to, and how they are written, is checkpoint.py's business.
+`TrainState` holds the step, the losses, the elapsed time, the evaluations since the val loss
+last clearly improved (the plateau rule's count), every rank's random-number states, the batch
+sampler's stream and the optimizer. `to_saved` splits it into what a checkpoint stores as JSON
+(`state.json`) and as tensors (`rng.safetensors`), and `from_saved` is its inverse and the one
+place that reads older variants of that layout; `split_optimizer_state` and
+`join_optimizer_state` do the same for the optimizer (`optimizer.safetensors` and the JSON
+rest). Which files these go to, and how they are written, is checkpoint.py's business.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class TrainState:
     best_val_loss: float = math.inf
     val_loss: float = math.inf
     elapsed: float = 0.0  # seconds of training before this checkpoint, all sessions
+    stale_evals: int = 0  # evaluations in a row without a clearly better val loss (patience)
     world_size: int = 1  # processes of the run that wrote it
     sampler: dict[str, Any] = field(default_factory=dict)  # BatchSampler.state_dict()
     torch_version: str = field(default_factory=lambda: torch.__version__)
@@ -93,6 +95,7 @@ class TrainState:
             "best_val_loss": self.best_val_loss,
             "val_loss": self.val_loss,
             "elapsed": self.elapsed,
+            "stale_evals": self.stale_evals,
             "world_size": self.world_size,
             "sampler": {k: v for k, v in self.sampler.items()
                         if not isinstance(v, torch.Tensor)},
@@ -129,6 +132,7 @@ class TrainState:
                 best_val_loss=float(numbers.get("best_val_loss", math.inf)),
                 val_loss=float(numbers.get("val_loss", math.inf)),
                 elapsed=float(numbers.get("elapsed", 0.0)),
+                stale_evals=int(numbers.get("stale_evals", 0)),
                 world_size=int(numbers.get("world_size", 1)),
                 sampler=sampler,
                 torch_version=str(numbers.get("torch_version", "")),

@@ -31,8 +31,8 @@ from typing import Any
 from chargpt.config.values import check_time_budget, format_cooldown_plan, parse_cooldown_plan
 from chargpt.training.optim import cooldown_start, length_free_steps
 
-__all__ = ["EVAL_PROBE_ITERS", "EVAL_SHARE", "PLANNED_FIELDS", "Plan",
-           "Planner", "StepClock", "keep_history", "plan_steps"]
+__all__ = ["EVAL_PROBE_ITERS", "EVAL_SHARE", "PLANNED_FIELDS", "Plan", "Planner", "StepClock",
+           "cooled_from", "keep_history", "plan_steps", "reaimed"]
 
 MARGIN = 0.04  # of the time left, kept for the step time's drift on a shared machine
 EVAL_SHARE = 0.05  # of the budget, the most that all evaluations together may take
@@ -42,7 +42,8 @@ REPLAN_EVERY = 10  # steps between plans while the run's length is still free to
 WINDOW = 10  # timed steps per window of the step-time record
 RECENT_WINDOWS = 3  # the windows the step time is planned with, once there are as many
 # the [train] values a plan sets: a resumed run keeps them, whatever the command line says
-PLANNED_FIELDS = ("max_steps", "planned_steps", "eval_interval", "eval_iters", "cooldown_plan")
+PLANNED_FIELDS = ("max_steps", "planned_steps", "eval_interval", "eval_iters", "cooldown_plan",
+                  "plateau_step")
 
 
 @dataclass
@@ -144,11 +145,19 @@ def reaimed(train: Any, step: int, steps: int) -> tuple[int, str]:
     behind `step` with the new length; then the cooldown is re-aimed from `step` at `steps`."""
     if train.schedule != "wsd" or train.lr_decay_steps:
         return steps, train.cooldown_plan
+    start = cooldown_start(train)
+    if (not parse_cooldown_plan(train.cooldown_plan) and step <= start
+            and cooldown_start(dataclasses.replace(train, max_steps=steps)) >= step):
+        return steps, ""  # the cooldown is still ahead: the length is free
+    return cooled_from(train, step, steps)
+
+
+def cooled_from(train: Any, step: int, steps: int) -> tuple[int, str]:
+    """The step count and `cooldown_plan` of a WSD run whose cooldown runs from `step` (or from
+    where it has got to, if it has begun) to min_lr at `steps`, every rate before `step` kept."""
     plan = parse_cooldown_plan(train.cooldown_plan)
     if not plan:
         start = cooldown_start(train)
-        if step <= start and cooldown_start(dataclasses.replace(train, max_steps=steps)) >= step:
-            return steps, ""  # the cooldown is still ahead: the length is free
         plan = ((start, train.max_steps),) if step > start else ()
     at = max(step, train.warmup_steps)
     steps = max(steps, at + 1)

@@ -135,8 +135,9 @@ def resume_trainer(
     cfg = rundir.read_config()
     train_overrides = _train_overrides_only(overrides or {})
     if cfg.train.planned_steps and "time_budget" in train_overrides:
-        raise ConfigError(f"{run_dir} planned {cfg.train.planned_steps} steps for its time "
-                          "budget; a resumed run keeps them (change --max-steps instead)")
+        why = "for its time budget" if cfg.train.time_budget else "when its val loss stalled"
+        raise ConfigError(f"{run_dir} planned {cfg.train.planned_steps} steps {why}; a resumed "
+                          "run keeps them (change --max-steps instead)")
     if train_overrides:
         cfg = apply_overrides(cfg, {"train": train_overrides}, "command line")
     env, device = _join(cfg)

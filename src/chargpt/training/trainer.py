@@ -1,9 +1,10 @@
 """The training loop: step, log, evaluate, checkpoint, until done or interrupted.
 
 A `Trainer` holds one run's model, optimizer, batch sampler and run directory (launch.py builds
-it, for a new run or a resumed one) and `run()` trains until max_steps, a time limit or a
-signal. A resumed run restores weights, optimizer, step, random-number states and the
-batch sampler (a `trainstate.TrainState`), and evaluation draws its batches from its own
+it, for a new run or a resumed one) and `run()` trains until max_steps (which a time budget's
+plans or the plateau rule may move, budget.py, plateau.py), a time limit or a signal. A
+resumed run restores weights, optimizer, step, random-number states and the batch sampler (a
+`trainstate.TrainState`), and evaluation draws its batches from its own
 fixed-seed sampler, so on CPU a run interrupted after N steps and resumed gives bit-identical
 weights to an uninterrupted one. The hot path does no host-device synchronisation except at log
 and eval steps. SIGINT and SIGTERM finish the current step, write `last/`, and return; a second
@@ -19,7 +20,7 @@ import math
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,9 @@ from chargpt.runs.safety import check_optimizer_state
 from chargpt.runs.trainstate import TrainState
 from chargpt.training.budget import EVAL_PROBE_ITERS, Planner
 from chargpt.training.optim import lr_at, make_optimizer
+from chargpt.training.plateau import counted, end_early, final_word
 from chargpt.training.stopping import StopRequest
-from chargpt.training.trainlog import TrainLog, describe
+from chargpt.training.trainlog import SinceLog, TrainLog, describe
 
 
 @dataclass
@@ -55,26 +57,6 @@ class TrainResult:
     last_val_loss: float
     elapsed: float
     interrupted_by: int | None = None  # signal number, when stopped by SIGINT/SIGTERM
-
-
-@dataclass
-class _SinceLog:
-    """Training losses since the last log step, summed on the device (no host sync)."""
-
-    total: torch.Tensor
-    steps: int = 0
-    losses: int = 0  # steps with a loss: the 'skip' policy drops some
-    t0: float = field(default_factory=time.perf_counter)
-
-    def add(self, loss: torch.Tensor | None) -> None:
-        self.steps += 1
-        if loss is not None:
-            self.total += loss
-            self.losses += 1
-
-    def reset(self, now: float) -> None:
-        self.total.zero_()
-        self.steps, self.losses, self.t0 = 0, 0, now
 
 
 class Trainer:
@@ -118,6 +100,7 @@ class Trainer:
         self.best_val_loss = math.inf
         self.last_val_loss = math.inf
         self.elapsed_before = 0.0
+        self.stale_evals = 0  # evaluations in a row without a clearly better val loss
         self.skipped_steps = 0
         # a time budget not yet turned into a step count: the steps are timed (budget.py)
         self._planner = Planner.of(tc)
@@ -144,6 +127,7 @@ class Trainer:
         self.best_val_loss = state.best_val_loss
         self.last_val_loss = state.val_loss
         self.elapsed_before = state.elapsed
+        self.stale_evals = state.stale_evals
         if self.is_main:
             # Rows logged after this checkpoint by the interrupted process are replayed now.
             self.rundir.truncate_metrics(self.step)
@@ -170,7 +154,7 @@ class Trainer:
             self._config_stale = False
         state = TrainState(
             step=self.step, best_val_loss=self.best_val_loss, val_loss=self.last_val_loss,
-            elapsed=self.elapsed(), world_size=self.env.world_size,
+            elapsed=self.elapsed(), stale_evals=self.stale_evals, world_size=self.env.world_size,
             sampler=self.sampler.state_dict(), cpu_rng=cpu_rng, cuda_rng=cuda_rng,
             optimizer=self.optimizer.state_dict() if resumable else None,
         )
@@ -219,6 +203,8 @@ class Trainer:
         if not math.isfinite(val_loss):
             raise self._diverged(f"val loss is {val_loss} at step {self.step}",
                                  "try a lower --lr or --dtype float32")
+        self.stale_evals = counted(self.stale_evals, val_loss, self.best_val_loss)
+        self._end_if_plateaued(val_loss)
         if val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
             self.save(BEST)
@@ -227,6 +213,21 @@ class Trainer:
         if self._planner is not None:
             t2 = time.perf_counter()
             self._planner.evaluated((t1 - t0) / self.cfg.train.eval_iters, t2 - t1, t2 - t0)
+
+    def _end_if_plateaued(self, val_loss: float) -> None:
+        """End the run early when its val loss has stopped improving (plateau.py): the revised
+        plan reaches config.json before the checkpoints of this evaluation, and no budget
+        plan moves it again."""
+        ended = end_early(self.cfg.train, self.step, self.stale_evals, val_loss,
+                          self.best_val_loss)
+        if ended is None:
+            return
+        train, message = ended
+        self.cfg = dataclasses.replace(self.cfg, train=train)
+        self._config_stale = True
+        self._planner = None
+        self.out.set_total(train.max_steps)
+        self.out.log(message)
 
     def _diverged(self, what: str, advice: str = "") -> TrainingError:
         """The error for a non-finite loss: `what` happened, and which checkpoint is still good
@@ -313,7 +314,7 @@ class Trainer:
 
     def _loop(self, stop: StopRequest) -> None:
         tc = self.cfg.train
-        since = _SinceLog(torch.zeros((), device=self.device))
+        since = SinceLog(torch.zeros((), device=self.device))
         saved_at = self.step
         stopping = stop.due(at_log_step=True)
         while self.step < tc.max_steps and not stopping:
@@ -329,12 +330,16 @@ class Trainer:
             if self.step % tc.eval_interval == 0 or self.step == tc.max_steps:
                 self._eval_and_checkpoint()
                 saved_at = self.step
+                tc = self.cfg.train  # the plateau rule may have chosen an earlier end
             stopping = stop.due(at_log)
         if self.step != saved_at:
             if since.losses and not math.isfinite(all_reduce_mean(since.total, self.env).item()):
                 # Weights may be NaN since the last log step; never let them replace last/.
                 raise self._diverged(f"training loss became non-finite before step {self.step}")
             self.save(LAST)
+        final = final_word(self.last_val_loss, self.best_val_loss)
+        if self.step >= tc.max_steps and final is not None:
+            self.out.log(final)
         if stop.signum is not None:
             name = signal.Signals(stop.signum).name
             self.out.log(f"{name} received: stopped after step {self.step}; checkpoint written "
@@ -375,7 +380,7 @@ class Trainer:
         self.out.plot()
         return batch, 2 * (time.perf_counter() - t0)  # best/ and last/ at a new best
 
-    def _log_train(self, since: _SinceLog) -> None:
+    def _log_train(self, since: SinceLog) -> None:
         """A log step: the mean loss since the last one (the only per-log sync), speed, MFU."""
         mean_loss = all_reduce_mean(since.total / max(since.losses, 1), self.env).item()
         now = time.perf_counter()

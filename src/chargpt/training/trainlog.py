@@ -5,11 +5,14 @@ the progress bar while one is drawn; nothing when quiet), `record` appends one r
 metrics.jsonl and mirrors it to the experiment trackers (trackers.py; hook a new one there),
 `plot` redraws the loss curve (a curve that cannot be written costs a warning, not the run),
 and `write_failed` is the one line for a file training could not write, naming the last good
-checkpoint and how to resume from it. `describe` is the line a run opens with.
+checkpoint and how to resume from it. `describe` is the line a run opens with. `SinceLog` sums
+the training losses between two log steps on the device, so that a log step reads them once.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,27 @@ from chargpt.progress import progress_bar, wanted
 from chargpt.runs.rundir import RunDir
 from chargpt.training.trackers import Trackers, open_trackers
 
-__all__ = ["TrainLog", "describe"]
+__all__ = ["SinceLog", "TrainLog", "describe"]
+
+
+@dataclass
+class SinceLog:
+    """Training losses since the last log step, summed on the device (no host sync)."""
+
+    total: torch.Tensor
+    steps: int = 0
+    losses: int = 0  # steps with a loss: the 'skip' policy drops some
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: torch.Tensor | None) -> None:
+        self.steps += 1
+        if loss is not None:
+            self.total += loss
+            self.losses += 1
+
+    def reset(self, now: float) -> None:
+        self.total.zero_()
+        self.steps, self.losses, self.t0 = 0, 0, now
 
 
 class TrainLog:
