@@ -178,7 +178,7 @@ class Trainer:
         data = ckpt.CheckpointData(config=self.cfg.to_dict(),
                                    vocab=self.data.tokenizer.to_dict(), state=state)
         try:
-            ckpt.save(self.run_dir, name, self.model, data, pause=faults.active().pause)
+            ckpt.save(self.run_dir, name, self.model, data)
         except ckpt.SaveError as e:
             raise self.out.write_failed(f"checkpoint {e.target}", e.reason) from None
 
