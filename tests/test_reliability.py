@@ -296,12 +296,13 @@ def test_kill_series_short(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_kill_series_long(corpus, tmp_path):
-    # 24 kills at seeded points of a longer run; each must land in its phase.
+    # 12 kills at seeded phases and occurrences of a longer run; each must land in its phase.
+    # (A killed process costs a few seconds of start-up: more kills would buy little.)
     rng = random.Random(0)
     nth = {"step": 25, "evaluate": 8, "metrics": 8, "checkpoint.files": 4,
            "checkpoint.manifest": 4, "checkpoint.old": 3, "checkpoint.swapped": 3}
     phases = sorted(nth)
     kills = [Kill("prepare", 1)] + [Kill(p, rng.randint(1, nth[p]))
-                                     for p in (rng.choice(phases) for _ in range(23))]
-    ref = reference(tmp_path, corpus, 1000)
-    kill_series(corpus, ref, tmp_path / "run", 1000, kills)
+                                     for p in (rng.choice(phases) for _ in range(11))]
+    ref = reference(tmp_path, corpus, 300)
+    kill_series(corpus, ref, tmp_path / "run", 300, kills)
