@@ -206,7 +206,7 @@ def test_a_second_ctrl_c_during_the_checkpoint_write_aborts_at_once(corpus, tmp_
     monkeypatch.setattr(faults, "_active", twice)
     code = main(["train", *flags, "--out", str(run)])
     err = capsys.readouterr().err
-    assert code == 130 and err.splitlines()[-1] == "chargpt: interrupted", err
+    assert code == 130 and err.splitlines()[-1:] == ["chargpt: interrupted"], err
     # at once: the write went no further (no manifest, no swap) and nothing else ran
     assert twice.second_sent and twice.after_second == []
     assert not (run / "last.tmp" / "manifest.json").exists()
