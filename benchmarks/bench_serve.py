@@ -3,8 +3,9 @@
 Trains a short run (see bench_resume.make_run), serves it from a background thread with the
 default limits and one torch thread (what `chargpt serve` picks on a 2-core machine), then
 measures: sequential non-streaming generations (characters per second, HTTP included), several
-streaming generations at once (total characters per second), the attention endpoint and
-/health (median latency). Prints a Markdown table.
+streaming generations at once (total characters per second, and /health's median and slowest
+latency while they run), the attention endpoint and /health (median latency). Prints a
+Markdown table.
 
     python benchmarks/bench_serve.py [--chars 300] [--clients 8]
 """
@@ -55,6 +56,43 @@ def latency_ms(fn, n: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def health(srv: BackgroundServer) -> None:
+    c = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
+    try:
+        c.request("GET", "/health")
+        c.getresponse().read()
+    finally:
+        c.close()
+
+
+def streams(srv: BackgroundServer, body: dict, clients: int,
+            health_ms: list[float] | None = None) -> float:
+    """Seconds for `clients` streaming generations at once; with `health_ms`, /health is
+    polled while they run and each answer's latency appended to it."""
+    threads = [threading.Thread(target=post, args=(srv, "/api/generate",
+                                                   {**body, "seed": i, "stream": True}))
+               for i in range(clients)]
+    running = threading.Event()
+
+    def poll() -> None:
+        while running.is_set():
+            health_ms.append(latency_ms(lambda: health(srv), 1))
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    running.set()
+    t0 = time.perf_counter()
+    for t in threads if health_ms is None else [*threads, poller]:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    running.clear()
+    if health_ms is not None:
+        poller.join()
+    return seconds
+
+
 def measure_serve(chars: int, clients: int, input_path: Path = SHAKESPEARE) -> dict:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,31 +111,15 @@ def measure_serve(chars: int, clients: int, input_path: Path = SHAKESPEARE) -> d
             for i in range(SEQUENTIAL):
                 post(srv, "/api/generate", {**body, "seed": i})
             sequential = SEQUENTIAL * chars / (time.perf_counter() - t0)
-
-            def stream(i: int) -> None:
-                post(srv, "/api/generate", {**body, "seed": i, "stream": True})
-
-            threads = [threading.Thread(target=stream, args=(i,)) for i in range(clients)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            concurrent = clients * chars / (time.perf_counter() - t0)
+            concurrent = clients * chars / streams(srv, body, clients)
+            under_load: list[float] = []
+            streams(srv, body, clients, under_load)  # a round of its own: polling costs time
             attention = latency_ms(lambda: post(srv, "/api/attention",
                                                 {"prompt": "ROMEO: to be or not"}), 10)
-
-            def health() -> None:
-                c = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
-                try:
-                    c.request("GET", "/health")
-                    c.getresponse().read()
-                finally:
-                    c.close()
-
-            health_ms = latency_ms(health, 50)
+            health_ms = latency_ms(lambda: health(srv), 50)
     return {"sequential": sequential, "concurrent": concurrent, "attention_ms": attention,
-            "health_ms": health_ms}
+            "health_ms": health_ms, "health_streaming_ms": statistics.median(under_load),
+            "health_streaming_max_ms": max(under_load)}
 
 
 def main() -> None:
@@ -112,6 +134,8 @@ def main() -> None:
     print("|---|---:|")
     print(f"| sequential /api/generate, chars/s | {r['sequential']:,.0f} |")
     print(f"| {args.clients} concurrent streams, total chars/s | {r['concurrent']:,.0f} |")
+    print(f"| /health while they stream, median / max ms | {r['health_streaming_ms']:.1f} / "
+          f"{r['health_streaming_max_ms']:.1f} |")
     print(f"| /api/attention median ms | {r['attention_ms']:.1f} |")
     print(f"| /health median ms | {r['health_ms']:.2f} |")
 

@@ -38,6 +38,8 @@ from chargpt.data.datasets import DATASETS, Dataset, cache_dir, fetch
 from chargpt.data.preparation import prepare
 from chargpt.data.prepared import PreparedData
 from chargpt.fileio import sha256_file
+from chargpt.generation import decode
+from chargpt.generation.native import build as native_build
 from chargpt.runs.rundir import RunDir
 
 # Tiny Shakespeare: chargpt's dataset cache (where `chargpt train` downloads it), else the copy
@@ -413,6 +415,18 @@ def tiny_run(tmp_path_factory) -> Path:
 def run_copy(tiny_run, tmp_path) -> Path:
     """A copy of `tiny_run` this test may damage."""
     return Path(shutil.copytree(tiny_run, tmp_path / "run"))
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """A build module that has not loaded its library yet, whose cache directory is `tmp_path`
+    (private to the user); yields where its libraries are kept."""
+    monkeypatch.setenv("CHARGPT_CACHE", str(tmp_path))
+    native_build._load.cache_clear()
+    monkeypatch.setattr(decode, "_REPORTED", set())
+    yield tmp_path.resolve() / "native"
+    native_build._load.cache_clear()
+
 
 
 # --- no silent skips in CI ----------------------------------------------------------------------

@@ -48,7 +48,7 @@ def test_elastic_restart_finds_the_last_checkpoint(corpus, tmp_path):
     # One kill, one restart: the restarted workers must form a new group at once (chargpt
     # namespaces the rendezvous store by attempt, so they never dial the dead workers).
     hit = torchrun(*flags, "--out", str(tmp_path / "hit"), restarts=1,
-                   faults=["--exit-at-step", "27", "--exit-rank", "1"])
+                   faults=["--exit-at-step", "27", "--rank", "1"])
     assert hit.returncode == 0, _errors(hit.stderr)
     assert time.time() - t0 < 600
     out = hit.stdout

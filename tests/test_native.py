@@ -1,8 +1,9 @@
 """The native C decode loop against its reference, the torch step: the same tokens for every
 wiring the loop computes (greedy, temperature, top-k, top-p; past the block, rolled or
 refilled), a batch split over threads against one thread, bfloat16 and int8 weights against
-float32 decoding of the rounded weights, and what happens where the loop cannot run (no compiler, a
-compiler that fails, models it does not compute, bad input)."""
+float32 decoding of the rounded weights, the library built once and checked, and bad input
+refused before the C code. These need a C compiler; what happens without one, and what needs
+none, is test_native_fallback.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import ctypes
 import pytest
 import torch
 from conftest import train_serve_run
+from test_native_fallback import both, dequantized
 from test_sampling import gen, prompt, rope_gpt, tiny_gpt
 
 import chargpt.generation.decode as decode_module
@@ -22,8 +24,8 @@ from chargpt.generation.settings import SamplingSettings
 from chargpt.model.kv_cache import KVCache
 
 if not build.available()[0]:
-    pytest.skip(f"no native decode loop here ({build.available()[1]}); install a C compiler "
-                "(gcc or clang) to test it", allow_module_level=True)
+    pytest.skip(f"no native decode loop here ({build.available()[1]}): install a C compiler "
+                "(gcc or clang, or name one in $CC) to test it", allow_module_level=True)
 
 WIRINGS = [
     dict(),  # the lecture's GPT: LayerNorm, GELU, learned positions, a refilled cache
@@ -35,13 +37,6 @@ WIRINGS = [
 ]
 PICKS = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.8, top_k=7),
          dict(temperature=1.2, top_p=0.85), dict(top_k=20, top_p=0.9)]
-
-
-def both(model, idx, n, **options):
-    """`n` tokens after `idx` through the native loop and through the torch step."""
-    native_out = generate(model, idx, n, generator=gen(9), **options)
-    torch_out = generate(model, idx, n, generator=gen(9), native=False, **options)
-    return native_out, torch_out
 
 
 @pytest.mark.parametrize("overrides", WIRINGS)
@@ -98,15 +93,6 @@ def test_a_big_product_split_over_threads_is_the_product_on_one_thread():
                                        temperature=0.9, native=False))
 
 
-def test_models_the_loop_does_not_compute_use_the_torch_step():
-    assert not loop.supports(tiny_gpt(norm="post"))  # no fast step at all
-    assert not loop.supports(tiny_gpt().double())  # float64 weights
-    assert not loop.supports(tiny_gpt().to(torch.bfloat16))
-    model = tiny_gpt().double()
-    got, expected = both(model, prompt(1, 3), 20, temperature=1.0)
-    assert torch.equal(got, expected)
-
-
 def test_weights_are_prepared_once_per_model_until_a_parameter_changes(monkeypatch):
     made = []
     prepare = layout._prepare
@@ -127,17 +113,6 @@ def test_weights_are_prepared_once_per_model_until_a_parameter_changes(monkeypat
     for _ in range(2):
         generate(fresh, prompt(1, 3), 5, generator=gen(4))
     assert len(made) == 5
-
-
-@pytest.fixture
-def fresh_library(monkeypatch, tmp_path):
-    """A build module that has not loaded its library yet, whose cache directory is `tmp_path`
-    (private to the user); yields where its libraries are kept."""
-    monkeypatch.setenv("CHARGPT_CACHE", str(tmp_path))
-    build._load.cache_clear()
-    monkeypatch.setattr(decode_module, "_REPORTED", set())
-    yield tmp_path.resolve() / "native"
-    build._load.cache_clear()
 
 
 def test_the_library_is_built_once_and_reused(fresh_library):
@@ -170,25 +145,6 @@ def test_a_library_whose_structs_disagree_with_ctypes_is_refused(fresh_library, 
     monkeypatch.setattr(build, "layout", lambda: swapped)
     ok, why = build.available()
     assert not ok and "lays out the loop's structs differently from ctypes" in why
-
-
-@pytest.mark.parametrize("cc, reason", [
-    (None, "no C compiler found"),
-    ("false", "could not build it"),  # a compiler that fails on every flag set
-])
-def test_without_a_working_compiler_sampling_warns_once_and_uses_the_torch_step(
-        fresh_library, monkeypatch, capsys, cc, reason):
-    monkeypatch.setattr(build, "_compiler", lambda: cc and [__import__("shutil").which(cc)])
-    ok, why = build.available()
-    assert not ok and reason in why
-    model = rope_gpt()
-    expected = generate(model, prompt(1, 3), 30, generator=gen(1), native=False)
-    for _ in range(2):
-        got = generate(model, prompt(1, 3), 30, generator=gen(1))
-        assert torch.equal(got, expected)
-    err = capsys.readouterr().err
-    assert err.count("chargpt: warning: the native decode loop is unavailable here") == 1
-    assert reason in err and len(err.strip().splitlines()) == 1
 
 
 def test_bad_input_never_reaches_the_c_code():
@@ -267,13 +223,6 @@ def test_cli_samples_the_same_text_with_and_without_the_native_loop(tmp_path, ca
 # --- bfloat16 and int8 weights ------------------------------------------------------------
 
 
-def dequantized(weight: torch.Tensor, kind: str) -> torch.Tensor:
-    """The reference for what each weight kind stores: the float32 weights the C loop computes
-    with when it stores `weight` as `kind`."""
-    stored, scale = layout.stored_weights(weight, kind)
-    return stored.to(torch.float32) if scale is None else stored.to(torch.float32) * scale[:, None]
-
-
 def stored_as(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     """A copy whose weight matrices hold what the loop computes with when it stores them as
     `kind` (SamplingSettings.weight_format)."""
@@ -283,15 +232,6 @@ def stored_as(model: torch.nn.Module, kind: str) -> torch.nn.Module:
             if isinstance(module, torch.nn.Linear):
                 module.weight.copy_(dequantized(module.weight, kind))
     return copy
-
-
-def test_int8_weights_are_rows_scaled_to_127():
-    w = torch.tensor([[0.5, -0.25, 0.1], [0.0, 0.0, 0.0], [-2.0, 1.0, 0.004]])
-    q, scale = layout.stored_weights(w, "int8")
-    assert q.dtype == torch.int8 and q.abs().amax(dim=1).tolist() == [127, 0, 127]
-    assert torch.allclose(scale, torch.tensor([0.5 / 127, 1.0, 2.0 / 127]))
-    assert (dequantized(w, "int8") - w).abs().le(scale[:, None] / 2 + 1e-9).all()
-    assert torch.equal(dequantized(w, "float32"), w)
 
 
 @pytest.mark.parametrize("kind", ["bfloat16", "int8"])
@@ -311,25 +251,6 @@ def test_narrow_weights_compute_in_float32_on_the_rounded_weights(overrides, kin
                 got = generate(model, idx, 40, generator=gen(5), weight_format=kind, **options)
                 expected = generate(rounded, idx, 40, generator=gen(5), **options)
                 assert torch.equal(got, expected), (big, batch, options)
-
-
-def test_bfloat16_weights_are_a_setting_of_the_native_loop(capsys, monkeypatch):
-    with pytest.raises(ConfigError, match="weights must be one of float32, bfloat16, int8"):
-        SamplingSettings(weight_format="float16")
-    with pytest.raises(ConfigError, match="needs the KV cache"):
-        SamplingSettings(weight_format="int8", native=False)
-    with pytest.raises(ConfigError, match="needs the KV cache and native decoding"):
-        SamplingSettings(weight_format="bfloat16", native=False)
-    with pytest.raises(ConfigError, match="needs the KV cache and native decoding"):
-        SamplingSettings(weight_format="bfloat16", use_cache=False)
-    monkeypatch.setattr(decode_module, "_REPORTED", set())
-    model = tiny_gpt().double()  # the loop does not run it: float32, and said once
-    for _ in range(2):
-        got = generate(model, prompt(1, 3), 20, generator=gen(2), weight_format="bfloat16")
-        assert torch.equal(got, generate(model, prompt(1, 3), 20, generator=gen(2)))
-    err = capsys.readouterr().err
-    assert err.count("bfloat16 weights are a setting of the native decode loop") == 1
-    assert "decoding in float32" in err
 
 
 def test_cli_samples_with_bfloat16_weights(tmp_path, capsys):

@@ -1,12 +1,16 @@
-"""Nothing lost, nothing executed: NaN policies, planted pickles, the config space, a kill -9
-series (including inside checkpoint writes) and elastic restarts under torchrun."""
+"""Nothing lost, nothing executed: NaN policies, planted pickles, the config space, and kill -9
+series landing at named points of a run (inside prepare, each step of a checkpoint swap, between
+steps, inside an evaluation and a metrics write)."""
 
+import itertools
 import json
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,9 @@ from hypothesis import strategies as st
 import chargpt.training.trainer as trainer_mod
 from chargpt.cli.commands import main
 from chargpt.config.schema import ConfigError, ModelConfig, TrainConfig
+from chargpt.errors import ChargptError
 from chargpt.model.build import build_model
+from chargpt.runs import checkpoint as ckpt
 from chargpt.training.launch import train
 from chargpt.training.optim import make_optimizer
 from chargpt.training.trainer import TrainingError
@@ -177,7 +183,10 @@ def test_valid_configs_train_a_step_and_invalid_ones_say_why(d, seed):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-# --- kill -9 at many points -------------------------------------------------------------------
+# --- kill -9 at named points ------------------------------------------------------------------
+# Each kill lands at a named point of the run (faults.PHASES, through tests/faulty_cli.py): the
+# process writes a marker naming the phase and its last step, then sends itself SIGKILL. Nothing
+# is left to timing, so a kill that does not land where it was sent fails the series.
 
 
 def reference(root: Path, corpus: Path, steps: int) -> Path:
@@ -188,38 +197,112 @@ def reference(root: Path, corpus: Path, steps: int) -> Path:
     return ref
 
 
-def kill_series(corpus, ref, run, steps, delays) -> int:
-    """Run the same `--auto-resume` command again and again, killing it after each delay; then
-    let it finish and compare with the undisturbed run. Returns how many kills landed."""
+@dataclass(frozen=True)
+class Kill:
+    phase: str
+    nth: int  # the nth time the killed process reaches the phase
+    # when known: the last step it took and the step it resumed from (None: none, a new run)
+    where: tuple[int | None, int | None] | None = None
+
+
+def complete(path: Path) -> bool:
+    try:
+        ckpt.verify(path)
+    except ChargptError:
+        return False
+    return True
+
+
+def on_disk(run: Path, phase: str) -> bool:
+    """Whether the run directory is in the state a kill at `phase` leaves."""
+    def some(test) -> bool:
+        return any(test(run / name, run / f"{name}.tmp", run / f"{name}.old")
+                   for name in ("best", "last"))
+    if phase == "prepare":  # staged token files, nothing published, no run yet
+        return (not (run / "config.json").exists() and not (run / "data").exists()
+                and any((p / "train.npy").exists() for p in run.glob(".data.tmp-*")))
+    if phase == "checkpoint.files":
+        return some(lambda _, tmp, __: tmp.is_dir() and not (tmp / ckpt.MANIFEST).exists())
+    if phase == "checkpoint.manifest":
+        return some(lambda _, tmp, __: complete(tmp))
+    if phase == "checkpoint.old":
+        return some(lambda final, tmp, old: not final.exists() and complete(tmp)
+                    and complete(old))
+    if phase == "checkpoint.swapped":
+        return some(lambda final, tmp, old: complete(final) and not tmp.exists()
+                    and (not old.exists() or complete(old)))
+    return True  # between steps, in an evaluation, in a metrics write: nothing to see
+
+
+def comparable(rows: list[dict]) -> list[tuple]:
+    """Metrics rows without their timings: what a resumed run must reproduce exactly."""
+    return [tuple((k, v) for k, v in sorted(r.items()) if k not in ("elapsed", "tok_per_s"))
+            for r in rows]
+
+
+def kill_series(corpus: Path, ref: Path, run: Path, steps: int, kills: list[Kill]) -> str:
+    """Run the same `--auto-resume` command once per kill, each killed at its named point;
+    then let it finish and compare weights and metrics with the undisturbed run. Returns what
+    the last run printed."""
     cmd = ["train", "--input", str(corpus), "--out", str(run), "--auto-resume", *TINY,
            "--max-steps", str(steps)]
-    slow_saves = ["--save-delay", "0.05"]  # kills land inside writes more often
-    kills = 0
-    for delay in delays:
-        proc = cli(*cmd, faults=slow_saves, stdout=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-        else:
-            break  # finished before the kill: later kills have nothing left to hit
-    proc = cli(*cmd, stdout=subprocess.DEVNULL)
-    assert proc.wait(timeout=900) == 0, proc.stderr.read()
+    marker = run.parent / "killed-at.json"
+    kept = False  # whether a complete last/ was written: from then on one must always be found
+    for i, kill in enumerate(kills):
+        marker.unlink(missing_ok=True)
+        proc = cli(*cmd, faults=["--kill-at", kill.phase, "--nth", str(kill.nth), "--marker",
+                                 str(marker)])
+        out, err = proc.communicate(timeout=600)
+        where = f"kill {i} ({kill.phase} #{kill.nth})"
+        assert proc.returncode == -signal.SIGKILL, f"{where} did not land: {err[-2000:]}"
+        landed = json.loads(marker.read_text())
+        assert landed["phase"] == kill.phase and landed["nth"] == kill.nth, where
+        resumed = [int(s) for s in re.findall(r"resuming from step (\d+)", out)] or [None]
+        if kill.where is not None:
+            assert (landed["step"], *resumed) == kill.where, where
+        assert on_disk(run, kill.phase), f"{where}: {sorted(p.name for p in run.iterdir())}"
+        kept = kept or ckpt.resolve(run, "last") is not None
+        assert not kept or ckpt.resolve(run, "last") is not None, where
+    proc = cli(*cmd)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err
     assert same_weights(ref, run)
-    return kills
+    assert comparable(metrics(run)) == comparable(metrics(ref))
+    return out
+
+
+# Evaluations (and saves of best/ and last/) at steps 0, 20, 40, 60 and 80.
+SHORT_SERIES = [
+    Kill("prepare", 1, (None, None)),
+    Kill("checkpoint.manifest", 2, (None, None)),  # last.tmp sealed at step 0, no last/ yet
+    Kill("step", 27, (27, 0)),  # resumed from last.tmp
+    Kill("metrics", 2, (30, 20)),  # the row of step 30, written but not flushed
+    Kill("evaluate", 1, (40, 20)),
+    Kill("checkpoint.old", 2, (40, 20)),  # last/ moved aside (best/'s swap came first)
+    Kill("checkpoint.swapped", 1, (60, 40)),  # resumed from last.tmp; best/ swapped in
+    # the save of last/ removes the last.tmp it resumed from first: last.old (20) remains
+    Kill("checkpoint.files", 2, (60, 40)),
+]
 
 
 def test_kill_series_short(corpus, tmp_path):
     ref = reference(tmp_path, corpus, 80)
-    assert kill_series(corpus, ref, tmp_path / "run", 80, [2.5, 3.5, 4.5]) >= 2
+    evals = [r["val_loss"] for r in metrics(ref, "eval") if r["step"] <= 60]
+    # SHORT_SERIES counts checkpoint saves: best/ is saved at each evaluation up to step 60.
+    assert all(b < a for a, b in itertools.pairwise(evals)), evals
+    out = kill_series(corpus, ref, tmp_path / "run", 80, SHORT_SERIES)
+    assert "resuming from step 20" in out  # from last.old: a crash's oldest leftover
 
 
 @pytest.mark.slow
 def test_kill_series_long(corpus, tmp_path):
-    # Enough steps that no restart can finish inside its delay, loaded machine or not.
-    ref = reference(tmp_path, corpus, 1500)
+    # 12 kills at seeded phases and occurrences of a longer run; each must land in its phase.
+    # (A killed process costs a few seconds of start-up: more kills would buy little.)
     rng = random.Random(0)
-    delays = [rng.uniform(1.0, 3.5) for _ in range(24)]
-    assert kill_series(corpus, ref, tmp_path / "run", 1500, delays) >= 20
+    nth = {"step": 25, "evaluate": 8, "metrics": 8, "checkpoint.files": 4,
+           "checkpoint.manifest": 4, "checkpoint.old": 3, "checkpoint.swapped": 3}
+    phases = sorted(nth)
+    kills = [Kill("prepare", 1)] + [Kill(p, rng.randint(1, nth[p]))
+                                     for p in (rng.choice(phases) for _ in range(11))]
+    ref = reference(tmp_path, corpus, 300)
+    kill_series(corpus, ref, tmp_path / "run", 300, kills)

@@ -21,9 +21,13 @@ from conftest import (
 )
 from conftest import tiny_config as base_config
 
+from chargpt import faults
+from chargpt.cli.commands import main
 from chargpt.config.schema import TrainConfig
 from chargpt.data.preparation import prepare
 from chargpt.errors import CheckpointError, ConfigError
+from chargpt.faults import Faults
+from chargpt.runs import checkpoint as ckpt
 from chargpt.training.launch import train
 from chargpt.training.optim import lr_at
 
@@ -176,6 +180,45 @@ def test_interrupted_cli_run_resumes_to_identical_weights(reference_cli_run, tmp
     assert resumed.returncode == 0, err
     assert "resuming from step" in out
     assert same_weights(ref, cut)
+
+
+class CtrlCTwice(Faults):
+    """Ctrl-C after step 13, and Ctrl-C again once the checkpoint that stop writes has its files
+    written (before its manifest); records every named point reached after that."""
+
+    def __init__(self) -> None:
+        super().__init__(interrupt_at_step=13)
+        self.second_sent, self.after_second = False, []
+
+    def reached(self, phase: str) -> None:
+        if self.second_sent:
+            self.after_second.append(phase)
+        elif phase == "checkpoint.files" and self.last_step == 13:
+            self.second_sent = True
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_a_second_ctrl_c_during_the_checkpoint_write_aborts_at_once(corpus, tmp_path, capsys,
+                                                                     monkeypatch):
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    flags = ["--input", str(corpus), *tiny_flags(sample_chars=0, dropout=0.1)]
+    twice = CtrlCTwice()
+    monkeypatch.setattr(faults, "_active", twice)
+    code = main(["train", *flags, "--out", str(run)])
+    err = capsys.readouterr().err
+    assert code == 130 and err.splitlines()[-1:] == ["chargpt: interrupted"], err
+    # at once: the write went no further (no manifest, no swap) and nothing else ran
+    assert twice.second_sent and twice.after_second == []
+    assert not (run / "last.tmp" / "manifest.json").exists()
+    # the previous checkpoint (step 10) is what a loader and a resume find, and it is intact
+    assert ckpt.resolve(run, "last") == run / "last"
+    assert ckpt.load_train_state(run / "last").step == 10
+    monkeypatch.setattr(faults, "_active", Faults())
+    assert main(["sample", str(run), "--checkpoint", "last", "--max-new-tokens", "5",
+                 "--no-native"]) == 0
+    assert main(["train", "--resume", str(run)]) == 0
+    assert main(["train", *flags, "--out", str(ref)]) == 0
+    assert same_weights(ref, run)
 
 
 def test_time_limit_stops_with_a_resumable_checkpoint(corpus, tmp_path):

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from chargpt import faults
 from chargpt.data.prepared import (
     DATA_FORMAT,
     DATA_VERSION,
@@ -82,8 +83,7 @@ class _Background:
             if exc_type is None:
                 self.drain()
             else:
-                # Already failing: drop queued work and do not let a second error from a
-                # call still running hide the first one.
+                # Already failing: drop queued work; a call still running must not hide it.
                 for future in self._pending:
                     future.cancel()
         finally:
@@ -97,8 +97,7 @@ def _update_hashes(hashes: Sequence[Any], data: bytes) -> None:
 
 
 def _stat_key(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
+    return (st := path.stat()).st_size, st.st_mtime_ns
 
 
 def _looks_prepared(path: Path) -> bool:
@@ -396,5 +395,6 @@ def prepare(
     meta = _meta(job, scan, tokenizer, n_train, n_val, n_test)
     with _staging_dir(job.out_dir) as tmp:
         _encode(job, tokenizer, tmp, n_train, n_val, n_test)
+        faults.active().reached("prepare")  # the token files written, nothing published
         _publish(tmp, job.out_dir, tokenizer, meta)
     return meta

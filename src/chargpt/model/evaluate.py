@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from chargpt import faults
 from chargpt.data.batches import BatchSampler
 from chargpt.distributed import DistEnv, all_reduce_sum
 from chargpt.errors import DataError
@@ -56,6 +57,7 @@ def estimate_loss(
                         _, loss = model(x, y)
                     total[0] += loss.float()
                     total[1] += 1
+                faults.active().reached("evaluate")
             all_reduce_sum(total, env)
             out[name] = (total[0] / total[1]).item()
     return out

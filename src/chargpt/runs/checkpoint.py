@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from chargpt import faults
 from chargpt.config.schema import Config
 from chargpt.errors import CheckpointError
 from chargpt.fileio import fsync_dir, fsync_file, os_reason, read_error, sha256_file
@@ -91,16 +91,11 @@ class SaveError(CheckpointError):
         super().__init__(f"could not write checkpoint {target}: {reason}{intact}")
 
 
-def _no_pause() -> None:
-    pass
-
-
-def save(run_dir: str | Path, name: str, model: torch.nn.Module, data: CheckpointData, *,
-         pause: Callable[[], None] = _no_pause) -> Path:
+def save(run_dir: str | Path, name: str, model: torch.nn.Module, data: CheckpointData) -> Path:
     """Write checkpoint `run_dir/name` atomically; the previous one survives any failure.
 
-    `pause` is called after the files are written, after the manifest and between the two
-    renames: the moments a crash is most interesting (fault injection, see faults.py)."""
+    Each step of the swap is a named point where a test may kill the process (faults.PHASES):
+    the moments a crash is most interesting."""
     run_dir = Path(run_dir)
     final, tmp, old = run_dir / name, run_dir / f"{name}.tmp", run_dir / f"{name}.old"
     try:
@@ -108,10 +103,10 @@ def save(run_dir: str | Path, name: str, model: torch.nn.Module, data: Checkpoin
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         _write_files(tmp, model, data)
-        pause()
+        faults.active().reached("checkpoint.files")
         _write_manifest(tmp)
-        pause()
-        _swap_in(final, tmp, old, pause)
+        faults.active().reached("checkpoint.manifest")
+        _swap_in(final, tmp, old)
         fsync_dir(run_dir)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -144,13 +139,14 @@ def _write_manifest(tmp: Path) -> None:
     fsync_dir(tmp)
 
 
-def _swap_in(final: Path, tmp: Path, old: Path, pause: Callable[[], None]) -> None:
+def _swap_in(final: Path, tmp: Path, old: Path) -> None:
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
         os.replace(final, old)
-        pause()
+        faults.active().reached("checkpoint.old")
     os.replace(tmp, final)
+    faults.active().reached("checkpoint.swapped")
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chargpt import errors
+from chargpt import errors, faults
 from chargpt.config.schema import Config
 from chargpt.data.prepared import PreparedData, load_prepared
 from chargpt.errors import ChargptError, CheckpointError, ConfigError
@@ -189,6 +189,7 @@ class RunDir:
     def append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+            faults.active().reached("metrics")  # written, not yet flushed
 
     def truncate_metrics(self, step: int) -> None:
         """Drop rows after `step` (logged after the checkpoint a resume starts from), and lines

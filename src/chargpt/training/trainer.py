@@ -97,6 +97,7 @@ class Trainer:
             rank=env.rank, world_size=env.world_size, order=tc.data_order,
         )
         self.step = 0
+        self.resumed = False  # a resumed run's checkpoint follows its evaluation at that step
         self.best_val_loss = math.inf
         self.last_val_loss = math.inf
         self.elapsed_before = 0.0
@@ -123,7 +124,7 @@ class Trainer:
         if self.device.type == "cuda" and cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, self.device)
         self.sampler.load_state_dict(state.sampler)
-        self.step = state.step
+        self.step, self.resumed = state.step, True
         self.best_val_loss = state.best_val_loss
         self.last_val_loss = state.val_loss
         self.elapsed_before = state.elapsed
@@ -161,7 +162,7 @@ class Trainer:
         data = ckpt.CheckpointData(config=self.cfg.to_dict(),
                                    vocab=self.data.tokenizer.to_dict(), state=state)
         try:
-            ckpt.save(self.run_dir, name, self.model, data, pause=faults.active().pause)
+            ckpt.save(self.run_dir, name, self.model, data)
         except ckpt.SaveError as e:
             raise self.out.write_failed(f"checkpoint {e.target}", e.reason) from None
 
@@ -298,13 +299,13 @@ class Trainer:
         self._flops_per_token = estimate(self.cfg).flops_per_token
         self.out.log(describe(self.model, self.data, self.device, self.amp_dtype, self.env,
                               self.run_dir))
-        if self.step > 0:
+        if self.resumed:
             self.out.log(f"resuming from step {self.step}")
         self.model.train()
         with StopRequest(self.env, self.device, deadline) as stop:
             self.out.open_bar(tc.max_steps, self.step, tc.progress)
             try:
-                if self.step == 0 and not tc.time_budget:  # a budget buys steps instead
+                if not (self.resumed or tc.time_budget):  # a budget buys steps instead
                     self._eval_and_checkpoint()
                 self._loop(stop)
             finally:
