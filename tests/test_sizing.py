@@ -195,3 +195,22 @@ def test_a_preset_keeps_its_own_shape(fitted, small_corpus, tmp_path):
                  "--no-progress"]) == 0
     cfg = RunDir(out).read_config()
     assert cfg.train.size == "" and (cfg.model.n_layer, cfg.model.n_embd) == (4, 128)
+
+
+def test_auto_size_takes_no_block_longer_than_the_splits(fitted, tmp_path):
+    """A corpus whose val split holds 100 tokens cannot be given a block of 128."""
+    from chargpt.config.schema import Config
+    from chargpt.data.preparation import prepare
+    from chargpt.data.prepared import load_prepared
+    from chargpt.distributed import DistEnv
+    from chargpt.training.autosize import _measure
+
+    (tmp_path / "t.txt").write_text("abcdefghij " * 100, encoding="utf-8")
+    prepare(str(tmp_path / "t.txt"), tmp_path / "data")
+    data = load_prepared(tmp_path / "data")
+    assert 64 < len(data.val) - 1 < 128
+    cfg = resolve_config("fast-cpu", overrides={"model": {"vocab_size": data.vocab_size}})
+    assert isinstance(cfg, Config)
+    times, _ = _measure(cfg, RunDir(tmp_path / "run"), data, DistEnv(), torch.device("cpu"),
+                        budget=1e6)
+    assert times and all(fitted.size(n).model["block_size"] <= 64 for n in times)

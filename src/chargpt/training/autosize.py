@@ -101,7 +101,10 @@ def _measure(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
     body: dict[str, int] = {}
     last: tuple[float, float] | None = None  # (seconds, FLOPs) of the last size timed
     spent = 0.0
+    fits = min(len(data.train), len(data.val)) - 1  # the longest block both splits hold
     for size in load_rule().sizes:
+        if size.model["block_size"] > fits:
+            break  # the ladder's blocks only grow
         sized = apply_size(cfg, size)
         flops = estimate(sized).flops_per_step
         if last is not None:
