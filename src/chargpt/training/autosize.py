@@ -112,13 +112,12 @@ def _measure(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
             too_slow = budget * TRAIN_SHARE / guess < MIN_STEPS
             if too_slow or spent + guess * (WARMUP_STEPS + TIMED_STEPS) > MEASURE_SHARE * budget:
                 break
-        t0 = time.perf_counter()
-        times[size.name], body[size.name] = _time_size(sized, rundir, data, device)
-        spent += time.perf_counter() - t0
-        last = (times[size.name], flops)
-    if env.enabled:
-        mean = all_reduce_mean(torch.tensor(list(times.values()), device=device), env)
-        times = dict(zip(times, mean.tolist(), strict=True))
+        seconds, body[size.name] = _time_size(sized, rundir, data, device)
+        if env.enabled:  # every rank decides the next size from the same numbers
+            seconds = float(all_reduce_mean(torch.tensor([seconds], device=device), env)[0])
+        times[size.name] = seconds
+        spent += seconds * (WARMUP_STEPS + TIMED_STEPS)
+        last = (seconds, flops)
     return times, body
 
 
