@@ -398,4 +398,3 @@ class Trainer:
         mfu_text = f", MFU {util:.1%}" if util is not None else ""
         self.out.show(f"loss {mean_loss:.4f}, {tok_s / 1e3:.1f}k tok/s{mfu_text}")
         since.reset(now)
-
