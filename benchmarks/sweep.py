@@ -37,9 +37,10 @@ import torch  # noqa: E402
 from corpora import CORPORA, fetch  # noqa: E402
 
 from chargpt.config.schema import resolve_config  # noqa: E402
-from chargpt.config.sizing import corpus_bits_per_char, load_rule  # noqa: E402
+from chargpt.config.sizing import load_rule  # noqa: E402
 from chargpt.data.preparation import prepare  # noqa: E402
 from chargpt.data.prepared import load_prepared  # noqa: E402
+from chargpt.training.autosize import block_params, corpus_stats  # noqa: E402
 from chargpt.training.launch import new_trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,10 +99,8 @@ def one_run(size, corpus: dict, data_dir: str, out: Path, tokens: int, dropout: 
         raise SystemExit(f"{out.name} stopped at step {result.step} of {steps}; not recorded")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_loss" in r]
-    body = sum(p.numel() for n, p in trainer.model.named_parameters()
-               if n.startswith("transformer.h."))
     return {**corpus, "size": size.name, "params": trainer.model.num_params(),
-            "body_params": body, "batch": size.train["batch_size"],
+            "body_params": block_params(trainer.model), "batch": size.train["batch_size"],
             "block": size.model["block_size"], "dropout": dropout, "steps": steps,
             "tokens": steps * per_step, "best_val": result.best_val_loss,
             "final_val": result.last_val_loss, "final_train": evals[-1].get("train_loss"),
@@ -138,10 +137,10 @@ def main() -> int:
             data_dir = str(Path(tmp) / "data")
             prepare(str(corpus_path(name)), data_dir)
             data = load_prepared(data_dir)
-            text = data.tokenizer.decode(data.train[:1_000_000].tolist())
-            corpus = {"corpus": name, "train_tokens": len(data.train),
-                      "val_tokens": len(data.val), "vocab": data.tokenizer.vocab_size,
-                      "lzma_bpc": round(corpus_bits_per_char(text), 4)}
+            stats = corpus_stats(data)
+            corpus = {"corpus": name, "train_tokens": stats.train_tokens,
+                      "val_tokens": len(data.val), "vocab": stats.vocab_size,
+                      "lzma_bpc": round(stats.bits_per_char, 4)}
             for size_name in args.sizes:
                 size = sizes[size_name]
                 per_step = size.train["batch_size"] * size.model["block_size"]
