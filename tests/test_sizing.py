@@ -19,7 +19,7 @@ from chargpt.runs.rundir import RunDir
 from chargpt.training.autosize import block_params
 
 FORECAST = {"e0": 0.2, "e1": 0.3, "A": 30.0, "alpha": 0.3, "B": 40.0, "beta": 0.3,
-            "repeats": 4.0, "spread": 0.05}
+            "repeats": 4.0, "C": 0.003, "gamma": 0.5, "spread": 0.05}
 CORPUS = CorpusStats(train_tokens=1_000_000, vocab_size=65, bits_per_char=2.6)
 
 
@@ -109,6 +109,37 @@ def test_a_budget_too_short_for_any_size_takes_the_smallest(fitted):
     assert choice.size == fitted.sizes[0] and choice.steps < sizing.MIN_STEPS
 
 
+def test_a_corpus_too_small_for_the_budget_gets_fewer_passes(fitted, tmp_path):
+    """Passes over a small corpus past the first cost val loss (learnt by heart), the more the
+    larger the model: a long budget is then spent in part, and the run's budget is shortened."""
+    from chargpt.data.preparation import prepare
+    from chargpt.data.prepared import load_prepared
+    from chargpt.distributed import DistEnv
+    from chargpt.training.autosize import auto_size
+
+    f, body = Forecast(**FORECAST), _body(fitted)
+    small = CorpusStats(20_000, 60, 3.0)
+    assert f.loss(body["6x256"], 40 * 20_000, small) > f.loss(body["6x256"], 4 * 20_000, small)
+    times = _flops_times(fitted, 0.02)
+    choice = choose(fitted, 3600, times, body, small)
+    assert choice.share < sizing.SHORTEN_BELOW and choice.steps >= sizing.MIN_STEPS
+    assert choice.loss < choose(fitted, 3600 * choice.share * 0.5, times, body, small).loss
+    assert "overfit" in choice.describe("1h") and choice.passes == choice.tokens / 20_000
+    assert choose(fitted, 3600, times, body, CORPUS).share > sizing.SHORTEN_BELOW
+
+    (tmp_path / "t.txt").write_text("a small corpus of few words. " * 800, encoding="utf-8")
+    prepare(str(tmp_path / "t.txt"), tmp_path / "data")
+    data = load_prepared(tmp_path / "data")
+    cfg = resolve_config("fast-cpu", overrides={"model": {"vocab_size": data.vocab_size},
+                                                "train": {"time_budget": "1h"}})
+    cfg, choice, _ = auto_size(cfg, RunDir(tmp_path / "run"), data, DistEnv(),
+                               torch.device("cpu"), times)
+    seconds = float(cfg.train.time_budget.removesuffix("s"))
+    assert choice.share < sizing.SHORTEN_BELOW
+    assert seconds == pytest.approx(3600 * choice.share, abs=2)
+    assert "overfit" in cfg.train.size_choice
+
+
 def test_an_unfitted_rule_refuses_to_choose(monkeypatch):
     data = sizing._rule_data()
     monkeypatch.setattr(sizing, "_rule_data", lambda: {**data, "forecast": None})
@@ -123,14 +154,15 @@ def test_an_unfitted_rule_refuses_to_choose(monkeypatch):
 def test_small_corpora_get_dropout_where_the_rule_says(monkeypatch):
     data = sizing._rule_data()
     monkeypatch.setattr(sizing, "_rule_data", lambda: {
-        **data, "forecast": FORECAST, "dropout": {"epochs_above": 10, "value": 0.1}})
+        **data, "forecast": FORECAST, "dropout": {"epochs_above": 3, "value": 0.1}})
     load_rule.cache_clear()
     try:
         rule = load_rule()
         body, times = _body(rule), _flops_times(rule, 0.02)
-        small = CorpusStats(20_000, 60, 3.0)
-        assert choose(rule, 300, times, body, small).dropout == 0.1
-        assert choose(rule, 300, times, body, CORPUS).dropout == 0.0
+        small = choose(rule, 300, times, body, CorpusStats(20_000, 60, 3.0))
+        large = choose(rule, 300, times, body, CORPUS)
+        assert small.passes > 3 > large.passes
+        assert (small.dropout, large.dropout) == (0.1, 0.0)
     finally:
         load_rule.cache_clear()
 

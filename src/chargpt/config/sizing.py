@@ -5,15 +5,19 @@ of `benchmarks/sweep.py`: a ladder of sizes (each a few values over the fast rec
 a forecast fitted to the sweep, and where the fit came from. The forecast gives a size's val
 loss after it has trained on `tokens` tokens of a corpus:
 
-    loss = e0 + e1 * h + A * P^-alpha + B * D_eff^-beta
+    loss = e0 + e1 * h + A * P^-alpha + B * D_eff^-beta + C * (P/U)^gamma * max(0, D/U - 1)
 
 with `h` the corpus's bits per character under lzma (how predictable the text is), `P` the
 size's parameters inside its blocks, and `D_eff` the tokens trained on, where each pass over a
 corpus of `U` training tokens after the first is worth less than the one before (a repeated
 token's value decays with the passes, `repeats`): D_eff = U * (1 + r * (1 - exp(-(D/U - 1)/r)))
-past one epoch. Nothing in the rule knows the machine: `choose` is given each size's step time
-as measured here, turns the budget into tokens per size, and takes the size with the lowest
-forecast. A faster machine affords more tokens, and so a larger size.
+past one epoch. A small corpus read many times is also learnt by heart, more so by a large
+model: the val loss then rises by C * (P/U)^gamma per pass after the first. So a budget
+longer than a corpus can use is better spent in part, and `choose` picks the tokens as well as
+the size (never more than the budget buys). Nothing in the rule knows the machine: `choose`
+is given each size's step time as measured here, turns the budget into tokens per size, and
+takes the size with the lowest forecast. A faster machine affords more tokens, and so a larger
+size.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 from chargpt.errors import ConfigError
 
 __all__ = ["Choice", "CorpusStats", "Forecast", "Rule", "Size", "choose",
-           "corpus_bits_per_char", "load_rule", "MIN_STEPS", "TRAIN_SHARE"]
+           "corpus_bits_per_char", "load_rule", "MIN_STEPS", "SHORTEN_BELOW", "TRAIN_SHARE"]
 
 # a size needs this many steps to warm up (the recipe's 50), train and cool down; fewer and it
 # is not a candidate
@@ -38,6 +42,10 @@ MIN_STEPS = 100
 # and its margin, and the choice itself takes a few seconds
 TRAIN_SHARE = 0.88
 LZMA_SAMPLE = 1_000_000  # characters compressed to price a corpus's predictability
+# a choice that wants less than this share of what the budget buys ends the run early; above
+# it the difference is within the forecast's noise and the whole budget is used
+SHORTEN_BELOW = 0.9
+TOKEN_GRID = 0.85  # the shorter token counts tried: the budget's, then 85% of it, and so on
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,8 @@ class Forecast:
     B: float
     beta: float
     repeats: float
+    C: float
+    gamma: float
     spread: float  # half the range quoted around a forecast: the fit's worst miss, measured
 
     def effective_tokens(self, tokens: float, train_tokens: float) -> float:
@@ -77,9 +87,12 @@ class Forecast:
         return train_tokens * (1.0 + self.repeats * (1.0 - math.exp(-extra / self.repeats)))
 
     def loss(self, body_params: float, tokens: float, corpus: CorpusStats) -> float:
-        d = self.effective_tokens(tokens, corpus.train_tokens)
+        u = corpus.train_tokens
+        d = self.effective_tokens(tokens, u)
+        passes = max(0.0, tokens / u - 1.0)
         return (self.e0 + self.e1 * corpus.bits_per_char
-                + self.A * body_params ** -self.alpha + self.B * d ** -self.beta)
+                + self.A * body_params ** -self.alpha + self.B * d ** -self.beta
+                + self.C * (body_params / u) ** self.gamma * passes)
 
 
 @dataclass(frozen=True)
@@ -109,8 +122,9 @@ class CorpusStats:
 
 @dataclass(frozen=True)
 class Choice:
-    """The size chosen for a budget, what it is expected to reach, and the candidates' forecasts
-    (name -> (tokens, loss)) it was chosen from."""
+    """The size chosen for a budget, the tokens to train it on (`share` of what the budget
+    buys of it: less when more passes over the corpus would overfit), what it is expected to
+    reach, and the candidates' forecasts (name -> (tokens, loss)) it was chosen from."""
 
     size: Size
     tokens: int
@@ -119,14 +133,18 @@ class Choice:
     spread: float
     dropout: float
     candidates: dict[str, tuple[int, float]]
+    share: float = 1.0
+    passes: float = 0.0
 
     def describe(self, budget: str) -> str:
         """One line for the log: what was chosen and why."""
         others = ", ".join(f"{name} {loss:.2f}" for name, (_, loss) in self.candidates.items())
+        shorter = (f"; more passes would overfit, so it trains for {self.share:.0%} of the time"
+                   if self.share < SHORTEN_BELOW else "")
         return (f"--time {budget} chooses {self.size.name} (about {self.steps:,} steps, "
-                f"{self.tokens / 1e6:.1f} M tokens): val loss forecast {self.loss:.2f} "
-                f"({self.loss - self.spread:.2f}-{self.loss + self.spread:.2f}); forecasts "
-                f"at this budget: {others}")
+                f"{self.tokens / 1e6:.1f} M tokens, {self.passes:.1f} passes over the corpus): "
+                f"val loss forecast {self.loss:.2f} ({self.loss - self.spread:.2f}-"
+                f"{self.loss + self.spread:.2f}){shorter}; forecasts at this budget: {others}")
 
 
 def corpus_bits_per_char(text: str) -> float:
@@ -170,19 +188,25 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
     if not measured:
         raise ConfigError("no size of the sizing rule was timed")
     candidates: dict[str, tuple[int, float]] = {}
+    bought: dict[str, int] = {}
     for size in measured:
         steps = int(train_seconds / step_seconds[size.name])
         if steps < MIN_STEPS and candidates:
             continue
-        tokens = max(1, steps) * size.tokens_per_step
-        candidates[size.name] = (tokens, rule.forecast.loss(body_params[size.name], tokens,
-                                                            corpus))
+        bought[size.name] = max(1, steps) * size.tokens_per_step
+        tried = [max(1, steps)]
+        while tried[-1] * TOKEN_GRID >= MIN_STEPS:
+            tried.append(int(tried[-1] * TOKEN_GRID))
+        forecasts = [(rule.forecast.loss(body_params[size.name], n * size.tokens_per_step,
+                                         corpus), n * size.tokens_per_step) for n in tried]
+        loss, tokens = min(forecasts)
+        candidates[size.name] = (tokens, loss)
     enough = {name: c for name, c in candidates.items()
               if c[0] >= MIN_STEPS * rule.size(name).tokens_per_step}
     best = min(enough or candidates, key=lambda n: candidates[n][1])
     size, (tokens, loss) = rule.size(best), candidates[best]
-    epochs = tokens / corpus.train_tokens
+    passes = tokens / corpus.train_tokens
     dropout = (rule.dropout.get("value", 0.0)
-               if rule.dropout and epochs > rule.dropout.get("epochs_above", math.inf) else 0.0)
+               if rule.dropout and passes > rule.dropout.get("epochs_above", math.inf) else 0.0)
     return Choice(size, tokens, tokens // size.tokens_per_step, loss, rule.forecast.spread,
-                  dropout, candidates)
+                  dropout, candidates, tokens / bought[best], passes)

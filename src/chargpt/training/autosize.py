@@ -8,7 +8,8 @@ one measured and its FLOPs, and the measuring stops at the first size the budget
 `MIN_STEPS` steps, or when timing it would cost more than `MEASURE_SHARE` of the budget. Under
 torchrun every rank times the sizes by itself and the ranks average their times, so all choose
 alike. The seconds spent measuring count against the budget. The choice is applied to the
-config (the size's values, dropout where the rule regularises) and recorded in it
+config (the size's values, dropout where the rule regularises, and a shorter budget when the
+corpus is too small to use the whole one) and recorded in it
 (`TrainConfig.size` names the size, `size_choice` says why), so a resumed run never chooses
 again.
 """
@@ -16,6 +17,7 @@ again.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import torch
@@ -23,6 +25,7 @@ import torch
 from chargpt.config.schema import Config, apply_overrides
 from chargpt.config.sizing import (
     MIN_STEPS,
+    SHORTEN_BELOW,
     TRAIN_SHARE,
     Choice,
     CorpusStats,
@@ -166,4 +169,9 @@ def auto_size(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
              f"smallest size, {choice.size.name}, here: too few to learn much; give more time")
     chosen = apply_size(cfg, choice.size, choice.dropout,
                         choice.describe(cfg.train.time_budget))
-    return chosen, choice, time.perf_counter() - t0
+    spent = time.perf_counter() - t0
+    if choice.share < SHORTEN_BELOW:  # more passes would overfit: end early, as planned
+        seconds = spent + (budget - spent) * choice.share
+        chosen = apply_overrides(chosen, {"train": {"time_budget": f"{math.ceil(seconds)}s"}},
+                                 f"size {choice.size.name}")
+    return chosen, choice, spent
