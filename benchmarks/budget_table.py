@@ -1,0 +1,131 @@
+"""Issue 21's tables: at each time budget, `--size auto` against a hand sweep of the ladder.
+
+For each corpus and budget this trains, one run after another, `--time T --size auto` (what
+`chargpt train --time T` does by itself) and then `--time T --size NAME` for each hand-picked
+size, all with the same seed. Each run appends a JSON line to `--out`: what auto chose and its
+forecast (from the line it logged), the steps, the best val loss as training estimated it (the
+mean over every position of random val blocks, nanoGPT's way) and best/ scored on the whole
+val split (every character once, at least half a block of context) and tiled (every position
+of back-to-back val blocks, nanoGPT's way), and the wall time from
+the call to `train()` to its return against the budget. Then a table per corpus and budget:
+auto's size and loss, its forecast and miss, the best hand-picked size and how far auto is from
+it, and every run's end against its budget (min and max).
+
+Budget runs measure time, so run this on an otherwise idle machine; its wall time is the sum
+of the budgets (six 2-minute runs: 12 minutes per corpus).
+
+    python benchmarks/budget_table.py --corpus shakespeare wisdom-en --budgets 2m 10m \\
+        [--sizes 2x64 3x96 4x128 4x192 6x256] [--no-hand]
+
+Corpora as in sweep.py: `shakespeare` is Tiny Shakespeare, the others benchmarks/corpora.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from corpora import CORPORA  # noqa: E402
+from sweep import corpus_path  # noqa: E402
+
+from chargpt.config.schema import resolve_config  # noqa: E402
+from chargpt.config.values import parse_duration  # noqa: E402
+from chargpt.data.preparation import prepare  # noqa: E402
+from chargpt.data.prepared import load_prepared  # noqa: E402
+from chargpt.runs.run import load_run  # noqa: E402
+from chargpt.runs.rundir import RunDir  # noqa: E402
+from chargpt.training.launch import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FORECAST = re.compile(r"val loss forecast ([\d.]+) \(([\d.]+)-([\d.]+)\)")
+
+
+def one_run(corpus: str, budget: str, size: str, data_dir: Path, out: Path, seed: int) -> dict:
+    cfg = resolve_config(overrides={"data": {"data_dir": str(data_dir)}, "train": {
+        "out_dir": str(out), "time_budget": budget, "size": size, "seed": seed,
+        "progress": False, "sample_chars": 0}})
+    t0 = time.perf_counter()
+    result = train(cfg, quiet=True)
+    seconds = time.perf_counter() - t0
+    if result.interrupted_by is not None:
+        raise SystemExit(f"{out.name} was interrupted; not recorded")
+    saved = RunDir(out).read_config()
+    match = FORECAST.search(saved.train.size_choice)
+    val = load_prepared(data_dir).val
+    best = load_run(out, "best", device="cpu")
+    whole = best.evaluate_ids(val, batch_size=256)
+    tiled = best.evaluate_ids(val, batch_size=256, tiled=True)
+    return {"corpus": corpus, "budget": budget, "auto": size == "auto",
+            "size": saved.train.size, "time_budget": saved.train.time_budget,
+            "forecast": float(match.group(1)) if match else None,
+            "steps": result.step, "best_val": result.best_val_loss, "whole_best": whole,
+            "tiled_best": tiled,
+            "seconds": round(seconds, 2), "budget_seconds": parse_duration(budget),
+            "choice": saved.train.size_choice, "date": datetime.date.today().isoformat()}
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| corpus | budget | auto | auto val | forecast | miss | best hand size | its val | "
+          "auto - best | auto whole-split |")
+    print("|---|---|---|---:|---:|---:|---|---:|---:|---:|")
+    for corpus, budget in dict.fromkeys((r["corpus"], r["budget"]) for r in rows):
+        cell = [r for r in rows if (r["corpus"], r["budget"]) == (corpus, budget)]
+        auto = [r for r in cell if r["auto"]]
+        hand = [r for r in cell if not r["auto"]]
+        if not auto:
+            continue
+        a = auto[-1]
+        forecast = miss = hand_size = hand_val = gap = "-"
+        if a["forecast"] is not None:
+            forecast, miss = f"{a['forecast']:.2f}", f"{a['forecast'] - a['best_val']:+.3f}"
+        if hand:
+            best = min(hand, key=lambda r: r["best_val"])
+            hand_size, hand_val = best["size"], f"{best['best_val']:.4f}"
+            gap = f"{a['best_val'] - best['best_val']:+.4f}"
+        print(f"| {corpus} | {budget} | {a['size']} | {a['best_val']:.4f} | {forecast} | "
+              f"{miss} | {hand_size} | {hand_val} | {gap} | {a['whole_best']:.4f} |")
+    ends = [r["seconds"] / parse_duration(r["time_budget"]) - 1 for r in rows]
+    if ends:
+        print(f"\nruns' ends against their budgets: {min(ends):+.1%} to {max(ends):+.1%} "
+              f"({len(ends)} runs; a budget auto shortened is counted against the shorter one)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--corpus", nargs="+", default=["shakespeare"],
+                    choices=["shakespeare", *CORPORA])
+    ap.add_argument("--budgets", nargs="+", default=["2m", "10m"])
+    ap.add_argument("--sizes", nargs="+", default=["2x64", "3x96", "4x128", "4x192", "6x256"])
+    ap.add_argument("--no-hand", action="store_true", help="only the automatic choice")
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/budget.jsonl")
+    ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    args = ap.parse_args()
+    if not args.table:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        for corpus in args.corpus:
+            with tempfile.TemporaryDirectory() as tmp:
+                data_dir = Path(tmp) / "data"
+                prepare(str(corpus_path(corpus)), data_dir)
+                for budget in args.budgets:
+                    for size in ["auto", *([] if args.no_hand else args.sizes)]:
+                        out = Path(tmp) / f"run-{budget}-{size}"
+                        record = one_run(corpus, budget, size, data_dir, out, args.seed)
+                        with args.out.open("a") as f:
+                            f.write(json.dumps(record) + "\n")
+                        print(json.dumps(record), flush=True)
+    rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
