@@ -47,6 +47,7 @@ class Corpus:
 
 CORPORA = {c.name: c for c in (
     Corpus("wisdom-en", "fortunes", FORTUNES, ("wisdom",), "English sayings, 61 KB"),
+    Corpus("work-en", "fortunes", FORTUNES, ("work",), "English sayings on work, 106 KB"),
     Corpus("poems-en", "fortunes", FORTUNES, ("songs-poems",), "English songs and poems, 234 KB"),
     Corpus("de", "fortunes-de", f"{FORTUNES}/de", (), "German fortunes, 3.0 MB"),
     Corpus("ru", "fortunes-ru", f"{FORTUNES}/ru", (), "Russian fortunes (Cyrillic), 3.5 MB"),

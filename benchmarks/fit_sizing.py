@@ -7,7 +7,9 @@ with that corpus left out and forecasts it, which says how well the rule does on
 has never seen. `spread`, the half-range quoted around every forecast, is the larger of the
 worst miss of the fit and the root-mean-square miss on left-out corpora.
 
-    python benchmarks/fit_sizing.py [--results FILE] [--dry-run]
+It draws every corpus's measured losses against the forecast curves (`--plot`).
+
+    python benchmarks/fit_sizing.py [--results FILE] [--dry-run] [--plot PNG]
 """
 
 from __future__ import annotations
@@ -72,23 +74,69 @@ def fit(rows: list[dict]) -> torch.Tensor:
     return best
 
 
+def plot(forecast: Forecast, rows: list[dict], path: Path) -> None:
+    """Each corpus's measured best val loss against tokens, and every size's forecast curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corpora = sorted({r["corpus"] for r in rows})
+    sizes = sorted({(r["body_params"], r["size"]) for r in rows})
+    cols = min(3, len(corpora))
+    rows_ = math.ceil(len(corpora) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 3.8 * rows_), squeeze=False)
+    for ax in list(axes.flat)[len(corpora):]:
+        ax.set_visible(False)
+    for ax, corpus in zip(list(axes.flat), corpora, strict=False):
+        mine = [r for r in rows if r["corpus"] == corpus]
+        stats = CorpusStats(mine[0]["train_tokens"], mine[0]["vocab"], mine[0]["lzma_bpc"])
+        for i, (body, name) in enumerate(sizes):
+            color = f"C{i}"
+            tokens = [2e5 * 1.2 ** k for k in range(30)]
+            ax.plot([t / 1e6 for t in tokens], [forecast.loss(body, t, stats) for t in tokens],
+                    color=color, lw=1, label=name)
+            runs = [r for r in mine if r["size"] == name]
+            ax.plot([r["tokens"] / 1e6 for r in runs], [r["best_val"] for r in runs], "o",
+                    color=color)
+        ax.set_xscale("log")
+        measured = [r["best_val"] for r in mine]
+        ax.set_ylim(min(measured) - 0.15, max(measured) + 0.15)
+        ax.set_title(f"{corpus} ({stats.train_tokens / 1e3:,.0f} K training tokens)")
+        ax.set_xlabel("tokens trained (M)")
+        ax.set_ylabel("best val loss")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(title="size: forecast, o measured", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    print(f"wrote {path}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/sweep.jsonl")
     ap.add_argument("--dry-run", action="store_true", help="print, do not write sizing.json")
+    ap.add_argument("--plot", type=Path, default=ROOT / "docs/images/sizing_sweep.png",
+                    help="the measured losses and each size's forecast, per corpus")
     args = ap.parse_args()
     rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+    regularised = [r for r in rows if r.get("dropout", 0.0) > 0.0]
     rows = [r for r in rows if r.get("dropout", 0.0) == 0.0]
     theta = fit(rows)
     fitted = predict(theta, rows).tolist()
     worst = max(abs(f - r["best_val"]) for f, r in zip(fitted, rows, strict=True))
     corpora = sorted({r["corpus"] for r in rows})
     held_out = []
+    print("| corpus left out of the fit | runs | mean miss | rms miss |\n|---|---:|---:|---:|")
     for corpus in corpora if len(corpora) > 2 else []:
         rest = [r for r in rows if r["corpus"] != corpus]
         mine = [r for r in rows if r["corpus"] == corpus]
         guess = predict(fit(rest), mine).tolist()
-        held_out += [g - r["best_val"] for g, r in zip(guess, mine, strict=True)]
+        misses = [g - r["best_val"] for g, r in zip(guess, mine, strict=True)]
+        held_out += misses
+        print(f"| {corpus} | {len(mine)} | {sum(misses) / len(misses):+.3f} | "
+              f"{math.sqrt(sum(e * e for e in misses) / len(misses)):.3f} |")
+    print()
     loco = math.sqrt(sum(e * e for e in held_out) / len(held_out)) if held_out else math.nan
     spread = round(max(worst, loco if held_out else 0.0), 3)
     forecast = forecast_of(theta, spread)
@@ -100,9 +148,20 @@ def main() -> int:
         print(f"| {r['corpus']} | {r['size']} | {r['tokens'] / 1e6:.2f} M | "
               f"{r['tokens'] / r['train_tokens']:.1f} | {r['best_val']:.4f} | {f:.4f} | "
               f"{f - r['best_val']:+.4f} |")
+    if regularised:  # the rule's dropout entry: dropout and no cost of learning by heart
+        print("\n| corpus | size | dropout | passes | best val | forecast with dropout | miss | "
+              "forecast without |\n|---|---|---:|---:|---:|---:|---:|---:|")
+        for r in regularised:
+            stats = CorpusStats(r["train_tokens"], r["vocab"], r["lzma_bpc"])
+            f = forecast.loss(r["body_params"], r["tokens"], stats, regularised=True)
+            plain = forecast.loss(r["body_params"], r["tokens"], stats)
+            print(f"| {r['corpus']} | {r['size']} | {r['dropout']} | "
+                  f"{r['tokens'] / r['train_tokens']:.1f} | {r['best_val']:.4f} | {f:.4f} | "
+                  f"{f - r['best_val']:+.4f} | {plain:.4f} |")
     print(f"\n{len(rows)} runs on {', '.join(corpora)}; worst miss {worst:.4f}; rms miss on a "
           f"left-out corpus {loco:.4f}; spread {spread}")
     print(json.dumps({n: getattr(forecast, n) for n in NAMES}))
+    plot(forecast, rows, args.plot)
     if args.dry_run:
         return 0
     rule = json.loads(RULE.read_text())

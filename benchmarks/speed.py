@@ -15,8 +15,8 @@ Prints, in one run on one machine, with the load average beside each part:
    Under the table, the memory-bound ceilings of batch 1 for the model whose weights outgrow
    the caches: this machine's streaming bandwidth over the bytes of weights one character
    reads, for each way of storing them.
-2. Training to a budget: `chargpt train --time 30s` and `--time 2m` (the default preset, as the
-   CLI runs it), each scored on the whole val split (`evaluate_tokens`).
+2. Training to a budget: `chargpt train --time 30s` and `--time 2m` (as the CLI runs it: the
+   size the budget buys), each scored on the whole val split (`evaluate_tokens`).
 3. The race of benchmarks/time_to_loss.py: classic-cpu against fast-cpu (and the default
    preset), time to whole-split val 1.89 and the val each reaches in the classic run's full
    time.
@@ -201,13 +201,17 @@ def print_sampling(rows: list[dict], chars: int, rounds: int, before: str) -> No
 
 
 def budget_run(budget: str, data_dir: str, out: Path) -> dict:
-    """`chargpt train --time BUDGET` on the default preset; val over the whole split."""
+    """`chargpt train --time BUDGET` as the CLI runs it (the size chosen for the budget once
+    the sizing rule is fitted, the default preset before); val over the whole split."""
+    from chargpt.config.sizing import load_rule
     from chargpt.data.prepared import load_prepared
     from chargpt.runs.run import load_run
     from chargpt.training.launch import train
 
+    size = "auto" if load_rule().forecast is not None else ""
     cfg = resolve_config(overrides={"data": {"data_dir": data_dir}, "train": {
-        "time_budget": budget, "out_dir": str(out), "progress": False, "sample_chars": 0}})
+        "time_budget": budget, "out_dir": str(out), "progress": False, "sample_chars": 0,
+        "size": size}})
     t0 = time.perf_counter()
     result = train(cfg, quiet=True)
     wall = time.perf_counter() - t0

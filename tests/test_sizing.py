@@ -68,9 +68,10 @@ def test_shipped_rule_is_valid():
     assert len(set(names)) == len(names) >= 5
     body = _body(rule)
     assert [body[n] for n in names] == sorted(body[n] for n in names)  # smallest first
-    if rule.forecast is not None:  # once fitted: numbers that make a loss, and where from
-        assert rule.forecast.spread > 0 and rule.provenance["runs"] > 0
-        assert math.isfinite(rule.forecast.loss(body[names[0]], 1e6, CORPUS))
+    # fitted: numbers that make a loss, and where they came from (`train --time` relies on it)
+    assert rule.forecast is not None
+    assert rule.forecast.spread > 0 and rule.provenance["runs"] > 0
+    assert math.isfinite(rule.forecast.loss(body[names[0]], 1e6, CORPUS))
 
 
 def test_repeated_tokens_are_worth_less():
@@ -152,17 +153,24 @@ def test_an_unfitted_rule_refuses_to_choose(monkeypatch):
 
 
 def test_small_corpora_get_dropout_where_the_rule_says(monkeypatch):
+    """Between the rule's passes_above and passes_max passes, a size may train with dropout and
+    no cost of learning by heart; the choice takes that when its forecast is lowest."""
     data = sizing._rule_data()
+    rule_dropout = {"value": 0.1, "passes_above": 3, "passes_max": 20}
     monkeypatch.setattr(sizing, "_rule_data", lambda: {
-        **data, "forecast": FORECAST, "dropout": {"epochs_above": 3, "value": 0.1}})
+        **data, "forecast": FORECAST, "dropout": rule_dropout})
     load_rule.cache_clear()
     try:
         rule = load_rule()
         body, times = _body(rule), _flops_times(rule, 0.02)
-        small = choose(rule, 300, times, body, CorpusStats(20_000, 60, 3.0))
+        small = choose(rule, 3600, times, body, CorpusStats(20_000, 60, 3.0))
         large = choose(rule, 300, times, body, CORPUS)
-        assert small.passes > 3 > large.passes
-        assert (small.dropout, large.dropout) == (0.1, 0.0)
+        assert 3 < small.passes <= 20 and small.dropout == 0.1 and "dropout 0.1" in \
+            small.describe("1h")
+        assert large.passes < 3 and large.dropout == 0.0
+        f = Forecast(**FORECAST)
+        assert small.loss == pytest.approx(f.loss(body[small.size.name], small.tokens,
+                                                  CorpusStats(20_000, 60, 3.0), True))
     finally:
         load_rule.cache_clear()
 

@@ -86,10 +86,13 @@ class Forecast:
         extra = tokens / train_tokens - 1.0
         return train_tokens * (1.0 + self.repeats * (1.0 - math.exp(-extra / self.repeats)))
 
-    def loss(self, body_params: float, tokens: float, corpus: CorpusStats) -> float:
+    def loss(self, body_params: float, tokens: float, corpus: CorpusStats,
+             regularised: bool = False) -> float:
+        """The forecast; `regularised` (dropout where the rule measured it pays) leaves out
+        the cost of learning by heart."""
         u = corpus.train_tokens
         d = self.effective_tokens(tokens, u)
-        passes = max(0.0, tokens / u - 1.0)
+        passes = 0.0 if regularised else max(0.0, tokens / u - 1.0)
         return (self.e0 + self.e1 * corpus.bits_per_char
                 + self.A * body_params ** -self.alpha + self.B * d ** -self.beta
                 + self.C * (body_params / u) ** self.gamma * passes)
@@ -102,7 +105,8 @@ class Rule:
     sizes: tuple[Size, ...]
     forecast: Forecast | None
     provenance: dict[str, Any] = field(default_factory=dict)
-    dropout: dict[str, float] = field(default_factory=dict)  # {"epochs_above": x, "value": p}
+    # where dropout pays: {"value": p, "passes_above": a, "passes_max": b}; see `choose`
+    dropout: dict[str, float] = field(default_factory=dict)
 
     def size(self, name: str) -> Size:
         for s in self.sizes:
@@ -141,8 +145,10 @@ class Choice:
         others = ", ".join(f"{name} {loss:.2f}" for name, (_, loss) in self.candidates.items())
         shorter = (f"; more passes would overfit, so it trains for {self.share:.0%} of the time"
                    if self.share < SHORTEN_BELOW else "")
+        regularised = f", dropout {self.dropout:g}" if self.dropout else ""
         return (f"--time {budget} chooses {self.size.name} (about {self.steps:,} steps, "
-                f"{self.tokens / 1e6:.1f} M tokens, {self.passes:.1f} passes over the corpus): "
+                f"{self.tokens / 1e6:.1f} M tokens, {self.passes:.1f} passes over the corpus"
+                f"{regularised}): "
                 f"val loss forecast {self.loss:.2f} ({self.loss - self.spread:.2f}-"
                 f"{self.loss + self.spread:.2f}){shorter}; forecasts at this budget: {others}")
 
@@ -181,7 +187,12 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
            body_params: dict[str, int], corpus: CorpusStats) -> Choice:
     """The size with the lowest forecast after `train_seconds` of its steps (`step_seconds`,
     measured here, for the sizes that were measured) among those that get MIN_STEPS; the
-    smallest size measured when none does (`Choice.steps` then says how few it gets)."""
+    smallest size measured when none does (`Choice.steps` then says how few it gets).
+
+    Each size is also forecast on shorter runs (TOKEN_GRID), and, between the rule's
+    `passes_above` and `passes_max` passes over the corpus (where the sweep measured that
+    dropout keeps a model from learning the corpus by heart), with dropout and no cost of
+    learning by heart. The lowest forecast of all wins."""
     if rule.forecast is None:
         raise ConfigError("this chargpt has no fitted sizing rule (sizing.json's forecast)")
     measured = [size for size in rule.sizes if size.name in step_seconds]
@@ -189,6 +200,10 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
         raise ConfigError("no size of the sizing rule was timed")
     candidates: dict[str, tuple[int, float]] = {}
     bought: dict[str, int] = {}
+    dropouts: dict[str, float] = {}
+    value = rule.dropout.get("value", 0.0)
+    above = rule.dropout.get("passes_above", math.inf) if value else math.inf
+    most = rule.dropout.get("passes_max", math.inf)
     for size in measured:
         steps = int(train_seconds / step_seconds[size.name])
         if steps < MIN_STEPS and candidates:
@@ -197,16 +212,21 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
         tried = [max(1, steps)]
         while tried[-1] * TOKEN_GRID >= MIN_STEPS:
             tried.append(int(tried[-1] * TOKEN_GRID))
-        forecasts = [(rule.forecast.loss(body_params[size.name], n * size.tokens_per_step,
-                                         corpus), n * size.tokens_per_step) for n in tried]
-        loss, tokens = min(forecasts)
+        forecasts = []
+        for n in tried:
+            tokens = n * size.tokens_per_step
+            forecasts.append((rule.forecast.loss(body_params[size.name], tokens, corpus),
+                              tokens, 0.0))
+            if above < tokens / corpus.train_tokens <= most:
+                forecasts.append((rule.forecast.loss(body_params[size.name], tokens, corpus,
+                                                     regularised=True), tokens, value))
+        loss, tokens, dropout = min(forecasts)
         candidates[size.name] = (tokens, loss)
+        dropouts[size.name] = dropout
     enough = {name: c for name, c in candidates.items()
               if c[0] >= MIN_STEPS * rule.size(name).tokens_per_step}
     best = min(enough or candidates, key=lambda n: candidates[n][1])
     size, (tokens, loss) = rule.size(best), candidates[best]
-    passes = tokens / corpus.train_tokens
-    dropout = (rule.dropout.get("value", 0.0)
-               if rule.dropout and passes > rule.dropout.get("epochs_above", math.inf) else 0.0)
     return Choice(size, tokens, tokens // size.tokens_per_step, loss, rule.forecast.spread,
-                  dropout, candidates, tokens / bought[best], passes)
+                  dropouts[best], candidates, tokens / bought[best],
+                  tokens / corpus.train_tokens)
