@@ -201,17 +201,15 @@ def print_sampling(rows: list[dict], chars: int, rounds: int, before: str) -> No
 
 
 def budget_run(budget: str, data_dir: str, out: Path) -> dict:
-    """`chargpt train --time BUDGET` as the CLI runs it (the size chosen for the budget once
-    the sizing rule is fitted, the default preset before); val over the whole split."""
-    from chargpt.config.sizing import load_rule
+    """`chargpt train --time BUDGET` as the CLI runs it (the size chosen for the budget,
+    `--size auto`); val over the whole split."""
     from chargpt.data.prepared import load_prepared
     from chargpt.runs.run import load_run
     from chargpt.training.launch import train
 
-    size = "auto" if load_rule().forecast is not None else ""
     cfg = resolve_config(overrides={"data": {"data_dir": data_dir}, "train": {
         "time_budget": budget, "out_dir": str(out), "progress": False, "sample_chars": 0,
-        "size": size}})
+        "size": "auto"}})
     t0 = time.perf_counter()
     result = train(cfg, quiet=True)
     wall = time.perf_counter() - t0
