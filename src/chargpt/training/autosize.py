@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 
 import torch
@@ -46,7 +47,7 @@ __all__ = ["MEASURE_SHARE", "apply_size", "auto_size", "block_params", "block_pa
            "corpus_stats", "forecast_table", "gpu_step_seconds"]
 
 MEASURE_SHARE = 0.03  # of the budget, the most that timing the candidate sizes may take
-WARMUP_STEPS, TIMED_STEPS = 2, 3
+WARMUP_STEPS, TIMED_STEPS = 2, 5
 
 
 def apply_size(cfg: Config, size: Size, dropout: float | None = None,
@@ -71,23 +72,24 @@ def block_params(model: torch.nn.Module) -> int:
 
 def _time_size(cfg: Config, rundir: RunDir, data: PreparedData,
                device: torch.device) -> tuple[float, int]:
-    """Seconds per training step of `cfg` here, timed after a few warm-up steps, and its
-    block parameters."""
+    """Seconds per training step of `cfg` here, the median of a few steps timed after a few
+    warm-up steps (one slow step on a busy machine must not shrink the model), and its block
+    parameters."""
     from chargpt.training.trainer import Trainer  # the class that trains it, built but not run
 
     trainer = Trainer(cfg, rundir, data, DistEnv(), device, quiet=True)
     trainer.model.train()
 
-    def steps(n: int) -> None:
-        for _ in range(n):
-            trainer.train_step()
+    def step() -> float:
+        t0 = time.perf_counter()
+        trainer.train_step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
 
-    steps(WARMUP_STEPS)
-    t0 = time.perf_counter()
-    steps(TIMED_STEPS)
-    return (time.perf_counter() - t0) / TIMED_STEPS, block_params(trainer.model)
+    for _ in range(WARMUP_STEPS):
+        step()
+    return statistics.median(step() for _ in range(TIMED_STEPS)), block_params(trainer.model)
 
 
 def block_params_of(cfg: Config) -> dict[str, int]:
