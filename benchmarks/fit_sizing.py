@@ -2,10 +2,11 @@
 
 Reads benchmarks/results/sweep.jsonl (benchmarks/sweep.py), fits the nine numbers of
 config/sizing.py's forecast to every run's best val loss by least squares (torch's L-BFGS in
-float64), and prints each run's measured and forecast loss. It then refits once per corpus
-with that corpus left out and forecasts it, which says how well the rule does on a corpus it
-has never seen. `spread`, the half-range quoted around every forecast, is the larger of the
-worst miss of the fit and the root-mean-square miss on left-out corpora.
+float64), and prints each run's measured and forecast loss; then, the nine held, the two
+numbers of its dropout form to the runs with dropout (one dropout value). It refits once per
+corpus with that corpus left out and forecasts it, which says how well the rule does on a
+corpus it has never seen. `spread`, the half-range quoted around every forecast, is the
+largest of the worst misses of the two fits and the root-mean-square miss on left-out corpora.
 
 It draws every corpus's measured losses against the forecast curves (`--plot`).
 
@@ -15,6 +16,7 @@ It draws every corpus's measured losses against the forecast curves (`--plot`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -40,7 +42,10 @@ def forecast_of(theta: torch.Tensor, spread: float = 0.0) -> Forecast:
                     math.exp(log_c), gamma, spread)
 
 
-def predict(theta: torch.Tensor, rows: list[dict]) -> torch.Tensor:
+def predict(theta: torch.Tensor, rows: list[dict],
+            drop: torch.Tensor | None = None) -> torch.Tensor:
+    """The forecast of each run; with `drop` (log of dropout_overfit, dropout_cost), of the
+    runs with dropout."""
     e0, e1, log_a, alpha, log_b, beta, log_r, log_c, gamma = theta
     p = torch.tensor([r["body_params"] for r in rows], dtype=torch.float64)
     d = torch.tensor([r["tokens"] for r in rows], dtype=torch.float64)
@@ -50,27 +55,45 @@ def predict(theta: torch.Tensor, rows: list[dict]) -> torch.Tensor:
     extra = (d / u - 1).clamp(min=0)
     d_eff = torch.where(d <= u, d, u * (1 + r_ * (1 - torch.exp(-extra / r_))))
     overfit = log_c.exp() * (p / u) ** gamma * extra
+    if drop is not None:
+        overfit = overfit * drop[0].exp() + drop[1]
     return e0 + e1 * h + log_a.exp() * p ** -alpha + log_b.exp() * d_eff ** -beta + overfit
+
+
+def minimise(loss, start: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """`start` moved by L-BFGS to a minimum of `loss`, and the loss there."""
+    theta = start.clone().requires_grad_()
+    opt = torch.optim.LBFGS([theta], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        err = loss(theta)
+        err.backward()
+        return err
+
+    for _ in range(5):
+        opt.step(closure)
+    return theta.detach(), float(loss(theta.detach()))
+
+
+def fit_dropout(theta: torch.Tensor, rows: list[dict]) -> torch.Tensor:
+    """The dropout form (log of the share of the cost of learning by heart that is left, and
+    the cost of dropout itself) that fits the runs with dropout, the rest of the forecast
+    held at `theta`."""
+    target = torch.tensor([r["best_val"] for r in rows], dtype=torch.float64)
+    drop, _ = minimise(lambda d: ((predict(theta, rows, d) - target) ** 2).mean(),
+                       torch.tensor([math.log(0.3), 0.02], dtype=torch.float64))
+    return drop
 
 
 def fit(rows: list[dict]) -> torch.Tensor:
     target = torch.tensor([r["best_val"] for r in rows], dtype=torch.float64)
     best, best_err = START.clone(), math.inf
     for scale in (1.0, 0.5, 2.0):  # a few starts: the problem is not convex
-        theta = (START + SCALED * math.log(scale)).requires_grad_()
-        opt = torch.optim.LBFGS([theta], max_iter=500, line_search_fn="strong_wolfe")
-
-        def closure(theta=theta, opt=opt):
-            opt.zero_grad()
-            err = ((predict(theta, rows) - target) ** 2).mean()
-            err.backward()
-            return err
-
-        for _ in range(5):
-            opt.step(closure)
-        err = float(((predict(theta.detach(), rows) - target) ** 2).mean())
+        theta, err = minimise(lambda t: ((predict(t, rows) - target) ** 2).mean(),
+                              START + SCALED * math.log(scale))
         if math.isfinite(err) and err < best_err:
-            best, best_err = theta.detach().clone(), err
+            best, best_err = theta, err
     return best
 
 
@@ -112,6 +135,46 @@ def plot(forecast: Forecast, rows: list[dict], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def dropout_form(theta: torch.Tensor, regularised: list[dict], plain: list[dict]
+                 ) -> tuple[dict[str, float], float]:
+    """The forecast's dropout fields fitted to the runs with dropout (none without them), and
+    their worst miss; prints each such run beside the same run without dropout, and the misses
+    with each corpus's dropout runs left out of this fit."""
+    if not regularised:
+        return {}, 0.0
+    values = {r["dropout"] for r in regularised}
+    if len(values) > 1:
+        raise SystemExit(f"the sweep has runs at several dropouts ({sorted(values)}); the rule "
+                         "forecasts one: keep one value's runs in --results")
+    drop = fit_dropout(theta, regularised)
+    guess = predict(theta, regularised, drop).tolist()
+    without = predict(theta, regularised).tolist()
+    left_out = {}
+    for corpus in {r["corpus"] for r in regularised}:
+        rest = [r for r in regularised if r["corpus"] != corpus]
+        if rest:
+            mine = [r for r in regularised if r["corpus"] == corpus]
+            refit = predict(theta, mine, fit_dropout(theta, rest)).tolist()
+            left_out.update({id(r): g for r, g in zip(mine, refit, strict=True)})
+    same = {(r["corpus"], r["size"], r["tokens"]): r["best_val"] for r in plain}
+    print("\n| corpus | size | passes | best val with dropout | forecast | miss | miss, corpus "
+          "left out | forecast without | measured without |\n|---|---|---:|---:|---:|---:|---:|"
+          "---:|---:|")
+    for r, g, w in zip(regularised, guess, without, strict=True):
+        other = same.get((r["corpus"], r["size"], r["tokens"]))
+        lo = f"{left_out[id(r)] - r['best_val']:+.4f}" if id(r) in left_out else "-"
+        print(f"| {r['corpus']} | {r['size']} | {r['tokens'] / r['train_tokens']:.1f} | "
+              f"{r['best_val']:.4f} | {g:.4f} | {g - r['best_val']:+.4f} | {lo} | {w:.4f} | "
+              f"{'-' if other is None else f'{other:.4f}'} |")
+    fields = {"dropout": values.pop(), "dropout_overfit": round(math.exp(float(drop[0])), 6),
+              "dropout_cost": round(float(drop[1]), 6)}
+    worst = max(abs(g - r["best_val"]) for g, r in zip(guess, regularised, strict=True))
+    print(f"dropout {fields['dropout']}: {len(regularised)} runs, learning by heart costs "
+          f"{fields['dropout_overfit']:.3f} of what it costs without, dropout itself "
+          f"{fields['dropout_cost']:+.4f}; worst miss {worst:.4f}")
+    return fields, worst
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/sweep.jsonl")
@@ -138,8 +201,9 @@ def main() -> int:
               f"{math.sqrt(sum(e * e for e in misses) / len(misses)):.3f} |")
     print()
     loco = math.sqrt(sum(e * e for e in held_out) / len(held_out)) if held_out else math.nan
-    spread = round(max(worst, loco if held_out else 0.0), 3)
-    forecast = forecast_of(theta, spread)
+    drop_fields, drop_worst = dropout_form(theta, regularised, rows)
+    spread = round(max(worst, drop_worst, loco if held_out else 0.0), 3)
+    forecast = dataclasses.replace(forecast_of(theta, spread), **drop_fields)
     print("| corpus | size | tokens | epochs | best val | forecast | miss |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -148,24 +212,15 @@ def main() -> int:
         print(f"| {r['corpus']} | {r['size']} | {r['tokens'] / 1e6:.2f} M | "
               f"{r['tokens'] / r['train_tokens']:.1f} | {r['best_val']:.4f} | {f:.4f} | "
               f"{f - r['best_val']:+.4f} |")
-    if regularised:  # the rule's dropout entry: dropout and no cost of learning by heart
-        print("\n| corpus | size | dropout | passes | best val | forecast with dropout | miss | "
-              "forecast without |\n|---|---|---:|---:|---:|---:|---:|---:|")
-        for r in regularised:
-            stats = CorpusStats(r["train_tokens"], r["vocab"], r["lzma_bpc"])
-            f = forecast.loss(r["body_params"], r["tokens"], stats, regularised=True)
-            plain = forecast.loss(r["body_params"], r["tokens"], stats)
-            print(f"| {r['corpus']} | {r['size']} | {r['dropout']} | "
-                  f"{r['tokens'] / r['train_tokens']:.1f} | {r['best_val']:.4f} | {f:.4f} | "
-                  f"{f - r['best_val']:+.4f} | {plain:.4f} |")
     print(f"\n{len(rows)} runs on {', '.join(corpora)}; worst miss {worst:.4f}; rms miss on a "
           f"left-out corpus {loco:.4f}; spread {spread}")
-    print(json.dumps({n: getattr(forecast, n) for n in NAMES}))
+    print(json.dumps({n: getattr(forecast, n) for n in (*NAMES, *drop_fields)}))
     plot(forecast, rows, args.plot)
     if args.dry_run:
         return 0
     rule = json.loads(RULE.read_text())
-    rule["forecast"] = {**{n: round(getattr(forecast, n), 6) for n in NAMES}, "spread": spread}
+    rule["forecast"] = {**{n: round(getattr(forecast, n), 6) for n in (*NAMES, *drop_fields)},
+                        "spread": spread}
     rule["provenance"] = {
         "fitted": datetime.date.today().isoformat(), "runs": len(rows), "corpora": corpora,
         "worst_miss": round(worst, 4), "left_out_rms_miss": None if not held_out else round(

@@ -21,6 +21,7 @@ from chargpt.training.budget import (
     Plan,
     Planner,
     StepClock,
+    covering_iters,
     plan_steps,
 )
 from chargpt.training.launch import train
@@ -148,8 +149,8 @@ def test_a_cooldown_re_aimed_again_and_again_keeps_every_rate_it_used():
 
 def test_the_planner_revises_the_config_and_tells_the_log_only_of_large_moves():
     train = resolve_config(overrides={"train": {"time_budget": "100s", "warmup_steps": 20}}).train
-    planner = Planner.of(train)
-    assert planner is not None and Planner.of(resolve_config().train) is None  # no budget
+    planner = Planner.of(train, 10**6)
+    assert planner is not None and Planner.of(resolve_config().train, 10**6) is None  # no budget
     planner.evaluated(per_batch=0.01, fixed=0.2, total=2.2)
     first, message = planner.revise(train, 10, 2.0, [0.1, 0.01, 0.2])
     assert first is not None and first.max_steps == first.planned_steps > 500
@@ -162,6 +163,22 @@ def test_the_planner_revises_the_config_and_tells_the_log_only_of_large_moves():
     # 20% slower: logged
     slow, said = planner.revise(small, 30, 4.0, [0.12, 0.01, 0.2])
     assert slow.max_steps < 0.9 * first.max_steps and "plan revised to" in said
+
+
+def test_a_small_val_split_is_evaluated_in_fewer_batches_and_more_often():
+    """An evaluation draws at most twice the val split's tokens: on a small corpus the
+    evaluations are cheaper, so the budget affords more of them, and best/ catches the val
+    loss before the corpus is learnt by heart."""
+    assert covering_iters(6_000, 16 * 64) == 12  # twice 6,000 tokens, in batches of 1,024
+    assert covering_iters(100, 16 * 64) == MIN_EVAL_ITERS
+    assert covering_iters(111_540, 16 * 64) == 218  # Tiny Shakespeare's val: the 100 stand
+    train = resolve_config(overrides={"train": {"time_budget": "100s", "warmup_steps": 20}}).train
+    measured = [0.01, 0.01, 0.05]  # seconds a step, an evaluation batch, its checkpoints
+    large, _ = Planner.of(train, covering_iters(111_540, 1024)).revise(train, 10, 1.0, measured)
+    small, _ = Planner.of(train, covering_iters(6_000, 1024)).revise(train, 10, 1.0, measured)
+    assert large.eval_iters == train.eval_iters == 100 and small.eval_iters == 12
+    assert small.eval_interval < large.eval_interval / 4
+    assert small.max_steps > large.max_steps  # and each costs less
 
 
 def fixed_rehearsal(monkeypatch) -> None:

@@ -12,7 +12,14 @@ import torch
 from chargpt.cli import main
 from chargpt.config import sizing
 from chargpt.config.schema import resolve_config
-from chargpt.config.sizing import CorpusStats, Forecast, choose, corpus_bits_per_char, load_rule
+from chargpt.config.sizing import (
+    CorpusStats,
+    Forecast,
+    Rule,
+    choose,
+    corpus_bits_per_char,
+    load_rule,
+)
 from chargpt.errors import ConfigError
 from chargpt.model.build import build_model
 from chargpt.runs.rundir import RunDir
@@ -27,8 +34,7 @@ CORPUS = CorpusStats(train_tokens=1_000_000, vocab_size=65, bits_per_char=2.6)
 def fitted(monkeypatch):
     """The shipped sizes with a known forecast, whatever sizing.json holds."""
     data = sizing._rule_data()
-    monkeypatch.setattr(sizing, "_rule_data", lambda: {**data, "forecast": FORECAST,
-                                                       "dropout": {}})
+    monkeypatch.setattr(sizing, "_rule_data", lambda: {**data, "forecast": FORECAST})
     load_rule.cache_clear()
     yield load_rule()
     load_rule.cache_clear()
@@ -152,25 +158,32 @@ def test_an_unfitted_rule_refuses_to_choose(monkeypatch):
         load_rule.cache_clear()
 
 
-def test_small_corpora_get_dropout_where_the_rule_says(monkeypatch):
-    """Between the rule's passes_above and passes_max passes, a size may train with dropout and
-    no cost of learning by heart; the choice takes that when its forecast is lowest."""
+def test_small_corpora_get_dropout_where_it_costs_less_than_learning_by_heart(monkeypatch):
+    """With a measured dropout form, a size trains with dropout where its forecast is lower:
+    many passes over a small corpus, never a corpus read once."""
     data = sizing._rule_data()
-    rule_dropout = {"value": 0.1, "passes_above": 3, "passes_max": 20}
-    monkeypatch.setattr(sizing, "_rule_data", lambda: {
-        **data, "forecast": FORECAST, "dropout": rule_dropout})
+    form = {**FORECAST, "dropout": 0.1, "dropout_overfit": 0.2, "dropout_cost": 0.02}
+    monkeypatch.setattr(sizing, "_rule_data", lambda: {**data, "forecast": form})
     load_rule.cache_clear()
     try:
         rule = load_rule()
         body, times = _body(rule), _flops_times(rule, 0.02)
-        small = choose(rule, 3600, times, body, CorpusStats(20_000, 60, 3.0))
+        tiny = CorpusStats(20_000, 60, 3.0)
+        small = choose(rule, 3600, times, body, tiny)
         large = choose(rule, 300, times, body, CORPUS)
-        assert 3 < small.passes <= 20 and small.dropout == 0.1 and "dropout 0.1" in \
+        assert small.passes > 1 and small.dropout == 0.1 and "dropout 0.1" in \
             small.describe("1h")
-        assert large.passes < 3 and large.dropout == 0.0
-        f = Forecast(**FORECAST)
-        assert small.loss == pytest.approx(f.loss(body[small.size.name], small.tokens,
-                                                  CorpusStats(20_000, 60, 3.0), True))
+        assert large.dropout == 0.0
+        f = Forecast(**form)
+        p, d = body[small.size.name], small.tokens
+        assert small.loss == pytest.approx(f.loss(p, d, tiny, dropout=True))
+        assert f.loss(p, d, tiny, dropout=True) < f.loss(p, d, tiny)
+        # read once, there is nothing to learn by heart: dropout only costs
+        assert f.loss(p, 10_000, tiny, dropout=True) == pytest.approx(
+            f.loss(p, 10_000, tiny) + 0.02)
+        # without a measured form the rule never chooses it
+        plain = choose(Rule(rule.sizes, Forecast(**FORECAST)), 3600, times, body, tiny)
+        assert plain.dropout == 0.0
     finally:
         load_rule.cache_clear()
 

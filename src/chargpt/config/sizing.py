@@ -14,7 +14,9 @@ token's value decays with the passes, `repeats`): D_eff = U * (1 + r * (1 - exp(
 past one epoch. A small corpus read many times is also learnt by heart, more so by a large
 model: the val loss then rises by C * (P/U)^gamma per pass after the first. So a budget
 longer than a corpus can use is better spent in part, and `choose` picks the tokens as well as
-the size (never more than the budget buys). Nothing in the rule knows the machine: `choose`
+the size (never more than the budget buys). Dropout is the other way out: with it, a fitted
+share of that cost remains and a fitted cost of its own is added, so it is chosen where the
+passes would cost more than it does. Nothing in the rule knows the machine: `choose`
 is given each size's step time as measured here, turns the budget into tokens per size, and
 takes the size with the lowest forecast. A faster machine affords more tokens, and so a larger
 size.
@@ -79,6 +81,9 @@ class Forecast:
     C: float
     gamma: float
     spread: float  # half the range quoted around a forecast: the fit's worst miss, measured
+    dropout: float = 0.0  # the dropout the sweep measured (0: the rule never chooses dropout)
+    dropout_overfit: float = 1.0  # the share of the cost of learning by heart left with it
+    dropout_cost: float = 0.0  # and what it costs by itself
 
     def effective_tokens(self, tokens: float, train_tokens: float) -> float:
         if tokens <= train_tokens:
@@ -87,16 +92,17 @@ class Forecast:
         return train_tokens * (1.0 + self.repeats * (1.0 - math.exp(-extra / self.repeats)))
 
     def loss(self, body_params: float, tokens: float, corpus: CorpusStats,
-             regularised: bool = False) -> float:
-        """The forecast; `regularised` (dropout where the rule measured it pays) leaves out
-        the cost of learning by heart. That is a bound, not a fit: the sweep's three dropout
-        runs ended 0.12-0.19 above it, which is why the shipped rule's `dropout` is empty."""
+             dropout: bool = False) -> float:
+        """The forecast, for training without dropout or (`dropout`) with the forecast's
+        `dropout` value: that keeps `dropout_overfit` of the cost of learning by heart and adds
+        `dropout_cost`, both fitted to the sweep's runs with dropout."""
         u = corpus.train_tokens
         d = self.effective_tokens(tokens, u)
-        passes = 0.0 if regularised else max(0.0, tokens / u - 1.0)
+        overfit = self.C * (body_params / u) ** self.gamma * max(0.0, tokens / u - 1.0)
+        if dropout:
+            overfit = overfit * self.dropout_overfit + self.dropout_cost
         return (self.e0 + self.e1 * corpus.bits_per_char
-                + self.A * body_params ** -self.alpha + self.B * d ** -self.beta
-                + self.C * (body_params / u) ** self.gamma * passes)
+                + self.A * body_params ** -self.alpha + self.B * d ** -self.beta + overfit)
 
 
 @dataclass(frozen=True)
@@ -106,8 +112,6 @@ class Rule:
     sizes: tuple[Size, ...]
     forecast: Forecast | None
     provenance: dict[str, Any] = field(default_factory=dict)
-    # where dropout pays: {"value": p, "passes_above": a, "passes_max": b}; see `choose`
-    dropout: dict[str, float] = field(default_factory=dict)
 
     def size(self, name: str) -> Size:
         for s in self.sizes:
@@ -181,7 +185,7 @@ def load_rule() -> Rule:
     base = data.get("base_preset", "fast-cpu")
     sizes = tuple(Size(s["name"], s["model"], s["train"], base) for s in data["sizes"])
     forecast = Forecast(**data["forecast"]) if data.get("forecast") else None
-    return Rule(sizes, forecast, data.get("provenance") or {}, data.get("dropout") or {})
+    return Rule(sizes, forecast, data.get("provenance") or {})
 
 
 def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
@@ -190,10 +194,9 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
     measured here, for the sizes that were measured) among those that get MIN_STEPS; the
     smallest size measured when none does (`Choice.steps` then says how few it gets).
 
-    Each size is also forecast on shorter runs (TOKEN_GRID), and, between the rule's
-    `passes_above` and `passes_max` passes over the corpus (where the sweep measured that
-    dropout keeps a model from learning the corpus by heart), with dropout and no cost of
-    learning by heart. The lowest forecast of all wins."""
+    Each size is also forecast on shorter runs (TOKEN_GRID), and with dropout when the
+    forecast has measured it (it pays when many passes over a small corpus would otherwise be
+    learnt by heart). The lowest forecast of all wins."""
     if rule.forecast is None:
         raise ConfigError("this chargpt has no fitted sizing rule (sizing.json's forecast)")
     measured = [size for size in rule.sizes if size.name in step_seconds]
@@ -202,9 +205,7 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
     candidates: dict[str, tuple[int, float]] = {}
     bought: dict[str, int] = {}
     dropouts: dict[str, float] = {}
-    value = rule.dropout.get("value", 0.0)
-    above = rule.dropout.get("passes_above", math.inf) if value else math.inf
-    most = rule.dropout.get("passes_max", math.inf)
+    forecast = rule.forecast
     for size in measured:
         steps = int(train_seconds / step_seconds[size.name])
         if steps < MIN_STEPS and candidates:
@@ -216,11 +217,11 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
         forecasts = []
         for n in tried:
             tokens = n * size.tokens_per_step
-            forecasts.append((rule.forecast.loss(body_params[size.name], tokens, corpus),
+            forecasts.append((forecast.loss(body_params[size.name], tokens, corpus),
                               tokens, 0.0))
-            if above < tokens / corpus.train_tokens <= most:
-                forecasts.append((rule.forecast.loss(body_params[size.name], tokens, corpus,
-                                                     regularised=True), tokens, value))
+            if forecast.dropout:
+                forecasts.append((forecast.loss(body_params[size.name], tokens, corpus, True),
+                                  tokens, forecast.dropout))
         loss, tokens, dropout = min(forecasts)
         candidates[size.name] = (tokens, loss)
         dropouts[size.name] = dropout
@@ -228,6 +229,6 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
               if c[0] >= MIN_STEPS * rule.size(name).tokens_per_step}
     best = min(enough or candidates, key=lambda n: candidates[n][1])
     size, (tokens, loss) = rule.size(best), candidates[best]
-    return Choice(size, tokens, tokens // size.tokens_per_step, loss, rule.forecast.spread,
+    return Choice(size, tokens, tokens // size.tokens_per_step, loss, forecast.spread,
                   dropouts[best], candidates, tokens / bought[best],
                   tokens / corpus.train_tokens)

@@ -12,7 +12,9 @@ without changing a rate already used (`optim.length_free_steps`): to the end for
 cooldown, once begun, is re-aimed at each new end (`reaimed`, `optim.cooldown_level`), so a
 machine that slows down or speeds up in the cooldown still ends the run on time. Evaluations are
 spaced and, in a short budget, shortened so that together they take at most `EVAL_SHARE` of it;
-a budget run has no step-0 evaluation. A `Planner` holds a run's clock, what an evaluation costs
+none draws more than `VAL_COVERAGE` times the val split's tokens (a small corpus is then
+evaluated more often, so `best/` catches its val loss before it is learnt by heart); a budget
+run has no step-0 evaluation. A `Planner` holds a run's clock, what an evaluation costs
 and what the log was told, and turns measurements into revised `TrainConfig`s; the trainer
 measures (on every rank, averaged, so that all ranks plan alike), applies each plan and records
 it (`PLANNED_FIELDS`) in the run's config.json before any checkpoint, so a resumed or re-run run
@@ -31,12 +33,15 @@ from typing import Any
 from chargpt.config.values import check_time_budget, format_cooldown_plan, parse_cooldown_plan
 from chargpt.training.optim import cooldown_start, length_free_steps
 
-__all__ = ["EVAL_PROBE_ITERS", "EVAL_SHARE", "PLANNED_FIELDS", "Plan", "Planner", "StepClock",
-           "cooled_from", "keep_history", "plan_steps", "reaimed"]
+__all__ = ["EVAL_PROBE_ITERS", "EVAL_SHARE", "PLANNED_FIELDS", "VAL_COVERAGE", "Plan", "Planner",
+           "StepClock", "cooled_from", "covering_iters", "keep_history", "plan_steps", "reaimed"]
 
 MARGIN = 0.04  # of the time left, kept for the step time's drift on a shared machine
 EVAL_SHARE = 0.05  # of the budget, the most that all evaluations together may take
 MIN_EVAL_ITERS = 10  # batches per split: fewer would make an evaluation mostly noise
+# an evaluation draws at most this many times the val split's tokens: more only draws the same
+# text again, and on a small corpus its time is better spent evaluating more often
+VAL_COVERAGE = 2
 EVAL_PROBE_ITERS = 4  # batches per split timed to price an evaluation before the first one
 REPLAN_EVERY = 10  # steps between plans while the run's length is still free to change
 WINDOW = 10  # timed steps per window of the step-time record
@@ -196,6 +201,12 @@ def plan_steps(*, budget: float, elapsed: float, step: int, step_seconds: float,
     return Plan(total, budget, step_seconds, eval_s, interval, iters, evals, elapsed)
 
 
+def covering_iters(val_tokens: int, tokens_per_batch: int) -> int:
+    """Evaluation batches per split that draw VAL_COVERAGE times the val split's tokens (and
+    not fewer than MIN_EVAL_ITERS): what a budget run's evaluations draw at most."""
+    return max(MIN_EVAL_ITERS, math.ceil(VAL_COVERAGE * val_tokens / tokens_per_batch))
+
+
 def keep_history(plan: Plan, step: int, train: Any) -> Plan:
     """`plan`, lengthened if needed so that no rate of the `step` steps taken changes: a WSD
     run whose new length would put the cooldown's start behind it starts the cooldown now."""
@@ -212,14 +223,15 @@ class Planner:
     reported (a revision is logged only when it moves the plan by 5% or more)."""
 
     clock: StepClock
+    most_iters: int  # evaluation batches per split worth drawing (`covering_iters`)
     eval_cost: tuple[float, float] | None = None
     logged_steps: int = 0
 
     @classmethod
-    def of(cls, train: Any) -> Planner | None:
+    def of(cls, train: Any, most_iters: int) -> Planner | None:
         """The planner a `TrainConfig` needs: None without a budget or once it is planned."""
         clock = StepClock.of(train)
-        return None if clock is None else cls(clock)
+        return None if clock is None else cls(clock, most_iters)
 
     def after_step(self, step: int, train: Any) -> bool:
         """Time the step just taken; whether to plan now."""
@@ -250,9 +262,10 @@ class Planner:
         `plan`): the new TrainConfig, or None when the plan stands, and a line for the
         log, or None when there is nothing new to say."""
         step_s, batch_s, fixed_s = measured
+        iters = min(train.eval_iters, self.most_iters)
         plan = keep_history(plan_steps(
             budget=self.clock.budget, elapsed=elapsed, step=step, step_seconds=step_s,
-            eval_seconds=batch_s * train.eval_iters, eval_iters=train.eval_iters,
+            eval_seconds=batch_s * iters, eval_iters=iters,
             eval_interval=train.eval_interval, checkpoint_seconds=fixed_s), step, train)
         first = not self.clock.planned
         self.clock.planned = True

@@ -40,7 +40,7 @@ from chargpt.runs import checkpoint as ckpt
 from chargpt.runs.rundir import BEST, LAST, RunDir
 from chargpt.runs.safety import check_optimizer_state
 from chargpt.runs.trainstate import TrainState
-from chargpt.training.budget import EVAL_PROBE_ITERS, Planner
+from chargpt.training.budget import EVAL_PROBE_ITERS, Planner, covering_iters
 from chargpt.training.optim import lr_at, make_optimizer
 from chargpt.training.plateau import counted, end_early, final_word
 from chargpt.training.stopping import StopRequest
@@ -104,7 +104,8 @@ class Trainer:
         self.stale_evals = 0  # evaluations in a row without a clearly better val loss
         self.skipped_steps = 0
         # a time budget not yet turned into a step count: the steps are timed (budget.py)
-        self._planner = Planner.of(tc)
+        self._planner = Planner.of(tc, covering_iters(
+            len(data.val), tc.batch_size * cfg.model.block_size))
         self._config_stale = False  # a plan newer than config.json
 
     def restore(self, last: Path, state: TrainState) -> None:
