@@ -28,7 +28,7 @@ if not build.available()[0]:
                 "(gcc or clang) to test it", allow_module_level=True)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-WARNING = "the native decode loop is not built in the cache"
+WARNING = "the native decode loop's libraries are not kept in the cache"
 
 
 @pytest.fixture

@@ -61,6 +61,21 @@ def problems(source: str, where: str = "<source>") -> list[str]:
     return found
 
 
+def torch_compiles(source: str) -> list[int]:
+    """The lines of `source` that call torch.compile."""
+    return [node.lineno for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call) and _dotted(node.func).endswith("torch.compile")]
+
+
+def test_only_one_module_calls_torch_compile():
+    """Its kernels are loaded as code, so every compile goes through `model.compiling`, which
+    keeps them where only the user can write (test_compiling.py)."""
+    found = {str(path.relative_to(SRC)): torch_compiles(path.read_text(encoding="utf-8"))
+             for path in sorted(SRC.rglob("*.py"))}
+    assert {path for path, lines in found.items() if lines} == {"model/compiling.py"}
+    assert torch_compiles("f = torch.compile(\n    model, fullgraph=True)\n") == [1]
+
+
 def test_the_source_runs_nothing_it_is_handed():
     found = []
     for path in sorted(SRC.rglob("*.py")):

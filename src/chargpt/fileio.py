@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,13 +31,18 @@ __all__ = [
     "atomic_write_text",
     "fsync_dir",
     "fsync_file",
+    "OTHERS_WRITE",
     "os_reason",
+    "private_dir",
     "read_bytes",
     "read_error",
     "read_json",
     "sha256_file",
     "temp_path_for",
+    "untrusted",
 ]
+
+OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH  # mode bits that let someone else change a file
 
 
 def temp_path_for(path: str | os.PathLike[str], tag: str = "tmp") -> Path:
@@ -183,3 +189,34 @@ def read_json(
         raise error(f"{path} is unreadable: {' '.join(str(e).split())}") from None
     except RecursionError:
         raise error(f"{path} is unreadable: JSON nested too deeply") from None
+
+
+def untrusted(directory: Path) -> str | None:
+    """Why someone other than the user could change what `directory` (resolved, existing)
+    holds, or None: it must be the user's and writable by no one else, and the directories
+    above it the user's or root's, and not writable by others unless sticky (as /tmp is, whose
+    entries only their owners may replace)."""
+    uid = os.geteuid()
+    for path in (directory, *directory.parents):
+        st, strict = os.stat(path), path == directory
+        if st.st_uid != uid and (strict or st.st_uid != 0):
+            return f"{path} belongs to someone else"
+        if st.st_mode & OTHERS_WRITE and (strict or not st.st_mode & stat.S_ISVTX):
+            return f"{path} is group- or world-writable"
+    return None
+
+
+def private_dir(directory: Path, own: Path) -> tuple[Path, str | None]:
+    """`directory` (made, mode 0700, where missing) and where it leads (through symlinks); and
+    None when both it and `own` (it, or the directory holding it) are the user's alone (it is
+    then set to mode 0700), else why they are not. For directories chargpt loads code from."""
+    try:
+        own.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        real = directory.resolve()
+        why = untrusted(own) or untrusted(real)
+        if why is None:
+            os.chmod(real, 0o700)
+        return real, why
+    except OSError as e:
+        return directory, f"{directory} cannot be used ({e.strerror or e})"

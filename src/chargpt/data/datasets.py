@@ -16,10 +16,13 @@ A benchmark also carries its standard split (`Dataset.split`), which `prepare` a
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import http.client
 import os
+import shutil
+import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -28,11 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from chargpt.errors import ConfigError, DataError
-from chargpt.fileio import atomic_write, os_reason, temp_path_for
+from chargpt.errors import ConfigError, DataError, warn
+from chargpt.fileio import atomic_write, os_reason, private_dir, temp_path_for
 from chargpt.progress import progress_bar
 
-__all__ = ["DATASETS", "Archive", "Dataset", "Digest", "cache_dir", "dataset", "fetch"]
+__all__ = ["DATASETS", "Archive", "Dataset", "Digest", "cache_dir", "dataset", "fetch",
+           "private_cache"]
 
 _READ_BYTES = 1 << 16
 
@@ -155,6 +159,30 @@ def cache_dir() -> Path:
     if xdg and os.path.isabs(xdg):
         return Path(xdg) / "chargpt"
     return Path.home() / ".cache" / "chargpt"
+
+
+def private_cache(name: str, what: str) -> Path:
+    """A directory for code chargpt builds and later loads (`what`, plural, for the warning):
+    `name/` in the cache directory when no one but the user can write it, else a private
+    directory of the user's in the temporary directory (`chargpt-NAME-UID`), or failing that a
+    fresh one for the process; `warn` says so. The cache itself may well be shared: downloaded
+    corpora are checksummed and safe to share, code is not. An OSError off POSIX systems, where
+    ownership is not checked here, or when no directory can be made."""
+    if os.name != "posix":
+        raise OSError("code is kept only where its owner and permissions can be checked "
+                      "(a POSIX system)")
+    cache = cache_dir().resolve()
+    configured, why = private_dir(cache / name, cache)
+    if why is None:
+        return configured
+    own = Path(tempfile.gettempdir()).resolve() / f"chargpt-{name}-{os.geteuid()}"
+    fallback, unusable = private_dir(own, own)
+    if unusable is not None:
+        fallback = Path(tempfile.mkdtemp(prefix=f"chargpt-{name}-"))
+        atexit.register(shutil.rmtree, fallback, ignore_errors=True)
+    warn(f"{what} are not kept in the cache: {why}; they are kept in {fallback}, which only "
+         "you can write")
+    return fallback
 
 
 def dataset(name: str) -> Dataset:

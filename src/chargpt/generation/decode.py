@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from chargpt.errors import warn
+from chargpt.errors import ChargptError, warn
 from chargpt.generation.native import build, loop
 from chargpt.model.attention import Linear
+from chargpt.model.compiling import compiled
 from chargpt.model.kv_cache import CacheSlot
 from chargpt.model.rope import rope_rows
 
@@ -132,7 +133,12 @@ class Decoder:
         self.slots = torch.arange(cache.max_len, device=self.device)  # slots[i : i + 1]: (1,)
         self._table: Tensor | None = None
         self._native = self._native_loop()
-        self._step = self._compiled() if settings.compile and self._native is None else None
+        self._step: Callable[..., Tensor] | None = None
+        if settings.compile and self._native is None:
+            try:
+                self._step = self._compiled()
+            except ChargptError as e:  # where its code would be kept is not the user's alone
+                self._no_compile(str(e))
 
     def _native_loop(self) -> loop.NativeLoop | None:
         """The C loop, if the settings ask for it and it computes this model here."""
@@ -183,13 +189,16 @@ class Decoder:
             try:
                 start = self._fill_compiled(self._step, seq, start, end, noises)
             except Exception as e:  # noqa: BLE001 - any compiler failure: decode eagerly
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                report_once(f"torch.compile is not available for decoding here ({reason}); "
-                            "decoding eagerly")
-                self._step = None
-                _COMPILED.pop(self.model, None)
+                self._no_compile(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         for t in range(start, end):  # eagerly: what whole compiled calls do not cover
             seq[:, t : t + 1] = self.settings.pick(self.logits(seq[:, t - 1]), noises[t - first])
+
+    def _no_compile(self, reason: str) -> None:
+        """Decode eagerly from now on, and say why once."""
+        report_once(f"torch.compile is not available for decoding here ({reason}); "
+                    "decoding eagerly")
+        self._step = None
+        _COMPILED.pop(self.model, None)
 
     def _fill_compiled(self, step: Callable[..., Tensor], seq: Tensor, start: int, end: int,
                        noises: list) -> int:
@@ -227,6 +236,6 @@ class Decoder:
         if key not in steps:
             linear = fused_linear if batch == 1 else F.linear
             module = _CompiledSteps(self.model, s, linear)
-            steps[key] = torch.compile(module, fullgraph=True, dynamic=False,
-                                       options=COMPILE_OPTIONS)
+            steps[key] = compiled(module, fullgraph=True, dynamic=False,
+                                  options=COMPILE_OPTIONS)
         return steps[key]

@@ -1,16 +1,15 @@
 """The training loop: step, log, evaluate, checkpoint, until done or interrupted.
 
-A `Trainer` holds one run's model, optimizer, batch sampler and run directory (launch.py builds
-it, for a new run or a resumed one) and `run()` trains until max_steps (which a time budget's
-plans or the plateau rule may move, budget.py, plateau.py), a time limit or a signal. A
-resumed run restores weights, optimizer, step, random-number states and the batch sampler (a
-`trainstate.TrainState`), and evaluation draws its batches from its own
-fixed-seed sampler, so on CPU a run interrupted after N steps and resumed gives bit-identical
-weights to an uninterrupted one. The hot path does no host-device synchronisation except at log
-and eval steps. SIGINT and SIGTERM finish the current step, write `last/`, and return; a second
-Ctrl-C aborts at once (the previous checkpoint is never damaged, see checkpoint.py). What the run
-tells (console lines, the progress bar, metrics rows, the loss curve) goes through its
-`trainlog.TrainLog`.
+A `Trainer` holds one run's model, optimizer, batch sampler and run directory (launch.py builds it,
+for a new run or a resumed one) and `run()` trains until max_steps (which a time budget's plans or
+the plateau rule may move, budget.py, plateau.py), a time limit or a signal. A resumed run restores
+weights, optimizer, step, random-number states and the batch sampler (a `trainstate.TrainState`),
+and evaluation draws its batches from its own fixed-seed sampler, so on CPU a run interrupted after
+N steps and resumed gives bit-identical weights to an uninterrupted one. The hot path does no host-
+device synchronisation except at log and eval steps. SIGINT and SIGTERM finish the current step,
+write `last/`, and return; a second Ctrl-C aborts at once (the previous checkpoint is never
+damaged, see checkpoint.py). What the run tells (console lines, the progress bar, metrics rows, the
+loss curve) goes through its `trainlog.TrainLog`.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from chargpt.device import allow_tf32, autocast_context, autocast_dtype
 from chargpt.distributed import DistEnv, all_reduce_mean, gather_tensors
 from chargpt.errors import CheckpointError, TrainingError, warn
 from chargpt.model.build import build_model
+from chargpt.model.compiling import compiled
 from chargpt.model.evaluate import estimate_loss
 from chargpt.model.flops import estimate, mfu
 from chargpt.runs import checkpoint as ckpt
@@ -81,7 +81,7 @@ class Trainer:
         self.model = build_model(cfg.model).to(self.device)
         if env.rank:
             torch.manual_seed(tc.seed + env.rank)  # but different dropout masks
-        forward: Any = torch.compile(self.model) if tc.compile else self.model
+        forward: Any = compiled(self.model) if tc.compile else self.model
         if env.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -89,9 +89,8 @@ class Trainer:
             forward = DDP(forward, device_ids=ids)
         self.forward = forward
         self.optimizer = make_optimizer(self.model, tc, self.device)
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=self.amp_dtype is torch.float16
-        )
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.amp_dtype is torch.float16)
         self.sampler = BatchSampler(
             data.train, cfg.model.block_size, tc.batch_size, seed=tc.seed, device=self.device,
             rank=env.rank, world_size=env.world_size, order=tc.data_order,

@@ -3,12 +3,10 @@
 A library runs as whoever loads it, so one is only ever loaded from a directory no one but the
 user can write: the user's own, mode 0700, below directories that belong to the user or to
 root and that no one else can write (a sticky one such as /tmp aside, whose entries only their
-owners may replace). The configured place is `native/` in chargpt's cache directory
-(`datasets.cache_dir`), which may well be shared, since downloaded corpora are checksummed and
-safe to share. When that directory, or the cache directory holding it, belongs to someone else
-or is group- or world-writable, libraries are built in a directory of the user's own in the
-temporary directory (`chargpt-native-UID`), or failing that in a fresh one for the process,
-and `warn` says so once. In the chosen directory, `Store` holds a lock (one process builds
+owners may replace). That is `native/` in chargpt's cache directory, or a directory of the
+user's own in the temporary directory when someone else could write the cache
+(`datasets.private_cache`, which the kernels of torch.compile use too). In the chosen
+directory, `Store` holds a lock (one process builds
 while the others wait for its library) and `records.json`: each library's sha256, recorded
 when it is built and checked before every load, and the flag sets that failed here, which no
 later process tries again (removing the file forgets them). Off POSIX systems, where ownership
@@ -17,17 +15,13 @@ is not checked here, no library is kept: sampling takes the torch step.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import shutil
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from chargpt.errors import warn
-from chargpt.fileio import atomic_write_text, sha256_file
+from chargpt.fileio import OTHERS_WRITE, atomic_write_text, sha256_file
 
 if os.name == "posix":  # elsewhere library_dir refuses, so nothing is locked
     import fcntl
@@ -35,60 +29,15 @@ if os.name == "posix":  # elsewhere library_dir refuses, so nothing is locked
 __all__ = ["Store", "library_dir"]
 
 _LOCK, _RECORD = ".lock", "records.json"
-_OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
-
-
-def _untrusted(directory: Path) -> str | None:
-    """Why someone other than the user could change what `directory` (resolved, existing)
-    holds, or None: it must be the user's and writable by no one else, and the directories
-    above it the user's or root's, and not writable by others unless sticky."""
-    uid = os.geteuid()
-    for path in (directory, *directory.parents):
-        st, strict = os.stat(path), path == directory
-        if st.st_uid != uid and (strict or st.st_uid != 0):
-            return f"{path} belongs to someone else"
-        if st.st_mode & _OTHERS_WRITE and (strict or not st.st_mode & stat.S_ISVTX):
-            return f"{path} is group- or world-writable"
-    return None
-
-
-def _private(directory: Path, own: Path) -> tuple[Path, str | None]:
-    """`directory` (made, mode 0700, where missing) and where it leads (through symlinks); and
-    None when both it and `own` (it, or the directory holding it) are the user's alone (it is
-    then set to mode 0700), else why they are not."""
-    try:
-        own.mkdir(mode=0o700, parents=True, exist_ok=True)
-        directory.mkdir(mode=0o700, exist_ok=True)
-        real = directory.resolve()
-        why = _untrusted(own) or _untrusted(real)
-        if why is None:
-            os.chmod(real, 0o700)
-        return real, why
-    except OSError as e:
-        return directory, f"{directory} cannot be used ({e.strerror or e})"
 
 
 def library_dir() -> Path:
     """The directory built libraries are kept in: `native/` in chargpt's cache directory when
     no one but the user can write it, else a private directory of the user's (said once). An
     OSError where ownership cannot be checked, or no directory can be made."""
-    from chargpt.data.datasets import cache_dir
+    from chargpt.data.datasets import private_cache
 
-    if os.name != "posix":
-        raise OSError("a library is kept only where its owner and permissions can be checked "
-                      "(a POSIX system)")
-    cache = cache_dir().resolve()
-    configured, why = _private(cache / "native", cache)
-    if why is None:
-        return configured
-    own = Path(tempfile.gettempdir()).resolve() / f"chargpt-native-{os.geteuid()}"
-    fallback, unusable = _private(own, own)
-    if unusable is not None:
-        fallback = Path(tempfile.mkdtemp(prefix="chargpt-native-"))
-        atexit.register(shutil.rmtree, fallback, ignore_errors=True)
-    warn(f"the native decode loop is not built in the cache: {why}; its library is kept in "
-         f"{fallback}, which only you can write")
-    return fallback
+    return private_cache("native", "the native decode loop's libraries")
 
 
 class Store:
@@ -118,7 +67,7 @@ class Store:
         try:
             st = os.lstat(path)
             ok = (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
-                  and not st.st_mode & _OTHERS_WRITE)
+                  and not st.st_mode & OTHERS_WRITE)
             return ok and sha256_file(path) == self._record["libraries"].get(path.name)
         except OSError:
             return False

@@ -1,0 +1,49 @@
+"""torch.compile, only where the code it generates is kept where only the user can write.
+
+Inductor writes the C++ (or Triton) kernels it generates, the libraries built from them and
+precompiled headers to `torchinductor_USER` in the temporary directory (or, for all but the
+headers, to `$TORCHINDUCTOR_CACHE_DIR`), and loads them from there in later processes. On a
+shared machine anyone can create that directory first and fill it with libraries of their own
+for the user's process to load. Every torch.compile of chargpt (the training step with
+`train.compile`, the compiled decode step) goes through `compiled`, which first makes that
+directory the user's own, mode 0700, where it is missing, and refuses to compile where it
+belongs to someone else or others can write it (`fileio.untrusted`). Off POSIX systems, whose
+temporary directory is the user's own, it is not checked.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+from chargpt.errors import ChargptError
+from chargpt.fileio import private_dir
+
+__all__ = ["compiled", "kernel_dir"]
+
+
+def compiled(module: Any, **options: Any) -> Any:
+    """`torch.compile(module, **options)`, after `kernel_dir()` has checked where its code is
+    kept; a ChargptError when someone else could write there."""
+    kernel_dir()
+    return torch.compile(module, **options)
+
+
+@functools.cache
+def kernel_dir() -> Path | None:
+    """Inductor's own directory in the temporary directory (which it uses whatever
+    `$TORCHINDUCTOR_CACHE_DIR` says), made private where missing; a ChargptError when it is
+    not the user's alone. None off POSIX systems, where it is not checked."""
+    if os.name != "posix":
+        return None
+    default = Path(default_cache_dir())
+    real, why = private_dir(default, default)
+    if why is not None:
+        raise ChargptError(f"torch.compile would load code from {default}, but {why}: remove "
+                           "it, or set TMPDIR to a directory of your own")
+    return real
