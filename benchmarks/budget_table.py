@@ -9,7 +9,9 @@ val split (every character once, at least half a block of context) and tiled (ev
 of back-to-back val blocks, nanoGPT's way), and the wall time from
 the call to `train()` to its return against the budget. Then a table per corpus and budget:
 auto's size and loss, its forecast and miss, the best hand-picked size and how far auto is from
-it, and every run's end against its budget (min and max).
+it, and every run's end against its budget (min and max). A second table holds every run's
+forecast made afterwards from the steps it took (for a hand-picked size chargpt forecasts
+nothing beforehand): how far the rule's forecast is from each cell, not only from auto's.
 
 Budget runs measure time, so run this on an otherwise idle machine; its wall time is the sum
 of the budgets (six 2-minute runs: 12 minutes per corpus).
@@ -37,11 +39,13 @@ from corpora import CORPORA  # noqa: E402
 from sweep import corpus_path  # noqa: E402
 
 from chargpt.config.schema import resolve_config  # noqa: E402
+from chargpt.config.sizing import corpus_stats, load_rule  # noqa: E402
 from chargpt.config.values import parse_duration  # noqa: E402
 from chargpt.data.preparation import prepare  # noqa: E402
 from chargpt.data.prepared import load_prepared  # noqa: E402
 from chargpt.runs.run import load_run  # noqa: E402
 from chargpt.runs.rundir import RunDir  # noqa: E402
+from chargpt.training.autosize import block_params_of  # noqa: E402
 from chargpt.training.launch import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,11 +69,52 @@ def one_run(corpus: str, budget: str, size: str, data_dir: Path, out: Path, seed
     tiled = best.evaluate_ids(val, batch_size=256, tiled=True)
     return {"corpus": corpus, "budget": budget, "auto": size == "auto",
             "size": saved.train.size, "time_budget": saved.train.time_budget,
+            "dropout": saved.model.dropout,
             "forecast": float(match.group(1)) if match else None,
             "steps": result.step, "best_val": result.best_val_loss, "whole_best": whole,
             "tiled_best": tiled,
             "seconds": round(seconds, 2), "budget_seconds": parse_duration(budget),
             "choice": saved.train.size_choice, "date": datetime.date.today().isoformat()}
+
+
+def forecasts_afterwards(rows: list[dict]) -> dict[int, float]:
+    """The rule's forecast of each run (by index in `rows`) at the tokens it trained: its
+    size's block parameters, steps x batch x block tokens, its corpus (prepared again here),
+    dropout as the run had it."""
+    rule, out = load_rule(), {}
+    sizes = {size.name: size for size in rule.sizes}
+    for corpus in dict.fromkeys(r["corpus"] for r in rows):
+        with tempfile.TemporaryDirectory() as tmp:
+            data_dir = Path(tmp) / "data"
+            prepare(str(corpus_path(corpus)), data_dir)
+            data = load_prepared(data_dir)
+            stats = corpus_stats(data)
+            cfg = resolve_config(overrides={"data": {"data_dir": str(data_dir)},
+                                            "model": {"vocab_size": data.tokenizer.vocab_size}})
+            body = block_params_of(cfg)
+        for i, r in enumerate(rows):
+            if r["corpus"] == corpus and r["size"] in sizes:
+                size = sizes[r["size"]]
+                dropout = r.get("dropout", 0.0) > 0  # rows before 2026-12-04 13:00: none had it
+                out[i] = rule.forecast.lowest(body[size.name], r["steps"], size.tokens_per_step,
+                                              stats, dropout)
+    return out
+
+
+def print_misses(rows: list[dict]) -> None:
+    """Every run's loss against the forecast made afterwards from its steps."""
+    after = forecasts_afterwards(rows)
+    print("\n| corpus | budget | size | steps | val | forecast from its steps | miss |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    misses = []
+    for i, r in enumerate(rows):
+        if i in after:
+            misses.append(after[i] - r["best_val"])
+            print(f"| {r['corpus']} | {r['budget']} | {r['size']}{' (auto)' * r['auto']} | "
+                  f"{r['steps']} | {r['best_val']:.4f} | {after[i]:.3f} | {misses[-1]:+.3f} |")
+    if misses:
+        print(f"\nforecast misses from -{max(0, -min(misses)):.3f} to +{max(0, max(misses)):.3f}"
+              f" over {len(misses)} runs; {sum(abs(m) <= 0.05 for m in misses)} within 0.05")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -108,6 +153,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/budget.jsonl")
     ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    ap.add_argument("--misses", action="store_true",
+                    help="also every run's forecast made afterwards from its steps, and its miss")
     args = ap.parse_args()
     if not args.table:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +171,8 @@ def main() -> int:
                         print(json.dumps(record), flush=True)
     rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
     print_table(rows)
+    if args.misses:
+        print_misses(rows)
     return 0
 
 

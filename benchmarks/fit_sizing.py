@@ -7,6 +7,8 @@ numbers of its dropout form to the runs with dropout (one dropout value). It ref
 corpus with that corpus left out and forecasts it, which says how well the rule does on a
 corpus it has never seen. `spread`, the half-range quoted around every forecast, is the
 largest of the worst misses of the two fits and the root-mean-square miss on left-out corpora.
+Each corpus's predictability (`lzma_bpc`) is priced again here as the package prices it
+(`sizing.corpus_stats`), so a sweep recorded before a change to that price still fits.
 
 It draws every corpus's measured losses against the forecast curves (`--plot`).
 
@@ -21,11 +23,15 @@ import datetime
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+from sweep import corpus_path
 
-from chargpt.config.sizing import CorpusStats, Forecast
+from chargpt.config.sizing import CorpusStats, Forecast, corpus_stats
+from chargpt.data.preparation import prepare
+from chargpt.data.prepared import load_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
 RULE = ROOT / "src/chargpt/config/sizing.json"
@@ -175,6 +181,17 @@ def dropout_form(theta: torch.Tensor, regularised: list[dict], plain: list[dict]
     return fields, worst
 
 
+def priced(rows: list[dict]) -> list[dict]:
+    """`rows` with each corpus's `lzma_bpc` as the package prices it now."""
+    price = {}
+    for corpus in sorted({r["corpus"] for r in rows}):
+        with tempfile.TemporaryDirectory() as tmp:
+            prepare(str(corpus_path(corpus)), Path(tmp) / "data")
+            price[corpus] = corpus_stats(load_prepared(Path(tmp) / "data")).bits_per_char
+        print(f"{corpus}: {price[corpus]:.4f} bits per character")
+    return [{**r, "lzma_bpc": price[r["corpus"]]} for r in rows]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/sweep.jsonl")
@@ -183,6 +200,7 @@ def main() -> int:
                     help="the measured losses and each size's forecast, per corpus")
     args = ap.parse_args()
     rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+    rows = priced(rows)
     regularised = [r for r in rows if r.get("dropout", 0.0) > 0.0]
     rows = [r for r in rows if r.get("dropout", 0.0) == 0.0]
     theta = fit(rows)

@@ -37,10 +37,9 @@ import torch  # noqa: E402
 from corpora import CORPORA, fetch  # noqa: E402
 
 from chargpt.config.schema import resolve_config  # noqa: E402
-from chargpt.config.sizing import load_rule  # noqa: E402
+from chargpt.config.sizing import block_params, corpus_stats, load_rule  # noqa: E402
 from chargpt.data.preparation import prepare  # noqa: E402
 from chargpt.data.prepared import load_prepared  # noqa: E402
-from chargpt.training.autosize import block_params, corpus_stats  # noqa: E402
 from chargpt.training.launch import new_trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,6 +3,7 @@ config, and `--size auto` end to end (a real budget run that times its candidate
 
 from __future__ import annotations
 
+import lzma
 import math
 import re
 
@@ -13,9 +14,11 @@ from chargpt.cli import main
 from chargpt.config import sizing
 from chargpt.config.schema import resolve_config
 from chargpt.config.sizing import (
+    LZMA_SAMPLE,
     CorpusStats,
     Forecast,
     Rule,
+    block_params,
     choose,
     corpus_bits_per_char,
     load_rule,
@@ -23,7 +26,6 @@ from chargpt.config.sizing import (
 from chargpt.errors import ConfigError
 from chargpt.model.build import build_model
 from chargpt.runs.rundir import RunDir
-from chargpt.training.autosize import block_params
 
 FORECAST = {"e0": 0.2, "e1": 0.3, "A": 30.0, "alpha": 0.3, "B": 40.0, "beta": 0.3,
             "repeats": 4.0, "C": 0.003, "gamma": 0.5, "spread": 0.05}
@@ -241,6 +243,29 @@ def test_time_alone_chooses_the_size_and_records_why(fitted, small_corpus, tmp_p
     # a bound on this real clock would fail whenever the machine is shared
 
 
+def test_a_named_size_with_a_budget_says_what_to_expect(fitted, small_corpus, tmp_path, capsys):
+    """`--size NAME --time T` forecasts too, once its steps are planned, from the same rule:
+    the lowest forecast at its planned steps or fewer (best/ keeps the best evaluation)."""
+    from chargpt.config.sizing import corpus_stats
+    from chargpt.data.prepared import load_prepared
+
+    out = tmp_path / "run"
+    assert main(["train", "--input", str(small_corpus), "--size", "2x64", "--time", "6s",
+                 "--out", str(out), "--sample-chars", "0", "--eval-iters", "5",
+                 "--no-progress"]) == 0
+    log = capsys.readouterr().out
+    cfg = RunDir(out).read_config()
+    line = cfg.train.size_choice
+    assert line in log and line.startswith("size 2x64 for ")
+    planned = int(re.search(r"(\d+) steps planned", log).group(1))  # the first plan
+    assert f"size 2x64 for {planned:,} steps" in line
+    stats = corpus_stats(load_prepared(RunDir(out).data_dir(cfg)))
+    size = fitted.size("2x64")
+    want = fitted.forecast.lowest(block_params(build_model(cfg.model)), planned,
+                                  size.tokens_per_step, stats)
+    assert f"val loss forecast {want:.2f} " in line
+
+
 def test_a_preset_keeps_its_own_shape(fitted, small_corpus, tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--input", str(small_corpus), "--preset", "fast-cpu", "--time", "6s",
@@ -267,3 +292,19 @@ def test_auto_size_takes_no_block_longer_than_the_splits(fitted, tmp_path):
     times, _ = _measure(cfg, RunDir(tmp_path / "run"), data, DistEnv(), torch.device("cpu"),
                         budget=1e6)
     assert times and all(fitted.size(n).model["block_size"] <= 64 for n in times)
+
+
+def test_a_corpus_is_priced_on_the_same_amount_of_text_whatever_its_size():
+    """lzma packs a longer text better only because it has seen more of it; the forecast has
+    the corpus's size as a term of its own, so the price must not count it twice."""
+    import random
+
+    rng = random.Random(1)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7)))
+             for _ in range(500)]
+    text = " ".join(rng.choice(words) for _ in range(4 * LZMA_SAMPLE // 5))
+    assert len(text) > 3 * LZMA_SAMPLE
+    assert corpus_bits_per_char(text) == corpus_bits_per_char(text[:LZMA_SAMPLE])
+    # on the whole text, the same words would look more predictable
+    whole = 8.0 * len(lzma.compress(text.encode(), preset=6)) / len(text)
+    assert whole < corpus_bits_per_char(text) - 0.05

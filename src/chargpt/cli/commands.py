@@ -199,6 +199,7 @@ def _forecast(cfg: Config, args: argparse.Namespace) -> str:
     import torch
 
     from chargpt.config.schema import apply_overrides
+    from chargpt.config.sizing import corpus_stats
     from chargpt.data.preparation import prepare
     from chargpt.data.prepared import load_prepared
     from chargpt.device import pick_device
@@ -219,7 +220,7 @@ def _forecast(cfg: Config, args: argparse.Namespace) -> str:
         _, choice, _ = autosize.auto_size(cfg, RunDir(Path(tmp) / "run"), data, DistEnv(),
                                           device, times)
         body = autosize.block_params_of(cfg)
-        stats = autosize.corpus_stats(data)
+        stats = corpus_stats(data)
     where = (f"{args.gpus} x {args.gpu} at {args.mfu:.0%} MFU (from FLOPs, not timed)"
              if args.gpu else f"this machine ({device}), timed")
     return (f"{choice.describe(cfg.train.time_budget)}\n\nstep times: {where}; corpus: "

@@ -257,7 +257,7 @@ class TrainConfig:
     candidates first (the default of `chargpt train --time` without --preset, --config or model
     flags); a size's name ('3x96', '4x192', ...) takes that one; empty keeps the preset's."""
     size_choice: str = ""
-    """Set by --size auto, not by hand: what it chose, the val loss it forecast, and why."""
+    """Set by --size, not by hand: what auto chose and why, or a named size's forecast."""
     patience: int = 0
     """End the run early once this many evaluations in a row have not beaten the best val loss
     by more than 0.2% (0 = off, train to max_steps). A WSD run then cools down over the next

@@ -30,12 +30,16 @@ import lzma
 import math
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chargpt.errors import ConfigError
 
-__all__ = ["Choice", "CorpusStats", "Forecast", "Rule", "Size", "choose",
-           "corpus_bits_per_char", "load_rule", "MIN_STEPS", "SHORTEN_BELOW", "TRAIN_SHARE"]
+if TYPE_CHECKING:
+    from chargpt.data.prepared import PreparedData
+
+__all__ = ["Choice", "CorpusStats", "Forecast", "Rule", "Size", "block_params", "choose",
+           "corpus_bits_per_char", "corpus_stats", "expected", "load_rule", "LZMA_SAMPLE",
+           "MIN_STEPS", "SHORTEN_BELOW", "TRAIN_SHARE"]
 
 # a size needs this many steps to warm up (the recipe's 50), train and cool down; fewer and it
 # is not a candidate
@@ -43,7 +47,11 @@ MIN_STEPS = 100
 # of a budget, what the steps get: the planner keeps the rest for evaluations (budget.EVAL_SHARE)
 # and its margin, and the choice itself takes a few seconds
 TRAIN_SHARE = 0.88
-LZMA_SAMPLE = 1_000_000  # characters compressed to price a corpus's predictability
+# characters compressed to price a corpus's predictability: the same amount of every corpus,
+# since lzma packs a longer text better only because it has seen more of it, and the size of a
+# corpus is the forecast's own term (U). A sample of up to 1 M characters made the forecast
+# miss corpora it had not been fitted to by 0.061 root-mean-square; 50 K, by 0.051.
+LZMA_SAMPLE = 50_000
 # a choice that wants less than this share of what the budget buys ends the run early; above
 # it the difference is within the forecast's noise and the whole budget is used
 SHORTEN_BELOW = 0.9
@@ -104,6 +112,15 @@ class Forecast:
         return (self.e0 + self.e1 * corpus.bits_per_char
                 + self.A * body_params ** -self.alpha + self.B * d ** -self.beta + overfit)
 
+    def lowest(self, body_params: float, steps: int, tokens_per_step: int, corpus: CorpusStats,
+               dropout: bool = False) -> float:
+        """The forecast of a run's best val loss: the lowest forecast at its steps and at the
+        shorter runs `choose` reads (TOKEN_GRID), since best/ keeps the best evaluation."""
+        counts = [steps]
+        while counts[-1] * TOKEN_GRID >= MIN_STEPS:
+            counts.append(counts[-1] * TOKEN_GRID)
+        return min(self.loss(body_params, n * tokens_per_step, corpus, dropout) for n in counts)
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -112,6 +129,20 @@ class Rule:
     sizes: tuple[Size, ...]
     forecast: Forecast | None
     provenance: dict[str, Any] = field(default_factory=dict)
+
+    def expect(self, size: Size, body_params: int, steps: int, corpus: CorpusStats,
+               dropout: float) -> str | None:
+        """One line for the log of a run of a named size planned for `steps` steps: the val
+        loss to expect. None without a fitted forecast, or at a dropout it was not fitted to."""
+        f = self.forecast
+        if f is None or dropout not in (0.0, f.dropout):
+            return None
+        loss = f.lowest(body_params, steps, size.tokens_per_step, corpus, dropout > 0)
+        tokens = steps * size.tokens_per_step
+        regularised = f", dropout {dropout:g}" if dropout else ""
+        return (f"size {size.name} for {steps:,} steps ({tokens / 1e6:.1f} M tokens, "
+                f"{tokens / corpus.train_tokens:.1f} passes over the corpus{regularised}): "
+                f"val loss forecast {loss:.2f} ({loss - f.spread:.2f}-{loss + f.spread:.2f})")
 
     def size(self, name: str) -> Size:
         for s in self.sizes:
@@ -158,8 +189,32 @@ class Choice:
                 f"{self.loss + self.spread:.2f}){shorter}; forecasts at this budget: {others}")
 
 
+def expected(cfg: Any, model: Any, data: PreparedData) -> str | None:
+    """For a run (`cfg`, a schema.Config: schema imports this module) of a size named by hand
+    (`--size NAME`) whose `max_steps` are planned: the line that says the val loss to expect
+    (`Rule.expect`), for the log and `size_choice`. None for any other run, or one whose size
+    says it already."""
+    tc, rule = cfg.train, load_rule()
+    if tc.size in ("", "auto") or tc.size_choice:
+        return None
+    return rule.expect(rule.size(tc.size), block_params(model), tc.max_steps,
+                       corpus_stats(data), cfg.model.dropout)
+
+
+def corpus_stats(data: PreparedData) -> CorpusStats:
+    """What the rule needs of a prepared corpus, from its training split."""
+    sample = data.tokenizer.decode(data.train[:LZMA_SAMPLE].tolist())
+    return CorpusStats(len(data.train), data.tokenizer.vocab_size, corpus_bits_per_char(sample))
+
+
+def block_params(model: Any) -> int:
+    """Parameters inside a model's Transformer blocks (an nn.Module): the forecast's P."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if name.startswith("transformer.h."))
+
+
 def corpus_bits_per_char(text: str) -> float:
-    """Bits per character lzma needs for (the first million characters of) `text`."""
+    """Bits per character lzma needs for the first `LZMA_SAMPLE` characters of `text`."""
     sample = text[:LZMA_SAMPLE]
     if not sample:
         raise ConfigError("the corpus is empty")

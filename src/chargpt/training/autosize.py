@@ -31,8 +31,9 @@ from chargpt.config.sizing import (
     Choice,
     CorpusStats,
     Size,
+    block_params,
     choose,
-    corpus_bits_per_char,
+    corpus_stats,
     load_rule,
 )
 from chargpt.config.values import parse_duration
@@ -43,8 +44,8 @@ from chargpt.model.build import build_model
 from chargpt.model.flops import estimate
 from chargpt.runs.rundir import RunDir
 
-__all__ = ["MEASURE_SHARE", "apply_size", "auto_size", "block_params", "block_params_of",
-           "corpus_stats", "forecast_table", "gpu_step_seconds"]
+__all__ = ["MEASURE_SHARE", "apply_size", "auto_size", "block_params_of", "forecast_table",
+           "gpu_step_seconds"]
 
 MEASURE_SHARE = 0.03  # of the budget, the most that timing the candidate sizes may take
 WARMUP_STEPS, TIMED_STEPS = 2, 5
@@ -56,18 +57,6 @@ def apply_size(cfg: Config, size: Size, dropout: float | None = None,
     model = dict(size.model) if dropout is None else {**size.model, "dropout": dropout}
     return apply_overrides(cfg, {"model": model, "train": {
         **size.train, "size": size.name, "size_choice": choice}}, f"size {size.name}")
-
-
-def corpus_stats(data: PreparedData) -> CorpusStats:
-    """What the sizing rule needs of the run's corpus, from its training split."""
-    sample = data.tokenizer.decode(data.train[:1_000_000].tolist())
-    return CorpusStats(len(data.train), data.tokenizer.vocab_size, corpus_bits_per_char(sample))
-
-
-def block_params(model: torch.nn.Module) -> int:
-    """Parameters inside the model's Transformer blocks: the P of the sizing forecast."""
-    return sum(p.numel() for name, p in model.named_parameters()
-               if name.startswith("transformer.h."))
 
 
 def _time_size(cfg: Config, rundir: RunDir, data: PreparedData,

@@ -27,6 +27,7 @@ import torch
 
 from chargpt import faults
 from chargpt.config.schema import Config
+from chargpt.config.sizing import expected
 from chargpt.data.batches import BatchSampler
 from chargpt.data.prepared import PreparedData
 from chargpt.device import allow_tf32, autocast_context, autocast_dtype
@@ -93,12 +94,10 @@ class Trainer:
                                            enabled=self.amp_dtype is torch.float16)
         self.sampler = BatchSampler(
             data.train, cfg.model.block_size, tc.batch_size, seed=tc.seed, device=self.device,
-            rank=env.rank, world_size=env.world_size, order=tc.data_order,
-        )
+            rank=env.rank, world_size=env.world_size, order=tc.data_order)
         self.step = 0
         self.resumed = False  # a resumed run's checkpoint follows its evaluation at that step
-        self.best_val_loss = math.inf
-        self.last_val_loss = math.inf
+        self.best_val_loss = self.last_val_loss = math.inf
         self.elapsed_before = 0.0
         self.stale_evals = 0  # evaluations in a row without a clearly better val loss
         self.skipped_steps = 0
@@ -125,10 +124,8 @@ class Trainer:
             torch.cuda.set_rng_state(cuda_rng, self.device)
         self.sampler.load_state_dict(state.sampler)
         self.step, self.resumed = state.step, True
-        self.best_val_loss = state.best_val_loss
-        self.last_val_loss = state.val_loss
-        self.elapsed_before = state.elapsed
-        self.stale_evals = state.stale_evals
+        self.best_val_loss, self.last_val_loss = state.best_val_loss, state.val_loss
+        self.elapsed_before, self.stale_evals = state.elapsed, state.stale_evals
         if self.is_main:
             # Rows logged after this checkpoint by the interrupted process are replayed now.
             self.rundir.truncate_metrics(self.step)
@@ -236,8 +233,6 @@ class Trainer:
         hint = f" ({advice})" if advice else ""
         return TrainingError(f"{what}; the last good checkpoint is "
                              f"{self.rundir.checkpoint(LAST)}{hint}")
-
-    # the loop
 
     def tokens_per_step(self) -> int:
         tc = self.cfg.train
@@ -361,6 +356,10 @@ class Trainer:
         if message is not None:
             self.out.log(message)
         if first and self.is_main:
+            if line := expected(self.cfg, self.model, self.data):  # a named size's forecast
+                self.out.log(line)
+                self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(
+                    self.cfg.train, size_choice=line))
             self.rundir.write_config(self.cfg)
             self._config_stale = False
         planner.clock.exclude(time.perf_counter() - t0)
