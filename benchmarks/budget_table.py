@@ -9,7 +9,8 @@ val split (every character once, at least half a block of context) and tiled (ev
 of back-to-back val blocks, nanoGPT's way), and the wall time from
 the call to `train()` to its return against the budget. Then a table per corpus and budget:
 auto's size and loss, its forecast and miss, the best hand-picked size and how far auto is from
-it, and every run's end against its budget (min and max). A second table holds every run's
+it, and every run's end against its budget (min and max), from the latest run of each size
+in each cell. A second table holds every run's
 forecast made afterwards from the steps it took (for a hand-picked size chargpt forecasts
 nothing beforehand): how far the rule's forecast is from each cell, not only from auto's.
 
@@ -170,6 +171,9 @@ def main() -> int:
                             f.write(json.dumps(record) + "\n")
                         print(json.dumps(record), flush=True)
     rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+    # the latest run of each size (auto apart) in each cell: a cell run again replaces its rows
+    rows = list({(r["corpus"], r["budget"], "auto" if r["auto"] else r["size"]): r
+                 for r in rows}.values())
     print_table(rows)
     if args.misses:
         print_misses(rows)
