@@ -130,17 +130,19 @@ class Rule:
     forecast: Forecast | None
     provenance: dict[str, Any] = field(default_factory=dict)
 
-    def expect(self, size: Size, body_params: int, steps: int, corpus: CorpusStats,
-               dropout: float) -> str | None:
-        """One line for the log of a run of a named size planned for `steps` steps: the val
-        loss to expect. None without a fitted forecast, or at a dropout it was not fitted to."""
+    def expect(self, name: str, body_params: int, steps: int, tokens_per_step: int,
+               corpus: CorpusStats, dropout: float) -> str | None:
+        """One line for the log of a run of size `name` planned for `steps` steps of
+        `tokens_per_step` tokens (flags may have changed the size's batch or block; every rank's
+        batches count): the val loss to expect. None without a fitted forecast, or at a dropout
+        it was not fitted to."""
         f = self.forecast
         if f is None or dropout not in (0.0, f.dropout):
             return None
-        loss = f.lowest(body_params, steps, size.tokens_per_step, corpus, dropout > 0)
-        tokens = steps * size.tokens_per_step
+        loss = f.lowest(body_params, steps, tokens_per_step, corpus, dropout > 0)
+        tokens = steps * tokens_per_step
         regularised = f", dropout {dropout:g}" if dropout else ""
-        return (f"size {size.name} for {steps:,} steps ({tokens / 1e6:.1f} M tokens, "
+        return (f"size {name} for {steps:,} steps ({tokens / 1e6:.1f} M tokens, "
                 f"{tokens / corpus.train_tokens:.1f} passes over the corpus{regularised}): "
                 f"val loss forecast {loss:.2f} ({loss - f.spread:.2f}-{loss + f.spread:.2f})")
 
@@ -189,7 +191,7 @@ class Choice:
                 f"{self.loss + self.spread:.2f}){shorter}; forecasts at this budget: {others}")
 
 
-def expected(cfg: Any, model: Any, data: PreparedData) -> str | None:
+def expected(cfg: Any, model: Any, data: PreparedData, tokens_per_step: int) -> str | None:
     """For a run (`cfg`, a schema.Config: schema imports this module) of a size named by hand
     (`--size NAME`) whose `max_steps` are planned: the line that says the val loss to expect
     (`Rule.expect`), for the log and `size_choice`. None for any other run, or one whose size
@@ -197,8 +199,8 @@ def expected(cfg: Any, model: Any, data: PreparedData) -> str | None:
     tc, rule = cfg.train, load_rule()
     if tc.size in ("", "auto") or tc.size_choice:
         return None
-    return rule.expect(rule.size(tc.size), block_params(model), tc.max_steps,
-                       corpus_stats(data), cfg.model.dropout)
+    return rule.expect(rule.size(tc.size).name, block_params(model), tc.max_steps,
+                       tokens_per_step, corpus_stats(data), cfg.model.dropout)
 
 
 def corpus_stats(data: PreparedData) -> CorpusStats:

@@ -356,7 +356,7 @@ class Trainer:
         if message is not None:
             self.out.log(message)
         if first and self.is_main:
-            if line := expected(self.cfg, self.model, self.data):  # a named size's forecast
+            if line := expected(self.cfg, self.model, self.data, self.tokens_per_step()):
                 self.out.log(line)
                 self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(
                     self.cfg.train, size_choice=line))
