@@ -5,7 +5,7 @@ user can write: the user's own, mode 0700, below directories that belong to the 
 root and that no one else can write (a sticky one such as /tmp aside, whose entries only their
 owners may replace). That is `native/` in chargpt's cache directory, or a directory of the
 user's own in the temporary directory when someone else could write the cache
-(`datasets.private_cache`, which the kernels of torch.compile use too). In the chosen
+(`datasets.private_cache`). In the chosen
 directory, `Store` holds a lock (one process builds
 while the others wait for its library) and `records.json`: each library's sha256, recorded
 when it is built and checked before every load, and the flag sets that failed here, which no
