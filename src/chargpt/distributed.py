@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from chargpt.errors import ConfigError, TrainingError, report
+from chargpt.errors import ConfigError, TrainingError, report, warn
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class DistEnv:
         backend = "nccl" if device.type == "cuda" else "gloo"
         # A collective waiting on a dead peer fails after this long, so torchrun can restart
         # the job; generous by default because rank 0 may be preparing a large corpus.
-        seconds = float(os.environ.get("CHARGPT_DIST_TIMEOUT", "1800"))
+        seconds = _timeout_seconds()
         # Joining can hang outright after an elastic restart (seen with gloo on a loaded
         # machine, where the timeout above did not fire): give up and let torchrun retry.
         watchdog = threading.Timer(seconds, _give_up_joining, args=(self.rank, seconds))
@@ -94,9 +95,43 @@ class DistEnv:
         if self.enabled and dist.is_initialized():
             dist.barrier()
 
-    def shutdown(self) -> None:
-        if self.enabled and dist.is_initialized():
+    def leave(self) -> None:
+        """Wait for every rank (no rank leaves while rank 0 may still be writing), then leave
+        the process group. Torch has hung here, rarely, past gloo's own timeout (a CI run
+        waited 300 s with a 60 s timeout): a watchdog then ends the process after the
+        timeout. This rank's work is done and written by now, so it exits with success."""
+        if not (self.enabled and dist.is_initialized()):
+            return
+        seconds = _timeout_seconds()
+        watchdog = threading.Timer(seconds, _give_up_leaving, args=(self.rank, seconds))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            dist.barrier()
             dist.destroy_process_group()
+        finally:
+            watchdog.cancel()
+
+
+def _timeout_seconds() -> float:
+    """How long a collective may wait on a peer: CHARGPT_DIST_TIMEOUT, 30 minutes by default."""
+    value = os.environ.get("CHARGPT_DIST_TIMEOUT", "1800")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"CHARGPT_DIST_TIMEOUT must be a number of seconds, not {value!r}"
+                          ) from None
+    if not 0 < seconds <= 1e7:  # timedelta and the watchdog's timer refuse infinity
+        raise ConfigError(f"CHARGPT_DIST_TIMEOUT must be between 0 and 1e7 seconds, not {value!r}")
+    return seconds
+
+
+def _give_up_leaving(rank: int, seconds: float) -> None:
+    """The watchdog of `leave`: the run is complete, only torch's goodbye hung."""
+    warn(f"rank {rank} could not leave the process group within {seconds:.0f} s "
+         "(CHARGPT_DIST_TIMEOUT); its work is complete and written, so it exits")
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _give_up_joining(rank: int, seconds: float) -> None:

@@ -199,8 +199,7 @@ def train(
             cfg = apply_overrides(cfg, overrides, "overrides")
         trainer = _start_or_continue(cfg, auto_resume, quiet)
     result = trainer.run(time_limit=time_limit)
-    trainer.env.barrier()  # no rank leaves while rank 0 may still be writing
-    trainer.env.shutdown()
+    trainer.env.leave()
     return result
 
 
