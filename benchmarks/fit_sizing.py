@@ -181,6 +181,22 @@ def dropout_form(theta: torch.Tensor, regularised: list[dict], plain: list[dict]
     return fields, worst
 
 
+def measured_passes(rows: list[dict], sizes: list[dict]) -> dict[str, dict[str, float]]:
+    """Each size's most passes over a corpus in the sweep, without and with dropout; a size
+    (or form) never measured has those of the largest smaller size that was."""
+    out: dict[str, dict[str, float]] = {}
+    last = {"plain": 0.0, "dropout": 0.0}
+    for size in sizes:  # smallest first
+        mine = [r for r in rows if r["size"] == size["name"]]
+        for form in last:
+            passes = [r["tokens"] / r["train_tokens"] for r in mine
+                      if (r.get("dropout", 0.0) > 0.0) == (form == "dropout")]
+            if passes:
+                last[form] = round(max(passes), 2)
+        out[size["name"]] = dict(last)
+    return out
+
+
 def priced(rows: list[dict]) -> list[dict]:
     """`rows` with each corpus's `lzma_bpc` as the package prices it now."""
     price = {}
@@ -237,6 +253,9 @@ def main() -> int:
     if args.dry_run:
         return 0
     rule = json.loads(RULE.read_text())
+    most = measured_passes(rows + regularised, rule["sizes"])
+    for size in rule["sizes"]:
+        size["measured_passes"] = most[size["name"]]
     rule["forecast"] = {**{n: round(getattr(forecast, n), 6) for n in (*NAMES, *drop_fields)},
                         "spread": spread}
     rule["provenance"] = {

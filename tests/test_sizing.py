@@ -190,6 +190,44 @@ def test_small_corpora_get_dropout_where_it_costs_less_than_learning_by_heart(mo
         load_rule.cache_clear()
 
 
+def test_no_size_is_read_past_the_passes_the_sweep_measured_it_at(fitted):
+    """The form for learning by heart is a guess past the sweep's passes: a size is chosen for
+    at most the passes it was measured at (the run is shortened and says why), unless no size
+    was measured at as few; a hand run past them is told its forecast is a guess."""
+    import dataclasses
+
+    body, times = _body(fitted), _flops_times(fitted, 0.02)
+    small = CorpusStats(200_000, 60, 3.0)
+    free = choose(fitted, 3600, times, body, small)
+    assert free.passes > 3  # without a limit the rule reads this size far past 3 passes
+    most = {s.name: 3.0 for s in fitted.sizes}
+    capped = dataclasses.replace(fitted, sizes=tuple(
+        dataclasses.replace(s, passes=most[s.name], passes_dropout=most[s.name])
+        for s in fitted.sizes))
+    choice = choose(capped, 3600, times, body, small)
+    assert choice.passes <= 3.0 and choice.steps >= sizing.MIN_STEPS
+    assert all(tokens <= 3.0 * small.train_tokens for tokens, _ in choice.candidates.values())
+    assert choice.capped and choice.share < sizing.SHORTEN_BELOW
+    assert "measured it at no more passes" in choice.describe("1h")
+    # a corpus so small that no size gets MIN_STEPS within its passes: the limits are dropped
+    tiny = CorpusStats(500, 30, 3.0)
+    assert choose(capped, 3600, times, body, tiny) == choose(
+        dataclasses.replace(capped, sizes=fitted.sizes), 3600, times, body, tiny)
+    # a hand-named size past its measured passes says its forecast is a guess
+    name = free.size.name
+    past = capped.expect(name, body[name], 1000, 1024, small, 0.0)
+    within = capped.expect(name, body[name], 50, 1024, small, 0.0)
+    assert "no more than 3.0 passes" in past and "guess" not in within
+
+
+def test_the_shipped_rule_measured_every_size_somewhere():
+    """fit_sizing.py records each size's most passes in the sweep, a larger unmeasured size
+    inheriting from the largest measured one: never more passes than a smaller size."""
+    sizes = load_rule().sizes
+    assert all(0 < s.passes < math.inf and 0 < s.passes_dropout < math.inf for s in sizes)
+    assert [s.passes for s in sizes] == sorted((s.passes for s in sizes), reverse=True)
+
+
 def test_predictable_text_costs_fewer_bits():
     assert corpus_bits_per_char("abcd" * 5000) < 0.5
     import random
