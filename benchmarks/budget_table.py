@@ -18,7 +18,7 @@ Budget runs measure time, so run this on an otherwise idle machine; its wall tim
 of the budgets (six 2-minute runs: 12 minutes per corpus).
 
     python benchmarks/budget_table.py --corpus shakespeare wisdom-en --budgets 2m 10m \\
-        [--sizes 2x64 3x96 4x128 4x192 6x256] [--no-hand]
+        [--sizes 2x64 3x96 4x128 4x192 6x256] [--no-hand | --no-auto]
 
 Corpora as in sweep.py: `shakespeare` is Tiny Shakespeare, the others benchmarks/corpora.py's.
 """
@@ -151,6 +151,7 @@ def main() -> int:
     ap.add_argument("--budgets", nargs="+", default=["2m", "10m"])
     ap.add_argument("--sizes", nargs="+", default=["2x64", "3x96", "4x128", "4x192", "6x256"])
     ap.add_argument("--no-hand", action="store_true", help="only the automatic choice")
+    ap.add_argument("--no-auto", action="store_true", help="only the sizes named by hand")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/budget.jsonl")
     ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
@@ -164,7 +165,9 @@ def main() -> int:
                 data_dir = Path(tmp) / "data"
                 prepare(str(corpus_path(corpus)), data_dir)
                 for budget in args.budgets:
-                    for size in ["auto", *([] if args.no_hand else args.sizes)]:
+                    sizes = ([] if args.no_auto else ["auto"]) + ([] if args.no_hand else
+                                                                   args.sizes)
+                    for size in sizes:
                         out = Path(tmp) / f"run-{budget}-{size}"
                         record = one_run(corpus, budget, size, data_dir, out, args.seed)
                         with args.out.open("a") as f:
