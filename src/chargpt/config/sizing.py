@@ -16,10 +16,11 @@ model: the val loss then rises by C * (P/U)^gamma per pass after the first. So a
 longer than a corpus can use is better spent in part, and `choose` picks the tokens as well as
 the size (never more than the budget buys). Dropout is the other way out: with it, a fitted
 share of that cost remains and a fitted cost of its own is added, so it is chosen where the
-passes would cost more than it does. Nothing in the rule knows the machine: `choose`
-is given each size's step time as measured here, turns the budget into tokens per size, and
-takes the size with the lowest forecast. A faster machine affords more tokens, and so a larger
-size.
+passes would cost more than it does. No size is read past the passes over a corpus the sweep
+measured it at (`Size.passes`): past them that form is a guess. Nothing in the rule knows the
+machine: `choose` is given each size's step time as measured here, turns the budget into
+tokens per size, and takes the size with the lowest forecast. A faster machine affords more
+tokens, and so a larger size.
 """
 
 from __future__ import annotations
