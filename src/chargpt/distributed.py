@@ -13,6 +13,8 @@ import datetime
 import os
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -66,16 +68,11 @@ class DistEnv:
         seconds = _timeout_seconds()
         # Joining can hang outright after an elastic restart (seen with gloo on a loaded
         # machine, where the timeout above did not fire): give up and let torchrun retry.
-        watchdog = threading.Timer(seconds, _give_up_joining, args=(self.rank, seconds))
-        watchdog.daemon = True
-        watchdog.start()
         timeout = datetime.timedelta(seconds=seconds)
-        try:
+        with _watchdog(seconds, lambda: _give_up_joining(self.rank, seconds)):
             dist.init_process_group(backend=backend, timeout=timeout,
                                     store=self._store(timeout), rank=self.rank,
                                     world_size=self.world_size)
-        finally:
-            watchdog.cancel()
 
     def _store(self, timeout: datetime.timedelta) -> dist.Store:
         """The rendezvous store, namespaced by torchrun's restart attempt.
@@ -103,14 +100,9 @@ class DistEnv:
         if not (self.enabled and dist.is_initialized()):
             return
         seconds = _timeout_seconds()
-        watchdog = threading.Timer(seconds, _give_up_leaving, args=(self.rank, seconds))
-        watchdog.daemon = True
-        watchdog.start()
-        try:
+        with _watchdog(seconds, lambda: _give_up_leaving(self.rank, seconds)):
             dist.barrier()
             dist.destroy_process_group()
-        finally:
-            watchdog.cancel()
 
 
 def _timeout_seconds() -> float:
@@ -124,6 +116,19 @@ def _timeout_seconds() -> float:
     if not 0 < seconds <= 1e7:  # timedelta and the watchdog's timer refuse infinity
         raise ConfigError(f"CHARGPT_DIST_TIMEOUT must be between 0 and 1e7 seconds, not {value!r}")
     return seconds
+
+
+@contextmanager
+def _watchdog(seconds: float, give_up: Callable[[], None]) -> Iterator[None]:
+    """Run `give_up` from another thread if the block has not finished after `seconds`: the
+    main thread may be stuck inside torch, where no exception or timeout reaches it."""
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _give_up_leaving(rank: int, seconds: float) -> None:
