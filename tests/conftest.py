@@ -463,3 +463,30 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _fail_skip_in_ci(outcome.get_result())
+
+
+# --- slow tests run in CI -----------------------------------------------------------------------
+# A test marked `slow` repeats a promise a faster test already guards, at a length that finds
+# what the short one cannot (a longer kill series, a longer decode). CI (`CI` set) runs them;
+# a contributor's plain `pytest` leaves them out, one line says how many, and `-m` (any marker
+# expression, e.g. `-m slow` or `-m "slow or not slow"`) chooses for itself.
+
+_SLOW_LEFT_OUT = pytest.StashKey[int]()
+
+
+def pytest_collection_modifyitems(config, items):
+    if in_ci() or config.getoption("markexpr"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        config.hook.pytest_deselected(items=slow)
+        config.stash[_SLOW_LEFT_OUT] = len(slow)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    left_out = config.stash.get(_SLOW_LEFT_OUT, 0)
+    if left_out:
+        terminalreporter.write_line(
+            f"{left_out} slow test(s) left out, as outside CI always: CI=true pytest runs "
+            "them too, pytest -m slow runs them alone")

@@ -39,3 +39,28 @@ def test_a_skip_fails_only_in_ci(tmp_path, name, ci):
     else:
         assert done.returncode in (0, 5), done.stdout  # 5: the only test was skipped
         assert "skipped" in done.stdout.splitlines()[-1]
+
+
+SLOW_TESTS = ("import pytest\n\n@pytest.mark.slow\ndef test_long():\n    pass\n\n"
+              "def test_short():\n    pass\n")
+
+
+@pytest.mark.parametrize("ci, marks, ran", [
+    (True, [], 2),  # CI runs everything
+    (False, [], 1),  # a plain pytest leaves the slow test out and says so
+    (False, ["-m", "slow"], 1),  # a marker expression chooses for itself
+    (False, ["-m", "slow or not slow"], 2),
+])
+def test_slow_tests_run_in_ci_and_when_asked(tmp_path, ci, marks, ran):
+    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path)
+    (tmp_path / "test_slow.py").write_text(SLOW_TESTS)
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    if ci:
+        env["CI"] = "true"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           *marks, str(tmp_path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout
+    assert f"{ran} passed" in done.stdout
+    left_out = "1 slow test(s) left out" in done.stdout
+    assert left_out == (not ci and not marks), done.stdout
