@@ -469,13 +469,14 @@ def pytest_make_collect_report(collector):
 # A test marked `slow` repeats a promise a faster test already guards, at a length that finds
 # what the short one cannot (a longer kill series, a longer decode). CI (`CI` set) runs them;
 # a contributor's plain `pytest` leaves them out, one line says how many, and `-m` (any marker
-# expression, e.g. `-m slow` or `-m "slow or not slow"`) chooses for itself.
+# expression, e.g. `-m slow` or `-m "slow or not slow"`) or a test's id chooses for itself.
 
 _SLOW_LEFT_OUT = pytest.StashKey[int]()
 
 
 def pytest_collection_modifyitems(config, items):
-    if in_ci() or config.getoption("markexpr"):
+    named = any("::" in arg for arg in config.args)  # a test asked for by its id runs
+    if in_ci() or config.getoption("markexpr") or named:
         return
     slow = [item for item in items if item.get_closest_marker("slow")]
     if slow:

@@ -45,22 +45,23 @@ SLOW_TESTS = ("import pytest\n\n@pytest.mark.slow\ndef test_long():\n    pass\n\
               "def test_short():\n    pass\n")
 
 
-@pytest.mark.parametrize("ci, marks, ran", [
-    (True, [], 2),  # CI runs everything
-    (False, [], 1),  # a plain pytest leaves the slow test out and says so
-    (False, ["-m", "slow"], 1),  # a marker expression chooses for itself
-    (False, ["-m", "slow or not slow"], 2),
+@pytest.mark.parametrize("ci, marks, node, ran", [
+    (True, [], "", 2),  # CI runs everything
+    (False, [], "", 1),  # a plain pytest leaves the slow test out and says so
+    (False, ["-m", "slow"], "", 1),  # a marker expression chooses for itself
+    (False, ["-m", "slow or not slow"], "", 2),
+    (False, [], "::test_long", 1),  # so does a test named by its id
 ])
-def test_slow_tests_run_in_ci_and_when_asked(tmp_path, ci, marks, ran):
+def test_slow_tests_run_in_ci_and_when_asked(tmp_path, ci, marks, node, ran):
     shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path)
     (tmp_path / "test_slow.py").write_text(SLOW_TESTS)
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     if ci:
         env["CI"] = "true"
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           *marks, str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+                           *marks, f"{tmp_path / 'test_slow.py'}{node}"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout
     assert f"{ran} passed" in done.stdout
     left_out = "1 slow test(s) left out" in done.stdout
-    assert left_out == (not ci and not marks), done.stdout
+    assert left_out == (not ci and not marks and not node), done.stdout
