@@ -50,8 +50,8 @@ def forecast_of(theta: torch.Tensor, spread: float = 0.0) -> Forecast:
 
 def predict(theta: torch.Tensor, rows: list[dict],
             drop: torch.Tensor | None = None) -> torch.Tensor:
-    """The forecast of each run; with `drop` (log of dropout_overfit, dropout_cost), of the
-    runs with dropout."""
+    """The forecast of each run; with `drop` (log of dropout_free_passes, dropout_cost), of
+    the runs with dropout."""
     e0, e1, log_a, alpha, log_b, beta, log_r, log_c, gamma = theta
     p = torch.tensor([r["body_params"] for r in rows], dtype=torch.float64)
     d = torch.tensor([r["tokens"] for r in rows], dtype=torch.float64)
@@ -60,9 +60,11 @@ def predict(theta: torch.Tensor, rows: list[dict],
     r_ = log_r.exp()
     extra = (d / u - 1).clamp(min=0)
     d_eff = torch.where(d <= u, d, u * (1 + r_ * (1 - torch.exp(-extra / r_))))
+    if drop is not None:  # dropout holds learning by heart off for a number of passes
+        extra = (extra - drop[0].exp()).clamp(min=0)
     overfit = log_c.exp() * (p / u) ** gamma * extra
     if drop is not None:
-        overfit = overfit * drop[0].exp() + drop[1]
+        overfit = overfit + drop[1]
     return e0 + e1 * h + log_a.exp() * p ** -alpha + log_b.exp() * d_eff ** -beta + overfit
 
 
@@ -83,12 +85,12 @@ def minimise(loss, start: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def fit_dropout(theta: torch.Tensor, rows: list[dict]) -> torch.Tensor:
-    """The dropout form (log of the share of the cost of learning by heart that is left, and
-    the cost of dropout itself) that fits the runs with dropout, the rest of the forecast
-    held at `theta`."""
+    """The dropout form (log of the passes it holds learning by heart off for, and the cost
+    of dropout itself) that fits the runs with dropout, the rest of the forecast held at
+    `theta`."""
     target = torch.tensor([r["best_val"] for r in rows], dtype=torch.float64)
     drop, _ = minimise(lambda d: ((predict(theta, rows, d) - target) ** 2).mean(),
-                       torch.tensor([math.log(0.3), 0.02], dtype=torch.float64))
+                       torch.tensor([math.log(3.0), 0.1], dtype=torch.float64))
     return drop
 
 
@@ -172,12 +174,13 @@ def dropout_form(theta: torch.Tensor, regularised: list[dict], plain: list[dict]
         print(f"| {r['corpus']} | {r['size']} | {r['tokens'] / r['train_tokens']:.1f} | "
               f"{r['best_val']:.4f} | {g:.4f} | {g - r['best_val']:+.4f} | {lo} | {w:.4f} | "
               f"{'-' if other is None else f'{other:.4f}'} |")
-    fields = {"dropout": values.pop(), "dropout_overfit": round(math.exp(float(drop[0])), 6),
+    fields = {"dropout": values.pop(),
+              "dropout_free_passes": round(math.exp(float(drop[0])), 6),
               "dropout_cost": round(float(drop[1]), 6)}
     worst = max(abs(g - r["best_val"]) for g, r in zip(guess, regularised, strict=True))
-    print(f"dropout {fields['dropout']}: {len(regularised)} runs, learning by heart costs "
-          f"{fields['dropout_overfit']:.3f} of what it costs without, dropout itself "
-          f"{fields['dropout_cost']:+.4f}; worst miss {worst:.4f}")
+    print(f"dropout {fields['dropout']}: {len(regularised)} runs, learning by heart begins "
+          f"{fields['dropout_free_passes']:.2f} passes later than without, dropout itself "
+          f"costs {fields['dropout_cost']:+.4f}; worst miss {worst:.4f}")
     return fields, worst
 
 

@@ -12,17 +12,20 @@ train loss, and the wall time (informative only: the machine may have been share
 already in `--out` is skipped, so the sweep can be stopped and continued.
 
     python benchmarks/sweep.py --corpus shakespeare wisdom-en --sizes 3x96 4x128 \\
-        --tokens 0.5M 2M [--max-minutes 6] [--dropout 0 0.1]
+        --tokens 0.5M 2M [--max-minutes 6] [--dropout 0 0.1] [--block 128]
 
 Corpora: `shakespeare` is Tiny Shakespeare (../shared/data/tinyshakespeare.txt, or the copy in
 chargpt's cache, or downloaded); the others are benchmarks/corpora.py's Debian packages.
 `--max-minutes` skips a run whose expected time (from a probe of its step time) is longer.
+`--block` trains the sizes at another block size than their own (the line records it), which
+separates what a longer context is worth from what a larger model is.
 Then `python benchmarks/fit_sizing.py` fits the forecast and writes it into the package.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -107,6 +110,13 @@ def one_run(size, corpus: dict, data_dir: str, out: Path, tokens: int, dropout: 
             "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
 
 
+def with_block(size, block: int):
+    """`size` reading blocks of `block` characters (itself when 0)."""
+    if not block:
+        return size
+    return dataclasses.replace(size, model={**size.model, "block_size": block})
+
+
 def main() -> int:
     rule = load_rule()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -117,6 +127,8 @@ def main() -> int:
     ap.add_argument("--tokens", nargs="+", default=["0.5M", "2M"], help="e.g. 500K 2M 8M")
     ap.add_argument("--dropout", nargs="+", type=float, default=[0.0])
     ap.add_argument("--max-minutes", type=float, default=12.0)
+    ap.add_argument("--block", type=int, default=0,
+                    help="train every size at this block size (0: each size's own)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/sweep.jsonl")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default); 1 on a shared machine, where "
@@ -129,8 +141,8 @@ def main() -> int:
     if args.out.exists():
         for line in args.out.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["corpus"], r["size"], r["tokens"], r["dropout"]))
-    sizes = {s.name: s for s in rule.sizes}
+            done.add((r["corpus"], r["size"], r["block"], r["tokens"], r["dropout"]))
+    sizes = {s.name: with_block(s, args.block) for s in rule.sizes}
     for name in args.corpus:
         with tempfile.TemporaryDirectory() as tmp:
             data_dir = str(Path(tmp) / "data")
@@ -145,8 +157,8 @@ def main() -> int:
                 per_step = size.train["batch_size"] * size.model["block_size"]
                 todo = [(parse_tokens(t), d) for t in args.tokens for d in args.dropout]
                 todo = [(t, d) for t, d in todo
-                        if (name, size_name, max(20, round(t / per_step)) * per_step, d)
-                        not in done]
+                        if (name, size_name, size.model["block_size"],
+                            max(20, round(t / per_step)) * per_step, d) not in done]
                 if not todo:
                     continue
                 step_s = probe_seconds(size, data_dir, Path(tmp))
@@ -156,7 +168,7 @@ def main() -> int:
                         print(f"skip {name} {size_name} {tokens:,} tokens: ~{expected:.0f} min",
                               flush=True)
                         continue
-                    out = Path(tmp) / f"run-{size_name}-{tokens}-{dropout}"
+                    out = Path(tmp) / f"run-{size_name}-{per_step}-{tokens}-{dropout}"
                     record = one_run(size, corpus, data_dir, out, tokens, dropout)
                     with args.out.open("a") as f:
                         f.write(json.dumps(record) + "\n")

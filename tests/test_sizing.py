@@ -164,7 +164,8 @@ def test_small_corpora_get_dropout_where_it_costs_less_than_learning_by_heart(mo
     """With a measured dropout form, a size trains with dropout where its forecast is lower:
     many passes over a small corpus, never a corpus read once."""
     data = sizing._rule_data()
-    form = {**FORECAST, "dropout": 0.1, "dropout_overfit": 0.2, "dropout_cost": 0.02}
+    form = {**FORECAST, "dropout": 0.1, "dropout_free_passes": 8.0,
+            "dropout_cost": 0.02}
     monkeypatch.setattr(sizing, "_rule_data", lambda: {**data, "forecast": form})
     load_rule.cache_clear()
     try:

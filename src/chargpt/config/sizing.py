@@ -15,12 +15,12 @@ past one epoch. A small corpus read many times is also learnt by heart, more so 
 model: the val loss then rises by C * (P/U)^gamma per pass after the first. So a budget
 longer than a corpus can use is better spent in part, and `choose` picks the tokens as well as
 the size (never more than the budget buys). Dropout is the other way out: with it, a fitted
-share of that cost remains and a fitted cost of its own is added, so it is chosen where the
-passes would cost more than it does. No size is read past the passes over a corpus the sweep
-measured it at (`Size.passes`): past them that form is a guess. Nothing in the rule knows the
-machine: `choose` is given each size's step time as measured here, turns the budget into
-tokens per size, and takes the size with the lowest forecast. A faster machine affords more
-tokens, and so a larger size.
+number of passes goes by before that cost begins and a fitted cost of its own is added, so it
+is chosen where the passes would cost more than it does. No size is read past the passes
+over a corpus the sweep measured it at (`Size.passes`): past them that form is a guess.
+Nothing in the rule knows the machine: `choose` is given each size's step time as measured
+here, turns the budget into tokens per size, and takes the size with the lowest forecast. A
+faster machine affords more tokens, and so a larger size.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class Forecast:
     gamma: float
     spread: float  # half the range quoted around a forecast: the fit's worst miss, measured
     dropout: float = 0.0  # the dropout the sweep measured (0: the rule never chooses dropout)
-    dropout_overfit: float = 1.0  # the share of the cost of learning by heart left with it
+    dropout_free_passes: float = 0.0  # passes after the first it holds learning by heart off
     dropout_cost: float = 0.0  # and what it costs by itself
 
     def effective_tokens(self, tokens: float, train_tokens: float) -> float:
@@ -113,13 +113,14 @@ class Forecast:
     def loss(self, body_params: float, tokens: float, corpus: CorpusStats,
              dropout: bool = False) -> float:
         """The forecast, for training without dropout or (`dropout`) with the forecast's
-        `dropout` value: that keeps `dropout_overfit` of the cost of learning by heart and adds
-        `dropout_cost`, both fitted to the sweep's runs with dropout."""
+        `dropout` value: that holds learning by heart off for `dropout_free_passes` passes and
+        adds `dropout_cost`, both fitted to the sweep's runs with dropout."""
         u = corpus.train_tokens
         d = self.effective_tokens(tokens, u)
-        overfit = self.C * (body_params / u) ** self.gamma * max(0.0, tokens / u - 1.0)
+        free = self.dropout_free_passes if dropout else 0.0
+        overfit = self.C * (body_params / u) ** self.gamma * max(0.0, tokens / u - 1.0 - free)
         if dropout:
-            overfit = overfit * self.dropout_overfit + self.dropout_cost
+            overfit += self.dropout_cost
         return (self.e0 + self.e1 * corpus.bits_per_char
                 + self.A * body_params ** -self.alpha + self.B * d ** -self.beta + overfit)
 
