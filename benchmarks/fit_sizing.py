@@ -200,6 +200,27 @@ def measured_passes(rows: list[dict], sizes: list[dict]) -> dict[str, dict[str, 
     return out
 
 
+def other_blocks(rows: list[dict], sizes: list[dict]) -> list[dict]:
+    """The runs at a block size other than their size's own (`sweep.py --block`), printed
+    beside the same size at its own block: the forecast has no term for the context, so they
+    are not fitted; they say what a longer or shorter context is worth on each corpus."""
+    own = {s["name"]: s["model"]["block_size"] for s in sizes}
+    others = [r for r in rows if r["block"] != own[r["size"]]]
+    same = {(r["corpus"], r["size"], r["tokens"], r.get("dropout", 0.0)): r["best_val"]
+            for r in rows if r["block"] == own[r["size"]]}
+    if others:
+        print("| corpus | size | tokens | block | best val | at its own block | difference |\n"
+              "|---|---|---:|---:|---:|---:|---:|")
+    for r in others:
+        # the same tokens at another block are whole steps of another length: allow 1%
+        base = [v for (c, n, t, d), v in same.items() if c == r["corpus"] and n == r["size"]
+                and d == r.get("dropout", 0.0) and abs(t / r["tokens"] - 1) < 0.01]
+        own_val, diff = (f"{base[0]:.4f}", f"{r['best_val'] - base[0]:+.4f}") if base else "--"
+        print(f"| {r['corpus']} | {r['size']} | {r['tokens'] / 1e6:.1f} M | {r['block']} | "
+              f"{r['best_val']:.4f} | {own_val} | {diff} |")
+    return others
+
+
 def priced(rows: list[dict]) -> list[dict]:
     """`rows` with each corpus's `lzma_bpc` as the package prices it now."""
     price = {}
@@ -220,6 +241,9 @@ def main() -> int:
     args = ap.parse_args()
     rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
     rows = priced(rows)
+    sizes = json.loads(RULE.read_text())["sizes"]
+    blocks = other_blocks(rows, sizes)
+    rows = [r for r in rows if r not in blocks]
     regularised = [r for r in rows if r.get("dropout", 0.0) > 0.0]
     rows = [r for r in rows if r.get("dropout", 0.0) == 0.0]
     theta = fit(rows)
@@ -256,7 +280,7 @@ def main() -> int:
     if args.dry_run:
         return 0
     rule = json.loads(RULE.read_text())
-    most = measured_passes(rows + regularised, rule["sizes"])
+    most = measured_passes(rows + regularised, sizes)
     for size in rule["sizes"]:
         size["measured_passes"] = most[size["name"]]
     rule["forecast"] = {**{n: round(getattr(forecast, n), 6) for n in (*NAMES, *drop_fields)},
