@@ -184,6 +184,13 @@ def test_small_corpora_get_dropout_where_it_costs_less_than_learning_by_heart(mo
         # read once, there is nothing to learn by heart: dropout only costs
         assert f.loss(p, 10_000, tiny, dropout=True) == pytest.approx(
             f.loss(p, 10_000, tiny) + 0.02)
+        # it holds learning by heart off for its free passes, then it resumes at the same rate
+        u, slope = tiny.train_tokens, f.C * (p / tiny.train_tokens) ** f.gamma
+        for passes in (9, 12, 30):
+            assert f.loss(p, passes * u, tiny, dropout=True) == pytest.approx(
+                f.loss(p, passes * u, tiny) - 8 * slope + 0.02)
+        assert f.loss(p, 5 * u, tiny, dropout=True) == pytest.approx(
+            f.loss(p, 5 * u, tiny) - 4 * slope + 0.02)
         # without a measured form the rule never chooses it
         plain = choose(Rule(rule.sizes, Forecast(**FORECAST)), 3600, times, body, tiny)
         assert plain.dropout == 0.0
