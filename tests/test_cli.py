@@ -237,3 +237,29 @@ def test_warnings_and_errors_are_lines_of_their_own_beside_a_progress_bar(capsys
     assert "\rchargpt: error: something failed\n" in err
     warn("no bar")
     assert capsys.readouterr().err == "chargpt: warning: no bar\n"
+
+
+def test_a_warning_is_one_write_so_ranks_sharing_stderr_keep_their_lines(monkeypatch):
+    from tqdm import tqdm
+
+    from chargpt.errors import warn
+
+    class Recorder(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.writes = []
+
+        def write(self, s):
+            self.writes.append(s)
+            return super().write(s)
+
+    for with_bar in (False, True):
+        err = Recorder()
+        monkeypatch.setattr(sys, "stderr", err)
+        bar = tqdm(total=10, file=err) if with_bar else None
+        err.writes.clear()
+        warn("one line")
+        lines = [w for w in err.writes if "one line" in w]
+        assert lines and all(w.endswith("chargpt: warning: one line\n") for w in lines)
+        if bar is not None:
+            bar.close()

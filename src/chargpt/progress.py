@@ -35,10 +35,12 @@ def progress_bar(total: int, desc: str = "", *, unit: str = "B", enabled: bool =
 
 
 def write_line(text: str) -> None:
-    """Print one line on stderr; a bar being drawn there is cleared first and redrawn after."""
+    """Print one line on stderr; a bar being drawn there is cleared first and redrawn after.
+    The line and its newline go out in one write: ranks of a torchrun job share a stderr, and
+    two writes each (text, then newline) let their lines run together."""
     tqdm = sys.modules.get("tqdm")  # no bar exists before tqdm is imported
     if tqdm is not None and getattr(tqdm.tqdm, "_instances", None):
-        tqdm.tqdm.write(text, file=sys.stderr)
-        sys.stderr.flush()
+        tqdm.tqdm.write(text + "\n", file=sys.stderr, end="")
     else:
-        print(text, file=sys.stderr, flush=True)
+        sys.stderr.write(text + "\n")
+    sys.stderr.flush()
