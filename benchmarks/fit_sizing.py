@@ -60,11 +60,11 @@ def predict(theta: torch.Tensor, rows: list[dict],
     r_ = log_r.exp()
     extra = (d / u - 1).clamp(min=0)
     d_eff = torch.where(d <= u, d, u * (1 + r_ * (1 - torch.exp(-extra / r_))))
-    if drop is not None:  # dropout holds learning by heart off for a number of passes
-        extra = (extra - drop[0].exp()).clamp(min=0)
-    overfit = log_c.exp() * (p / u) ** gamma * extra
-    if drop is not None:
-        overfit = overfit + drop[1]
+    overfit = log_c.exp() * (p / u) ** gamma
+    if drop is None:
+        overfit = overfit * extra
+    else:  # dropout holds learning by heart off for a number of passes, and costs by itself
+        overfit = overfit * (extra - drop[0].exp()).clamp(min=0) + drop[1]
     return e0 + e1 * h + log_a.exp() * p ** -alpha + log_b.exp() * d_eff ** -beta + overfit
 
 
@@ -241,8 +241,8 @@ def main() -> int:
     args = ap.parse_args()
     rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
     rows = priced(rows)
-    sizes = json.loads(RULE.read_text())["sizes"]
-    blocks = other_blocks(rows, sizes)
+    rule = json.loads(RULE.read_text())
+    blocks = other_blocks(rows, rule["sizes"])
     rows = [r for r in rows if r not in blocks]
     regularised = [r for r in rows if r.get("dropout", 0.0) > 0.0]
     rows = [r for r in rows if r.get("dropout", 0.0) == 0.0]
@@ -279,8 +279,7 @@ def main() -> int:
     plot(forecast, rows, args.plot)
     if args.dry_run:
         return 0
-    rule = json.loads(RULE.read_text())
-    most = measured_passes(rows + regularised, sizes)
+    most = measured_passes(rows + regularised, rule["sizes"])
     for size in rule["sizes"]:
         size["measured_passes"] = most[size["name"]]
     rule["forecast"] = {**{n: round(getattr(forecast, n), 6) for n in (*NAMES, *drop_fields)},
