@@ -262,6 +262,38 @@ def test_bf16_autocast_with_a_float32_cache():
     assert torch.isfinite(logits).all()
 
 
+def test_a_cpus_bf16_autocast_attends_in_float32_and_matches_float32(monkeypatch):
+    # a CPU's fused attention is slower in bfloat16 than float32 (attention._fused), so under
+    # its autocast the attention gets float32 inputs; the rest stays in bfloat16, and the loss
+    # and gradients stay those of float32 to within bfloat16's rounding
+    import chargpt.model.attention as attention
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", sdpa)
+    torch.manual_seed(5)
+    model = build_model(tiny(n_embd=32, pos_emb="rope", qk_norm=True))
+    idx = torch.randint(0, 11, (4, 16))
+    _, ref = model(idx, idx)
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, idx)
+    loss.backward()
+    assert logits.dtype == torch.bfloat16  # the head's matmul did run in bfloat16
+    assert set(seen) == {(torch.float32,) * 3}
+    assert abs(loss.item() - ref.item()) < 0.02
+    for p, g in zip(model.parameters(), ref_grads, strict=True):
+        cos = F.cosine_similarity(p.grad.flatten(), g.flatten(), dim=0)
+        assert cos > 0.99
+
+
 TEXT = "hello world! " * 20
 
 

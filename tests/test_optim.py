@@ -56,6 +56,50 @@ def test_batched_orthogonalize_matches_one_at_a_time():
         torch.testing.assert_close(together[i], orthogonalize(g[i]), atol=1e-5, rtol=1e-5)
 
 
+def test_orthogonalize_in_bfloat16_agrees_with_float32():
+    g = conditioned(6, 48, 192, seed=3)
+    f32 = orthogonalize(g)
+    bf16 = orthogonalize(g, dtype=torch.bfloat16)
+    assert f32.dtype == bf16.dtype == torch.float32
+    err = (bf16 - f32).abs().max().item()
+    assert 1e-3 < err < 0.03  # it did run in bfloat16, and bfloat16 is close enough
+    s = torch.linalg.svdvals(bf16)
+    assert s.min() > 0.6 and s.max() < 1.25
+
+
+@pytest.mark.parametrize(("dtype", "ns"), [("float32", torch.float32),
+                                           ("bfloat16", torch.bfloat16),
+                                           ("auto", torch.float32)])
+def test_newton_schulz_runs_in_the_precision_the_run_trains_in(dtype, ns):
+    # 'auto' reaches the optimizer only from a run recorded before runs recorded their
+    # precision: on a CPU that meant float32, and its resume stays exact
+    model = build_model(ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    opt = make_optimizer(model, TrainConfig(optimizer="muon", dtype=dtype), CPU)
+    assert opt.ns_dtype is ns
+
+
+def test_fast_bfloat16_reads_the_cpus_instructions(monkeypatch):
+    from chargpt import device as dev
+
+    def cpu_with(**flags):
+        dev._cpu_has_bfloat16_dot.cache_clear()
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags, raising=False)
+        return dev.fast_bfloat16(CPU)
+
+    try:
+        assert cpu_with(avx512_f=True, avx512_bf16=True)
+        assert cpu_with(amx_bf16=True)
+        assert cpu_with(neon=True, bf16=True)
+        assert not cpu_with(avx512_f=True, avx2=True)  # converts every element: slower
+        monkeypatch.delattr(torch.cpu, "get_capabilities")  # older torch: float32
+        dev._cpu_has_bfloat16_dot.cache_clear()
+        assert not dev.fast_bfloat16(CPU)
+        assert not dev.fast_bfloat16(torch.device("meta"))
+    finally:
+        monkeypatch.undo()
+        dev._cpu_has_bfloat16_dot.cache_clear()
+
+
 def _one_muon_step(weight: torch.Tensor, grad: torch.Tensor, split: int = 1) -> torch.Tensor:
     p = torch.nn.Parameter(weight.clone())
     opt = Muon([{"params": [p], "kind": "muon", "momentum": 0.0, "nesterov": False,

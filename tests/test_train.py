@@ -229,3 +229,27 @@ def test_time_limit_stops_with_a_resumable_checkpoint(corpus, tmp_path):
     assert time.perf_counter() - t0 < 60  # it stopped near the limit, not at max_steps
     state = json.loads((out / "last" / "state.json").read_text())
     assert state["step"] == result.step
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_run_records_the_precision_auto_chose_and_its_resume_keeps_it(corpus, tmp_path,
+                                                                        monkeypatch, capsys,
+                                                                        fast):
+    from chargpt import device
+
+    monkeypatch.setattr(device, "fast_bfloat16", lambda _: fast)
+    out = tmp_path / "run"
+    train(base_config(corpus, out, max_steps=4, dtype="auto"))
+    want = "bfloat16" if fast else "float32"
+    assert json.loads((out / "config.json").read_text())["train"]["dtype"] == want
+    assert ("cpu, bfloat16" in capsys.readouterr().out) == fast  # the run's first line
+    # another machine, or a later rule: the resume trains on in the recorded precision
+    monkeypatch.setattr(device, "fast_bfloat16", lambda _: not fast)
+    train(resume=out, overrides={"train": {"max_steps": 6}})
+    assert json.loads((out / "config.json").read_text())["train"]["dtype"] == want
+    assert ("cpu, bfloat16" in capsys.readouterr().out) == fast
+    # and so does the same command repeated after a crash (auto-resume): its 'auto' is the
+    # value the run already resolved, not a change
+    train(base_config(corpus, out, max_steps=8, dtype="auto"), auto_resume=True)
+    assert json.loads((out / "config.json").read_text())["train"]["dtype"] == want
+    assert ("cpu, bfloat16" in capsys.readouterr().out) == fast

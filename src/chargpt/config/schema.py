@@ -231,7 +231,7 @@ class TrainConfig:
     device: str = "auto"
     """Device: 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Autocast precision: 'auto' is bfloat16 on CUDA GPUs that support it, else float32."""
+    """Autocast precision: 'auto' is bfloat16 where its matmuls are fast, else float32."""
     compile: bool = False
     """Compile the model with torch.compile (faster on GPU after a warm-up)."""
     nonfinite: Literal["stop", "skip"] = "stop"

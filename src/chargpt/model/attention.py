@@ -118,18 +118,7 @@ class CausalSelfAttention(nn.Module):
 
         probs = None
         if self.use_sdpa and not need_att:
-            p = self.dropout if self.training else 0.0
-            if t_total == T:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
-                                                   scale=self.scale)
-            elif T == 1:
-                # the single newest query may see every cached key: nothing to mask
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
-            else:
-                # is_causal aligns its triangle to the top-left, wrong when keys precede queries
-                mask = causal_mask(T, t_total, x.device)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                                   scale=self.scale)
+            y = self._fused(q, k, v)
         else:
             att = (q @ k.transpose(-2, -1)) * self.scale  # (B, nh, T, T_total)
             att = att.masked_fill(~causal_mask(T, t_total, x.device), float("-inf"))
@@ -139,6 +128,27 @@ class CausalSelfAttention(nn.Module):
             y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
         return self.resid_dropout(self._out(y, F.linear)), probs
+
+    def _fused(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """PyTorch's fused attention of (B, nh, T, hs) queries over (B, nh, T_total, hs) keys
+        and values. A CPU's fused kernels are slower in bfloat16 than in float32 at these head
+        sizes (its backward about 5x at the default's: 4.5 ms a layer against 0.9, 2026-12-05),
+        so under a CPU's bfloat16 autocast the attention runs in float32; the matmuls around
+        it keep bfloat16."""
+        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return self._fused(q.float(), k.float(), v.float())
+        T, t_total = q.size(2), k.size(2)
+        p = self.dropout if self.training else 0.0
+        if t_total == T:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                                  scale=self.scale)
+        if T == 1:  # the single newest query may see every cached key: nothing to mask
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
+        # is_causal aligns its triangle to the top-left, wrong when keys precede queries
+        mask = causal_mask(T, t_total, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                              scale=self.scale)
 
     def step(self, x: Tensor, at: CacheSlot, rope: tuple[Tensor, Tensor] | None,
              ve: Tensor | None, linear: Linear) -> Tensor:

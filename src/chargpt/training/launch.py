@@ -23,7 +23,7 @@ from chargpt.config.schema import Config, apply_overrides
 from chargpt.data.datasets import dataset, fetch
 from chargpt.data.preparation import prepare
 from chargpt.data.prepared import PreparedData, check_split_lengths
-from chargpt.device import pick_device
+from chargpt.device import pick_device, precision
 from chargpt.distributed import DistEnv
 from chargpt.errors import ChargptError, CheckpointError, ConfigError
 from chargpt.runs import checkpoint as ckpt
@@ -96,7 +96,8 @@ def _new_trainer(cfg: Config, quiet: bool, src: CheckedCheckpoint | None) -> Tra
             cfg, {"data": {"data_dir": str(Path(cfg.data.data_dir).resolve())}}, "run"
         )
     cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
+        cfg, model=dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size),
+        train=dataclasses.replace(cfg.train, dtype=precision(device, cfg.train.dtype)),
     )
     cfg, choosing = _sized(cfg, rundir, data, env, device, log)
     check_split_lengths(data, cfg.model.block_size)
@@ -231,5 +232,7 @@ def _changed_train_values(cfg: Config, rundir: RunDir) -> dict[str, Any]:
                 )
     # a time-budget run's step count is its own plan, not a value the caller changed
     planned = set(PLANNED_FIELDS) if saved.train.planned_steps else {"planned_steps"}
+    if cfg.train.dtype == "auto":  # the run recorded the precision 'auto' chose for it
+        planned.add("dtype")
     return {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(cfg.train)
             if f.name not in planned and getattr(cfg.train, f.name) != getattr(saved.train, f.name)}
