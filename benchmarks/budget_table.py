@@ -53,10 +53,11 @@ ROOT = Path(__file__).resolve().parents[1]
 FORECAST = re.compile(r"val loss forecast ([\d.]+) \(([\d.]+)-([\d.]+)\)")
 
 
-def one_run(corpus: str, budget: str, size: str, data_dir: Path, out: Path, seed: int) -> dict:
+def one_run(corpus: str, budget: str, size: str, data_dir: Path, out: Path, seed: int,
+            compile_: bool = False) -> dict:
     cfg = resolve_config(overrides={"data": {"data_dir": str(data_dir)}, "train": {
         "out_dir": str(out), "time_budget": budget, "size": size, "seed": seed,
-        "progress": False, "sample_chars": 0}})
+        "progress": False, "sample_chars": 0, "compile": compile_}})
     t0 = time.perf_counter()
     result = train(cfg, quiet=True)
     seconds = time.perf_counter() - t0
@@ -70,7 +71,8 @@ def one_run(corpus: str, budget: str, size: str, data_dir: Path, out: Path, seed
     tiled = best.evaluate_ids(val, batch_size=256, tiled=True)
     return {"corpus": corpus, "budget": budget, "auto": size == "auto",
             "size": saved.train.size, "time_budget": saved.train.time_budget,
-            "dropout": saved.model.dropout,
+            "dropout": saved.model.dropout, "dtype": saved.train.dtype,
+            "compile": saved.train.compile,
             "forecast": float(match.group(1)) if match else None,
             "steps": result.step, "best_val": result.best_val_loss, "whole_best": whole,
             "tiled_best": tiled,
@@ -153,6 +155,7 @@ def main() -> int:
     ap.add_argument("--no-hand", action="store_true", help="only the automatic choice")
     ap.add_argument("--no-auto", action="store_true", help="only the sizes named by hand")
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--compile", action="store_true", help="every run with --compile")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/budget.jsonl")
     ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
     ap.add_argument("--misses", action="store_true",
@@ -169,7 +172,8 @@ def main() -> int:
                                                                    args.sizes)
                     for size in sizes:
                         out = Path(tmp) / f"run-{budget}-{size}"
-                        record = one_run(corpus, budget, size, data_dir, out, args.seed)
+                        record = one_run(corpus, budget, size, data_dir, out, args.seed,
+                                         args.compile)
                         with args.out.open("a") as f:
                             f.write(json.dumps(record) + "\n")
                         print(json.dumps(record), flush=True)
