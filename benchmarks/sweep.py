@@ -68,8 +68,9 @@ def parse_tokens(text: str) -> int:
     return int(float(text[:-1] if scale != 1 else text) * scale)
 
 
-def config(size, data_dir: str, out: Path, steps: int, dropout: float):
+def config(size, data_dir: str, out: Path, steps: int, dropout: float, dtype: str = "auto"):
     train = {**size.train, "out_dir": str(out), "progress": False, "sample_chars": 0,
+             "dtype": dtype,
              "max_steps": steps, "eval_interval": max(1, steps // EVALS),
              "eval_iters": EVAL_ITERS, "warmup_steps": min(50, steps // 10)}
     return resolve_config(size.base_preset, overrides={
@@ -90,11 +91,12 @@ def probe_seconds(size, data_dir: str, tmp: Path) -> float:
     return (time.perf_counter() - t0) / 4
 
 
-def one_run(size, corpus: dict, data_dir: str, out: Path, tokens: int, dropout: float) -> dict:
+def one_run(size, corpus: dict, data_dir: str, out: Path, tokens: int, dropout: float,
+            dtype: str = "auto") -> dict:
     per_step = size.train["batch_size"] * size.model["block_size"]
     steps = max(20, round(tokens / per_step))
     t0 = time.perf_counter()
-    trainer = new_trainer(config(size, data_dir, out, steps, dropout), quiet=True)
+    trainer = new_trainer(config(size, data_dir, out, steps, dropout, dtype), quiet=True)
     result = trainer.run()
     seconds = time.perf_counter() - t0
     if result.interrupted_by is not None or result.step != steps:
@@ -104,6 +106,7 @@ def one_run(size, corpus: dict, data_dir: str, out: Path, tokens: int, dropout: 
     return {**corpus, "size": size.name, "params": trainer.model.num_params(),
             "body_params": block_params(trainer.model), "batch": size.train["batch_size"],
             "block": size.model["block_size"], "dropout": dropout, "steps": steps,
+            "dtype": trainer.cfg.train.dtype,
             "tokens": steps * per_step, "best_val": result.best_val_loss,
             "final_val": result.last_val_loss, "final_train": evals[-1].get("train_loss"),
             "seconds": round(seconds, 1), "date": datetime.date.today().isoformat(),
@@ -129,6 +132,8 @@ def main() -> int:
     ap.add_argument("--max-minutes", type=float, default=12.0)
     ap.add_argument("--block", type=int, default=0,
                     help="train every size at this block size (0: each size's own)")
+    ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
+                    help="training precision; the rule was fitted to float32 runs")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/sweep.jsonl")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default); 1 on a shared machine, where "
@@ -169,7 +174,7 @@ def main() -> int:
                               flush=True)
                         continue
                     out = Path(tmp) / f"run-{size_name}-{per_step}-{tokens}-{dropout}"
-                    record = one_run(size, corpus, data_dir, out, tokens, dropout)
+                    record = one_run(size, corpus, data_dir, out, tokens, dropout, args.dtype)
                     with args.out.open("a") as f:
                         f.write(json.dumps(record) + "\n")
                     print(json.dumps(record), flush=True)

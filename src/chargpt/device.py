@@ -41,7 +41,7 @@ def pick_device(name: str) -> torch.device:
 def precision(device: torch.device, name: str) -> str:
     """The precision a new run on `device` trains in, for the config's `name`: 'auto' becomes
     bfloat16 wherever its matmuls are the fast ones (`fast_bfloat16`: GPUs, and CPUs with
-    bfloat16 instructions, where a default training step takes 1.14x less time, 2026-12-05,
+    bfloat16 instructions, where a default training step takes 1.2x less time, 2026-12-05,
     docs/fast.md), else float32. A run records the name this returns, so its resume trains in
     the same precision on any machine and under any later rule."""
     if name != "auto":
