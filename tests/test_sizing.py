@@ -354,3 +354,21 @@ def test_a_corpus_is_priced_on_the_same_amount_of_text_whatever_its_size():
     # on the whole text, the same words would look more predictable
     whole = 8.0 * len(lzma.compress(text.encode(), preset=6)) / len(text)
     assert whole < corpus_bits_per_char(text) - 0.05
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_estimate_times_the_sizes_in_the_precision_train_would_use(small_corpus, monkeypatch,
+                                                                   fast):
+    from chargpt import device
+    from chargpt.training import autosize
+
+    monkeypatch.setattr(device, "fast_bfloat16", lambda _: fast)
+    seen = []
+
+    def timed(cfg, rundir, data, dev):
+        seen.append(cfg.train.dtype)
+        return 0.01, 10**5
+
+    monkeypatch.setattr(autosize, "_time_size", timed)
+    assert main(["estimate", "--input", str(small_corpus), "--time", "1m"]) == 0
+    assert seen and set(seen) == {"bfloat16" if fast else "float32"}

@@ -202,7 +202,7 @@ def _forecast(cfg: Config, args: argparse.Namespace) -> str:
     from chargpt.config.sizing import corpus_stats
     from chargpt.data.preparation import prepare
     from chargpt.data.prepared import load_prepared
-    from chargpt.device import pick_device
+    from chargpt.device import pick_device, precision
     from chargpt.distributed import DistEnv
     from chargpt.runs.rundir import RunDir
     from chargpt.training import autosize
@@ -212,11 +212,13 @@ def _forecast(cfg: Config, args: argparse.Namespace) -> str:
         prepare(dc.input, Path(tmp) / "data", val_fraction=dc.val_fraction,
                 test_fraction=dc.test_fraction, unit=dc.unit, progress=True)
         data = load_prepared(Path(tmp) / "data")
-        cfg = apply_overrides(cfg, {"model": {"vocab_size": data.tokenizer.vocab_size}},
+        device = torch.device("cpu") if args.gpu else pick_device(cfg.train.device)
+        # timed in the precision `train` would resolve for a new run here
+        cfg = apply_overrides(cfg, {"model": {"vocab_size": data.tokenizer.vocab_size},
+                                    "train": {"dtype": precision(device, cfg.train.dtype)}},
                               "the corpus")
         times = (autosize.gpu_step_seconds(cfg, args.gpu, args.gpus, args.mfu) if args.gpu
                  else None)
-        device = torch.device("cpu") if args.gpu else pick_device(cfg.train.device)
         _, choice, _ = autosize.auto_size(cfg, RunDir(Path(tmp) / "run"), data, DistEnv(),
                                           device, times)
         body = autosize.block_params_of(cfg)
