@@ -139,6 +139,31 @@ def test_corpus_shorter_than_context(tmp_path, capsys):
     assert "block_size" in one_line_error(capsys, code)
 
 
+def test_compile_where_torch_cannot_is_one_line_before_the_run_exists(tmp_path, capsys,
+                                                                       monkeypatch):
+    """No C++ compiler (inductor's InvalidCxxCompiler, stood in for by a compiled function that
+    raises it): `--compile` says so in one line and leaves no run directory behind."""
+    from chargpt.model import compiling
+
+    def broken(module, **options):
+        def call(*args, **kwargs):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\ndetails")
+        return call
+
+    monkeypatch.setattr(compiling, "compiled", broken)
+    compiling.check_works.cache_clear()
+    try:
+        f = tmp_path / "corpus.txt"
+        f.write_text(corpus_text(30_000), encoding="utf-8")
+        code = main(["train", "--input", str(f), "--out", str(tmp_path / "run"), "--compile",
+                     *TINY_FLAGS])
+        line = one_line_error(capsys, code)
+    finally:
+        compiling.check_works.cache_clear()
+    assert "No working C++ compiler found" in line and "install a C++ compiler" in line
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "flags, needle, status",
     [

@@ -8,7 +8,9 @@ for the user's process to load. Every torch.compile of chargpt (the training ste
 `train.compile`, the compiled decode step) goes through `compiled`, which first makes that
 directory the user's own, mode 0700, where it is missing, and refuses to compile where it
 belongs to someone else or others can write it (`fileio.untrusted`). Off POSIX systems, whose
-temporary directory is the user's own, it is not checked.
+temporary directory is the user's own, it is not checked. `check_works` compiles a one-line
+function first, so a machine without the compiler inductor needs (a C++ compiler on the CPU,
+Triton on a GPU) is told so in one line before training starts, not by a traceback at step 1.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from chargpt.errors import ChargptError
 from chargpt.fileio import private_dir
 
-__all__ = ["compiled", "kernel_dir"]
+__all__ = ["check_works", "compiled", "kernel_dir"]
 
 
 def compiled(module: Any, **options: Any) -> Any:
@@ -47,3 +49,20 @@ def kernel_dir() -> Path | None:
         raise ChargptError(f"torch.compile would load code from {default}, but {why}: remove "
                            "it, or set TMPDIR to a directory of your own")
     return real
+
+
+@functools.cache
+def check_works(device_type: str) -> None:
+    """Compile and run a one-line function on `device_type`; a ChargptError when torch.compile
+    cannot (no C++ compiler on the CPU, no Triton on a GPU). Seconds the first time, most of
+    them inductor's own start-up, which the model's compile would pay anyway."""
+    try:
+        compiled(lambda x: x * 2 + 1)(torch.ones(2, device=device_type))
+    except ChargptError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever inductor raises, say it in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        need = "a C++ compiler (g++ or clang; or name it in $CXX)" if device_type == "cpu" \
+            else "Triton (pip install triton)"
+        raise ChargptError(f"--compile: torch.compile does not work here ({first[:200]}); "
+                           f"install {need}, or train without --compile") from None

@@ -26,6 +26,7 @@ from chargpt.data.prepared import PreparedData, check_split_lengths
 from chargpt.device import pick_device, precision
 from chargpt.distributed import DistEnv
 from chargpt.errors import ChargptError, CheckpointError, ConfigError
+from chargpt.model.compiling import check_works
 from chargpt.runs import checkpoint as ckpt
 from chargpt.runs.rundir import RunDir
 from chargpt.runs.safety import CheckedCheckpoint
@@ -82,6 +83,8 @@ def new_trainer(cfg: Config, quiet: bool = False) -> Trainer:
 def _new_trainer(cfg: Config, quiet: bool, src: CheckedCheckpoint | None) -> Trainer:
     require_trackers(cfg.train.log_to)  # before the run directory exists
     env, device = _join(cfg)
+    if cfg.train.compile:
+        check_works(device.type)  # before the run directory exists, too
     if env.enabled and not cfg.train.out_dir:
         raise ConfigError("set --out when training with torchrun (all ranks need one run dir)")
     rundir = RunDir(Path(cfg.train.out_dir)) if cfg.train.out_dir else RunDir.default()
