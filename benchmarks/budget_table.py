@@ -54,8 +54,10 @@ FORECAST = re.compile(r"val loss forecast ([\d.]+) \(([\d.]+)-([\d.]+)\)")
 
 
 def one_run(corpus: str, budget: str, size: str, data_dir: Path, out: Path, seed: int,
-            compile_: bool = False) -> dict:
-    cfg = resolve_config(overrides={"data": {"data_dir": str(data_dir)}, "train": {
+            compile_: bool = False, block: int = 0) -> dict:
+    model = {"block_size": block} if block and size != "auto" else {}
+    cfg = resolve_config(overrides={"data": {"data_dir": str(data_dir)}, "model": model,
+                                    "train": {
         "out_dir": str(out), "time_budget": budget, "size": size, "seed": seed,
         "progress": False, "sample_chars": 0, "compile": compile_}})
     t0 = time.perf_counter()
@@ -72,6 +74,7 @@ def one_run(corpus: str, budget: str, size: str, data_dir: Path, out: Path, seed
     return {"corpus": corpus, "budget": budget, "auto": size == "auto",
             "size": saved.train.size, "time_budget": saved.train.time_budget,
             "dropout": saved.model.dropout, "dtype": saved.train.dtype,
+            "block": saved.model.block_size,
             "compile": saved.train.compile,
             "forecast": float(match.group(1)) if match else None,
             "steps": result.step, "best_val": result.best_val_loss, "whole_best": whole,
@@ -100,7 +103,7 @@ def forecasts_afterwards(rows: list[dict]) -> dict[int, float]:
                 size = sizes[r["size"]]
                 dropout = r.get("dropout", 0.0) > 0  # rows before 2026-12-04 13:00: none had it
                 out[i] = rule.forecast.lowest(body[size.name], r["steps"], size.tokens_per_step,
-                                              stats, dropout)
+                                              stats, dropout, size.model["block_size"])
     return out
 
 
@@ -124,6 +127,7 @@ def print_table(rows: list[dict]) -> None:
     print("| corpus | budget | auto | auto val | forecast | miss | best hand size | its val | "
           "auto - best | auto whole-split |")
     print("|---|---|---|---:|---:|---:|---|---:|---:|---:|")
+    own = {size.name: size.model["block_size"] for size in load_rule().sizes}
     for corpus, budget in dict.fromkeys((r["corpus"], r["budget"]) for r in rows):
         cell = [r for r in rows if (r["corpus"], r["budget"]) == (corpus, budget)]
         auto = [r for r in cell if r["auto"]]
@@ -137,6 +141,8 @@ def print_table(rows: list[dict]) -> None:
         if hand:
             best = min(hand, key=lambda r: r["best_val"])
             hand_size, hand_val = best["size"], f"{best['best_val']:.4f}"
+            if best.get("block", own[best["size"]]) != own[best["size"]]:
+                hand_size += f", block {best['block']}"
             gap = f"{a['best_val'] - best['best_val']:+.4f}"
         print(f"| {corpus} | {budget} | {a['size']} | {a['best_val']:.4f} | {forecast} | "
               f"{miss} | {hand_size} | {hand_val} | {gap} | {a['whole_best']:.4f} |")
@@ -156,6 +162,8 @@ def main() -> int:
     ap.add_argument("--no-auto", action="store_true", help="only the sizes named by hand")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--compile", action="store_true", help="every run with --compile")
+    ap.add_argument("--block", type=int, default=0,
+                    help="the sizes named by hand at this block (0: each size's own)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/budget.jsonl")
     ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
     ap.add_argument("--misses", action="store_true",
@@ -173,14 +181,14 @@ def main() -> int:
                     for size in sizes:
                         out = Path(tmp) / f"run-{budget}-{size}"
                         record = one_run(corpus, budget, size, data_dir, out, args.seed,
-                                         args.compile)
+                                         args.compile, args.block)
                         with args.out.open("a") as f:
                             f.write(json.dumps(record) + "\n")
                         print(json.dumps(record), flush=True)
     rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
     # the latest run of each size (auto apart) in each cell: a cell run again replaces its rows
-    rows = list({(r["corpus"], r["budget"], "auto" if r["auto"] else r["size"]): r
-                 for r in rows}.values())
+    rows = list({(r["corpus"], r["budget"], "auto" if r["auto"] else r["size"],
+                  r.get("block")): r for r in rows}.values())
     print_table(rows)
     if args.misses:
         print_misses(rows)

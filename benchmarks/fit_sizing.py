@@ -1,8 +1,8 @@
 """Fit the sizing rule's forecast to the sweep and write it into the package's sizing.json.
 
-Reads benchmarks/results/sweep.jsonl (benchmarks/sweep.py), fits the nine numbers of
+Reads benchmarks/results/sweep.jsonl (benchmarks/sweep.py), fits the eleven numbers of
 config/sizing.py's forecast to every run's best val loss by least squares (torch's L-BFGS in
-float64), and prints each run's measured and forecast loss; then, the nine held, the two
+float64), and prints each run's measured and forecast loss; then, the eleven held, the two
 numbers of its dropout form to the runs with dropout (one dropout value). It refits once per
 corpus with that corpus left out and forecasts it, which says how well the rule does on a
 corpus it has never seen. `spread`, the half-range quoted around every forecast, is the
@@ -29,43 +29,48 @@ from pathlib import Path
 import torch
 from sweep import corpus_path
 
-from chargpt.config.sizing import CorpusStats, Forecast, corpus_stats
+from chargpt.config.sizing import REFERENCE_BLOCK, CorpusStats, Forecast, corpus_stats
 from chargpt.data.preparation import prepare
 from chargpt.data.prepared import load_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
 RULE = ROOT / "src/chargpt/config/sizing.json"
 # the forecast's numbers, each from an unconstrained one the fit moves
-NAMES = ("e0", "e1", "A", "alpha", "B", "beta", "repeats", "C", "gamma")
+NAMES = ("e0", "e1", "A", "alpha", "B", "beta", "repeats", "C", "gamma", "context",
+         "context_power")
 START = torch.tensor([0.3, 0.25, math.log(20.0), 0.3, math.log(30.0), 0.25, math.log(4.0),
-                      math.log(0.003), 0.5], dtype=torch.float64)
-SCALED = torch.tensor([0, 0, 1, 0, 1, 0, 0, 1, 0], dtype=torch.float64)  # the starts vary these
+                      math.log(0.003), 0.5, math.log(0.03), 0.0], dtype=torch.float64)
+SCALED = torch.tensor([0, 0, 1, 0, 1, 0, 0, 1, 0, 0, 0], dtype=torch.float64)  # starts vary these
 
 
 def forecast_of(theta: torch.Tensor, spread: float = 0.0) -> Forecast:
-    e0, e1, log_a, alpha, log_b, beta, log_r, log_c, gamma = theta.tolist()
+    e0, e1, log_a, alpha, log_b, beta, log_r, log_c, gamma, log_k, log_kp = theta.tolist()
     return Forecast(e0, e1, math.exp(log_a), alpha, math.exp(log_b), beta, math.exp(log_r),
-                    math.exp(log_c), gamma, spread)
+                    math.exp(log_c), gamma, spread, context=math.exp(log_k),
+                    context_power=math.exp(log_kp))
 
 
 def predict(theta: torch.Tensor, rows: list[dict],
             drop: torch.Tensor | None = None) -> torch.Tensor:
     """The forecast of each run; with `drop` (log of dropout_free_passes, dropout_cost), of
     the runs with dropout."""
-    e0, e1, log_a, alpha, log_b, beta, log_r, log_c, gamma = theta
+    e0, e1, log_a, alpha, log_b, beta, log_r, log_c, gamma, log_k, log_kp = theta
     p = torch.tensor([r["body_params"] for r in rows], dtype=torch.float64)
     d = torch.tensor([r["tokens"] for r in rows], dtype=torch.float64)
     u = torch.tensor([r["train_tokens"] for r in rows], dtype=torch.float64)
     h = torch.tensor([r["lzma_bpc"] for r in rows], dtype=torch.float64)
+    block = torch.tensor([r["block"] for r in rows], dtype=torch.float64)
     r_ = log_r.exp()
     extra = (d / u - 1).clamp(min=0)
     d_eff = torch.where(d <= u, d, u * (1 + r_ * (1 - torch.exp(-extra / r_))))
-    overfit = log_c.exp() * (p / u) ** gamma
+    overfit = log_c.exp() * (p / 1e6) ** gamma
     if drop is None:
         overfit = overfit * extra
     else:  # dropout holds learning by heart off for a number of passes, and costs by itself
         overfit = overfit * (extra - drop[0].exp()).clamp(min=0) + drop[1]
-    return e0 + e1 * h + log_a.exp() * p ** -alpha + log_b.exp() * d_eff ** -beta + overfit
+    context = log_k.exp() * ((REFERENCE_BLOCK / block) ** log_kp.exp() - 1)
+    return (e0 + e1 * h + context + log_a.exp() * p ** -alpha + log_b.exp() * d_eff ** -beta
+            + overfit)
 
 
 def minimise(loss, start: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -113,7 +118,7 @@ def plot(forecast: Forecast, rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     corpora = sorted({r["corpus"] for r in rows})
-    sizes = sorted({(r["body_params"], r["size"]) for r in rows})
+    sizes = sorted({(r["body_params"], r["size"], r["block"]) for r in rows})
     cols = min(3, len(corpora))
     rows_ = math.ceil(len(corpora) / cols)
     fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 3.8 * rows_), squeeze=False)
@@ -122,12 +127,15 @@ def plot(forecast: Forecast, rows: list[dict], path: Path) -> None:
     for ax, corpus in zip(list(axes.flat), corpora, strict=False):
         mine = [r for r in rows if r["corpus"] == corpus]
         stats = CorpusStats(mine[0]["train_tokens"], mine[0]["vocab"], mine[0]["lzma_bpc"])
-        for i, (body, name) in enumerate(sizes):
+        for i, (body, name, block) in enumerate(sizes):
+            runs = [r for r in mine if r["size"] == name and r["block"] == block]
+            if not runs:
+                continue
             color = f"C{i}"
             tokens = [2e5 * 1.2 ** k for k in range(30)]
-            ax.plot([t / 1e6 for t in tokens], [forecast.loss(body, t, stats) for t in tokens],
-                    color=color, lw=1, label=name)
-            runs = [r for r in mine if r["size"] == name]
+            ax.plot([t / 1e6 for t in tokens],
+                    [forecast.loss(body, t, stats, block=block) for t in tokens],
+                    color=color, lw=1, label=f"{name}, block {block}")
             ax.plot([r["tokens"] / 1e6 for r in runs], [r["best_val"] for r in runs], "o",
                     color=color)
         ax.set_xscale("log")
@@ -164,7 +172,9 @@ def dropout_form(theta: torch.Tensor, regularised: list[dict], plain: list[dict]
             mine = [r for r in regularised if r["corpus"] == corpus]
             refit = predict(theta, mine, fit_dropout(theta, rest)).tolist()
             left_out.update({id(r): g for r, g in zip(mine, refit, strict=True)})
-    same = {(r["corpus"], r["size"], r["tokens"]): r["best_val"] for r in plain}
+    own = {(r["corpus"], r["size"]): r["block"] for r in regularised}
+    same = {(r["corpus"], r["size"], r["tokens"]): r["best_val"] for r in plain
+            if r["block"] == own.get((r["corpus"], r["size"]))}
     print("\n| corpus | size | passes | best val with dropout | forecast | miss | miss, corpus "
           "left out | forecast without | measured without |\n|---|---|---:|---:|---:|---:|---:|"
           "---:|---:|")
@@ -201,24 +211,29 @@ def measured_passes(rows: list[dict], sizes: list[dict]) -> dict[str, dict[str, 
 
 
 def other_blocks(rows: list[dict], sizes: list[dict]) -> list[dict]:
-    """The runs at a block size other than their size's own (`sweep.py --block`), printed
-    beside the same size at its own block: the forecast has no term for the context, so they
-    are not fitted; they say what a longer or shorter context is worth on each corpus."""
+    """The runs at a block other than their size's own (`sweep.py --block`, `--batch`),
+    printed beside the same size at its own block: what a longer or shorter context is worth
+    on each corpus. Those that kept the size's tokens per step are fitted like the rest (the
+    forecast's context term is what they say); the others (returned, not fitted) took another
+    number of steps for their tokens too, for which the forecast has no term: at a few
+    hundred steps, half as many cost more than a longer context gains."""
     own = {s["name"]: s["model"]["block_size"] for s in sizes}
+    per_step = {s["name"]: s["model"]["block_size"] * s["train"]["batch_size"] for s in sizes}
     others = [r for r in rows if r["block"] != own[r["size"]]]
     same = {(r["corpus"], r["size"], r["tokens"], r.get("dropout", 0.0)): r["best_val"]
             for r in rows if r["block"] == own[r["size"]]}
     if others:
-        print("| corpus | size | tokens | block | best val | at its own block | difference |\n"
-              "|---|---|---:|---:|---:|---:|---:|")
+        print("| corpus | size | tokens | block x batch | fitted | best val | at its own block "
+              "| difference |\n|---|---|---:|---|---|---:|---:|---:|")
     for r in others:
         # the same tokens at another block are whole steps of another length: allow 1%
         base = [v for (c, n, t, d), v in same.items() if c == r["corpus"] and n == r["size"]
                 and d == r.get("dropout", 0.0) and abs(t / r["tokens"] - 1) < 0.01]
         own_val, diff = (f"{base[0]:.4f}", f"{r['best_val'] - base[0]:+.4f}") if base else "--"
-        print(f"| {r['corpus']} | {r['size']} | {r['tokens'] / 1e6:.1f} M | {r['block']} | "
-              f"{r['best_val']:.4f} | {own_val} | {diff} |")
-    return others
+        fitted = "yes" if r["block"] * r["batch"] == per_step[r["size"]] else "no"
+        print(f"| {r['corpus']} | {r['size']} | {r['tokens'] / 1e6:.1f} M | {r['block']} x "
+              f"{r['batch']} | {fitted} | {r['best_val']:.4f} | {own_val} | {diff} |")
+    return [r for r in others if r["block"] * r["batch"] != per_step[r["size"]]]
 
 
 def priced(rows: list[dict]) -> list[dict]:
@@ -242,8 +257,8 @@ def main() -> int:
     rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
     rows = priced(rows)
     rule = json.loads(RULE.read_text())
-    blocks = other_blocks(rows, rule["sizes"])
-    rows = [r for r in rows if r not in blocks]
+    unfitted = other_blocks(rows, rule["sizes"])
+    rows = [r for r in rows if r not in unfitted]
     regularised = [r for r in rows if r.get("dropout", 0.0) > 0.0]
     rows = [r for r in rows if r.get("dropout", 0.0) == 0.0]
     theta = fit(rows)
@@ -269,7 +284,7 @@ def main() -> int:
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         stats = CorpusStats(r["train_tokens"], r["vocab"], r["lzma_bpc"])
-        f = forecast.loss(r["body_params"], r["tokens"], stats)
+        f = forecast.loss(r["body_params"], r["tokens"], stats, block=r["block"])
         print(f"| {r['corpus']} | {r['size']} | {r['tokens'] / 1e6:.2f} M | "
               f"{r['tokens'] / r['train_tokens']:.1f} | {r['best_val']:.4f} | {f:.4f} | "
               f"{f - r['best_val']:+.4f} |")

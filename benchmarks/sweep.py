@@ -18,7 +18,8 @@ Corpora: `shakespeare` is Tiny Shakespeare (../shared/data/tinyshakespeare.txt, 
 chargpt's cache, or downloaded); the others are benchmarks/corpora.py's Debian packages.
 `--max-minutes` skips a run whose expected time (from a probe of its step time) is longer.
 `--block` trains the sizes at another block size than their own (the line records it), which
-separates what a longer context is worth from what a larger model is.
+separates what a longer context is worth from what a larger model is; `--batch` with it keeps
+the tokens of a step (a longer block at half the batch), so the runs take as many steps.
 Then `python benchmarks/fit_sizing.py` fits the forecast and writes it into the package.
 """
 
@@ -113,11 +114,13 @@ def one_run(size, corpus: dict, data_dir: str, out: Path, tokens: int, dropout: 
             "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
 
 
-def with_block(size, block: int):
-    """`size` reading blocks of `block` characters (itself when 0)."""
-    if not block:
-        return size
-    return dataclasses.replace(size, model={**size.model, "block_size": block})
+def with_block(size, block: int, batch: int = 0):
+    """`size` reading blocks of `block` characters, `batch` of them a step (its own when 0)."""
+    if block:
+        size = dataclasses.replace(size, model={**size.model, "block_size": block})
+    if batch:
+        size = dataclasses.replace(size, train={**size.train, "batch_size": batch})
+    return size
 
 
 def main() -> int:
@@ -132,8 +135,10 @@ def main() -> int:
     ap.add_argument("--max-minutes", type=float, default=12.0)
     ap.add_argument("--block", type=int, default=0,
                     help="train every size at this block size (0: each size's own)")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="and this many blocks a step (0: each size's own)")
     ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
-                    help="training precision; the rule was fitted to float32 runs")
+                    help="training precision; most of the fitted runs are float32")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/sweep.jsonl")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default); 1 on a shared machine, where "
@@ -146,8 +151,8 @@ def main() -> int:
     if args.out.exists():
         for line in args.out.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["corpus"], r["size"], r["block"], r["tokens"], r["dropout"]))
-    sizes = {s.name: with_block(s, args.block) for s in rule.sizes}
+            done.add((r["corpus"], r["size"], r["block"], r["batch"], r["tokens"], r["dropout"]))
+    sizes = {s.name: with_block(s, args.block, args.batch) for s in rule.sizes}
     for name in args.corpus:
         with tempfile.TemporaryDirectory() as tmp:
             data_dir = str(Path(tmp) / "data")
@@ -162,7 +167,7 @@ def main() -> int:
                 per_step = size.train["batch_size"] * size.model["block_size"]
                 todo = [(parse_tokens(t), d) for t in args.tokens for d in args.dropout]
                 todo = [(t, d) for t, d in todo
-                        if (name, size_name, size.model["block_size"],
+                        if (name, size_name, size.model["block_size"], size.train["batch_size"],
                             max(20, round(t / per_step)) * per_step, d) not in done]
                 if not todo:
                     continue

@@ -91,6 +91,24 @@ def test_repeated_tokens_are_worth_less():
     assert worth[-1] < u * (1 + f.repeats) and worth[0] < 2 * u
 
 
+def test_a_longer_block_is_forecast_lower_and_each_size_is_read_at_its_own(fitted):
+    """The context term: zero at blocks of 64, `context * (1 - (64 / block)^power)` lower at
+    longer ones; `choose` reads every size at its own block (4x192 and 6x256 read 128)."""
+    f = Forecast(**{**FORECAST, "context": 0.04, "context_power": 1.0})
+    p, d = 1e6, 2e6
+    assert f.loss(p, d, CORPUS, block=64) == Forecast(**FORECAST).loss(p, d, CORPUS)
+    assert f.loss(p, d, CORPUS, block=128) == pytest.approx(f.loss(p, d, CORPUS) - 0.02)
+    assert f.loss(p, d, CORPUS, block=256) == pytest.approx(f.loss(p, d, CORPUS) - 0.03)
+    rule = Rule(fitted.sizes, f)
+    body, times = _body(rule), _flops_times(rule, 0.02)
+    choice = choose(rule, 600, times, body, CORPUS)
+    for name, (tokens, loss) in choice.candidates.items():
+        size = rule.size(name)
+        assert loss == pytest.approx(f.loss(body[name], tokens, CORPUS,
+                                            block=size.model["block_size"]))
+    assert {s.model["block_size"] for s in rule.sizes if s.name in choice.candidates} != {64}
+
+
 def test_more_time_or_a_faster_machine_buys_a_larger_model(fitted):
     body = _body(fitted)
     times = _flops_times(fitted, 0.02)
@@ -185,7 +203,7 @@ def test_small_corpora_get_dropout_where_it_costs_less_than_learning_by_heart(mo
         assert f.loss(p, 10_000, tiny, dropout=True) == pytest.approx(
             f.loss(p, 10_000, tiny) + 0.02)
         # it holds learning by heart off for its free passes, then it resumes at the same rate
-        u, slope = tiny.train_tokens, f.C * (p / tiny.train_tokens) ** f.gamma
+        u, slope = tiny.train_tokens, f.C * (p / 1e6) ** f.gamma
         for passes in (9, 12, 30):
             assert f.loss(p, passes * u, tiny, dropout=True) == pytest.approx(
                 f.loss(p, passes * u, tiny) - 8 * slope + 0.02)
@@ -223,8 +241,8 @@ def test_no_size_is_read_past_the_passes_the_sweep_measured_it_at(fitted):
         dataclasses.replace(capped, sizes=fitted.sizes), 3600, times, body, tiny)
     # a hand-named size past its measured passes says its forecast is a guess
     name = free.size.name
-    past = capped.expect(name, body[name], 1000, 1024, small, 0.0)
-    within = capped.expect(name, body[name], 50, 1024, small, 0.0)
+    past = capped.expect(name, body[name], 1000, 1024, small, 0.0, 64)
+    within = capped.expect(name, body[name], 50, 1024, small, 0.0, 64)
     assert "no more than 3.0 passes" in past and "guess" not in within
 
 
@@ -308,7 +326,7 @@ def test_a_named_size_with_a_budget_says_what_to_expect(fitted, small_corpus, tm
     stats = corpus_stats(load_prepared(RunDir(out).data_dir(cfg)))
     size = fitted.size("2x64")
     want = fitted.forecast.lowest(block_params(build_model(cfg.model)), planned,
-                                  size.tokens_per_step, stats)
+                                  size.tokens_per_step, stats, block=cfg.model.block_size)
     assert f"val loss forecast {want:.2f} " in line
 
 

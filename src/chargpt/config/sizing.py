@@ -5,14 +5,17 @@ of `benchmarks/sweep.py`: a ladder of sizes (each a few values over the fast rec
 a forecast fitted to the sweep, and where the fit came from. The forecast gives a size's val
 loss after it has trained on `tokens` tokens of a corpus:
 
-    loss = e0 + e1 * h + A * P^-alpha + B * D_eff^-beta + C * (P/U)^gamma * max(0, D/U - 1)
+    loss = e0 + e1 * h + A * P^-alpha + B * D_eff^-beta + C * P_M^gamma * max(0, D/U - 1)
 
 with `h` the corpus's bits per character under lzma (how predictable the text is), `P` the
-size's parameters inside its blocks, and `D_eff` the tokens trained on, where each pass over a
-corpus of `U` training tokens after the first is worth less than the one before (a repeated
-token's value decays with the passes, `repeats`): D_eff = U * (1 + r * (1 - exp(-(D/U - 1)/r)))
-past one epoch. A small corpus read many times is also learnt by heart, more so by a large
-model: the val loss then rises by C * (P/U)^gamma per pass after the first. So a budget
+size's parameters inside its blocks (`P_M` in millions), and `D_eff` the tokens trained on,
+where each pass over a corpus of `U` training tokens after the first is worth less than the
+one before (a repeated token's value decays with the passes, `repeats`):
+D_eff = U * (1 + r * (1 - exp(-(D/U - 1)/r))) past one epoch. A small corpus read many times
+is also learnt by heart, more so by a large model: the val loss then rises by C * P_M^gamma
+per pass after the first, whatever the corpus's size (with (P/U)^gamma there, the fit
+forecast Tiny Shakespeare's 4x192 after 8 passes 0.057 too low, and corpora it had not seen
+worse). So a budget
 longer than a corpus can use is better spent in part, and `choose` picks the tokens as well as
 the size (never more than the budget buys). Dropout is the other way out: with it, a fitted
 number of passes goes by before that cost begins and a fitted cost of its own is added, so it
@@ -41,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Choice", "CorpusStats", "Forecast", "Rule", "Size", "block_params", "choose",
            "corpus_bits_per_char", "corpus_stats", "expected", "load_rule", "LZMA_SAMPLE",
-           "MIN_STEPS", "SHORTEN_BELOW", "TRAIN_SHARE"]
+           "MIN_STEPS", "REFERENCE_BLOCK", "SHORTEN_BELOW", "TRAIN_SHARE"]
 
 # a size needs this many steps to warm up (the recipe's 50), train and cool down; fewer and it
 # is not a candidate
@@ -58,6 +61,7 @@ LZMA_SAMPLE = 50_000
 # it the difference is within the forecast's noise and the whole budget is used
 SHORTEN_BELOW = 0.9
 TOKEN_GRID = 0.85  # the shorter token counts tried: the budget's, then 85% of it, and so on
+REFERENCE_BLOCK = 64  # the block the forecast's context term is zero at: the smallest sizes'
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,8 @@ class Forecast:
     dropout: float = 0.0  # the dropout the sweep measured (0: the rule never chooses dropout)
     dropout_free_passes: float = 0.0  # passes after the first it holds learning by heart off
     dropout_cost: float = 0.0  # and what it costs by itself
+    context: float = 0.0  # what blocks longer than REFERENCE_BLOCK are worth (see `loss`)
+    context_power: float = 1.0
 
     def effective_tokens(self, tokens: float, train_tokens: float) -> float:
         if tokens <= train_tokens:
@@ -111,27 +117,32 @@ class Forecast:
         return train_tokens * (1.0 + self.repeats * (1.0 - math.exp(-extra / self.repeats)))
 
     def loss(self, body_params: float, tokens: float, corpus: CorpusStats,
-             dropout: bool = False) -> float:
+             dropout: bool = False, block: int = REFERENCE_BLOCK) -> float:
         """The forecast, for training without dropout or (`dropout`) with the forecast's
         `dropout` value: that holds learning by heart off for `dropout_free_passes` passes and
-        adds `dropout_cost`, both fitted to the sweep's runs with dropout."""
+        adds `dropout_cost`, both fitted to the sweep's runs with dropout. A model reading
+        blocks of `block` characters is forecast `context * (1 - (64 / block)^context_power)`
+        lower than at blocks of 64 (the training estimate averages over every position of a
+        block, so a longer one gives its later positions more to go on)."""
         u = corpus.train_tokens
         d = self.effective_tokens(tokens, u)
         free = self.dropout_free_passes if dropout else 0.0
-        overfit = self.C * (body_params / u) ** self.gamma * max(0.0, tokens / u - 1.0 - free)
+        overfit = self.C * (body_params / 1e6) ** self.gamma * max(0.0, tokens / u - 1.0 - free)
         if dropout:
             overfit += self.dropout_cost
-        return (self.e0 + self.e1 * corpus.bits_per_char
+        context = self.context * ((REFERENCE_BLOCK / block) ** self.context_power - 1.0)
+        return (self.e0 + self.e1 * corpus.bits_per_char + context
                 + self.A * body_params ** -self.alpha + self.B * d ** -self.beta + overfit)
 
     def lowest(self, body_params: float, steps: int, tokens_per_step: int, corpus: CorpusStats,
-               dropout: bool = False) -> float:
+               dropout: bool = False, block: int = REFERENCE_BLOCK) -> float:
         """The forecast of a run's best val loss: the lowest forecast at its steps and at the
         shorter runs `choose` reads (TOKEN_GRID), since best/ keeps the best evaluation."""
         counts = [steps]
         while counts[-1] * TOKEN_GRID >= MIN_STEPS:
             counts.append(counts[-1] * TOKEN_GRID)
-        return min(self.loss(body_params, n * tokens_per_step, corpus, dropout) for n in counts)
+        return min(self.loss(body_params, n * tokens_per_step, corpus, dropout, block)
+                   for n in counts)
 
 
 @dataclass(frozen=True)
@@ -143,15 +154,15 @@ class Rule:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def expect(self, name: str, body_params: int, steps: int, tokens_per_step: int,
-               corpus: CorpusStats, dropout: float) -> str | None:
+               corpus: CorpusStats, dropout: float, block: int) -> str | None:
         """One line for the log of a run of size `name` planned for `steps` steps of
-        `tokens_per_step` tokens (flags may have changed the size's batch or block; every rank's
-        batches count): the val loss to expect. None without a fitted forecast, or at a dropout
-        it was not fitted to."""
+        `tokens_per_step` tokens in blocks of `block` (flags may have changed the size's batch
+        or block; every rank's batches count): the val loss to expect. None without a fitted
+        forecast, or at a dropout it was not fitted to."""
         f = self.forecast
         if f is None or dropout not in (0.0, f.dropout):
             return None
-        loss = f.lowest(body_params, steps, tokens_per_step, corpus, dropout > 0)
+        loss = f.lowest(body_params, steps, tokens_per_step, corpus, dropout > 0, block)
         tokens = steps * tokens_per_step
         regularised = f", dropout {dropout:g}" if dropout else ""
         most = self.size(name).most_passes(dropout > 0)
@@ -219,7 +230,8 @@ def expected(cfg: Any, model: Any, data: PreparedData, tokens_per_step: int) -> 
     if tc.size in ("", "auto") or tc.size_choice:
         return None
     return rule.expect(rule.size(tc.size).name, block_params(model), tc.max_steps,
-                       tokens_per_step, corpus_stats(data), cfg.model.dropout)
+                       tokens_per_step, corpus_stats(data), cfg.model.dropout,
+                       cfg.model.block_size)
 
 
 def corpus_stats(data: PreparedData) -> CorpusStats:
@@ -334,6 +346,7 @@ def _forecasts(forecast: Forecast, size: Size, steps: int, body_params: int,
             tried.append(int(tried[-1] * TOKEN_GRID))
         for n in tried:
             tokens = n * size.tokens_per_step
-            out.append((forecast.loss(body_params, tokens, corpus, dropout), tokens,
+            out.append((forecast.loss(body_params, tokens, corpus, dropout,
+                                      size.model["block_size"]), tokens,
                         forecast.dropout if dropout else 0.0, n == top < steps))
     return out
