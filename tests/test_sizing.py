@@ -216,6 +216,32 @@ def test_small_corpora_get_dropout_where_it_costs_less_than_learning_by_heart(mo
         load_rule.cache_clear()
 
 
+def test_dropout_is_forecast_at_the_steps_its_slower_steps_buy(monkeypatch):
+    """On a CPU a step with dropout is slower: a dropout candidate is read at the tokens its
+    own step time buys (`dropout_seconds`), and a size's share is of those."""
+    data = sizing._rule_data()
+    form = {**FORECAST, "dropout": 0.1, "dropout_free_passes": 8.0, "dropout_cost": 0.02}
+    monkeypatch.setattr(sizing, "_rule_data", lambda: {**data, "forecast": form})
+    load_rule.cache_clear()
+    try:
+        rule = load_rule()
+        body, times = _body(rule), _flops_times(rule, 0.02)
+        small, big = CorpusStats(20_000, 60, 3.0), CorpusStats(200_000, 60, 3.0)
+        slower = {name: 1.5 * t for name, t in times.items()}
+        # a small corpus: dropout either way, its share is of what its slower steps buy
+        fast, slow = choose(rule, 300, times, body, small), choose(rule, 300, times, body,
+                                                                     small, slower)
+        assert fast.dropout == slow.dropout == 0.1 and fast.size == slow.size
+        bought = int(300 / slower[slow.size.name]) * slow.size.tokens_per_step
+        assert slow.share == pytest.approx(slow.tokens / bought) and slow.share > fast.share
+        # a larger one: dropout pays at the steps of a plain run, not at a third fewer
+        assert choose(rule, 300, times, body, big).dropout == 0.1
+        plain = choose(rule, 300, times, body, big, slower)
+        assert plain.dropout == 0.0 and plain.share == pytest.approx(1.0, abs=0.01)
+    finally:
+        load_rule.cache_clear()
+
+
 def test_no_size_is_read_past_the_passes_the_sweep_measured_it_at(fitted):
     """The form for learning by heart is a guess past the sweep's passes: a size is chosen for
     at most the passes it was measured at (the run is shortened and says why), unless no size
@@ -353,8 +379,8 @@ def test_auto_size_takes_no_block_longer_than_the_splits(fitted, tmp_path):
     assert 64 < len(data.val) - 1 < 128
     cfg = resolve_config("fast-cpu", overrides={"model": {"vocab_size": data.vocab_size}})
     assert isinstance(cfg, Config)
-    times, _ = _measure(cfg, RunDir(tmp_path / "run"), data, DistEnv(), torch.device("cpu"),
-                        budget=1e6)
+    times, _, _ = _measure(cfg, RunDir(tmp_path / "run"), data, DistEnv(), torch.device("cpu"),
+                           budget=1e6)
     assert times and all(fitted.size(n).model["block_size"] <= 64 for n in times)
 
 
@@ -390,3 +416,39 @@ def test_estimate_times_the_sizes_in_the_precision_train_would_use(small_corpus,
     monkeypatch.setattr(autosize, "_time_size", timed)
     assert main(["estimate", "--input", str(small_corpus), "--time", "1m"]) == 0
     assert seen and set(seen) == {"bfloat16" if fast else "float32"}
+
+
+def test_auto_times_each_size_with_the_rules_dropout_too(small_corpus, monkeypatch, tmp_path):
+    """With a dropout form, each size is timed without and with its dropout, and a choice
+    with dropout is planned at the dropout steps' time."""
+    from chargpt.data.preparation import prepare
+    from chargpt.data.prepared import load_prepared
+    from chargpt.distributed import DistEnv
+    from chargpt.training import autosize
+
+    data = sizing._rule_data()
+    form = {**FORECAST, "dropout": 0.1, "dropout_free_passes": 8.0, "dropout_cost": 0.02}
+    monkeypatch.setattr(sizing, "_rule_data", lambda: {**data, "forecast": form})
+    load_rule.cache_clear()
+    seen = []
+
+    def timed(cfg, rundir, data, dev):
+        seen.append((cfg.train.size, cfg.model.dropout))
+        return (0.002 if cfg.model.dropout else 0.001) * cfg.model.n_layer, 10**5
+
+    monkeypatch.setattr(autosize, "_time_size", timed)
+    try:
+        prepare(str(small_corpus), tmp_path / "data")
+        prepared = load_prepared(tmp_path / "data")
+        cfg = resolve_config("fast-cpu", overrides={
+            "model": {"vocab_size": prepared.vocab_size}, "train": {"time_budget": "10m"}})
+        cfg, choice, _ = autosize.auto_size(cfg, RunDir(tmp_path / "run"), prepared, DistEnv(),
+                                            torch.device("cpu"))
+    finally:
+        load_rule.cache_clear()
+    names = list(dict.fromkeys(name for name, _ in seen))
+    assert len(names) > 1 and seen == [(n, d) for n in names for d in (0.0, 0.1)]
+    if choice.dropout:  # its steps are those of the slower, dropout step
+        per_step = 0.002 * choice.size.model["n_layer"]
+        assert choice.tokens <= int(600 * sizing.TRAIN_SHARE / per_step) * \
+            choice.size.tokens_per_step

@@ -6,6 +6,7 @@ a forecast fitted to the sweep, and where the fit came from. The forecast gives 
 loss after it has trained on `tokens` tokens of a corpus:
 
     loss = e0 + e1 * h + A * P^-alpha + B * D_eff^-beta + C * P_M^gamma * max(0, D/U - 1)
+           + context * ((REFERENCE_BLOCK / block)^context_power - 1)
 
 with `h` the corpus's bits per character under lzma (how predictable the text is), `P` the
 size's parameters inside its blocks (`P_M` in millions), and `D_eff` the tokens trained on,
@@ -15,15 +16,15 @@ D_eff = U * (1 + r * (1 - exp(-(D/U - 1)/r))) past one epoch. A small corpus rea
 is also learnt by heart, more so by a large model: the val loss then rises by C * P_M^gamma
 per pass after the first, whatever the corpus's size (with (P/U)^gamma there, the fit
 forecast Tiny Shakespeare's 4x192 after 8 passes 0.057 too low, and corpora it had not seen
-worse). So a budget
-longer than a corpus can use is better spent in part, and `choose` picks the tokens as well as
-the size (never more than the budget buys). Dropout is the other way out: with it, a fitted
-number of passes goes by before that cost begins and a fitted cost of its own is added, so it
-is chosen where the passes would cost more than it does. No size is read past the passes
-over a corpus the sweep measured it at (`Size.passes`): past them that form is a guess.
-Nothing in the rule knows the machine: `choose` is given each size's step time as measured
-here, turns the budget into tokens per size, and takes the size with the lowest forecast. A
-faster machine affords more tokens, and so a larger size.
+worse). So a budget longer than a corpus can use is better spent in part, and `choose` picks
+the tokens as well as the size (never more than the budget buys). Dropout is the other way
+out: with it, a fitted number of passes goes by before that cost begins and a fitted cost of
+its own is added, so it is chosen where the passes would cost more than it does. The last
+term is what a size's longer blocks are worth (the loss averages every position of a block).
+No size is read past the passes over a corpus the sweep measured it at (`Size.passes`): past
+them that form is a guess. Nothing in the rule knows the machine: `choose` is given each
+size's step time as measured here, turns the budget into tokens per size, and takes the size
+with the lowest forecast. A faster machine affords more tokens, and so a larger size.
 """
 
 from __future__ import annotations
@@ -288,14 +289,16 @@ def load_rule() -> Rule:
 
 
 def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
-           body_params: dict[str, int], corpus: CorpusStats) -> Choice:
+           body_params: dict[str, int], corpus: CorpusStats,
+           dropout_seconds: dict[str, float] | None = None) -> Choice:
     """The size with the lowest forecast after `train_seconds` of its steps (`step_seconds`,
     measured here, for the sizes that were measured) among those that get MIN_STEPS; the
     smallest size measured when none does (`Choice.steps` then says how few it gets).
 
     Each size is also forecast on shorter runs (TOKEN_GRID), and with dropout when the
     forecast has measured it (it pays when many passes over a small corpus would otherwise be
-    learnt by heart), never past the passes the sweep measured the size at (`Size.passes`)
+    learnt by heart) at its steps with dropout (`dropout_seconds`, where measured: on a CPU
+    they are slower), never past the passes the sweep measured the size at (`Size.passes`)
     unless no size was measured at as few. The lowest forecast of all wins."""
     if rule.forecast is None:
         raise ConfigError("this chargpt has no fitted sizing rule (sizing.json's forecast)")
@@ -311,17 +314,19 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
         steps = int(train_seconds / step_seconds[size.name])
         if steps < MIN_STEPS and candidates:
             continue
-        forecasts = _forecasts(forecast, size, steps, body_params[size.name], corpus)
+        with_dropout = (dropout_seconds or {}).get(size.name, step_seconds[size.name])
+        forecasts = _forecasts(forecast, size, {False: steps,
+                                                True: int(train_seconds / with_dropout)},
+                               body_params[size.name], corpus)
         if not forecasts:
             continue
-        bought[size.name] = max(1, steps) * size.tokens_per_step
-        loss, tokens, dropouts[size.name], capped[size.name] = min(forecasts)
+        loss, tokens, dropouts[size.name], capped[size.name], bought[size.name] = min(forecasts)
         candidates[size.name] = (tokens, loss)
     if not candidates:  # a corpus so small that no size was measured at as many passes
         unlimited = [dataclasses.replace(s, passes=math.inf, passes_dropout=math.inf)
                      for s in rule.sizes]
         return choose(dataclasses.replace(rule, sizes=tuple(unlimited)), train_seconds,
-                      step_seconds, body_params, corpus)
+                      step_seconds, body_params, corpus, dropout_seconds)
     enough = {name: c for name, c in candidates.items()
               if c[0] >= MIN_STEPS * rule.size(name).tokens_per_step}
     best = min(enough or candidates, key=lambda n: candidates[n][1])
@@ -331,15 +336,17 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
                   tokens / corpus.train_tokens, capped[best])
 
 
-def _forecasts(forecast: Forecast, size: Size, steps: int, body_params: int,
-               corpus: CorpusStats) -> list[tuple[float, int, float, bool]]:
-    """(loss, tokens, dropout, capped) of `size` trained for `steps` or fewer (TOKEN_GRID),
-    without and with dropout, never past the passes the sweep measured it at."""
+def _forecasts(forecast: Forecast, size: Size, steps: dict[bool, int], body_params: int,
+               corpus: CorpusStats) -> list[tuple[float, int, float, bool, int]]:
+    """(loss, tokens, dropout, capped, tokens bought) of `size` trained for the `steps` the
+    budget buys without and with dropout (`steps[dropout]`) or fewer (TOKEN_GRID), never past
+    the passes the sweep measured it at."""
     out = []
     for dropout in (False, True) if forecast.dropout else (False,):
+        bought = max(1, steps[dropout]) * size.tokens_per_step
         cap = size.most_passes(dropout) * corpus.train_tokens / size.tokens_per_step
-        top = max(1, int(min(steps, cap)))
-        if top < min(steps, MIN_STEPS):
+        top = max(1, int(min(steps[dropout], cap)))
+        if top < min(steps[dropout], MIN_STEPS):
             continue  # the sweep never measured this size that far at this corpus size
         tried = [top]
         while tried[-1] * TOKEN_GRID >= MIN_STEPS:
@@ -348,5 +355,6 @@ def _forecasts(forecast: Forecast, size: Size, steps: int, body_params: int,
             tokens = n * size.tokens_per_step
             out.append((forecast.loss(body_params, tokens, corpus, dropout,
                                       size.model["block_size"]), tokens,
-                        forecast.dropout if dropout else 0.0, n == top < steps))
+                        forecast.dropout if dropout else 0.0, n == top < steps[dropout],
+                        bought))
     return out

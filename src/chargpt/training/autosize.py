@@ -3,7 +3,9 @@ the first step, and `--size NAME`: one size of the ladder by name.
 
 The rule and its forecast are config/sizing.py's; what this module adds is the machine. Each
 candidate size is built as the run would build it (the same Trainer, optimizer and batches) and
-timed for a few steps here, smallest first; the next size's time is first guessed from the last
+timed for a few steps here, smallest first, and again with the rule's dropout when it has one
+(on a CPU a step with dropout is up to a third slower, which buys fewer tokens); the next size's
+time is first guessed from the last
 one measured and its FLOPs, and the measuring stops at the first size the budget cannot give
 `MIN_STEPS` steps, or when timing it would cost more than `MEASURE_SHARE` of the budget. Under
 torchrun every rank times the sizes by itself and the ranks average their times, so all choose
@@ -89,10 +91,16 @@ def block_params_of(cfg: Config) -> dict[str, int]:
 
 
 def _measure(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
-             device: torch.device, budget: float) -> tuple[dict[str, float], dict[str, int]]:
-    """Step seconds and block parameters of each size worth timing, smallest first."""
+             device: torch.device, budget: float
+             ) -> tuple[dict[str, float], dict[str, float], dict[str, int]]:
+    """Step seconds (without and with the rule's dropout, when it has one: on a CPU a step
+    with dropout is slower) and block parameters of each size worth timing, smallest first."""
     times: dict[str, float] = {}
+    dropped: dict[str, float] = {}
     body: dict[str, int] = {}
+    forecast = load_rule().forecast
+    dropout = forecast.dropout if forecast is not None else 0.0
+    timings = 2 if dropout else 1
     last: tuple[float, float] | None = None  # (seconds, FLOPs) of the last size timed
     spent = 0.0
     fits = min(len(data.train), len(data.val)) - 1  # the longest block both splits hold
@@ -104,15 +112,21 @@ def _measure(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
         if last is not None:
             guess = last[0] * flops / last[1]
             too_slow = budget * TRAIN_SHARE / guess < MIN_STEPS
-            if too_slow or spent + guess * (WARMUP_STEPS + TIMED_STEPS) > MEASURE_SHARE * budget:
+            steps = (WARMUP_STEPS + TIMED_STEPS) * timings
+            if too_slow or spent + guess * steps > MEASURE_SHARE * budget:
                 break
         seconds, body[size.name] = _time_size(sized, rundir, data, device)
+        measured = [seconds]
+        if dropout:
+            measured.append(_time_size(apply_size(cfg, size, dropout), rundir, data, device)[0])
         if env.enabled:  # every rank decides the next size from the same numbers
-            seconds = float(all_reduce_mean(torch.tensor([seconds], device=device), env)[0])
-        times[size.name] = seconds
-        spent += seconds * (WARMUP_STEPS + TIMED_STEPS)
-        last = (seconds, flops)
-    return times, body
+            measured = all_reduce_mean(torch.tensor(measured, device=device), env).tolist()
+        times[size.name] = measured[0]
+        if dropout:
+            dropped[size.name] = measured[1]
+        spent += sum(measured) * (WARMUP_STEPS + TIMED_STEPS)
+        last = (measured[0], flops)
+    return times, dropped, body
 
 
 def gpu_step_seconds(cfg: Config, gpu: str, gpus: int, mfu: float) -> dict[str, float]:
@@ -145,15 +159,16 @@ def auto_size(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
         raise ConfigError("--size auto chooses for a time budget; give --time too")
     t0 = time.perf_counter()
     budget = parse_duration(cfg.train.time_budget)
-    times, body = (_measure(cfg, rundir, data, env, device, budget) if step_seconds is None
-                   else (step_seconds, block_params_of(cfg)))
+    times, dropped, body = (_measure(cfg, rundir, data, env, device, budget)
+                            if step_seconds is None else (step_seconds, {}, block_params_of(cfg)))
     stats = corpus_stats(data)
     world = max(1, env.world_size)
     # every step of the job trains world_size batches: as many steps of one batch, each
     # taking 1/world_size of the time
     per_batch = {name: seconds / world for name, seconds in times.items()}
     choice = choose(load_rule(), (budget - (time.perf_counter() - t0)) * TRAIN_SHARE,
-                    per_batch, body, stats)
+                    per_batch, body, stats,
+                    {name: seconds / world for name, seconds in dropped.items()})
     choice = dataclasses.replace(choice, steps=choice.steps // world)
     if choice.steps < MIN_STEPS and env.is_main:
         warn(f"--time {cfg.train.time_budget} buys only about {choice.steps} steps of the "
