@@ -15,7 +15,7 @@ one before (a repeated token's value decays with the passes, `repeats`):
 D_eff = U * (1 + r * (1 - exp(-(D/U - 1)/r))) past one epoch. A small corpus read many times
 is also learnt by heart, more so by a large model: the val loss then rises by C * P_M^gamma
 per pass after the first, whatever the corpus's size (with (P/U)^gamma there, the fit
-forecast Tiny Shakespeare's 4x192 after 8 passes 0.057 too low, and corpora it had not seen
+forecast Tiny Shakespeare's 4x192 after 8 passes 0.056 too low, and corpora it had not seen
 worse). So a budget longer than a corpus can use is better spent in part, and `choose` picks
 the tokens as well as the size (never more than the budget buys). Dropout is the other way
 out: with it, a fitted number of passes goes by before that cost begins and a fitted cost of
