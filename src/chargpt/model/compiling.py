@@ -29,10 +29,13 @@ from chargpt.fileio import private_dir
 __all__ = ["check_works", "compiled", "kernel_dir"]
 
 
-def compiled(module: Any, **options: Any) -> Any:
+def compiled(module: Any, device_type: str | None = None, **options: Any) -> Any:
     """`torch.compile(module, **options)`, after `kernel_dir()` has checked where its code is
-    kept; a ChargptError when someone else could write there."""
+    kept; a ChargptError when someone else could write there, or (given `device_type`) when
+    torch.compile cannot work on that device (`check_works`)."""
     kernel_dir()
+    if device_type is not None:
+        check_works(device_type)
     return torch.compile(module, **options)
 
 

@@ -5,15 +5,14 @@ The rule and its forecast are config/sizing.py's; what this module adds is the m
 candidate size is built as the run would build it (the same Trainer, optimizer and batches) and
 timed for a few steps here, smallest first, and again with the rule's dropout when it has one
 (on a CPU a step with dropout is up to a third slower, which buys fewer tokens); the next size's
-time is first guessed from the last
-one measured and its FLOPs, and the measuring stops at the first size the budget cannot give
-`MIN_STEPS` steps, or when timing it would cost more than `MEASURE_SHARE` of the budget. Under
-torchrun every rank times the sizes by itself and the ranks average their times, so all choose
-alike. The seconds spent measuring count against the budget. The choice is applied to the
-config (the size's values, dropout where the rule regularises, and a shorter budget when the
-corpus is too small to use the whole one) and recorded in it
-(`TrainConfig.size` names the size, `size_choice` says why), so a resumed run never chooses
-again.
+time is first guessed from the last one measured and its FLOPs, and the measuring stops at the
+first size the budget cannot give `MIN_STEPS` steps, or when timing it would cost more than
+`MEASURE_SHARE` of the budget. Under torchrun every rank times the sizes by itself and the
+ranks average their times, so all choose alike. The seconds spent measuring count against the
+budget. The choice is applied to the config (the size's values, dropout where the rule
+regularises, and a shorter budget when the corpus is too small to use the whole one) and
+recorded in it (`TrainConfig.size` names the size, `size_choice` says why), so a resumed run
+never chooses again.
 """
 
 from __future__ import annotations

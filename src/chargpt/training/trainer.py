@@ -34,7 +34,7 @@ from chargpt.device import allow_tf32, autocast_context, autocast_dtype
 from chargpt.distributed import DistEnv, all_reduce_mean, gather_tensors
 from chargpt.errors import CheckpointError, TrainingError, warn
 from chargpt.model.build import build_model
-from chargpt.model.compiling import check_works, compiled
+from chargpt.model.compiling import compiled
 from chargpt.model.evaluate import estimate_loss
 from chargpt.model.flops import estimate, mfu
 from chargpt.runs import checkpoint as ckpt
@@ -82,9 +82,7 @@ class Trainer:
         self.model = build_model(cfg.model).to(self.device)
         if env.rank:
             torch.manual_seed(tc.seed + env.rank)  # but different dropout masks
-        if tc.compile:
-            check_works(self.device.type)
-        forward: Any = compiled(self.model) if tc.compile else self.model
+        forward: Any = compiled(self.model, self.device.type) if tc.compile else self.model
         if env.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
