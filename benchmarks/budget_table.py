@@ -102,8 +102,10 @@ def forecasts_afterwards(rows: list[dict]) -> dict[int, float]:
             if r["corpus"] == corpus and r["size"] in sizes:
                 size = sizes[r["size"]]
                 dropout = r.get("dropout", 0.0) > 0  # rows before 2026-12-04 13:00: none had it
-                out[i] = rule.forecast.lowest(body[size.name], r["steps"], size.tokens_per_step,
-                                              stats, dropout, size.model["block_size"])
+                block = r.get("block", size.model["block_size"])  # --block: not the size's
+                out[i] = rule.forecast.lowest(body[size.name], r["steps"],
+                                              size.train["batch_size"] * block, stats, dropout,
+                                              block)
     return out
 
 
