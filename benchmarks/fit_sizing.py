@@ -6,7 +6,9 @@ float64), and prints each run's measured and forecast loss; then, the eleven hel
 numbers of its dropout form to the runs with dropout (one dropout value). It refits once per
 corpus with that corpus left out and forecasts it, which says how well the rule does on a
 corpus it has never seen. `spread`, the half-range quoted around every forecast, is the
-largest of the worst misses of the two fits and the root-mean-square miss on left-out corpora.
+larger of the worst miss without dropout and the root-mean-square miss on left-out corpora;
+`dropout_spread`, quoted around a forecast with dropout, is the dropout runs' worst miss when
+that is larger (what dropout buys differs from corpus to corpus more than the rest).
 Each corpus's predictability (`lzma_bpc`) is priced again here as the package prices it
 (`sizing.corpus_stats`), so a sweep recorded before a change to that price still fits.
 
@@ -278,7 +280,9 @@ def main() -> int:
     print()
     loco = math.sqrt(sum(e * e for e in held_out) / len(held_out)) if held_out else math.nan
     drop_fields, drop_worst = dropout_form(theta, regularised, rows)
-    spread = round(max(worst, drop_worst, loco if held_out else 0.0), 3)
+    spread = round(max(worst, loco if held_out else 0.0), 3)
+    if drop_fields:
+        drop_fields["dropout_spread"] = round(max(spread, drop_worst), 3)
     forecast = dataclasses.replace(forecast_of(theta, spread), **drop_fields)
     print("| corpus | size | tokens | epochs | best val | forecast | miss |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -289,7 +293,8 @@ def main() -> int:
               f"{r['tokens'] / r['train_tokens']:.1f} | {r['best_val']:.4f} | {f:.4f} | "
               f"{f - r['best_val']:+.4f} |")
     print(f"\n{len(rows)} runs on {', '.join(corpora)}; worst miss {worst:.4f}; rms miss on a "
-          f"left-out corpus {loco:.4f}; spread {spread}")
+          f"left-out corpus {loco:.4f}; spread {spread}, with dropout "
+          f"{drop_fields.get('dropout_spread', '-')}")
     print(json.dumps({n: getattr(forecast, n) for n in (*NAMES, *drop_fields)}))
     plot(forecast, rows, args.plot)
     if args.dry_run:

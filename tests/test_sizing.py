@@ -102,7 +102,7 @@ def test_a_longer_block_is_forecast_lower_and_each_size_is_read_at_its_own(fitte
     rule = Rule(fitted.sizes, f)
     body, times = _body(rule), _flops_times(rule, 0.02)
     choice = choose(rule, 600, times, body, CORPUS)
-    for name, (tokens, loss) in choice.candidates.items():
+    for name, (tokens, loss, _, _) in choice.candidates.items():
         size = rule.size(name)
         assert loss == pytest.approx(f.loss(body[name], tokens, CORPUS,
                                             block=size.model["block_size"]))
@@ -125,7 +125,7 @@ def test_more_time_or_a_faster_machine_buys_a_larger_model(fitted):
 def test_the_choice_is_the_lowest_forecast_and_says_so(fitted):
     body, times = _body(fitted), _flops_times(fitted, 0.02)
     choice = choose(fitted, 300, times, body, CORPUS)
-    assert choice.loss == min(loss for _, loss in choice.candidates.values())
+    assert choice.loss == min(c.loss for c in choice.candidates.values())
     assert choice.steps >= sizing.MIN_STEPS
     line = choice.describe("5m")
     assert choice.size.name in line and f"{choice.loss:.2f}" in line and "5m" in line
@@ -216,6 +216,30 @@ def test_small_corpora_get_dropout_where_it_costs_less_than_learning_by_heart(mo
         load_rule.cache_clear()
 
 
+def test_a_forecast_with_dropout_is_quoted_with_its_own_range(fitted):
+    """The dropout runs miss by more than the rest: a choice with dropout quotes
+    `dropout_spread`, one without quotes `spread`, and so does the line of a named size."""
+    form = Forecast(**{**FORECAST, "dropout": 0.1, "dropout_free_passes": 8.0,
+                       "dropout_cost": 0.02, "dropout_spread": 0.11})
+    rule = Rule(fitted.sizes, form)
+    body, times = _body(rule), _flops_times(rule, 0.02)
+    tiny = CorpusStats(20_000, 60, 3.0)
+    small, large = choose(rule, 3600, times, body, tiny), choose(rule, 300, times, body, CORPUS)
+    assert small.dropout and small.spread == 0.11
+    assert f"({small.loss - 0.11:.2f}-{small.loss + 0.11:.2f})" in small.describe("1h")
+    assert not large.dropout and large.spread == 0.05
+    assert {c.spread for c in small.candidates.values() if c.dropout} == {0.11}
+    assert {c.spread for c in small.candidates.values() if not c.dropout} <= {0.05}
+    name = small.size.name
+    args = (name, body[name], 1000, 2048, tiny)
+    for dropout, spread in ((0.1, 0.11), (0.0, 0.05)):
+        loss = form.lowest(body[name], 1000, 2048, tiny, dropout > 0, 128)
+        line = rule.expect(*args, dropout, 128)
+        assert f"({loss - spread:.2f}-{loss + spread:.2f})" in line
+    # a rule fitted before the dropout runs had their own range quotes `spread` for both
+    assert Forecast(**FORECAST).quoted_range(True) == 0.05
+
+
 def test_dropout_is_forecast_at_the_steps_its_slower_steps_buy(monkeypatch):
     """On a CPU a step with dropout is slower: a dropout candidate is read at the tokens its
     own step time buys (`dropout_seconds`), and a size's share is of those."""
@@ -258,7 +282,7 @@ def test_no_size_is_read_past_the_passes_the_sweep_measured_it_at(fitted):
         for s in fitted.sizes))
     choice = choose(capped, 3600, times, body, small)
     assert choice.passes <= 3.0 and choice.steps >= sizing.MIN_STEPS
-    assert all(tokens <= 3.0 * small.train_tokens for tokens, _ in choice.candidates.values())
+    assert all(tokens <= 3.0 * small.train_tokens for tokens, *_ in choice.candidates.values())
     assert choice.capped and choice.share < sizing.SHORTEN_BELOW
     assert "measured it at no more passes" in choice.describe("1h")
     # a corpus so small that no size gets MIN_STEPS within its passes: the limits are dropped

@@ -36,15 +36,15 @@ import lzma
 import math
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from chargpt.errors import ConfigError
 
 if TYPE_CHECKING:
     from chargpt.data.prepared import PreparedData
 
-__all__ = ["Choice", "CorpusStats", "Forecast", "Rule", "Size", "block_params", "choose",
-           "corpus_bits_per_char", "corpus_stats", "expected", "load_rule", "LZMA_SAMPLE",
+__all__ = ["Candidate", "Choice", "CorpusStats", "Forecast", "Rule", "Size", "block_params",
+           "choose", "corpus_bits_per_char", "corpus_stats", "expected", "load_rule", "LZMA_SAMPLE",
            "MIN_STEPS", "REFERENCE_BLOCK", "SHORTEN_BELOW", "TRAIN_SHARE"]
 
 # a size needs this many steps to warm up (the recipe's 50), train and cool down; fewer and it
@@ -110,6 +110,12 @@ class Forecast:
     dropout_cost: float = 0.0  # and what it costs by itself
     context: float = 0.0  # what blocks longer than REFERENCE_BLOCK are worth (see `loss`)
     context_power: float = 1.0
+    dropout_spread: float = 0.0  # the half-range of a forecast with dropout (0: `spread`)
+
+    def quoted_range(self, dropout: bool) -> float:
+        """Half the range quoted around a forecast: the dropout runs miss by more (what
+        dropout buys differs from corpus to corpus), so a forecast with dropout has its own."""
+        return max(self.spread, self.dropout_spread) if dropout else self.spread
 
     def effective_tokens(self, tokens: float, train_tokens: float) -> float:
         if tokens <= train_tokens:
@@ -164,6 +170,7 @@ class Rule:
         if f is None or dropout not in (0.0, f.dropout):
             return None
         loss = f.lowest(body_params, steps, tokens_per_step, corpus, dropout > 0, block)
+        spread = f.quoted_range(dropout > 0)
         tokens = steps * tokens_per_step
         regularised = f", dropout {dropout:g}" if dropout else ""
         most = self.size(name).most_passes(dropout > 0)
@@ -171,7 +178,7 @@ class Rule:
                  "it is a guess" if tokens > most * corpus.train_tokens else "")
         return (f"size {name} for {steps:,} steps ({tokens / 1e6:.1f} M tokens, "
                 f"{tokens / corpus.train_tokens:.1f} passes over the corpus{regularised}): "
-                f"val loss forecast {loss:.2f} ({loss - f.spread:.2f}-{loss + f.spread:.2f})"
+                f"val loss forecast {loss:.2f} ({loss - spread:.2f}-{loss + spread:.2f})"
                 f"{guess}")
 
     def size(self, name: str) -> Size:
@@ -190,11 +197,21 @@ class CorpusStats:
     bits_per_char: float
 
 
+class Candidate(NamedTuple):
+    """A size's best forecast at a budget: the tokens to train it on, the val loss to expect
+    there, with the dropout it trains at, and half the range quoted around it."""
+
+    tokens: int
+    loss: float
+    dropout: float
+    spread: float
+
+
 @dataclass(frozen=True)
 class Choice:
     """The size chosen for a budget, the tokens to train it on (`share` of what the budget
     buys of it: less when more passes over the corpus would overfit), what it is expected to
-    reach, and the candidates' forecasts (name -> (tokens, loss)) it was chosen from."""
+    reach, and the candidates (by size name) it was chosen from."""
 
     size: Size
     tokens: int
@@ -202,14 +219,14 @@ class Choice:
     loss: float
     spread: float
     dropout: float
-    candidates: dict[str, tuple[int, float]]
+    candidates: dict[str, Candidate]
     share: float = 1.0
     passes: float = 0.0
     capped: bool = False  # fewer tokens because the sweep never measured the size at more
 
     def describe(self, budget: str) -> str:
         """One line for the log: what was chosen and why."""
-        others = ", ".join(f"{name} {loss:.2f}" for name, (_, loss) in self.candidates.items())
+        others = ", ".join(f"{name} {c.loss:.2f}" for name, c in self.candidates.items())
         why = ("the sweep measured it at no more passes" if self.capped else
                "more passes would overfit")
         shorter = (f"; {why}, so it trains for {self.share:.0%} of the time"
@@ -305,7 +322,7 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
     measured = [size for size in rule.sizes if size.name in step_seconds]
     if not measured:
         raise ConfigError("no size of the sizing rule was timed")
-    candidates: dict[str, tuple[int, float]] = {}
+    candidates: dict[str, Candidate] = {}
     bought: dict[str, int] = {}
     dropouts: dict[str, float] = {}
     capped: dict[str, bool] = {}
@@ -321,19 +338,21 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
         if not forecasts:
             continue
         loss, tokens, dropouts[size.name], capped[size.name], bought[size.name] = min(forecasts)
-        candidates[size.name] = (tokens, loss)
+        dropout = dropouts[size.name]
+        candidates[size.name] = Candidate(tokens, loss, dropout,
+                                          forecast.quoted_range(dropout > 0))
     if not candidates:  # a corpus so small that no size was measured at as many passes
         unlimited = [dataclasses.replace(s, passes=math.inf, passes_dropout=math.inf)
                      for s in rule.sizes]
         return choose(dataclasses.replace(rule, sizes=tuple(unlimited)), train_seconds,
                       step_seconds, body_params, corpus, dropout_seconds)
     enough = {name: c for name, c in candidates.items()
-              if c[0] >= MIN_STEPS * rule.size(name).tokens_per_step}
-    best = min(enough or candidates, key=lambda n: candidates[n][1])
-    size, (tokens, loss) = rule.size(best), candidates[best]
-    return Choice(size, tokens, tokens // size.tokens_per_step, loss, forecast.spread,
-                  dropouts[best], candidates, tokens / bought[best],
-                  tokens / corpus.train_tokens, capped[best])
+              if c.tokens >= MIN_STEPS * rule.size(name).tokens_per_step}
+    best = min(enough or candidates, key=lambda n: candidates[n].loss)
+    size, chosen = rule.size(best), candidates[best]
+    return Choice(size, chosen.tokens, chosen.tokens // size.tokens_per_step, chosen.loss,
+                  chosen.spread, chosen.dropout, candidates, chosen.tokens / bought[best],
+                  chosen.tokens / corpus.train_tokens, capped[best])
 
 
 def _forecasts(forecast: Forecast, size: Size, steps: dict[bool, int], body_params: int,

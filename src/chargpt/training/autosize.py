@@ -139,12 +139,13 @@ def gpu_step_seconds(cfg: Config, gpu: str, gpus: int, mfu: float) -> dict[str, 
 
 def forecast_table(choice: Choice, body: dict[str, int], stats: CorpusStats) -> str:
     """The candidates a choice was made from, as a Markdown table."""
-    lines = ["| size | block params | tokens | epochs | val loss forecast |",
-             "|---|---:|---:|---:|---:|"]
-    for name, (tokens, loss) in choice.candidates.items():
+    lines = ["| size | block params | tokens | epochs | dropout | val loss forecast |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, c in choice.candidates.items():
         mark = " (chosen)" if name == choice.size.name else ""
-        lines.append(f"| {name}{mark} | {body[name] / 1e6:.2f} M | {tokens / 1e6:.1f} M | "
-                     f"{tokens / stats.train_tokens:.1f} | {loss:.2f} +- {choice.spread:.2f} |")
+        lines.append(f"| {name}{mark} | {body[name] / 1e6:.2f} M | {c.tokens / 1e6:.1f} M | "
+                     f"{c.tokens / stats.train_tokens:.1f} | {c.dropout:g} | "
+                     f"{c.loss:.2f} +- {c.spread:.2f} |")
     return "\n".join(lines)
 
 
