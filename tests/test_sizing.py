@@ -21,6 +21,7 @@ from chargpt.config.sizing import (
     block_params,
     choose,
     corpus_bits_per_char,
+    corpus_stats,
     load_rule,
 )
 from chargpt.errors import ConfigError
@@ -360,7 +361,6 @@ def test_time_alone_chooses_the_size_and_records_why(fitted, small_corpus, tmp_p
 def test_a_named_size_with_a_budget_says_what_to_expect(fitted, small_corpus, tmp_path, capsys):
     """`--size NAME --time T` forecasts too, once its steps are planned, from the same rule:
     the lowest forecast at its planned steps or fewer (best/ keeps the best evaluation)."""
-    from chargpt.config.sizing import corpus_stats
     from chargpt.data.prepared import load_prepared
 
     out = tmp_path / "run"
@@ -442,9 +442,9 @@ def test_estimate_times_the_sizes_in_the_precision_train_would_use(small_corpus,
     assert seen and set(seen) == {"bfloat16" if fast else "float32"}
 
 
-def test_auto_times_each_size_with_the_rules_dropout_too(small_corpus, monkeypatch, tmp_path):
-    """With a dropout form, each size is timed without and with its dropout, and a choice
-    with dropout is planned at the dropout steps' time."""
+def _auto_timings(corpus, tmp_path, monkeypatch, budget: str, per_layer: float):
+    """auto_size under a dropout form with steps of `per_layer` seconds a layer (twice that
+    with dropout): what was timed, in order, and the choice."""
     from chargpt.data.preparation import prepare
     from chargpt.data.prepared import load_prepared
     from chargpt.distributed import DistEnv
@@ -458,21 +458,39 @@ def test_auto_times_each_size_with_the_rules_dropout_too(small_corpus, monkeypat
 
     def timed(cfg, rundir, data, dev):
         seen.append((cfg.train.size, cfg.model.dropout))
-        return (0.002 if cfg.model.dropout else 0.001) * cfg.model.n_layer, 10**5
+        n = cfg.model.n_layer  # deeper sizes learn by heart faster: dropout pays there
+        return per_layer * (2 if cfg.model.dropout else 1) * n, 200_000 * n
 
     monkeypatch.setattr(autosize, "_time_size", timed)
     try:
-        prepare(str(small_corpus), tmp_path / "data")
+        prepare(str(corpus), tmp_path / "data")
         prepared = load_prepared(tmp_path / "data")
         cfg = resolve_config("fast-cpu", overrides={
-            "model": {"vocab_size": prepared.vocab_size}, "train": {"time_budget": "10m"}})
-        cfg, choice, _ = autosize.auto_size(cfg, RunDir(tmp_path / "run"), prepared, DistEnv(),
-                                            torch.device("cpu"))
+            "model": {"vocab_size": prepared.vocab_size}, "train": {"time_budget": budget}})
+        _, choice, _ = autosize.auto_size(cfg, RunDir(tmp_path / "run"), prepared, DistEnv(),
+                                          torch.device("cpu"))
+        return seen, choice, Forecast(**form), corpus_stats(prepared)
     finally:
         load_rule.cache_clear()
+
+
+def test_auto_times_each_size_with_the_rules_dropout_where_it_could_pay(
+        small_corpus, monkeypatch, tmp_path):
+    """With a dropout form, a size is timed with its dropout too when the steps the budget
+    buys of it read the corpus often enough for dropout to pay, and only then; a choice with
+    dropout is planned at the dropout steps' time."""
+    seen, choice, form, stats = _auto_timings(small_corpus, tmp_path, monkeypatch, "10m", 0.001)
     names = list(dict.fromkeys(name for name, _ in seen))
-    assert len(names) > 1 and seen == [(n, d) for n in names for d in (0.0, 0.1)]
+    pays = {s.name: form.dropout_can_pay(
+        200_000 * s.model["n_layer"], 600 * sizing.TRAIN_SHARE / (0.001 * s.model["n_layer"])
+        * s.tokens_per_step, stats, s.model["block_size"])
+        for s in load_rule().sizes if s.name in names}
+    assert len(names) > 1 and any(pays.values()) and not all(pays.values())
+    assert seen == [(n, d) for n in names for d in ((0.0, 0.1) if pays[n] else (0.0,))]
     if choice.dropout:  # its steps are those of the slower, dropout step
         per_step = 0.002 * choice.size.model["n_layer"]
         assert choice.tokens <= int(600 * sizing.TRAIN_SHARE / per_step) * \
             choice.size.tokens_per_step
+    # a short budget on slow steps reads the corpus too few times: nothing timed with dropout
+    seen, choice, _, _ = _auto_timings(small_corpus, tmp_path / "short", monkeypatch, "30s", 0.5)
+    assert seen and all(d == 0.0 for _, d in seen) and choice.dropout == 0.0

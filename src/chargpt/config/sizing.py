@@ -141,6 +141,13 @@ class Forecast:
         return (self.e0 + self.e1 * corpus.bits_per_char + context
                 + self.A * body_params ** -self.alpha + self.B * d ** -self.beta + overfit)
 
+    def dropout_can_pay(self, body_params: float, tokens: float, corpus: CorpusStats,
+                        block: int = REFERENCE_BLOCK) -> bool:
+        """Whether dropout is forecast lower than none after `tokens` or fewer: what it saves
+        only grows with the passes, so `tokens` is the place to ask."""
+        return bool(self.dropout) and (self.loss(body_params, tokens, corpus, True, block)
+                                       < self.loss(body_params, tokens, corpus, False, block))
+
     def lowest(self, body_params: float, steps: int, tokens_per_step: int, corpus: CorpusStats,
                dropout: bool = False, block: int = REFERENCE_BLOCK) -> float:
         """The forecast of a run's best val loss: the lowest forecast at its steps and at the

@@ -92,14 +92,23 @@ def block_params_of(cfg: Config) -> dict[str, int]:
 def _measure(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
              device: torch.device, budget: float
              ) -> tuple[dict[str, float], dict[str, float], dict[str, int]]:
-    """Step seconds (without and with the rule's dropout, when it has one: on a CPU a step
-    with dropout is slower) and block parameters of each size worth timing, smallest first."""
+    """Step seconds (without and with the rule's dropout, where it could pay: on a CPU a step
+    with dropout is slower) and block parameters of each size worth timing, smallest first.
+    Dropout is timed only for a size whose plain steps would read the corpus often enough
+    for the forecast to prefer it; a step with dropout buys fewer tokens still."""
     times: dict[str, float] = {}
     dropped: dict[str, float] = {}
     body: dict[str, int] = {}
     forecast = load_rule().forecast
     dropout = forecast.dropout if forecast is not None else 0.0
-    timings = 2 if dropout else 1
+    stats, world = corpus_stats(data), max(1, env.world_size)
+
+    def could_pay(size: Size, params: int, seconds: float) -> bool:
+        """Whether the steps `seconds` long that the budget buys could make dropout pay."""
+        tokens = budget * TRAIN_SHARE / seconds * world * size.tokens_per_step
+        return bool(dropout) and forecast.dropout_can_pay(params, tokens, stats,
+                                                          size.model["block_size"])
+
     last: tuple[float, float] | None = None  # (seconds, FLOPs) of the last size timed
     spent = 0.0
     fits = min(len(data.train), len(data.val)) - 1  # the longest block both splits hold
@@ -107,24 +116,27 @@ def _measure(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
         if size.model["block_size"] > fits:
             break  # the ladder's blocks only grow
         sized = apply_size(cfg, size)
-        flops = estimate(sized).flops_per_step
+        sketch = estimate(sized)
         if last is not None:
-            guess = last[0] * flops / last[1]
+            guess = last[0] * sketch.flops_per_step / last[1]
             too_slow = budget * TRAIN_SHARE / guess < MIN_STEPS
+            timings = 2 if could_pay(size, sketch.params, guess) else 1
             steps = (WARMUP_STEPS + TIMED_STEPS) * timings
             if too_slow or spent + guess * steps > MEASURE_SHARE * budget:
                 break
         seconds, body[size.name] = _time_size(sized, rundir, data, device)
+        if env.enabled:  # every rank decides from the same numbers
+            seconds = all_reduce_mean(torch.tensor([seconds], device=device), env).item()
         measured = [seconds]
-        if dropout:
-            measured.append(_time_size(apply_size(cfg, size, dropout), rundir, data, device)[0])
-        if env.enabled:  # every rank decides the next size from the same numbers
-            measured = all_reduce_mean(torch.tensor(measured, device=device), env).tolist()
+        if could_pay(size, body[size.name], seconds):
+            seconds = _time_size(apply_size(cfg, size, dropout), rundir, data, device)[0]
+            if env.enabled:
+                seconds = all_reduce_mean(torch.tensor([seconds], device=device), env).item()
+            measured.append(seconds)
+            dropped[size.name] = seconds
         times[size.name] = measured[0]
-        if dropout:
-            dropped[size.name] = measured[1]
         spent += sum(measured) * (WARMUP_STEPS + TIMED_STEPS)
-        last = (measured[0], flops)
+        last = (measured[0], sketch.flops_per_step)
     return times, dropped, body
 
 
