@@ -404,7 +404,7 @@ def test_auto_size_takes_no_block_longer_than_the_splits(fitted, tmp_path):
     cfg = resolve_config("fast-cpu", overrides={"model": {"vocab_size": data.vocab_size}})
     assert isinstance(cfg, Config)
     times, _, _ = _measure(cfg, RunDir(tmp_path / "run"), data, DistEnv(), torch.device("cpu"),
-                           budget=1e6)
+                           budget=1e6, stats=corpus_stats(data))
     assert times and all(fitted.size(n).model["block_size"] <= 64 for n in times)
 
 

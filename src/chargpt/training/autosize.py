@@ -90,7 +90,7 @@ def block_params_of(cfg: Config) -> dict[str, int]:
 
 
 def _measure(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
-             device: torch.device, budget: float
+             device: torch.device, budget: float, stats: CorpusStats
              ) -> tuple[dict[str, float], dict[str, float], dict[str, int]]:
     """Step seconds (without and with the rule's dropout, where it could pay: on a CPU a step
     with dropout is slower) and block parameters of each size worth timing, smallest first.
@@ -101,7 +101,7 @@ def _measure(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
     body: dict[str, int] = {}
     forecast = load_rule().forecast
     dropout = forecast.dropout if forecast is not None else 0.0
-    stats, world = corpus_stats(data), max(1, env.world_size)
+    world = max(1, env.world_size)
 
     def could_pay(size: Size, params: int, seconds: float) -> bool:
         """Whether the steps `seconds` long that the budget buys could make dropout pay."""
@@ -171,9 +171,9 @@ def auto_size(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
         raise ConfigError("--size auto chooses for a time budget; give --time too")
     t0 = time.perf_counter()
     budget = parse_duration(cfg.train.time_budget)
-    times, dropped, body = (_measure(cfg, rundir, data, env, device, budget)
-                            if step_seconds is None else (step_seconds, {}, block_params_of(cfg)))
     stats = corpus_stats(data)
+    times, dropped, body = (_measure(cfg, rundir, data, env, device, budget, stats)
+                            if step_seconds is None else (step_seconds, {}, block_params_of(cfg)))
     world = max(1, env.world_size)
     # every step of the job trains world_size batches: as many steps of one batch, each
     # taking 1/world_size of the time
