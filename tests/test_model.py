@@ -264,18 +264,24 @@ def test_bf16_autocast_with_a_float32_cache():
 
 def test_a_cpus_bf16_autocast_attends_in_float32_and_matches_float32(monkeypatch):
     # a CPU's fused attention is slower in bfloat16 than float32 (attention._fused), so under
-    # its autocast the attention gets float32 inputs; the rest stays in bfloat16, and the loss
-    # and gradients stay those of float32 to within bfloat16's rounding
+    # its autocast the attention gets float32 inputs, and its queries and keys are normalised
+    # in float32 (faster there too); the rest stays in bfloat16, and the loss and gradients
+    # stay those of float32 to within bfloat16's rounding
     import chargpt.model.attention as attention
 
-    seen = []
-    real = F.scaled_dot_product_attention
+    seen, normed = [], []
+    real, real_norm = F.scaled_dot_product_attention, F.rms_norm
 
     def sdpa(q, k, v, **kw):
         seen.append((q.dtype, k.dtype, v.dtype))
         return real(q, k, v, **kw)
 
+    def rms_norm(x, shape, *args, **kw):
+        normed.append((shape, x.dtype))
+        return real_norm(x, shape, *args, **kw)
+
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", sdpa)
+    monkeypatch.setattr(attention.F, "rms_norm", rms_norm)
     torch.manual_seed(5)
     model = build_model(tiny(n_embd=32, pos_emb="rope", qk_norm=True))
     idx = torch.randint(0, 11, (4, 16))
@@ -288,6 +294,9 @@ def test_a_cpus_bf16_autocast_attends_in_float32_and_matches_float32(monkeypatch
     loss.backward()
     assert logits.dtype == torch.bfloat16  # the head's matmul did run in bfloat16
     assert set(seen) == {(torch.float32,) * 3}
+    hs = model.transformer.h[0].attn.head_dim
+    head_norms = [dtype for shape, dtype in normed if tuple(shape) == (hs,)]
+    assert head_norms and set(head_norms) == {torch.float32}
     assert abs(loss.item() - ref.item()) < 0.02
     for p, g in zip(model.parameters(), ref_grads, strict=True):
         cos = F.cosine_similarity(p.grad.flatten(), g.flatten(), dim=0)
