@@ -184,7 +184,7 @@ def test_small_corpora_get_dropout_where_it_costs_less_than_learning_by_heart(mo
     many passes over a small corpus, never a corpus read once."""
     data = sizing._rule_data()
     form = {**FORECAST, "dropout": 0.1, "dropout_free_passes": 8.0,
-            "dropout_cost": 0.02}
+            "dropout_cost": 0.02, "dropout_slope": 0.5}
     monkeypatch.setattr(sizing, "_rule_data", lambda: {**data, "forecast": form})
     load_rule.cache_clear()
     try:
@@ -203,11 +203,12 @@ def test_small_corpora_get_dropout_where_it_costs_less_than_learning_by_heart(mo
         # read once, there is nothing to learn by heart: dropout only costs
         assert f.loss(p, 10_000, tiny, dropout=True) == pytest.approx(
             f.loss(p, 10_000, tiny) + 0.02)
-        # it holds learning by heart off for its free passes, then it resumes at the same rate
+        # it holds learning by heart off for its free passes, then it resumes at half the rate
         u, slope = tiny.train_tokens, f.C * (p / 1e6) ** f.gamma
         for passes in (9, 12, 30):
             assert f.loss(p, passes * u, tiny, dropout=True) == pytest.approx(
-                f.loss(p, passes * u, tiny) - 8 * slope + 0.02)
+                f.loss(p, passes * u, tiny) - (passes - 1) * slope
+                + 0.5 * (passes - 9) * slope + 0.02)
         assert f.loss(p, 5 * u, tiny, dropout=True) == pytest.approx(
             f.loss(p, 5 * u, tiny) - 4 * slope + 0.02)
         # without a measured form the rule never chooses it

@@ -18,8 +18,9 @@ per pass after the first, whatever the corpus's size (with (P/U)^gamma there, th
 forecast Tiny Shakespeare's 4x192 after 8 passes 0.056 too low, and corpora it had not seen
 worse). So a budget longer than a corpus can use is better spent in part, and `choose` picks
 the tokens as well as the size (never more than the budget buys). Dropout is the other way
-out: with it, a fitted number of passes goes by before that cost begins and a fitted cost of
-its own is added, so it is chosen where the passes would cost more than it does. The last
+out: with it, a fitted number of passes goes by before that cost begins, it then grows at a
+fitted share of its rate without dropout, and a fitted cost of its own is added, so it is
+chosen where the passes would cost more than it does. The last
 term is what a size's longer blocks are worth (the loss averages every position of a block).
 No size is read past the passes over a corpus the sweep measured it at (`Size.passes`): past
 them that form is a guess. Nothing in the rule knows the machine: `choose` is given each
@@ -111,6 +112,8 @@ class Forecast:
     context: float = 0.0  # what blocks longer than REFERENCE_BLOCK are worth (see `loss`)
     context_power: float = 1.0
     dropout_spread: float = 0.0  # the half-range of a forecast with dropout (0: `spread`)
+    dropout_slope: float = 1.0  # learning by heart's rate with dropout, past its free passes,
+    # as a share of the rate without
 
     def quoted_range(self, dropout: bool) -> float:
         """Half the range quoted around a forecast: the dropout runs miss by more (what
@@ -126,8 +129,9 @@ class Forecast:
     def loss(self, body_params: float, tokens: float, corpus: CorpusStats,
              dropout: bool = False, block: int = REFERENCE_BLOCK) -> float:
         """The forecast, for training without dropout or (`dropout`) with the forecast's
-        `dropout` value: that holds learning by heart off for `dropout_free_passes` passes and
-        adds `dropout_cost`, both fitted to the sweep's runs with dropout. A model reading
+        `dropout` value: that holds learning by heart off for `dropout_free_passes` passes,
+        slows it by `dropout_slope` after them and adds `dropout_cost`, all fitted to the
+        sweep's runs with dropout. A model reading
         blocks of `block` characters is forecast `context * (1 - (64 / block)^context_power)`
         lower than at blocks of 64 (the training estimate averages over every position of a
         block, so a longer one gives its later positions more to go on)."""
@@ -136,7 +140,7 @@ class Forecast:
         free = self.dropout_free_passes if dropout else 0.0
         overfit = self.C * (body_params / 1e6) ** self.gamma * max(0.0, tokens / u - 1.0 - free)
         if dropout:
-            overfit += self.dropout_cost
+            overfit = overfit * self.dropout_slope + self.dropout_cost
         context = self.context * ((REFERENCE_BLOCK / block) ** self.context_power - 1.0)
         return (self.e0 + self.e1 * corpus.bits_per_char + context
                 + self.A * body_params ** -self.alpha + self.B * d ** -self.beta + overfit)
