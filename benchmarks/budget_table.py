@@ -189,8 +189,11 @@ def main() -> int:
                         print(json.dumps(record), flush=True)
     rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
     # the latest run of each size (auto apart) in each cell: a cell run again replaces its rows
-    rows = list({(r["corpus"], r["budget"], "auto" if r["auto"] else r["size"],
-                  r.get("block")): r for r in rows}.values())
+    # (rows before 2026-12-05 record no block: theirs was the size's own)
+    own = {size.name: size.model["block_size"] for size in load_rule().sizes}
+    rows = list({(r["corpus"], r["budget"], "auto") if r["auto"] else
+                 (r["corpus"], r["budget"], r["size"], r.get("block", own.get(r["size"]))): r
+                 for r in rows}.values())
     print_table(rows)
     if args.misses:
         print_misses(rows)
