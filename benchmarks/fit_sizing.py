@@ -54,8 +54,8 @@ def forecast_of(theta: torch.Tensor, spread: float = 0.0) -> Forecast:
 
 def predict(theta: torch.Tensor, rows: list[dict],
             drop: torch.Tensor | None = None) -> torch.Tensor:
-    """The forecast of each run; with `drop` (logs of dropout_free_passes, dropout_cost and
-    log of dropout_slope), of the runs with dropout."""
+    """The forecast of each run; with `drop` (log of dropout_free_passes, dropout_cost, log
+    of dropout_slope), of the runs with dropout."""
     e0, e1, log_a, alpha, log_b, beta, log_r, log_c, gamma, log_k, log_kp = theta
     p = torch.tensor([r["body_params"] for r in rows], dtype=torch.float64)
     d = torch.tensor([r["tokens"] for r in rows], dtype=torch.float64)
@@ -68,7 +68,7 @@ def predict(theta: torch.Tensor, rows: list[dict],
     overfit = log_c.exp() * (p / 1e6) ** gamma
     if drop is None:
         overfit = overfit * extra
-    else:  # dropout holds learning by heart off for a number of passes, and costs by itself
+    else:  # dropout holds learning by heart off for some passes, slows it, costs by itself
         overfit = overfit * drop[2].exp() * (extra - drop[0].exp()).clamp(min=0) + drop[1]
     context = log_k.exp() * ((REFERENCE_BLOCK / block) ** log_kp.exp() - 1)
     return (e0 + e1 * h + context + log_a.exp() * p ** -alpha + log_b.exp() * d_eff ** -beta
