@@ -278,6 +278,30 @@ def test_a_budget_run_replans_from_its_measured_steps(corpus, tmp_path, capsys, 
     assert same_weights(tmp_path / "run", tmp_path / "plain")
 
 
+def test_a_step_cap_bounds_every_plan_and_wants_a_budget(corpus, tmp_path, fixed_step_time):
+    """A cap (what --size auto sets when more passes would be learnt by heart) is the end of a
+    budget that would buy more, and the evaluations are spaced over the capped run; below
+    what the budget buys it changes nothing. Without a budget it is an error, not ignored."""
+    free = plan_steps(budget=100.0, elapsed=10.0, step=10, step_seconds=0.05,
+                      eval_seconds=0.2, eval_iters=100, eval_interval=10)
+    capped = plan_steps(budget=100.0, elapsed=10.0, step=10, step_seconds=0.05,
+                        eval_seconds=0.2, eval_iters=100, eval_interval=10, most_steps=400)
+    assert free.steps > 1000 and capped.steps == 400
+    assert capped.eval_interval < free.eval_interval and capped.evals > 1
+    loose = plan_steps(budget=100.0, elapsed=10.0, step=10, step_seconds=0.05,
+                       eval_seconds=0.2, eval_iters=100, eval_interval=10, most_steps=10**6)
+    assert loose == free
+    assert plan_steps(budget=100.0, elapsed=10.0, step=10, step_seconds=0.05, eval_seconds=0.2,
+                      eval_iters=100, eval_interval=10, most_steps=5).steps == 11
+    result = train(tiny_config(corpus, tmp_path / "run", time_budget="6s", max_steps=1000,
+                               eval_interval=1000, step_cap=30, schedule="wsd",
+                               warmup_steps=5))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert result.step == saved["planned_steps"] == 30  # the 6 s alone buy about 56
+    with pytest.raises(ConfigError, match="step_cap caps a time budget"):
+        tiny_config(corpus, tmp_path / "other", max_steps=100, step_cap=30)
+
+
 @pytest.mark.parametrize("slower", [2.0, 0.5])
 def test_a_budget_is_kept_when_the_machine_changes_speed_halfway(corpus, tmp_path, monkeypatch,
                                                                  slower):

@@ -166,6 +166,28 @@ def test_a_corpus_too_small_for_the_budget_gets_fewer_passes(fitted, tmp_path):
     assert choice.share < sizing.SHORTEN_BELOW
     assert seconds == pytest.approx(3600 * choice.share, abs=2)
     assert "overfit" in cfg.train.size_choice
+    # passes learn a corpus by heart, not seconds: a machine faster than its timing stops there
+    assert cfg.train.step_cap == choice.steps
+
+
+def test_past_its_best_a_size_is_trained_on_the_fewest_tokens_forecast_as_low(fitted):
+    """Where more passes would be learnt by heart, forecasts within TIE of the lowest are one,
+    and the fewest tokens among them win; where the forecast still falls at the end of what
+    the budget buys, the budget is used whole."""
+    f, body = Forecast(**FORECAST), _body(fitted)
+    small = CorpusStats(20_000, 60, 3.0)
+    times = _flops_times(fitted, 0.02)
+    choice = choose(fitted, 3600, times, body, small)
+    size, steps = choice.size, int(3600 / times[choice.size.name])
+    priced = sizing._forecasts(f, size, {False: steps, True: steps}, body[size.name], small)
+    loss = {tokens: value for value, tokens, *_ in priced}
+    lowest = min(loss.values())
+    assert choice.tokens == min(t for t in loss if loss[t] <= lowest + sizing.TIE)
+    assert choice.loss == pytest.approx(loss[choice.tokens])
+    assert lowest < choice.loss  # the lowest itself was at more tokens than chosen
+    assert min(t for t in loss if loss[t] == lowest) > choice.tokens
+    whole = choose(fitted, 3600, times, body, CORPUS)
+    assert whole.share == 1.0
 
 
 def test_an_unfitted_rule_refuses_to_choose(monkeypatch):
@@ -434,9 +456,9 @@ def test_estimate_times_the_sizes_in_the_precision_train_would_use(small_corpus,
     monkeypatch.setattr(device, "fast_bfloat16", lambda _: fast)
     seen = []
 
-    def timed(cfg, rundir, data, dev):
+    def timed(cfg, rundir, data, dev, env):
         seen.append(cfg.train.dtype)
-        return 0.01, 10**5
+        return 0.01
 
     monkeypatch.setattr(autosize, "_time_size", timed)
     assert main(["estimate", "--input", str(small_corpus), "--time", "1m"]) == 0
@@ -457,12 +479,14 @@ def _auto_timings(corpus, tmp_path, monkeypatch, budget: str, per_layer: float):
     load_rule.cache_clear()
     seen = []
 
-    def timed(cfg, rundir, data, dev):
+    def timed(cfg, rundir, data, dev, env):
         seen.append((cfg.train.size, cfg.model.dropout))
-        n = cfg.model.n_layer  # deeper sizes learn by heart faster: dropout pays there
-        return per_layer * (2 if cfg.model.dropout else 1) * n, 200_000 * n
+        return per_layer * (2 if cfg.model.dropout else 1) * cfg.model.n_layer
 
     monkeypatch.setattr(autosize, "_time_size", timed)
+    # deeper sizes learn by heart faster: dropout pays there
+    monkeypatch.setattr(autosize, "block_params_of", lambda cfg: {
+        size.name: 200_000 * size.model["n_layer"] for size in load_rule().sizes})
     try:
         prepare(str(corpus), tmp_path / "data")
         prepared = load_prepared(tmp_path / "data")

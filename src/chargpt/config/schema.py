@@ -184,6 +184,9 @@ class TrainConfig:
     timed and max_steps is set so the whole schedule, every evaluation and the final checkpoint
     fit in it; evaluations are spaced (never closer than eval_interval) and, in a short budget,
     shortened to take at most 5% of it (see budget.py)."""
+    step_cap: int = 0
+    """With time_budget: the most steps its plans may give the run (0 = no cap). --size auto
+    sets it where more passes over a small corpus would be learnt by heart."""
     planned_steps: int = 0
     """The step count a run planned for itself: a time_budget's plan, or the end the plateau
     rule chose (0 = not planned); recorded in config.json so that a resumed run keeps it."""
@@ -262,10 +265,7 @@ class TrainConfig:
     """End the run early once this many evaluations in a row have not beaten the best val loss
     by more than 0.2% (0 = off, train to max_steps). A WSD run then cools down over the next
     fifth of the steps taken and ends; any other schedule stops at once. best/ keeps the best
-    model either way. Off by default: measured on a 61 K-character corpus (docs/fast.md), 2
-    ended the overfitting run 100 steps after its best with the same best/, so it saves time
-    but never a better model, and on a corpus that is not used up a stalled val loss at the
-    peak rate is the rate's noise, which the full schedule's cooldown removes; try 2 on a
+    model either way. Off by default: it saves time, not the model (docs/fast.md); try 2 on a
     small corpus."""
     plateau_step: int = 0
     """Set by the plateau rule (`patience`), not by hand: the step at which the val loss had
@@ -283,7 +283,7 @@ class TrainConfig:
             value = getattr(self, name)
             _check(value >= 1, f"{name} must be >= 1, got {value}")
         for name in ("warmup_steps", "lr_decay_steps", "sample_chars", "patience",
-                     "plateau_step"):
+                     "plateau_step", "step_cap"):
             value = getattr(self, name)
             _check(value >= 0, f"{name} must be >= 0, got {value}")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):

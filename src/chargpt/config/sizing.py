@@ -14,14 +14,13 @@ where each pass over a corpus of `U` training tokens after the first is worth le
 one before (a repeated token's value decays with the passes, `repeats`):
 D_eff = U * (1 + r * (1 - exp(-(D/U - 1)/r))) past one epoch. A small corpus read many times
 is also learnt by heart, more so by a large model: the val loss then rises by C * P_M^gamma
-per pass after the first, whatever the corpus's size (with (P/U)^gamma there, the fit
-forecast Tiny Shakespeare's 4x192 after 8 passes 0.056 too low, and corpora it had not seen
-worse). So a budget longer than a corpus can use is better spent in part, and `choose` picks
-the tokens as well as the size (never more than the budget buys). Dropout is the other way
-out: with it, a fitted number of passes goes by before that cost begins, it then grows at a
-fitted share of its rate without dropout, and a fitted cost of its own is added, so it is
-chosen where the passes would cost more than it does. The last
-term is what a size's longer blocks are worth (the loss averages every position of a block).
+per pass after the first, whatever the corpus's size. So a budget longer than a corpus can use
+is better spent in part, and `choose` picks the tokens as well as the size (never more than
+the budget buys). Dropout is the other way out: with it, a fitted number of passes goes by
+before that cost begins, it then grows at a fitted share of its rate without dropout, and a
+fitted cost of its own is added, so it is chosen where the passes would cost more than it
+does. The last term is what a size's longer blocks are worth (the loss averages every
+position of a block).
 No size is read past the passes over a corpus the sweep measured it at (`Size.passes`): past
 them that form is a guess. Nothing in the rule knows the machine: `choose` is given each
 size's step time as measured here, turns the budget into tokens per size, and takes the size
@@ -63,6 +62,8 @@ LZMA_SAMPLE = 50_000
 # it the difference is within the forecast's noise and the whole budget is used
 SHORTEN_BELOW = 0.9
 TOKEN_GRID = 0.85  # the shorter token counts tried: the budget's, then 85% of it, and so on
+TIE = 0.01  # a size's forecasts this close are one, past its best: the fewest tokens win
+Priced = tuple[float, int, float, bool, int]  # loss, tokens, dropout, capped, tokens bought
 REFERENCE_BLOCK = 64  # the block the forecast's context term is zero at: the smallest sizes'
 
 
@@ -131,10 +132,10 @@ class Forecast:
         """The forecast, for training without dropout or (`dropout`) with the forecast's
         `dropout` value: that holds learning by heart off for `dropout_free_passes` passes,
         slows it by `dropout_slope` after them and adds `dropout_cost`, all fitted to the
-        sweep's runs with dropout. A model reading
-        blocks of `block` characters is forecast `context * (1 - (64 / block)^context_power)`
-        lower than at blocks of 64 (the training estimate averages over every position of a
-        block, so a longer one gives its later positions more to go on)."""
+        sweep's runs with dropout. A model reading blocks of `block` characters is forecast
+        `context * (1 - (64 / block)^context_power)` lower than at blocks of 64 (the training
+        estimate averages over every position of a block, so a longer one gives its later
+        positions more to go on)."""
         u = corpus.train_tokens
         d = self.effective_tokens(tokens, u)
         free = self.dropout_free_passes if dropout else 0.0
@@ -283,12 +284,6 @@ def corpus_bits_per_char(text: str) -> float:
     return 8.0 * len(lzma.compress(sample.encode("utf-8"), preset=6)) / len(sample)
 
 
-def _check_rule(data: Any) -> None:
-    ok = isinstance(data, dict) and isinstance(data.get("sizes"), list) and data["sizes"]
-    if not ok:
-        raise ConfigError("sizing.json: 'sizes' must be a non-empty list")
-
-
 def _rule_data() -> Any:
     """sizing.json, as shipped in the package."""
     return json.loads(resources.files("chargpt.config").joinpath("sizing.json").read_text("utf-8"))
@@ -308,7 +303,8 @@ def _measured_passes(value: Any) -> tuple[float, float]:
 def load_rule() -> Rule:
     """The rule shipped in the package (sizing.json)."""
     data = _rule_data()
-    _check_rule(data)
+    if not (isinstance(data, dict) and isinstance(data.get("sizes"), list) and data["sizes"]):
+        raise ConfigError("sizing.json: 'sizes' must be a non-empty list")
     base = data.get("base_preset", "fast-cpu")
     sizes = tuple(Size(s["name"], s["model"], s["train"], base,
                        *_measured_passes(s.get("measured_passes"))) for s in data["sizes"])
@@ -348,7 +344,8 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
                                body_params[size.name], corpus)
         if not forecasts:
             continue
-        loss, tokens, dropouts[size.name], capped[size.name], bought[size.name] = min(forecasts)
+        loss, tokens, dropouts[size.name], capped[size.name], bought[size.name] = _safest(
+            forecasts)
         dropout = dropouts[size.name]
         candidates[size.name] = Candidate(tokens, loss, dropout,
                                           forecast.quoted_range(dropout > 0))
@@ -366,8 +363,20 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
                   chosen.tokens / corpus.train_tokens, capped[best])
 
 
+def _safest(forecasts: list[Priced]) -> Priced:
+    """The lowest of a size's `forecasts` or, when longer runs are forecast worse (the corpus
+    would be learnt by heart), the shortest within TIE of it: the forecast is flat near its
+    lowest, and a corpus learnt by heart sooner than the form says (wisdom-en) costs more than
+    one learnt by heart later gains."""
+    best = min(forecasts)
+    if not any(f[2] == best[2] and f[1] > best[1] for f in forecasts):
+        return best  # the lowest is the longest run tried: nothing is learnt by heart yet
+    return min((f for f in forecasts if f[2] == best[2] and f[0] <= best[0] + TIE),
+               key=lambda f: f[1])
+
+
 def _forecasts(forecast: Forecast, size: Size, steps: dict[bool, int], body_params: int,
-               corpus: CorpusStats) -> list[tuple[float, int, float, bool, int]]:
+               corpus: CorpusStats) -> list[Priced]:
     """(loss, tokens, dropout, capped, tokens bought) of `size` trained for the `steps` the
     budget buys without and with dropout (`steps[dropout]`) or fewer (TOKEN_GRID), never past
     the passes the sweep measured it at."""

@@ -42,7 +42,11 @@ def calibration_steps(warmup_steps: int, schedule_depends_on_length: bool) -> in
 
 def check_time_budget(train: Any) -> tuple[float, int] | None:
     """A `TrainConfig`'s budget in seconds and its calibration steps; None without a budget or
-    once it is planned. A budget too short to time is a ConfigError."""
+    once it is planned. A budget too short to time, or a step cap without one, is a
+    ConfigError."""
+    if train.step_cap and not train.time_budget:
+        raise ConfigError("step_cap caps a time budget's plans; give --time too, or "
+                          "--max-steps alone")
     if not train.time_budget or train.planned_steps:
         return None
     budget = parse_duration(train.time_budget)

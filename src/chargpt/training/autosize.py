@@ -60,11 +60,11 @@ def apply_size(cfg: Config, size: Size, dropout: float | None = None,
         **size.train, "size": size.name, "size_choice": choice}}, f"size {size.name}")
 
 
-def _time_size(cfg: Config, rundir: RunDir, data: PreparedData,
-               device: torch.device) -> tuple[float, int]:
+def _time_size(cfg: Config, rundir: RunDir, data: PreparedData, device: torch.device,
+               env: DistEnv) -> float:
     """Seconds per training step of `cfg` here, the median of a few steps timed after a few
-    warm-up steps (one slow step on a busy machine must not shrink the model), and its block
-    parameters."""
+    warm-up steps (one slow step on a busy machine must not shrink the model), averaged over
+    the ranks so that every rank decides from the same numbers."""
     from chargpt.training.trainer import Trainer  # the class that trains it, built but not run
 
     trainer = Trainer(cfg, rundir, data, DistEnv(), device, quiet=True)
@@ -79,7 +79,10 @@ def _time_size(cfg: Config, rundir: RunDir, data: PreparedData,
 
     for _ in range(WARMUP_STEPS):
         step()
-    return statistics.median(step() for _ in range(TIMED_STEPS)), block_params(trainer.model)
+    seconds = statistics.median(step() for _ in range(TIMED_STEPS))
+    if env.enabled:
+        seconds = all_reduce_mean(torch.tensor([seconds], device=device), env).item()
+    return seconds
 
 
 def block_params_of(cfg: Config) -> dict[str, int]:
@@ -98,15 +101,15 @@ def _measure(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
     for the forecast to prefer it; a step with dropout buys fewer tokens still."""
     times: dict[str, float] = {}
     dropped: dict[str, float] = {}
-    body: dict[str, int] = {}
+    body = block_params_of(cfg)
     forecast = load_rule().forecast
     dropout = forecast.dropout if forecast is not None else 0.0
     world = max(1, env.world_size)
 
-    def could_pay(size: Size, params: int, seconds: float) -> bool:
+    def could_pay(size: Size, seconds: float) -> bool:
         """Whether the steps `seconds` long that the budget buys could make dropout pay."""
         tokens = budget * TRAIN_SHARE / seconds * world * size.tokens_per_step
-        return bool(dropout) and forecast.dropout_can_pay(params, tokens, stats,
+        return bool(dropout) and forecast.dropout_can_pay(body[size.name], tokens, stats,
                                                           size.model["block_size"])
 
     last: tuple[float, float] | None = None  # (seconds, FLOPs) of the last size timed
@@ -120,20 +123,15 @@ def _measure(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
         if last is not None:
             guess = last[0] * sketch.flops_per_step / last[1]
             too_slow = budget * TRAIN_SHARE / guess < MIN_STEPS
-            timings = 2 if could_pay(size, sketch.params, guess) else 1
+            timings = 2 if could_pay(size, guess) else 1
             steps = (WARMUP_STEPS + TIMED_STEPS) * timings
             if too_slow or spent + guess * steps > MEASURE_SHARE * budget:
                 break
-        seconds, body[size.name] = _time_size(sized, rundir, data, device)
-        if env.enabled:  # every rank decides from the same numbers
-            seconds = all_reduce_mean(torch.tensor([seconds], device=device), env).item()
-        measured = [seconds]
-        if could_pay(size, body[size.name], seconds):
-            seconds = _time_size(apply_size(cfg, size, dropout), rundir, data, device)[0]
-            if env.enabled:
-                seconds = all_reduce_mean(torch.tensor([seconds], device=device), env).item()
-            measured.append(seconds)
-            dropped[size.name] = seconds
+        measured = [_time_size(sized, rundir, data, device, env)]
+        if could_pay(size, measured[0]):
+            dropped[size.name] = _time_size(apply_size(cfg, size, dropout), rundir, data,
+                                            device, env)
+            measured.append(dropped[size.name])
         times[size.name] = measured[0]
         spent += sum(measured) * (WARMUP_STEPS + TIMED_STEPS)
         last = (measured[0], sketch.flops_per_step)
@@ -189,7 +187,10 @@ def auto_size(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
                         choice.describe(cfg.train.time_budget))
     spent = time.perf_counter() - t0
     if choice.share < SHORTEN_BELOW:  # more passes would overfit: end early, as planned
+        # passes, not seconds, learn a corpus by heart: a machine faster than its timing
+        # must not buy more of them
         seconds = spent + (budget - spent) * choice.share
-        chosen = apply_overrides(chosen, {"train": {"time_budget": f"{math.ceil(seconds)}s"}},
+        chosen = apply_overrides(chosen, {"train": {"time_budget": f"{math.ceil(seconds)}s",
+                                                    "step_cap": choice.steps}},
                                  f"size {choice.size.name}")
     return chosen, choice, spent

@@ -173,8 +173,9 @@ def cooled_from(train: Any, step: int, steps: int) -> tuple[int, str]:
 
 def plan_steps(*, budget: float, elapsed: float, step: int, step_seconds: float,
                eval_seconds: float, eval_iters: int, eval_interval: int,
-               checkpoint_seconds: float = 0.0) -> Plan:
-    """The total step count that ends, final evaluation and checkpoint included, by `budget`.
+               checkpoint_seconds: float = 0.0, most_steps: int = 0) -> Plan:
+    """The total step count that ends, final evaluation and checkpoint included, by `budget`,
+    and not past `most_steps` (0 = no cap).
 
     `step` steps are done after `elapsed` seconds; each further step costs `step_seconds`; an
     evaluation of `eval_iters` batches per split costs `eval_seconds`, and the checkpoints and
@@ -193,10 +194,12 @@ def plan_steps(*, budget: float, elapsed: float, step: int, step_seconds: float,
     evals_allowed = max(1, math.floor(share / eval_s)) if eval_s > 0 else 1 << 30
     left = (budget - elapsed) * (1.0 - MARGIN) - eval_s  # the final evaluation
     rough = step + (max(1, math.floor(left / step_seconds)) if step_seconds > 0 else 1)
+    if most_steps:
+        rough = min(rough, max(most_steps, step + 1))
     interval = max(eval_interval, math.ceil(rough / evals_allowed))
     per_step = step_seconds + eval_s / interval  # evaluations spread over the steps
     more = max(1, math.floor(left / per_step)) if per_step > 0 else 1
-    total = step + more
+    total = min(step + more, rough)  # rough: the cap, if there is one, else past step + more
     evals = total // interval - step // interval + (total % interval != 0)
     return Plan(total, budget, step_seconds, eval_s, interval, iters, evals, elapsed)
 
@@ -266,7 +269,8 @@ class Planner:
         plan = keep_history(plan_steps(
             budget=self.clock.budget, elapsed=elapsed, step=step, step_seconds=step_s,
             eval_seconds=batch_s * iters, eval_iters=iters,
-            eval_interval=train.eval_interval, checkpoint_seconds=fixed_s), step, train)
+            eval_interval=train.eval_interval, checkpoint_seconds=fixed_s,
+            most_steps=train.step_cap), step, train)
         first = not self.clock.planned
         self.clock.planned = True
         planned = plan.apply(train, step)
