@@ -364,13 +364,13 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
 
 
 def _safest(forecasts: list[Priced]) -> Priced:
-    """The lowest of a size's `forecasts` or, when longer runs are forecast worse (the corpus
-    would be learnt by heart), the shortest within TIE of it: the forecast is flat near its
-    lowest, and a corpus learnt by heart sooner than the form says (wisdom-en) costs more than
-    one learnt by heart later gains."""
+    """The lowest of a size's `forecasts` or, when it is short of what the budget buys (more
+    passes would be learnt by heart, or were never measured), the shortest within TIE of it:
+    the forecast is flat near its lowest, and a corpus learnt by heart sooner than the form
+    says (wisdom-en) costs more than one learnt by heart later gains."""
     best = min(forecasts)
-    if not any(f[2] == best[2] and f[1] > best[1] for f in forecasts):
-        return best  # the lowest is the longest run tried: nothing is learnt by heart yet
+    if best[1] >= best[4]:
+        return best  # the budget's whole: nothing is learnt by heart yet
     return min((f for f in forecasts if f[2] == best[2] and f[0] <= best[0] + TIE),
                key=lambda f: f[1])
 
