@@ -73,6 +73,7 @@ def one_run(corpus: str, budget: str, size: str, data_dir: Path, out: Path, seed
     tiled = best.evaluate_ids(val, batch_size=256, tiled=True)
     return {"corpus": corpus, "budget": budget, "auto": size == "auto",
             "size": saved.train.size, "time_budget": saved.train.time_budget,
+            "step_cap": saved.train.step_cap,
             "dropout": saved.model.dropout, "dtype": saved.train.dtype,
             "block": saved.model.block_size,
             "compile": saved.train.compile,
@@ -148,10 +149,16 @@ def print_table(rows: list[dict]) -> None:
             gap = f"{a['best_val'] - best['best_val']:+.4f}"
         print(f"| {corpus} | {budget} | {a['size']} | {a['best_val']:.4f} | {forecast} | "
               f"{miss} | {hand_size} | {hand_val} | {gap} | {a['whole_best']:.4f} |")
-    ends = [r["seconds"] / parse_duration(r["time_budget"]) - 1 for r in rows]
+    capped = [r for r in rows if r.get("step_cap") and r["steps"] >= r["step_cap"]]
+    ends = [r["seconds"] / parse_duration(r["time_budget"]) - 1 for r in rows
+            if r not in capped]
     if ends:
         print(f"\nruns' ends against their budgets: {min(ends):+.1%} to {max(ends):+.1%} "
               f"({len(ends)} runs; a budget auto shortened is counted against the shorter one)")
+    if capped:
+        early = [r["seconds"] / parse_duration(r["time_budget"]) - 1 for r in capped]
+        print(f"runs that ended at the step cap auto set them: {len(capped)}, "
+              f"{min(early):+.1%} to {max(early):+.1%} of their (shortened) budgets")
 
 
 def main() -> int:
