@@ -106,7 +106,7 @@ def forecasts_afterwards(rows: list[dict]) -> dict[int, float]:
                 block = r.get("block", size.model["block_size"])  # --block: not the size's
                 out[i] = rule.forecast.lowest(body[size.name], r["steps"],
                                               size.train["batch_size"] * block, stats, dropout,
-                                              block)
+                                              block)[0]
     return out
 
 

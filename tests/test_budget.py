@@ -298,6 +298,8 @@ def test_a_step_cap_bounds_every_plan_and_wants_a_budget(corpus, tmp_path, fixed
                                warmup_steps=5))
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert result.step == saved["planned_steps"] == 30  # the 6 s alone buy about 56
+    with pytest.raises(ConfigError, match="keeps them"):  # the cap is part of the plan
+        train(resume=tmp_path / "run", overrides={"train": {"step_cap": 60}})
     with pytest.raises(ConfigError, match="step_cap caps a time budget"):
         tiny_config(corpus, tmp_path / "other", max_steps=100, step_cap=30)
 

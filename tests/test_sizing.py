@@ -257,7 +257,7 @@ def test_a_forecast_with_dropout_is_quoted_with_its_own_range(fitted):
     name = small.size.name
     args = (name, body[name], 1000, 2048, tiny)
     for dropout, spread in ((0.1, 0.11), (0.0, 0.05)):
-        loss = form.lowest(body[name], 1000, 2048, tiny, dropout > 0, 128)
+        loss, _ = form.lowest(body[name], 1000, 2048, tiny, dropout > 0, 128)
         line = rule.expect(*args, dropout, 128)
         assert f"({loss - spread:.2f}-{loss + spread:.2f})" in line
     # a rule fitted before the dropout runs had their own range quotes `spread` for both
@@ -398,9 +398,23 @@ def test_a_named_size_with_a_budget_says_what_to_expect(fitted, small_corpus, tm
     assert f"size 2x64 for {planned:,} steps" in line
     stats = corpus_stats(load_prepared(RunDir(out).data_dir(cfg)))
     size = fitted.size("2x64")
-    want = fitted.forecast.lowest(block_params(build_model(cfg.model)), planned,
-                                  size.tokens_per_step, stats, block=cfg.model.block_size)
+    want, at = fitted.forecast.lowest(block_params(build_model(cfg.model)), planned,
+                                      size.tokens_per_step, stats, block=cfg.model.block_size)
     assert f"val loss forecast {want:.2f} " in line
+    assert ("learnt by heart" in line) == (at < sizing.SHORTEN_BELOW * planned)
+
+
+def test_a_named_size_says_when_its_steps_would_learn_the_corpus_by_heart(fitted):
+    """A size named by hand is not shortened (flags win), so its forecast line says after how
+    many steps its lowest comes when that is well before its end, and not otherwise."""
+    body, tiny = _body(fitted), CorpusStats(20_000, 60, 3.0)
+    loss, at = fitted.forecast.lowest(body["6x256"], 3000, 2048, tiny, block=128)
+    assert at < 1000  # 300 passes: long past where 6x256 learns 20 K tokens by heart
+    line = fitted.expect("6x256", body["6x256"], 3000, 2048, tiny, 0.0, 128)
+    assert f"val loss forecast {loss:.2f} " in line
+    assert f"lowest after about {at:,} steps" in line and "learnt by heart" in line
+    assert "learnt by heart" not in fitted.expect("6x256", body["6x256"], 300, 2048, CORPUS,
+                                                  0.0, 128)
 
 
 def test_a_preset_keeps_its_own_shape(fitted, small_corpus, tmp_path):

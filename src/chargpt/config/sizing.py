@@ -71,9 +71,8 @@ REFERENCE_BLOCK = 64  # the block the forecast's context term is zero at: the sm
 class Size:
     """One size of the ladder: values over the base preset's model and train tables, and the
     most passes over a corpus the sweep measured it at, without and with dropout (a size it
-    never measured has those of the largest smaller one that it did). The forecast's form
-    for learning by heart is a guess past them (on wisdom-en, 6x256 read for 21 passes
-    where the sweep had measured it at 4.5 missed by 0.28), so `choose` reads no further."""
+    never measured has those of the largest smaller one that it did): past them the form
+    for learning by heart is a guess (docs/sizing.md), so `choose` reads no further."""
 
     name: str
     model: dict[str, Any]
@@ -154,13 +153,13 @@ class Forecast:
                                        < self.loss(body_params, tokens, corpus, False, block))
 
     def lowest(self, body_params: float, steps: int, tokens_per_step: int, corpus: CorpusStats,
-               dropout: bool = False, block: int = REFERENCE_BLOCK) -> float:
-        """The forecast of a run's best val loss: the lowest forecast at its steps and at the
+               dropout: bool = False, block: int = REFERENCE_BLOCK) -> tuple[float, int]:
+        """A run's best val loss forecast, and its step: the lowest at its steps and at the
         shorter runs `choose` reads (TOKEN_GRID), since best/ keeps the best evaluation."""
         counts = [steps]
         while counts[-1] * TOKEN_GRID >= MIN_STEPS:
-            counts.append(counts[-1] * TOKEN_GRID)
-        return min(self.loss(body_params, n * tokens_per_step, corpus, dropout, block)
+            counts.append(int(counts[-1] * TOKEN_GRID))
+        return min((self.loss(body_params, n * tokens_per_step, corpus, dropout, block), n)
                    for n in counts)
 
 
@@ -181,13 +180,15 @@ class Rule:
         f = self.forecast
         if f is None or dropout not in (0.0, f.dropout):
             return None
-        loss = f.lowest(body_params, steps, tokens_per_step, corpus, dropout > 0, block)
-        spread = f.quoted_range(dropout > 0)
-        tokens = steps * tokens_per_step
+        loss, at = f.lowest(body_params, steps, tokens_per_step, corpus, dropout > 0, block)
+        spread, tokens = f.quoted_range(dropout > 0), steps * tokens_per_step
         regularised = f", dropout {dropout:g}" if dropout else ""
         most = self.size(name).most_passes(dropout > 0)
         guess = (f"; the sweep measured this size at no more than {most:.1f} passes, past them "
                  "it is a guess" if tokens > most * corpus.train_tokens else "")
+        if at < SHORTEN_BELOW * steps:
+            guess += (f"; lowest after about {at:,} steps: past them the corpus is learnt by "
+                      "heart, and only best/ keeps the model from before")
         return (f"size {name} for {steps:,} steps ({tokens / 1e6:.1f} M tokens, "
                 f"{tokens / corpus.train_tokens:.1f} passes over the corpus{regularised}): "
                 f"val loss forecast {loss:.2f} ({loss - spread:.2f}-{loss + spread:.2f})"
@@ -323,7 +324,8 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
     forecast has measured it (it pays when many passes over a small corpus would otherwise be
     learnt by heart) at its steps with dropout (`dropout_seconds`, where measured: on a CPU
     they are slower), never past the passes the sweep measured the size at (`Size.passes`)
-    unless no size was measured at as few. The lowest forecast of all wins."""
+    unless no size was measured at as few. The lowest forecast of all wins (see `_safest`
+    for how long)."""
     if rule.forecast is None:
         raise ConfigError("this chargpt has no fitted sizing rule (sizing.json's forecast)")
     measured = [size for size in rule.sizes if size.name in step_seconds]
@@ -331,7 +333,6 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
         raise ConfigError("no size of the sizing rule was timed")
     candidates: dict[str, Candidate] = {}
     bought: dict[str, int] = {}
-    dropouts: dict[str, float] = {}
     capped: dict[str, bool] = {}
     forecast = rule.forecast
     for size in measured:
@@ -344,9 +345,7 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
                                body_params[size.name], corpus)
         if not forecasts:
             continue
-        loss, tokens, dropouts[size.name], capped[size.name], bought[size.name] = _safest(
-            forecasts)
-        dropout = dropouts[size.name]
+        loss, tokens, dropout, capped[size.name], bought[size.name] = _safest(forecasts)
         candidates[size.name] = Candidate(tokens, loss, dropout,
                                           forecast.quoted_range(dropout > 0))
     if not candidates:  # a corpus so small that no size was measured at as many passes

@@ -96,9 +96,9 @@ def _measure(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
              device: torch.device, budget: float, stats: CorpusStats
              ) -> tuple[dict[str, float], dict[str, float], dict[str, int]]:
     """Step seconds (without and with the rule's dropout, where it could pay: on a CPU a step
-    with dropout is slower) and block parameters of each size worth timing, smallest first.
-    Dropout is timed only for a size whose plain steps would read the corpus often enough
-    for the forecast to prefer it; a step with dropout buys fewer tokens still."""
+    with dropout is slower) of each size worth timing, smallest first, and block parameters
+    of every size. Dropout is timed only for a size whose plain steps would read the corpus
+    often enough for the forecast to prefer it; a step with dropout buys fewer tokens still."""
     times: dict[str, float] = {}
     dropped: dict[str, float] = {}
     body = block_params_of(cfg)

@@ -4,7 +4,8 @@
 schedule's cooldown, and the schedule, not the model, would decide the loss). It measures
 instead: a `StepClock` times the training steps (evaluations excluded), a few evaluation batches
 give the cost of an evaluation, and `plan_steps` turns the time left into a step count so that
-training, every evaluation and the final checkpoint end inside the budget. The first plan comes
+training, every evaluation and the final checkpoint end inside the budget (and never past the
+run's `step_cap`, which `--size auto` sets on a small corpus). The first plan comes
 after `config.values.CALIBRATION_STEPS` steps, all inside the learning-rate warmup, whose rates
 do not depend on the run's length. The run plans again every `REPLAN_EVERY` steps, from the
 recent step time (`StepClock.step_seconds`), for as long as the schedule lets the length change
@@ -48,7 +49,7 @@ WINDOW = 10  # timed steps per window of the step-time record
 RECENT_WINDOWS = 3  # the windows the step time is planned with, once there are as many
 # the [train] values a plan sets: a resumed run keeps them, whatever the command line says
 PLANNED_FIELDS = ("max_steps", "planned_steps", "eval_interval", "eval_iters", "cooldown_plan",
-                  "plateau_step")
+                  "plateau_step", "step_cap")
 
 
 @dataclass

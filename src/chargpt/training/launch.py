@@ -138,7 +138,7 @@ def resume_trainer(
     rundir = RunDir(Path(run_dir))
     cfg = rundir.read_config()
     train_overrides = _train_overrides_only(overrides or {})
-    if cfg.train.planned_steps and "time_budget" in train_overrides:
+    if cfg.train.planned_steps and {"time_budget", "step_cap"} & set(train_overrides):
         why = "for its time budget" if cfg.train.time_budget else "when its val loss stalled"
         raise ConfigError(f"{run_dir} planned {cfg.train.planned_steps} steps {why}; a resumed "
                           "run keeps them (change --max-steps instead)")
