@@ -381,6 +381,22 @@ def test_time_alone_chooses_the_size_and_records_why(fitted, small_corpus, tmp_p
     # a bound on this real clock would fail whenever the machine is shared
 
 
+def test_the_same_auto_sized_command_again_continues_its_run(fitted, small_corpus, tmp_path,
+                                                              capsys):
+    """--auto-resume with --time alone (a restart script's command): the second call continues
+    the size the first one chose, and never chooses again."""
+    out = tmp_path / "run"
+    flags = ["train", "--input", str(small_corpus), "--time", "8s", "--out", str(out),
+             "--sample-chars", "0", "--eval-iters", "5", "--no-progress", "--auto-resume"]
+    assert main(flags) == 0
+    first = RunDir(out).read_config()
+    capsys.readouterr()
+    assert main(flags) == 0
+    log = capsys.readouterr().out
+    assert f"done: {first.train.planned_steps} steps" in log and "chooses" not in log
+    assert RunDir(out).read_config() == first
+
+
 def test_a_named_size_with_a_budget_says_what_to_expect(fitted, small_corpus, tmp_path, capsys):
     """`--size NAME --time T` forecasts too, once its steps are planned, from the same rule:
     the lowest forecast at its planned steps or fewer (best/ keeps the best evaluation)."""

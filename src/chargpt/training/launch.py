@@ -20,6 +20,7 @@ import torch
 
 from chargpt import errors
 from chargpt.config.schema import Config, apply_overrides
+from chargpt.config.sizing import load_rule
 from chargpt.data.datasets import dataset, fetch
 from chargpt.data.preparation import prepare
 from chargpt.data.prepared import PreparedData, check_split_lengths
@@ -212,11 +213,24 @@ def _start_or_continue(cfg: Config, auto_resume: bool, quiet: bool) -> Trainer:
     if not (auto_resume and rundir is not None and rundir.holds_run()):
         return new_trainer(cfg, quiet=quiet)
     if rundir.has_checkpoint():
+        cfg = _as_chosen(cfg, rundir.read_config())
         return resume_trainer(rundir.path, {"train": _changed_train_values(cfg, rundir)},
                               quiet=quiet)
     if DistEnv.from_env().is_main:  # killed before its first checkpoint: nothing to keep
         rundir.forget()
     return new_trainer(cfg, quiet=quiet)
+
+
+def _as_chosen(cfg: Config, saved: Config) -> Config:
+    """`cfg` as its run's `--size auto` chose it when it began (size, dropout, the budget it
+    kept and its cap): a continued run never chooses again. Any other `cfg` as it is."""
+    if cfg.train.size != "auto" or saved.train.size in ("", "auto"):
+        return cfg
+    chosen = autosize.apply_size(cfg, load_rule().size(saved.train.size),
+                                 saved.model.dropout, saved.train.size_choice)
+    return apply_overrides(chosen, {"train": {"time_budget": saved.train.time_budget,
+                                              "step_cap": saved.train.step_cap}},
+                           "the run's own choice")
 
 
 def _changed_train_values(cfg: Config, rundir: RunDir) -> dict[str, Any]:
