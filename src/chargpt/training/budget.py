@@ -47,7 +47,8 @@ EVAL_PROBE_ITERS = 4  # batches per split timed to price an evaluation before th
 REPLAN_EVERY = 10  # steps between plans while the run's length is still free to change
 WINDOW = 10  # timed steps per window of the step-time record
 RECENT_WINDOWS = 3  # the windows the step time is planned with, once there are as many
-# the [train] values a plan sets: a resumed run keeps them, whatever the command line says
+# the [train] values a budget's plans set, and the step cap --size auto sets beside them: a
+# resumed run keeps them, whatever the command line says
 PLANNED_FIELDS = ("max_steps", "planned_steps", "eval_interval", "eval_iters", "cooldown_plan",
                   "plateau_step", "step_cap")
 
