@@ -40,10 +40,11 @@ from corpora import CORPORA  # noqa: E402
 from sweep import corpus_path  # noqa: E402
 
 from chargpt.config.schema import resolve_config  # noqa: E402
-from chargpt.config.sizing import corpus_stats, load_rule  # noqa: E402
+from chargpt.config.sizing import load_rule  # noqa: E402
 from chargpt.config.values import parse_duration  # noqa: E402
 from chargpt.data.preparation import prepare  # noqa: E402
 from chargpt.data.prepared import load_prepared  # noqa: E402
+from chargpt.data.stats import corpus_stats  # noqa: E402
 from chargpt.runs.run import load_run  # noqa: E402
 from chargpt.runs.rundir import RunDir  # noqa: E402
 from chargpt.training.autosize import block_params_of  # noqa: E402

@@ -10,7 +10,7 @@ larger of the worst miss without dropout and the root-mean-square miss on left-o
 `dropout_spread`, quoted around a forecast with dropout, is the dropout runs' worst miss when
 that is larger (what dropout buys differs from corpus to corpus more than the rest).
 Each corpus's predictability (`lzma_bpc`) is priced again here as the package prices it
-(`sizing.corpus_stats`), so a sweep recorded before a change to that price still fits.
+(`data/stats.corpus_stats`), so a sweep recorded before a change to that price still fits.
 
 It draws every corpus's measured losses against the forecast curves (`--plot`).
 
@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 from sweep import corpus_path
 
-from chargpt.config.sizing import REFERENCE_BLOCK, CorpusStats, Forecast, corpus_stats
+from chargpt.config.sizing import REFERENCE_BLOCK, Forecast
 from chargpt.data.preparation import prepare
 from chargpt.data.prepared import load_prepared
+from chargpt.data.stats import CorpusStats, corpus_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 RULE = ROOT / "src/chargpt/config/sizing.json"

@@ -41,9 +41,10 @@ import torch  # noqa: E402
 from corpora import CORPORA, fetch  # noqa: E402
 
 from chargpt.config.schema import resolve_config  # noqa: E402
-from chargpt.config.sizing import block_params, corpus_stats, load_rule  # noqa: E402
+from chargpt.config.sizing import block_params, load_rule  # noqa: E402
 from chargpt.data.preparation import prepare  # noqa: E402
 from chargpt.data.prepared import load_prepared  # noqa: E402
+from chargpt.data.stats import corpus_stats  # noqa: E402
 from chargpt.training.launch import new_trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

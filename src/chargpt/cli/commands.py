@@ -199,9 +199,9 @@ def _forecast(cfg: Config, args: argparse.Namespace) -> str:
     import torch
 
     from chargpt.config.schema import apply_overrides
-    from chargpt.config.sizing import corpus_stats
     from chargpt.data.preparation import prepare
     from chargpt.data.prepared import load_prepared
+    from chargpt.data.stats import corpus_stats
     from chargpt.device import pick_device, precision
     from chargpt.distributed import DistEnv
     from chargpt.runs.rundir import RunDir

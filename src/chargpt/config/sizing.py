@@ -32,20 +32,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import lzma
 import math
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from chargpt.data.stats import CorpusStats, corpus_stats
 from chargpt.errors import ConfigError
 
 if TYPE_CHECKING:
     from chargpt.data.prepared import PreparedData
 
-__all__ = ["Candidate", "Choice", "CorpusStats", "Forecast", "Rule", "Size", "block_params",
-           "choose", "corpus_bits_per_char", "corpus_stats", "expected", "load_rule", "LZMA_SAMPLE",
-           "MIN_STEPS", "REFERENCE_BLOCK", "SHORTEN_BELOW", "TRAIN_SHARE"]
+__all__ = ["Candidate", "Choice", "Forecast", "Rule", "Size", "block_params", "choose", "expected",
+           "load_rule", "MIN_STEPS", "REFERENCE_BLOCK", "SHORTEN_BELOW", "TRAIN_SHARE"]
 
 # a size needs this many steps to warm up (the recipe's 50), train and cool down; fewer and it
 # is not a candidate
@@ -53,11 +52,6 @@ MIN_STEPS = 100
 # of a budget, what the steps get: the planner keeps the rest for evaluations (budget.EVAL_SHARE)
 # and its margin, and the choice itself takes a few seconds
 TRAIN_SHARE = 0.88
-# characters compressed to price a corpus's predictability: the same amount of every corpus,
-# since lzma packs a longer text better only because it has seen more of it, and the size of a
-# corpus is the forecast's own term (U). A sample of up to 1 M characters made the forecast
-# miss corpora it had not been fitted to by 0.061 root-mean-square; 50 K, by 0.051.
-LZMA_SAMPLE = 50_000
 # a choice that wants less than this share of what the budget buys ends the run early; above
 # it the difference is within the forecast's noise and the whole budget is used
 SHORTEN_BELOW = 0.9
@@ -201,15 +195,6 @@ class Rule:
         raise ConfigError(f"unknown size {name!r} (known: {', '.join(s.name for s in self.sizes)})")
 
 
-@dataclass(frozen=True)
-class CorpusStats:
-    """What the rule needs to know of a corpus."""
-
-    train_tokens: int
-    vocab_size: int
-    bits_per_char: float
-
-
 class Candidate(NamedTuple):
     """A size's best forecast at a budget: the tokens to train it on, the val loss to expect
     there, with the dropout it trains at, and half the range quoted around it."""
@@ -265,24 +250,10 @@ def expected(cfg: Any, model: Any, data: PreparedData, tokens_per_step: int) -> 
                        cfg.model.block_size)
 
 
-def corpus_stats(data: PreparedData) -> CorpusStats:
-    """What the rule needs of a prepared corpus, from its training split."""
-    sample = data.tokenizer.decode(data.train[:LZMA_SAMPLE].tolist())
-    return CorpusStats(len(data.train), data.tokenizer.vocab_size, corpus_bits_per_char(sample))
-
-
 def block_params(model: Any) -> int:
     """Parameters inside a model's Transformer blocks (an nn.Module): the forecast's P."""
     return sum(p.numel() for name, p in model.named_parameters()
                if name.startswith("transformer.h."))
-
-
-def corpus_bits_per_char(text: str) -> float:
-    """Bits per character lzma needs for the first `LZMA_SAMPLE` characters of `text`."""
-    sample = text[:LZMA_SAMPLE]
-    if not sample:
-        raise ConfigError("the corpus is empty")
-    return 8.0 * len(lzma.compress(sample.encode("utf-8"), preset=6)) / len(sample)
 
 
 def _rule_data() -> Any:

@@ -30,15 +30,14 @@ from chargpt.config.sizing import (
     SHORTEN_BELOW,
     TRAIN_SHARE,
     Choice,
-    CorpusStats,
     Size,
     block_params,
     choose,
-    corpus_stats,
     load_rule,
 )
 from chargpt.config.values import parse_duration
 from chargpt.data.prepared import PreparedData
+from chargpt.data.stats import CorpusStats, corpus_stats
 from chargpt.distributed import DistEnv, all_reduce_mean
 from chargpt.errors import ConfigError, warn
 from chargpt.model.build import build_model
