@@ -20,6 +20,11 @@ of the budgets (six 2-minute runs: 12 minutes per corpus).
     python benchmarks/budget_table.py --corpus shakespeare wisdom-en --budgets 2m 10m \\
         [--sizes 2x64 3x96 4x128 4x192 6x256] [--no-hand | --no-auto]
 
+`--set train.data_order=epoch --set model.n_head=2` tries a lever: every run of the call gets
+those settings (JSON values; a bare word is a string), its rows record them under "set", and
+they are kept out of the auto-against-hand table and shown in a table of their own beside the
+plain run of each size.
+
 Corpora as in sweep.py: `shakespeare` is Tiny Shakespeare, the others benchmarks/corpora.py's.
 """
 
@@ -54,13 +59,32 @@ ROOT = Path(__file__).resolve().parents[1]
 FORECAST = re.compile(r"val loss forecast ([\d.]+) \(([\d.]+)-([\d.]+)\)")
 
 
+def parse_set(items: list[str]) -> dict[str, dict]:
+    """['train.data_order=epoch', 'model.n_head=2'] as {'train': {...}, 'model': {...}}."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not (sep and dot and field):
+            raise SystemExit(f"--set {item!r}: expected SECTION.FIELD=VALUE")
+        try:
+            parsed = json.loads(value)  # 2, 0.05, true
+        except json.JSONDecodeError:
+            parsed = value  # a bare word: a string
+        out.setdefault(section, {})[field] = parsed
+    return out
+
+
 def one_run(corpus: str, budget: str, size: str, data_dir: Path, out: Path, seed: int,
-            compile_: bool = False, block: int = 0) -> dict:
+            compile_: bool = False, block: int = 0, lever: dict | None = None) -> dict:
+    lever = lever or {}
     model = {"block_size": block} if block and size != "auto" else {}
-    cfg = resolve_config(overrides={"data": {"data_dir": str(data_dir)}, "model": model,
-                                    "train": {
-        "out_dir": str(out), "time_budget": budget, "size": size, "seed": seed,
-        "progress": False, "sample_chars": 0, "compile": compile_}})
+    cfg = resolve_config(overrides={
+        "data": {"data_dir": str(data_dir), **lever.get("data", {})},
+        "model": {**model, **lever.get("model", {})},
+        "train": {"out_dir": str(out), "time_budget": budget, "size": size, "seed": seed,
+                  "progress": False, "sample_chars": 0, "compile": compile_,
+                  **lever.get("train", {})}})
     t0 = time.perf_counter()
     result = train(cfg, quiet=True)
     seconds = time.perf_counter() - t0
@@ -82,7 +106,8 @@ def one_run(corpus: str, budget: str, size: str, data_dir: Path, out: Path, seed
             "steps": result.step, "best_val": result.best_val_loss, "whole_best": whole,
             "tiled_best": tiled,
             "seconds": round(seconds, 2), "budget_seconds": parse_duration(budget),
-            "choice": saved.train.size_choice, "date": datetime.date.today().isoformat()}
+            "choice": saved.train.size_choice, "date": datetime.date.today().isoformat(),
+            **({"set": lever} if lever else {})}
 
 
 def forecasts_afterwards(rows: list[dict]) -> dict[int, float]:
@@ -127,7 +152,27 @@ def print_misses(rows: list[dict]) -> None:
               f" over {len(misses)} runs; {sum(abs(m) <= 0.05 for m in misses)} within 0.05")
 
 
-def print_table(rows: list[dict]) -> None:
+def print_levers(rows: list[dict]) -> None:
+    """Each run made with --set beside the latest plain run of its size in its cell."""
+    levers = [r for r in rows if r.get("set")]
+    if not levers:
+        return
+    plain = {(r["corpus"], r["budget"], r["size"], r["auto"]): r for r in rows
+             if not r.get("set")}
+    print("\n| corpus | budget | size | --set | steps | val | tiled | whole-split | "
+          "val - plain run's |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    for r in levers:
+        sets = " ".join(f"{s}.{k}={v}" for s, kv in r["set"].items() for k, v in kv.items())
+        base = plain.get((r["corpus"], r["budget"], r["size"], r["auto"]))
+        gap = f"{r['best_val'] - base['best_val']:+.4f}" if base else "-"
+        print(f"| {r['corpus']} | {r['budget']} | {r['size']}{' (auto)' * r['auto']} | "
+              f"{sets} | {r['steps']} | {r['best_val']:.4f} | {r['tiled_best']:.4f} | "
+              f"{r['whole_best']:.4f} | {gap} |")
+
+
+def print_table(all_rows: list[dict]) -> None:
+    rows = [r for r in all_rows if not r.get("set")]
     print("| corpus | budget | auto | auto val | forecast | miss | best hand size | its val | "
           "auto - best | auto whole-split |")
     print("|---|---|---|---:|---:|---:|---|---:|---:|---:|")
@@ -174,11 +219,14 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="every run with --compile")
     ap.add_argument("--block", type=int, default=0,
                     help="the sizes named by hand at this block (0: each size's own)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="a setting for every run of this call (repeatable): a lever to try")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/budget.jsonl")
     ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
     ap.add_argument("--misses", action="store_true",
                     help="also every run's forecast made afterwards from its steps, and its miss")
     args = ap.parse_args()
+    lever = parse_set(args.set)
     if not args.table:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         for corpus in args.corpus:
@@ -191,7 +239,7 @@ def main() -> int:
                     for size in sizes:
                         out = Path(tmp) / f"run-{budget}-{size}"
                         record = one_run(corpus, budget, size, data_dir, out, args.seed,
-                                         args.compile, args.block)
+                                         args.compile, args.block, lever)
                         with args.out.open("a") as f:
                             f.write(json.dumps(record) + "\n")
                         print(json.dumps(record), flush=True)
@@ -199,10 +247,12 @@ def main() -> int:
     # the latest run of each size (auto apart) in each cell: a cell run again replaces its rows
     # (rows before 2026-12-05 record no block: theirs was the size's own)
     own = {size.name: size.model["block_size"] for size in load_rule().sizes}
-    rows = list({(r["corpus"], r["budget"], "auto") if r["auto"] else
-                 (r["corpus"], r["budget"], r["size"], r.get("block", own.get(r["size"]))): r
+    rows = list({(r["corpus"], r["budget"], "auto" if r["auto"] else r["size"],
+                  r.get("block", own.get(r["size"])) if not r["auto"] else 0,
+                  json.dumps(r.get("set", {}), sort_keys=True)): r
                  for r in rows}.values())
     print_table(rows)
+    print_levers(rows)
     if args.misses:
         print_misses(rows)
     return 0
