@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from chargpt.config.schema import resolve_config
+from chargpt.config.resolve import resolve_config
 from chargpt.training.launch import new_trainer
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"

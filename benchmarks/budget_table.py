@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpora import CORPORA  # noqa: E402
 from sweep import corpus_path  # noqa: E402
 
-from chargpt.config.schema import resolve_config  # noqa: E402
+from chargpt.config.resolve import resolve_config  # noqa: E402
 from chargpt.config.sizing import load_rule  # noqa: E402
 from chargpt.config.values import parse_duration  # noqa: E402
 from chargpt.data.preparation import prepare  # noqa: E402

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import corpora  # noqa: E402
 
-from chargpt.config.schema import resolve_config  # noqa: E402
+from chargpt.config.resolve import resolve_config  # noqa: E402
 from chargpt.data.preparation import prepare  # noqa: E402
 from chargpt.data.prepared import load_prepared  # noqa: E402
 from chargpt.runs.run import load_run  # noqa: E402

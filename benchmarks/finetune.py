@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import corpora  # noqa: E402
 
-from chargpt.config.schema import apply_overrides, resolve_config  # noqa: E402
+from chargpt.config.resolve import resolve_config  # noqa: E402
+from chargpt.config.schema import apply_overrides  # noqa: E402
 from chargpt.runs.run import load_run  # noqa: E402
 from chargpt.runs.rundir import RunDir  # noqa: E402
 from chargpt.training import finetune  # noqa: E402

@@ -71,7 +71,7 @@ def gpu_section(steps: int) -> str:
     """shakespeare-gpu's tokens/s and MFU on a CUDA device, or a plain statement that none is."""
     if not torch.cuda.is_available():
         return "GPU: not measured - no CUDA device on this machine."
-    from chargpt.config.schema import resolve_config
+    from chargpt.config.resolve import resolve_config
     from chargpt.model.flops import estimate, match_gpu, mfu
 
     r = measure_train("shakespeare-gpu", steps, SHAKESPEARE)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from time_to_loss import SHAKESPEARE, Evaluator, Run, race  # noqa: E402
 
-from chargpt.config.schema import resolve_config  # noqa: E402
+from chargpt.config.resolve import resolve_config  # noqa: E402
 from chargpt.data.preparation import prepare  # noqa: E402
 from chargpt.training.launch import new_trainer  # noqa: E402
 from chargpt.training.trainer import Trainer  # noqa: E402

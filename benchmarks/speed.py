@@ -43,7 +43,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from time_to_loss import SHAKESPEARE, RefGPT  # noqa: E402
 
-from chargpt.config.schema import ModelConfig, resolve_config  # noqa: E402
+from chargpt.config.resolve import resolve_config  # noqa: E402
+from chargpt.config.schema import ModelConfig  # noqa: E402
 from chargpt.generation.loop import generate  # noqa: E402
 from chargpt.model.build import build_model  # noqa: E402
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from corpora import CORPORA, fetch  # noqa: E402
 
-from chargpt.config.schema import resolve_config  # noqa: E402
+from chargpt.config.resolve import resolve_config  # noqa: E402
 from chargpt.config.sizing import block_params, load_rule  # noqa: E402
 from chargpt.data.preparation import prepare  # noqa: E402
 from chargpt.data.prepared import load_prepared  # noqa: E402

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chargpt.config.schema import resolve_config
+from chargpt.config.resolve import resolve_config
 from chargpt.data.preparation import prepare
 from chargpt.model.build import build_model
 from chargpt.model.evaluate import evaluate_tokens

@@ -241,7 +241,7 @@ def test_prepare_command_with_bytes_and_a_test_split(tmp_path, capsys) -> None:
 
 
 def test_config_checks_dataset_and_fractions() -> None:
-    from chargpt.config.schema import resolve_config
+    from chargpt.config.resolve import resolve_config
 
     with pytest.raises(ConfigError, match="unknown dataset 'enwik9'"):
         resolve_config(overrides={"data": {"dataset": "enwik9"}})

@@ -11,7 +11,7 @@ from conftest import cli, ctrl_c_after, one_line_error, same_weights, tiny_confi
 
 import chargpt.training.budget as budget_module
 from chargpt.cli.commands import main
-from chargpt.config.schema import resolve_config
+from chargpt.config.resolve import resolve_config
 from chargpt.config.values import parse_duration
 from chargpt.errors import ConfigError
 from chargpt.training.budget import (

@@ -6,13 +6,13 @@ import pytest
 
 from chargpt.config.fields import field_docs
 from chargpt.config.presets import load_preset, preset_names
+from chargpt.config.resolve import resolve_config
 from chargpt.config.schema import (
     SECTIONS,
     Config,
     ConfigError,
     ModelConfig,
     apply_overrides,
-    resolve_config,
 )
 
 

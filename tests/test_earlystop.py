@@ -13,7 +13,7 @@ import math
 import pytest
 from conftest import corpus_text, ctrl_c_after, metrics, same_weights, tiny_config, write
 
-from chargpt.config.schema import resolve_config
+from chargpt.config.resolve import resolve_config
 from chargpt.training.launch import train
 from chargpt.training.optim import lr_at
 from chargpt.training.plateau import MARGIN, counted, end_early, final_word

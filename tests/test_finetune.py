@@ -25,7 +25,7 @@ from test_hostile import with_config
 
 import chargpt.model.build as build_mod
 from chargpt.cli.commands import main
-from chargpt.config.schema import resolve_config
+from chargpt.config.resolve import resolve_config
 from chargpt.runs.rundir import find_checkpoint
 from chargpt.training import finetune
 from chargpt.training.launch import new_trainer, train

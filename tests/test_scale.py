@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config
 
 from chargpt.cli.commands import main
-from chargpt.config.schema import resolve_config
+from chargpt.config.resolve import resolve_config
 from chargpt.data.batches import BatchSampler
 from chargpt.errors import ConfigError
 from chargpt.model.build import build_model

@@ -12,7 +12,7 @@ import torch
 
 from chargpt.cli import main
 from chargpt.config import sizing
-from chargpt.config.schema import resolve_config
+from chargpt.config.resolve import resolve_config
 from chargpt.config.sizing import Forecast, Rule, block_params, choose, load_rule
 from chargpt.data.stats import LZMA_SAMPLE, CorpusStats, corpus_bits_per_char, corpus_stats
 from chargpt.errors import ConfigError

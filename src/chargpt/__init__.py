@@ -21,7 +21,7 @@ _EXPORTS = {
     "ModelConfig": "config.schema",
     "DataConfig": "config.schema",
     "TrainConfig": "config.schema",
-    "resolve_config": "config.schema",
+    "resolve_config": "config.resolve",
     "preset_names": "config.presets",
     "GPT": "model.gpt",
     "BigramLM": "model.bigram",

@@ -19,7 +19,8 @@ from chargpt import errors
 from chargpt.cli.parser import build_parser
 from chargpt.config.flags import config_overrides
 from chargpt.config.presets import DEFAULT_PRESET, preset_description, preset_names
-from chargpt.config.schema import Config, resolve_config
+from chargpt.config.resolve import resolve_config
+from chargpt.config.schema import Config
 from chargpt.errors import ChargptError, ConfigError
 from chargpt.fileio import os_reason
 
@@ -97,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _auto_size_default(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
     """`overrides` with size 'auto' when only a time budget was given: no preset, no config
     file, no size, no model to start from, no value the size would choose."""
-    from chargpt.config.schema import SIZED_KEYS
+    from chargpt.config.resolve import SIZED_KEYS
     from chargpt.config.sizing import load_rule
 
     train = overrides.get("train") or {}

@@ -14,7 +14,8 @@ import typing
 from typing import Any, Literal
 
 from chargpt.config.fields import field_docs, field_types
-from chargpt.config.schema import SECTIONS, resolve_config
+from chargpt.config.resolve import resolve_config
+from chargpt.config.schema import SECTIONS
 
 __all__ = ["add_config_flags", "config_overrides"]
 

@@ -4,7 +4,7 @@ A preset is a TOML file in the package's `presets/` folder, named by its file na
 line (a comment) describes it, and a top-level `extends = "other"` starts it from another
 preset. `load_toml` reads a user's `--config` file. Both return plain tables
 ({section: {key: value}}); config.py checks them against the dataclasses
-(`config.resolve_config`: defaults, then a preset, then a file, then flags).
+(`config.resolve.resolve_config`: defaults, then a preset, then a file, then flags).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Typed run configuration: the dataclasses, their validation, and how values are layered.
+"""Typed run configuration: the dataclasses, their validation, and how overrides apply.
 
 A run is described by one `Config` made of three sections (`model`, `data`, `train`). Every
 field has a type, a default and a docstring; the docstring is the field's `--help` text. Values
-are resolved in this order, later wins: dataclass defaults, a preset, a TOML file, CLI flags.
+are layered by config/resolve.py (defaults, a preset, a named size, a TOML file, CLI flags).
 Unknown keys and impossible values raise `ConfigError` with a one-line message, so a typo never
 silently trains the wrong model.
 """
@@ -12,11 +12,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from chargpt.config.fields import coerce, field_types
-from chargpt.config.presets import DEFAULT_PRESET, load_preset, load_toml
 from chargpt.config.sizing import load_rule
 from chargpt.config.values import check_time_budget, parse_cooldown_plan, parse_log_to
 from chargpt.errors import ConfigError
@@ -356,45 +354,3 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Conf
         )
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-
-
-# --- resolving a run's values ---------------------------------------------------------------
-
-
-def resolve_config(
-    preset: str | None = None,
-    config_file: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> Config:
-    """Defaults, then a preset (default: shakespeare-cpu), then a named size of the sizing rule
-    when [train] size names one, then a TOML file, then overrides."""
-    layers = [(load_preset(preset or DEFAULT_PRESET), f"preset {preset}")]
-    if config_file:
-        layers.append((load_toml(config_file), str(config_file)))
-    if overrides:
-        layers.append((overrides, "command line"))
-    cfg = Config()
-    for tables, source in layers:
-        cfg = apply_overrides(cfg, tables, source)
-    if cfg.train.size == "auto":
-        _check_auto_size(layers[1:])
-    elif cfg.train.size:
-        sized = load_rule().size(cfg.train.size).overrides()
-        cfg = Config()
-        for tables, source in [layers[0], (sized, f"size {cfg.train.size}"), *layers[1:]]:
-            cfg = apply_overrides(cfg, tables, source)
-    return cfg
-
-
-SIZED_KEYS = {"model": ("n_layer", "n_embd", "n_head", "block_size", "dropout"),
-              "train": ("batch_size",)}
-
-
-def _check_auto_size(layers: list[tuple[dict[str, Any], str]]) -> None:
-    """--size auto chooses the shape: a shape value given as well is an error, not ignored."""
-    for tables, source in layers:
-        for section, keys in SIZED_KEYS.items():
-            given = [k for k in keys if k in (tables.get(section) or {})]
-            if given:
-                raise ConfigError(f"{source}: size 'auto' chooses {', '.join(given)}; give "
-                                  "either those or the automatic size")
