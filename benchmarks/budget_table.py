@@ -101,13 +101,20 @@ def one_run(corpus: str, budget: str, size: str, data_dir: Path, out: Path, seed
             "step_cap": saved.train.step_cap,
             "dropout": saved.model.dropout, "dtype": saved.train.dtype,
             "block": saved.model.block_size,
-            "compile": saved.train.compile,
+            "compile": saved.train.compile, "data_order": saved.train.data_order,
             "forecast": float(match.group(1)) if match else None,
             "steps": result.step, "best_val": result.best_val_loss, "whole_best": whole,
             "tiled_best": tiled,
             "seconds": round(seconds, 2), "budget_seconds": parse_duration(budget),
             "choice": saved.train.size_choice, "date": datetime.date.today().isoformat(),
             **({"set": lever} if lever else {})}
+
+
+def order_of(row: dict) -> str:
+    """The order a run drew its batches in: recorded since 2026-12-05 21:00, random before
+    (unless a --set said otherwise)."""
+    given = (row.get("set") or {}).get("train", {}).get("data_order", "random")
+    return row.get("data_order", given)
 
 
 def forecasts_afterwards(rows: list[dict]) -> dict[int, float]:
@@ -132,7 +139,7 @@ def forecasts_afterwards(rows: list[dict]) -> dict[int, float]:
                 block = r.get("block", size.model["block_size"])  # --block: not the size's
                 out[i] = rule.forecast.lowest(body[size.name], r["steps"],
                                               size.train["batch_size"] * block, stats, dropout,
-                                              block)[0]
+                                              block, order_of(r) == "epoch")[0]
     return out
 
 
@@ -192,6 +199,8 @@ def print_table(all_rows: list[dict]) -> None:
             hand_size, hand_val = best["size"], f"{best['best_val']:.4f}"
             if best.get("block", own[best["size"]]) != own[best["size"]]:
                 hand_size += f", block {best['block']}"
+            if order_of(best) != order_of(a):
+                hand_size += f", {order_of(best)} order"
             gap = f"{a['best_val'] - best['best_val']:+.4f}"
         print(f"| {corpus} | {budget} | {a['size']} | {a['best_val']:.4f} | {forecast} | "
               f"{miss} | {hand_size} | {hand_val} | {gap} | {a['whole_best']:.4f} |")

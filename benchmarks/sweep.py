@@ -16,6 +16,8 @@ already in `--out` is skipped, so the sweep can be stopped and continued.
 
 Corpora: `shakespeare` is Tiny Shakespeare (../shared/data/tinyshakespeare.txt, or the copy in
 chargpt's cache, or downloaded); the others are benchmarks/corpora.py's Debian packages.
+`--data-order random` draws the batches as random windows instead of the recipe's epoch order
+(the line records the order; lines without one, from before 2026-12-05 21:00, were random).
 `--max-minutes` skips a run whose expected time (from a probe of its step time) is longer.
 `--block` trains the sizes at another block size than their own (the line records it), which
 separates what a longer context is worth from what a larger model is; `--batch` with it keeps
@@ -70,9 +72,10 @@ def parse_tokens(text: str) -> int:
     return int(float(text[:-1] if scale != 1 else text) * scale)
 
 
-def config(size, data_dir: str, out: Path, steps: int, dropout: float, dtype: str = "auto"):
+def config(size, data_dir: str, out: Path, steps: int, dropout: float, dtype: str = "auto",
+           order: str = ""):
     train = {**size.train, "out_dir": str(out), "progress": False, "sample_chars": 0,
-             "dtype": dtype,
+             "dtype": dtype, **({"data_order": order} if order else {}),
              "max_steps": steps, "eval_interval": max(1, steps // EVALS),
              "eval_iters": EVAL_ITERS, "warmup_steps": min(50, steps // 10)}
     return resolve_config(size.base_preset, overrides={
@@ -94,11 +97,12 @@ def probe_seconds(size, data_dir: str, tmp: Path) -> float:
 
 
 def one_run(size, corpus: dict, data_dir: str, out: Path, tokens: int, dropout: float,
-            dtype: str = "auto") -> dict:
+            dtype: str = "auto", order: str = "") -> dict:
     per_step = size.train["batch_size"] * size.model["block_size"]
     steps = max(20, round(tokens / per_step))
     t0 = time.perf_counter()
-    trainer = new_trainer(config(size, data_dir, out, steps, dropout, dtype), quiet=True)
+    trainer = new_trainer(config(size, data_dir, out, steps, dropout, dtype, order),
+                          quiet=True)
     result = trainer.run()
     seconds = time.perf_counter() - t0
     if result.interrupted_by is not None or result.step != steps:
@@ -108,7 +112,7 @@ def one_run(size, corpus: dict, data_dir: str, out: Path, tokens: int, dropout: 
     return {**corpus, "size": size.name, "params": trainer.model.num_params(),
             "body_params": block_params(trainer.model), "batch": size.train["batch_size"],
             "block": size.model["block_size"], "dropout": dropout, "steps": steps,
-            "dtype": trainer.cfg.train.dtype,
+            "dtype": trainer.cfg.train.dtype, "data_order": trainer.cfg.train.data_order,
             "tokens": steps * per_step, "best_val": result.best_val_loss,
             "final_val": result.last_val_loss, "final_train": evals[-1].get("train_loss"),
             "seconds": round(seconds, 1), "date": datetime.date.today().isoformat(),
@@ -140,6 +144,8 @@ def main() -> int:
                     help="and this many blocks a step (0: each size's own)")
     ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
                     help="training precision; most of the fitted runs are float32")
+    ap.add_argument("--data-order", default="", choices=["", "random", "epoch"],
+                    help="the batches' order (default: the recipe's, the sizes' base preset's)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/sweep.jsonl")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default); 1 on a shared machine, where "
@@ -152,7 +158,8 @@ def main() -> int:
     if args.out.exists():
         for line in args.out.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["corpus"], r["size"], r["block"], r["batch"], r["tokens"], r["dropout"]))
+            done.add((r["corpus"], r["size"], r["block"], r["batch"], r["tokens"], r["dropout"],
+                      r.get("data_order", "random")))  # rows before 2026-12-05 21:00: random
     sizes = {s.name: with_block(s, args.block, args.batch) for s in rule.sizes}
     for name in args.corpus:
         with tempfile.TemporaryDirectory() as tmp:
@@ -167,9 +174,10 @@ def main() -> int:
                 size = sizes[size_name]
                 per_step = size.train["batch_size"] * size.model["block_size"]
                 todo = [(parse_tokens(t), d) for t in args.tokens for d in args.dropout]
+                order = args.data_order or resolve_config(size.base_preset).train.data_order
                 todo = [(t, d) for t, d in todo
                         if (name, size_name, size.model["block_size"], size.train["batch_size"],
-                            max(20, round(t / per_step)) * per_step, d) not in done]
+                            max(20, round(t / per_step)) * per_step, d, order) not in done]
                 if not todo:
                     continue
                 step_s = probe_seconds(size, data_dir, Path(tmp))
@@ -180,7 +188,8 @@ def main() -> int:
                               flush=True)
                         continue
                     out = Path(tmp) / f"run-{size_name}-{per_step}-{tokens}-{dropout}"
-                    record = one_run(size, corpus, data_dir, out, tokens, dropout, args.dtype)
+                    record = one_run(size, corpus, data_dir, out, tokens, dropout, args.dtype,
+                                     args.data_order)
                     with args.out.open("a") as f:
                         f.write(json.dumps(record) + "\n")
                     print(json.dumps(record), flush=True)

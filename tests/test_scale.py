@@ -78,10 +78,12 @@ def test_estimate_command(capsys):
     assert "on 1 x H100-SXM" in capsys.readouterr().out
 
 
-def test_ranks_split_the_single_process_stream():
+@pytest.mark.parametrize("order", BatchSampler.ORDERS)
+def test_ranks_split_the_single_process_stream(order):
     tokens = np.arange(5000, dtype=np.uint16)
-    one = BatchSampler(tokens, 8, 4, seed=3)
-    ranks = [BatchSampler(tokens, 8, 4, seed=3, rank=r, world_size=2) for r in range(2)]
+    one = BatchSampler(tokens, 8, 4, seed=3, order=order)
+    ranks = [BatchSampler(tokens, 8, 4, seed=3, rank=r, world_size=2, order=order)
+             for r in range(2)]
     for _ in range(5):
         a, b = one.next_batch()[0], one.next_batch()[0]  # two micro-batches of one process
         assert torch.equal(ranks[0].next_batch()[0], a)

@@ -3,6 +3,7 @@ config, and `--size auto` end to end (a real budget run that times its candidate
 
 from __future__ import annotations
 
+import dataclasses
 import lzma
 import math
 import re
@@ -406,9 +407,57 @@ def test_a_named_size_with_a_budget_says_what_to_expect(fitted, small_corpus, tm
     stats = corpus_stats(load_prepared(RunDir(out).data_dir(cfg)))
     size = fitted.size("2x64")
     want, at = fitted.forecast.lowest(block_params(build_model(cfg.model)), planned,
-                                      size.tokens_per_step, stats, block=cfg.model.block_size)
+                                      size.tokens_per_step, stats, block=cfg.model.block_size,
+                                      epoch=cfg.train.data_order == "epoch")
     assert f"val loss forecast {want:.2f} " in line
     assert ("learnt by heart" in line) == (at < sizing.SHORTEN_BELOW * planned)
+
+
+def test_in_epoch_order_a_token_is_worth_more_and_learnt_by_heart_as_fast():
+    """In epoch order (each window once a pass) a token is worth `epoch_worth` tokens of
+    random windows; what the passes after the first cost is the same in either order."""
+    f = Forecast(**FORECAST, epoch_worth=1.3)
+    never = Forecast(**{**FORECAST, "C": 0.0, "epoch_worth": 1.3})  # never learns by heart
+    p, u = 1e6, CORPUS.train_tokens
+    for passes in (0.5, 2, 5):
+        d = passes * u
+        assert never.loss(p, d, CORPUS, epoch=True) == pytest.approx(never.loss(p, 1.3 * d,
+                                                                                CORPUS))
+        assert f.loss(p, d, CORPUS, epoch=True) < f.loss(p, d, CORPUS)
+        assert (f.loss(p, d, CORPUS, epoch=True) - never.loss(p, d, CORPUS, epoch=True)
+                == pytest.approx(f.loss(p, d, CORPUS) - never.loss(p, d, CORPUS)))
+
+
+def test_a_run_is_forecast_in_its_own_order(fitted):
+    """`choose` and a named size's line are told the run's order: the same budget on a small
+    corpus is forecast lower in epoch order when the form says so."""
+    rule = dataclasses.replace(fitted, forecast=Forecast(**FORECAST, epoch_worth=1.5))
+    small, body = CorpusStats(50_000, 60, 3.0), _body(fitted)
+    times = _flops_times(fitted, 0.02)
+    walked, drawn = (choose(rule, 600, times, body, small, epoch=epoch) for epoch in (True, False))
+    assert walked.passes > 1 and walked.loss < drawn.loss
+    lines = [rule.expect("4x128", body["4x128"], 2000, 1024, small, 0.0, 64, epoch)
+             for epoch in (True, False)]
+    walk, draw = (float(re.search(r"forecast ([\d.]+)", line).group(1)) for line in lines)
+    assert walk < draw
+
+
+def test_the_fast_recipe_walks_the_corpus_in_epoch_order_unless_told_not_to():
+    """The recipe every size is layered on reads each window once a pass (docs/sizing.md), and
+    the forecast holds what a token read so is worth; a flag still
+    wins, with a named size and with the automatic one."""
+    from chargpt.training.autosize import apply_size
+
+    rule = load_rule()
+    assert rule.forecast is not None and rule.forecast.epoch_worth > 1.0
+    assert resolve_config().train.data_order == "epoch"  # the default preset extends it
+    named = rule.sizes[0].name
+    assert resolve_config(overrides={"train": {"size": named}}).train.data_order == "epoch"
+    for size in (named, "auto"):
+        cfg = resolve_config(overrides={"train": {"size": size, "data_order": "random",
+                                                  "time_budget": "1m"}})
+        assert cfg.train.data_order == "random"
+        assert apply_size(cfg, rule.sizes[-1]).train.data_order == "random"
 
 
 def test_a_named_size_says_when_its_steps_would_learn_the_corpus_by_heart(fitted):

@@ -20,7 +20,10 @@ the budget buys). Dropout is the other way out: with it, a fitted number of pass
 before that cost begins, it then grows at a fitted share of its rate without dropout, and a
 fitted cost of its own is added, so it is chosen where the passes would cost more than it
 does. The last term is what a size's longer blocks are worth (the loss averages every
-position of a block).
+position of a block). The fast recipe draws its batches in epoch order (each window once a
+pass, none twice and none missed), which makes a token worth a fitted number of tokens of
+random windows (`epoch_worth`, fitted with the rest held: most of the sweep drew random
+windows); every forecast is told which order its run uses.
 No size is read past the passes over a corpus the sweep measured it at (`Size.passes`): past
 them that form is a guess. Nothing in the rule knows the machine: `choose` is given each
 size's step time as measured here, turns the budget into tokens per size, and takes the size
@@ -108,6 +111,8 @@ class Forecast:
     dropout_spread: float = 0.0  # the half-range of a forecast with dropout (0: `spread`)
     dropout_slope: float = 1.0  # learning by heart's rate with dropout, past its free passes,
     # as a share of the rate without
+    epoch_worth: float = 1.0  # what a token is worth when the batches walk the corpus in epoch
+    # order (each window once a pass), in tokens of windows drawn at random
 
     def quoted_range(self, dropout: bool) -> float:
         """Half the range quoted around a forecast: the dropout runs miss by more (what
@@ -121,16 +126,18 @@ class Forecast:
         return train_tokens * (1.0 + self.repeats * (1.0 - math.exp(-extra / self.repeats)))
 
     def loss(self, body_params: float, tokens: float, corpus: CorpusStats,
-             dropout: bool = False, block: int = REFERENCE_BLOCK) -> float:
+             dropout: bool = False, block: int = REFERENCE_BLOCK, epoch: bool = False) -> float:
         """The forecast, for training without dropout or (`dropout`) with the forecast's
         `dropout` value: that holds learning by heart off for `dropout_free_passes` passes,
         slows it by `dropout_slope` after them and adds `dropout_cost`, all fitted to the
         sweep's runs with dropout. A model reading blocks of `block` characters is forecast
         `context * (1 - (64 / block)^context_power)` lower than at blocks of 64 (the training
         estimate averages over every position of a block, so a longer one gives its later
-        positions more to go on)."""
+        positions more to go on). With `epoch` (batches in epoch order, each window once a
+        pass) a token is worth `epoch_worth` tokens of random windows, learning by heart aside
+        (that goes by the passes)."""
         u = corpus.train_tokens
-        d = self.effective_tokens(tokens, u)
+        d = self.effective_tokens(tokens * (self.epoch_worth if epoch else 1.0), u)
         free = self.dropout_free_passes if dropout else 0.0
         overfit = self.C * (body_params / 1e6) ** self.gamma * max(0.0, tokens / u - 1.0 - free)
         if dropout:
@@ -140,21 +147,23 @@ class Forecast:
                 + self.A * body_params ** -self.alpha + self.B * d ** -self.beta + overfit)
 
     def dropout_can_pay(self, body_params: float, tokens: float, corpus: CorpusStats,
-                        block: int = REFERENCE_BLOCK) -> bool:
+                        block: int = REFERENCE_BLOCK, epoch: bool = False) -> bool:
         """Whether dropout is forecast lower than none after `tokens` or fewer: what it saves
         only grows with the passes, so `tokens` is the place to ask."""
-        return bool(self.dropout) and (self.loss(body_params, tokens, corpus, True, block)
-                                       < self.loss(body_params, tokens, corpus, False, block))
+        return bool(self.dropout) and (
+            self.loss(body_params, tokens, corpus, True, block, epoch)
+            < self.loss(body_params, tokens, corpus, False, block, epoch))
 
     def lowest(self, body_params: float, steps: int, tokens_per_step: int, corpus: CorpusStats,
-               dropout: bool = False, block: int = REFERENCE_BLOCK) -> tuple[float, int]:
+               dropout: bool = False, block: int = REFERENCE_BLOCK, epoch: bool = False
+               ) -> tuple[float, int]:
         """A run's best val loss forecast, and its step: the lowest at its steps and at the
         shorter runs `choose` reads (TOKEN_GRID), since best/ keeps the best evaluation."""
         counts = [steps]
         while counts[-1] * TOKEN_GRID >= MIN_STEPS:
             counts.append(int(counts[-1] * TOKEN_GRID))
-        return min((self.loss(body_params, n * tokens_per_step, corpus, dropout, block), n)
-                   for n in counts)
+        return min((self.loss(body_params, n * tokens_per_step, corpus, dropout, block, epoch),
+                    n) for n in counts)
 
 
 @dataclass(frozen=True)
@@ -166,15 +175,17 @@ class Rule:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def expect(self, name: str, body_params: int, steps: int, tokens_per_step: int,
-               corpus: CorpusStats, dropout: float, block: int) -> str | None:
+               corpus: CorpusStats, dropout: float, block: int, epoch: bool = False
+               ) -> str | None:
         """One line for the log of a run of size `name` planned for `steps` steps of
         `tokens_per_step` tokens in blocks of `block` (flags may have changed the size's batch
-        or block; every rank's batches count): the val loss to expect. None without a fitted
-        forecast, or at a dropout it was not fitted to."""
+        or block, or its batches' order, `epoch`; every rank's batches count): the val loss
+        to expect. None without a fitted forecast, or at a dropout it was not fitted to."""
         f = self.forecast
         if f is None or dropout not in (0.0, f.dropout):
             return None
-        loss, at = f.lowest(body_params, steps, tokens_per_step, corpus, dropout > 0, block)
+        loss, at = f.lowest(body_params, steps, tokens_per_step, corpus, dropout > 0, block,
+                            epoch)
         spread, tokens = f.quoted_range(dropout > 0), steps * tokens_per_step
         regularised = f", dropout {dropout:g}" if dropout else ""
         most = self.size(name).most_passes(dropout > 0)
@@ -247,7 +258,7 @@ def expected(cfg: Any, model: Any, data: PreparedData, tokens_per_step: int) -> 
         return None
     return rule.expect(rule.size(tc.size).name, block_params(model), tc.max_steps,
                        tokens_per_step, corpus_stats(data), cfg.model.dropout,
-                       cfg.model.block_size)
+                       cfg.model.block_size, tc.data_order == "epoch")
 
 
 def block_params(model: Any) -> int:
@@ -286,7 +297,7 @@ def load_rule() -> Rule:
 
 def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
            body_params: dict[str, int], corpus: CorpusStats,
-           dropout_seconds: dict[str, float] | None = None) -> Choice:
+           dropout_seconds: dict[str, float] | None = None, epoch: bool = False) -> Choice:
     """The size with the lowest forecast after `train_seconds` of its steps (`step_seconds`,
     measured here, for the sizes that were measured) among those that get MIN_STEPS; the
     smallest size measured when none does (`Choice.steps` then says how few it gets).
@@ -296,7 +307,7 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
     learnt by heart) at its steps with dropout (`dropout_seconds`, where measured: on a CPU
     they are slower), never past the passes the sweep measured the size at (`Size.passes`)
     unless no size was measured at as few. The lowest forecast of all wins (see `_safest`
-    for how long)."""
+    for how long). `epoch`: the run draws its batches in epoch order."""
     if rule.forecast is None:
         raise ConfigError("this chargpt has no fitted sizing rule (sizing.json's forecast)")
     measured = [size for size in rule.sizes if size.name in step_seconds]
@@ -313,7 +324,7 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
         with_dropout = (dropout_seconds or {}).get(size.name, step_seconds[size.name])
         forecasts = _forecasts(forecast, size, {False: steps,
                                                 True: int(train_seconds / with_dropout)},
-                               body_params[size.name], corpus)
+                               body_params[size.name], corpus, epoch)
         if not forecasts:
             continue
         loss, tokens, dropout, capped[size.name], bought[size.name] = _safest(forecasts)
@@ -323,7 +334,7 @@ def choose(rule: Rule, train_seconds: float, step_seconds: dict[str, float],
         unlimited = [dataclasses.replace(s, passes=math.inf, passes_dropout=math.inf)
                      for s in rule.sizes]
         return choose(dataclasses.replace(rule, sizes=tuple(unlimited)), train_seconds,
-                      step_seconds, body_params, corpus, dropout_seconds)
+                      step_seconds, body_params, corpus, dropout_seconds, epoch)
     enough = {name: c for name, c in candidates.items()
               if c.tokens >= MIN_STEPS * rule.size(name).tokens_per_step}
     best = min(enough or candidates, key=lambda n: candidates[n].loss)
@@ -346,7 +357,7 @@ def _safest(forecasts: list[Priced]) -> Priced:
 
 
 def _forecasts(forecast: Forecast, size: Size, steps: dict[bool, int], body_params: int,
-               corpus: CorpusStats) -> list[Priced]:
+               corpus: CorpusStats, epoch: bool = False) -> list[Priced]:
     """(loss, tokens, dropout, capped, tokens bought) of `size` trained for the `steps` the
     budget buys without and with dropout (`steps[dropout]`) or fewer (TOKEN_GRID), never past
     the passes the sweep measured it at."""
@@ -363,7 +374,7 @@ def _forecasts(forecast: Forecast, size: Size, steps: dict[bool, int], body_para
         for n in tried:
             tokens = n * size.tokens_per_step
             out.append((forecast.loss(body_params, tokens, corpus, dropout,
-                                      size.model["block_size"]), tokens,
+                                      size.model["block_size"], epoch), tokens,
                         forecast.dropout if dropout else 0.0, n == top < steps[dropout],
                         bought))
     return out

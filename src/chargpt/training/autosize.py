@@ -104,12 +104,13 @@ def _measure(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
     forecast = load_rule().forecast
     dropout = forecast.dropout if forecast is not None else 0.0
     world = max(1, env.world_size)
+    epoch = cfg.train.data_order == "epoch"
 
     def could_pay(size: Size, seconds: float) -> bool:
         """Whether the steps `seconds` long that the budget buys could make dropout pay."""
         tokens = budget * TRAIN_SHARE / seconds * world * size.tokens_per_step
         return bool(dropout) and forecast.dropout_can_pay(body[size.name], tokens, stats,
-                                                          size.model["block_size"])
+                                                          size.model["block_size"], epoch)
 
     last: tuple[float, float] | None = None  # (seconds, FLOPs) of the last size timed
     spent = 0.0
@@ -177,7 +178,8 @@ def auto_size(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
     per_batch = {name: seconds / world for name, seconds in times.items()}
     choice = choose(load_rule(), (budget - (time.perf_counter() - t0)) * TRAIN_SHARE,
                     per_batch, body, stats,
-                    {name: seconds / world for name, seconds in dropped.items()})
+                    {name: seconds / world for name, seconds in dropped.items()},
+                    cfg.train.data_order == "epoch")
     choice = dataclasses.replace(choice, steps=choice.steps // world)
     if choice.steps < MIN_STEPS and env.is_main:
         warn(f"--time {cfg.train.time_budget} buys only about {choice.steps} steps of the "
