@@ -581,7 +581,8 @@ def test_auto_times_each_size_with_the_rules_dropout_where_it_could_pay(
         * s.tokens_per_step, stats, s.model["block_size"])
         for s in load_rule().sizes if s.name in names}
     assert len(names) > 1 and any(pays.values()) and not all(pays.values())
-    assert seen == [(n, d) for n in names for d in ((0.0, 0.1) if pays[n] else (0.0,))]
+    # every size plain first, then with dropout where it could pay
+    assert seen == [(n, 0.0) for n in names] + [(n, 0.1) for n in names if pays[n]]
     if choice.dropout:  # its steps are those of the slower, dropout step
         per_step = 0.002 * choice.size.model["n_layer"]
         assert choice.tokens <= int(600 * sizing.TRAIN_SHARE / per_step) * \
@@ -589,3 +590,39 @@ def test_auto_times_each_size_with_the_rules_dropout_where_it_could_pay(
     # a short budget on slow steps reads the corpus too few times: nothing timed with dropout
     seen, choice, _, _ = _auto_timings(small_corpus, tmp_path / "short", monkeypatch, "30s", 0.5)
     assert seen and all(d == 0.0 for _, d in seen) and choice.dropout == 0.0
+
+
+def test_every_size_is_timed_before_any_dropout_and_untimed_dropout_steps_are_guessed(
+        small_corpus, monkeypatch, tmp_path):
+    """Timing a larger size at all is worth more than timing a smaller one's dropout steps
+    (poems-en at 2 min once lost its best size, 4x192, to the share spent on dropout
+    timings): plain steps come first; a dropout step the share leaves untimed is the plain one
+    at the dropout-to-plain ratio of the last size timed both ways."""
+    from chargpt.data.preparation import prepare
+    from chargpt.data.prepared import load_prepared
+    from chargpt.distributed import DistEnv
+    from chargpt.training import autosize
+
+    monkeypatch.setattr(sizing.Forecast, "dropout_can_pay", lambda *args, **kwargs: True)
+    seen = []
+
+    def timed(cfg, rundir, data, dev, env):
+        seen.append((cfg.train.size, cfg.model.dropout))
+        return 0.01 * cfg.model.n_layer * (1.5 if cfg.model.dropout else 1.0)
+
+    monkeypatch.setattr(autosize, "_time_size", timed)
+    prepare(str(small_corpus), tmp_path / "data")
+    data = load_prepared(tmp_path / "data")
+    cfg = resolve_config("fast-cpu", overrides={"model": {"vocab_size": data.vocab_size}})
+    assert load_rule().forecast.dropout > 0
+    # a share that holds the plain steps of the sizes timed and a few of their dropout steps
+    times, dropped, _ = autosize._measure(cfg, RunDir(tmp_path / "run"), data, DistEnv(),
+                                          torch.device("cpu"), budget=65.0,
+                                          stats=corpus_stats(data))
+    plain = [name for name, d in seen if d == 0.0]
+    with_dropout = [name for name, d in seen if d > 0.0]
+    assert seen == [(n, 0.0) for n in plain] + [(n, load_rule().forecast.dropout)
+                                                for n in with_dropout]
+    assert plain == list(times) and len(times) >= 3
+    assert 0 < len(with_dropout) < len(times) and with_dropout == list(dropped)[:len(with_dropout)]
+    assert dropped == {name: pytest.approx(1.5 * seconds) for name, seconds in times.items()}

@@ -3,12 +3,13 @@ the first step, and `--size NAME`: one size of the ladder by name.
 
 The rule and its forecast are config/sizing.py's; what this module adds is the machine. Each
 candidate size is built as the run would build it (the same Trainer, optimizer and batches) and
-timed for a few steps here, smallest first, and again with the rule's dropout when it has one
-(on a CPU a step with dropout is up to a third slower, which buys fewer tokens); the next size's
-time is first guessed from the last one measured and its FLOPs, and the measuring stops at the
-first size the budget cannot give `MIN_STEPS` steps, or when timing it would cost more than
-`MEASURE_SHARE` of the budget. Under torchrun every rank times the sizes by itself and the
-ranks average their times, so all choose alike. The seconds spent measuring count against the
+timed for a few steps here, smallest first; the next size's time is first guessed from the
+last one measured and its FLOPs, and the measuring stops at the first size the budget cannot
+give `MIN_STEPS` steps, or when timing it would cost more than `MEASURE_SHARE` of the budget.
+Then the sizes where the rule's dropout could pay are timed with it (on a CPU a step with
+dropout is up to a third slower, which buys fewer tokens), while the share lasts. Under
+torchrun every rank times the sizes by itself and the ranks average their times, so all choose
+alike. The seconds spent measuring count against the
 budget. The choice is applied to the config (the size's values, dropout where the rule
 regularises, and a shorter budget when the corpus is too small to use the whole one) and
 recorded in it (`TrainConfig.size` names the size, `size_choice` says why), so a resumed run
@@ -95,23 +96,49 @@ def _measure(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
              device: torch.device, budget: float, stats: CorpusStats
              ) -> tuple[dict[str, float], dict[str, float], dict[str, int]]:
     """Step seconds (without and with the rule's dropout, where it could pay: on a CPU a step
-    with dropout is slower) of each size worth timing, smallest first, and block parameters
-    of every size. Dropout is timed only for a size whose plain steps would read the corpus
-    often enough for the forecast to prefer it; a step with dropout buys fewer tokens still."""
-    times: dict[str, float] = {}
-    dropped: dict[str, float] = {}
+    with dropout is slower) of each size worth timing, and block parameters of every size.
+
+    Every size the budget can run is timed first, smallest first, then with dropout each size
+    whose plain steps would read the corpus often enough for the forecast to prefer it. A
+    size left out for want of `MEASURE_SHARE` is left out of the choice; a dropout step left
+    untimed is guessed from the plain one at the dropout-to-plain ratio of the nearest smaller
+    size timed both ways (the ratio falls as sizes grow, so the guess errs slow; with none
+    timed, the plain step)."""
     body = block_params_of(cfg)
     forecast = load_rule().forecast
     dropout = forecast.dropout if forecast is not None else 0.0
-    world = max(1, env.world_size)
+    tokens_per_second = budget * TRAIN_SHARE * max(1, env.world_size)
     epoch = cfg.train.data_order == "epoch"
+    sizes = {size.name: size for size in load_rule().sizes}
 
-    def could_pay(size: Size, seconds: float) -> bool:
+    def could_pay(name: str, seconds: float) -> bool:
         """Whether the steps `seconds` long that the budget buys could make dropout pay."""
-        tokens = budget * TRAIN_SHARE / seconds * world * size.tokens_per_step
-        return bool(dropout) and forecast.dropout_can_pay(body[size.name], tokens, stats,
-                                                          size.model["block_size"], epoch)
+        tokens = tokens_per_second / seconds * sizes[name].tokens_per_step
+        return bool(dropout) and forecast.dropout_can_pay(
+            body[name], tokens, stats, sizes[name].model["block_size"], epoch)
 
+    times, spent = _time_plain(cfg, rundir, data, device, env, budget)
+    dropped: dict[str, float] = {}
+    ratio = 1.0  # dropout step / plain step, of the last size timed both ways
+    for name, seconds in times.items():
+        if not could_pay(name, seconds):
+            continue
+        if spent + seconds * ratio * (WARMUP_STEPS + TIMED_STEPS) <= MEASURE_SHARE * budget:
+            dropped[name] = _time_size(apply_size(cfg, sizes[name], dropout), rundir, data,
+                                       device, env)
+            spent += dropped[name] * (WARMUP_STEPS + TIMED_STEPS)
+            ratio = dropped[name] / seconds
+        else:
+            dropped[name] = seconds * ratio
+    return times, dropped, body
+
+
+def _time_plain(cfg: Config, rundir: RunDir, data: PreparedData, device: torch.device,
+                env: DistEnv, budget: float) -> tuple[dict[str, float], float]:
+    """Step seconds of each size, smallest first, up to the first the budget cannot give
+    `MIN_STEPS` steps or that timing would take past `MEASURE_SHARE` of it (its time guessed
+    from the last size's and their FLOPs), and the seconds the timed steps took."""
+    times: dict[str, float] = {}
     last: tuple[float, float] | None = None  # (seconds, FLOPs) of the last size timed
     spent = 0.0
     fits = min(len(data.train), len(data.val)) - 1  # the longest block both splits hold
@@ -123,19 +150,12 @@ def _measure(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
         if last is not None:
             guess = last[0] * sketch.flops_per_step / last[1]
             too_slow = budget * TRAIN_SHARE / guess < MIN_STEPS
-            timings = 2 if could_pay(size, guess) else 1
-            steps = (WARMUP_STEPS + TIMED_STEPS) * timings
-            if too_slow or spent + guess * steps > MEASURE_SHARE * budget:
+            if too_slow or spent + guess * (WARMUP_STEPS + TIMED_STEPS) > MEASURE_SHARE * budget:
                 break
-        measured = [_time_size(sized, rundir, data, device, env)]
-        if could_pay(size, measured[0]):
-            dropped[size.name] = _time_size(apply_size(cfg, size, dropout), rundir, data,
-                                            device, env)
-            measured.append(dropped[size.name])
-        times[size.name] = measured[0]
-        spent += sum(measured) * (WARMUP_STEPS + TIMED_STEPS)
-        last = (measured[0], sketch.flops_per_step)
-    return times, dropped, body
+        times[size.name] = _time_size(sized, rundir, data, device, env)
+        spent += times[size.name] * (WARMUP_STEPS + TIMED_STEPS)
+        last = (times[size.name], sketch.flops_per_step)
+    return times, spent
 
 
 def gpu_step_seconds(cfg: Config, gpu: str, gpus: int, mfu: float) -> dict[str, float]:
