@@ -408,7 +408,7 @@ def test_a_named_size_with_a_budget_says_what_to_expect(fitted, small_corpus, tm
     size = fitted.size("2x64")
     want, at = fitted.forecast.lowest(block_params(build_model(cfg.model)), planned,
                                       size.tokens_per_step, stats, block=cfg.model.block_size,
-                                      epoch=cfg.train.data_order == "epoch")
+                                      epoch=cfg.train.epoch_order)
     assert f"val loss forecast {want:.2f} " in line
     assert ("learnt by heart" in line) == (at < sizing.SHORTEN_BELOW * planned)
 
@@ -592,12 +592,12 @@ def test_auto_times_each_size_with_the_rules_dropout_where_it_could_pay(
     assert seen and all(d == 0.0 for _, d in seen) and choice.dropout == 0.0
 
 
-def test_every_size_is_timed_before_any_dropout_and_untimed_dropout_steps_are_guessed(
+def test_every_size_is_timed_before_any_dropout_and_untimed_dropout_is_not_offered(
         small_corpus, monkeypatch, tmp_path):
     """Timing a larger size at all is worth more than timing a smaller one's dropout steps
     (poems-en at 2 min once lost its best size, 4x192, to the share spent on dropout
-    timings): plain steps come first; a dropout step the share leaves untimed is the plain one
-    at the dropout-to-plain ratio of the last size timed both ways."""
+    timings): plain steps come first; a size whose dropout steps the share leaves untimed is
+    priced at infinite dropout steps, and `choose` then offers it without dropout only."""
     from chargpt.data.preparation import prepare
     from chargpt.data.prepared import load_prepared
     from chargpt.distributed import DistEnv
@@ -614,15 +614,25 @@ def test_every_size_is_timed_before_any_dropout_and_untimed_dropout_steps_are_gu
     prepare(str(small_corpus), tmp_path / "data")
     data = load_prepared(tmp_path / "data")
     cfg = resolve_config("fast-cpu", overrides={"model": {"vocab_size": data.vocab_size}})
-    assert load_rule().forecast.dropout > 0
+    rule = load_rule()
+    assert rule.forecast.dropout > 0
     # a share that holds the plain steps of the sizes timed and a few of their dropout steps
-    times, dropped, _ = autosize._measure(cfg, RunDir(tmp_path / "run"), data, DistEnv(),
-                                          torch.device("cpu"), budget=65.0,
-                                          stats=corpus_stats(data))
+    stats = corpus_stats(data)
+    times, dropped, body = autosize._measure(cfg, RunDir(tmp_path / "run"), data, DistEnv(),
+                                             torch.device("cpu"), budget=65.0, stats=stats)
     plain = [name for name, d in seen if d == 0.0]
     with_dropout = [name for name, d in seen if d > 0.0]
-    assert seen == [(n, 0.0) for n in plain] + [(n, load_rule().forecast.dropout)
+    assert seen == [(n, 0.0) for n in plain] + [(n, rule.forecast.dropout)
                                                 for n in with_dropout]
     assert plain == list(times) and len(times) >= 3
     assert 0 < len(with_dropout) < len(times) and with_dropout == list(dropped)[:len(with_dropout)]
-    assert dropped == {name: pytest.approx(1.5 * seconds) for name, seconds in times.items()}
+    assert dropped == {name: pytest.approx(1.5 * seconds) if name in with_dropout else math.inf
+                       for name, seconds in times.items()}
+    choice = choose(rule, 60.0, times, body, stats, dropped)
+    untimed = [name for name in times if name not in with_dropout]
+    assert all(choice.candidates[name].dropout == 0.0 for name in untimed
+               if name in choice.candidates)
+    # priced at what they would take, they would have been offered with dropout
+    finite = {name: 1.5 * seconds for name, seconds in times.items()}
+    assert any(choose(rule, 60.0, times, body, stats, finite).candidates[name].dropout > 0
+               for name in untimed)

@@ -315,6 +315,12 @@ class TrainConfig:
     def decay_steps(self) -> int:
         return self.lr_decay_steps or self.max_steps
 
+    @property
+    def epoch_order(self) -> bool:
+        """Whether batches read every window once a pass (the forecast prices their tokens
+        higher than random windows')."""
+        return self.data_order == "epoch"
+
 
 @dataclass
 class Config:

@@ -258,7 +258,7 @@ def expected(cfg: Any, model: Any, data: PreparedData, tokens_per_step: int) -> 
         return None
     return rule.expect(rule.size(tc.size).name, block_params(model), tc.max_steps,
                        tokens_per_step, corpus_stats(data), cfg.model.dropout,
-                       cfg.model.block_size, tc.data_order == "epoch")
+                       cfg.model.block_size, tc.epoch_order)
 
 
 def block_params(model: Any) -> int:
@@ -363,6 +363,8 @@ def _forecasts(forecast: Forecast, size: Size, steps: dict[bool, int], body_para
     the passes the sweep measured it at."""
     out = []
     for dropout in (False, True) if forecast.dropout else (False,):
+        if dropout and steps[True] < MIN_STEPS:
+            continue  # too few with dropout, or not timed (autosize prices them as infinite)
         bought = max(1, steps[dropout]) * size.tokens_per_step
         cap = size.most_passes(dropout) * corpus.train_tokens / size.tokens_per_step
         top = max(1, int(min(steps[dropout], cap)))
