@@ -25,6 +25,14 @@ those settings (JSON values; a bare word is a string), its rows record them unde
 they are kept out of the auto-against-hand table and shown in a table of their own beside the
 plain run of each size.
 
+Each row records the code it ran (`code`: the git tree of src/, "+dirty" when src/ had
+changes). `--resume` skips every run `--out` already holds from this same code, so one
+benchmark run of several hours can stop and go on later, and the tables say which code their
+rows come from:
+
+    python benchmarks/budget_table.py --out benchmarks/results/final.jsonl --resume \
+        --corpus shakespeare wisdom-en de poems-en --budgets 2m 10m
+
 Corpora as in sweep.py: `shakespeare` is Tiny Shakespeare, the others benchmarks/corpora.py's.
 """
 
@@ -34,6 +42,7 @@ import argparse
 import datetime
 import json
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,6 +84,31 @@ def parse_set(items: list[str]) -> dict[str, dict]:
     return out
 
 
+def code_version() -> str:
+    """The git tree of src/ (what a run ran), "+dirty" when src/ has uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        dirty = "+dirty" if git("status", "--porcelain", "--", "src") else ""
+        return git("rev-parse", "HEAD:src")[:12] + dirty
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown+dirty"  # not a git checkout: nothing says what ran
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def row_key(r: dict) -> tuple:
+    """A cell's run: corpus, budget, auto or the size (and its block), the lever."""
+    own = {size.name: size.model["block_size"] for size in load_rule().sizes}
+    return (r["corpus"], r["budget"], "auto" if r["auto"] else r["size"],
+            r.get("block", own.get(r["size"])) if not r["auto"] else 0,
+            json.dumps(r.get("set", {}), sort_keys=True))
+
+
 def one_run(corpus: str, budget: str, size: str, data_dir: Path, out: Path, seed: int,
             compile_: bool = False, block: int = 0, lever: dict | None = None) -> dict:
     lever = lever or {}
@@ -107,7 +141,7 @@ def one_run(corpus: str, budget: str, size: str, data_dir: Path, out: Path, seed
             "tiled_best": tiled,
             "seconds": round(seconds, 2), "budget_seconds": parse_duration(budget),
             "choice": saved.train.size_choice, "date": datetime.date.today().isoformat(),
-            **({"set": lever} if lever else {})}
+            "code": code_version(), **({"set": lever} if lever else {})}
 
 
 def order_of(row: dict) -> str:
@@ -216,6 +250,38 @@ def print_table(all_rows: list[dict]) -> None:
               f"{min(early):+.1%} to {max(early):+.1%} of their (shortened) budgets")
 
 
+def run_all(args: argparse.Namespace, lever: dict) -> None:
+    """Every run the arguments ask for, one after another, each appended to `args.out` (with
+    `args.resume`, all but those it holds from this code already)."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    code = code_version()
+    done = set()
+    if args.resume and args.out.exists():
+        if code.endswith("+dirty"):
+            raise SystemExit("--resume: src/ has uncommitted changes; commit them first")
+        done = {row_key(r) for r in read_rows(args.out) if r.get("code") == code}
+    for corpus in args.corpus:
+        with tempfile.TemporaryDirectory() as tmp:
+            data_dir = Path(tmp) / "data"
+            prepare(str(corpus_path(corpus)), data_dir)
+            for budget in args.budgets:
+                sizes = ([] if args.no_auto else ["auto"]) + ([] if args.no_hand else
+                                                               args.sizes)
+                for size in sizes:
+                    block = args.block if args.block and size != "auto" else None
+                    key = row_key({"corpus": corpus, "budget": budget, "auto": size == "auto",
+                                   "size": size, **({"block": block} if block else {}),
+                                   **({"set": lever} if lever else {})})
+                    if key in done:
+                        continue
+                    out = Path(tmp) / f"run-{budget}-{size}"
+                    record = one_run(corpus, budget, size, data_dir, out, args.seed,
+                                     args.compile, args.block, lever)
+                    with args.out.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    print(json.dumps(record), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", nargs="+", default=["shakespeare"],
@@ -231,35 +297,24 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="a setting for every run of this call (repeatable): a lever to try")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/budget.jsonl")
+    ap.add_argument("--resume", action="store_true",
+                    help="skip the runs --out holds already from this code")
     ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
     ap.add_argument("--misses", action="store_true",
                     help="also every run's forecast made afterwards from its steps, and its miss")
     args = ap.parse_args()
     lever = parse_set(args.set)
     if not args.table:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        for corpus in args.corpus:
-            with tempfile.TemporaryDirectory() as tmp:
-                data_dir = Path(tmp) / "data"
-                prepare(str(corpus_path(corpus)), data_dir)
-                for budget in args.budgets:
-                    sizes = ([] if args.no_auto else ["auto"]) + ([] if args.no_hand else
-                                                                   args.sizes)
-                    for size in sizes:
-                        out = Path(tmp) / f"run-{budget}-{size}"
-                        record = one_run(corpus, budget, size, data_dir, out, args.seed,
-                                         args.compile, args.block, lever)
-                        with args.out.open("a") as f:
-                            f.write(json.dumps(record) + "\n")
-                        print(json.dumps(record), flush=True)
-    rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+        run_all(args, lever)
+    rows = read_rows(args.out)
+    if not rows:
+        raise SystemExit(f"{args.out} holds no runs")
     # the latest run of each size (auto apart) in each cell: a cell run again replaces its rows
     # (rows before 2026-12-05 record no block: theirs was the size's own)
-    own = {size.name: size.model["block_size"] for size in load_rule().sizes}
-    rows = list({(r["corpus"], r["budget"], "auto" if r["auto"] else r["size"],
-                  r.get("block", own.get(r["size"])) if not r["auto"] else 0,
-                  json.dumps(r.get("set", {}), sort_keys=True)): r
-                 for r in rows}.values())
+    rows = list({row_key(r): r for r in rows}.values())
+    codes = sorted({r.get("code", "unrecorded") for r in rows})
+    dates = sorted({r["date"] for r in rows})
+    print(f"{len(rows)} runs, {dates[0]} to {dates[-1]}, code {', '.join(codes)}\n")
     print_table(rows)
     print_levers(rows)
     if args.misses:
