@@ -30,6 +30,15 @@ def test_fortune_separators_become_blank_lines(tmp_path):
     assert corpora._text_of(only_b, tmp_path) == "Second.\n\nThird.\n"
 
 
+def test_terminal_colour_codes_are_taken_out(tmp_path):
+    folder = tmp_path / "usr/share/games/fortunes"
+    folder.mkdir(parents=True)
+    # fortunes-zh colours its attributions; one code can hide inside another
+    (folder / "zh").write_text("\x1b[32m题目\x1b[m 诗\n%\nrc\x1b\x1b[m[;m来\n", encoding="utf-8")
+    corpus = corpora.Corpus("t", "pkg", "usr/share/games/fortunes", ("zh",))
+    assert corpora._text_of(corpus, tmp_path) == "题目 诗\n\nrc来\n"
+
+
 def test_an_unknown_corpus_is_a_one_line_error():
     with pytest.raises(DataError, match="unknown corpus 'nope'"):
         corpora.fetch("nope")
