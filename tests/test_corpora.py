@@ -1,5 +1,6 @@
 """The benchmark corpora (benchmarks/corpora.py): built from Debian packages at run time, with
-their provenance beside them; no corpus text is committed."""
+their provenance beside them; no corpus text is committed. And what benchmarks/context_worth.py
+measures of them: the repeats a longer block brings within reach."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import context_worth  # noqa: E402
 import corpora  # noqa: E402
 
 from chargpt.errors import DataError  # noqa: E402
@@ -54,3 +58,29 @@ def test_a_corpus_is_built_from_its_package(tmp_path, monkeypatch):
     assert provenance["package"] == "fortunes" and provenance["characters"] == len(text)
     assert len(text) > 50_000 and "\n%\n" not in text
     assert corpora.fetch("wisdom-en") == path  # cached: built once
+
+
+def reachable_by_hand(text: str, k: int, block: int) -> float:
+    """context_worth.reachable the slow way: every position at every offset of the block,
+    searching the characters that offset sees for the k-gram."""
+    total = 0
+    for t in range(k - 1, len(text)):
+        gram = text[t - k + 1:t + 1]
+        total += sum(gram in text[max(0, t - c):t] for c in range(block))
+    return total / block / max(1, len(text) - k + 1)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.text(alphabet="ab c", max_size=60), st.integers(1, 4), st.sampled_from([4, 8, 16]))
+def test_repeats_within_reach_match_a_search_of_every_window(text, k, block):
+    assert context_worth.reachable(text, k, block) == pytest.approx(
+        reachable_by_hand(text, k, block))
+
+
+def test_a_repeat_further_back_than_the_block_is_out_of_reach():
+    line = "-- Fernando Pessoa\n"
+    filler = "".join(map(chr, range(0x100, 0x150)))  # 80 characters, none twice
+    text = line + filler + line  # the second copy's k-grams occurred 99 characters before
+    assert context_worth.gained(text, 8, block=128, reference=64) > 0
+    assert context_worth.reachable(text, 8, 64) == 0
+    assert context_worth.spread_sample("abc") == ["abc"]
