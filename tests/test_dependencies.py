@@ -1,6 +1,7 @@
-"""The dependency floor: no torch that pyproject.toml admits has a known way to run code from
+"""The dependency floors: no torch that pyproject.toml admits has a known way to run code from
 `torch.load(weights_only=True)`, which `chargpt import` calls on files from strangers, and the
-README says the same floor."""
+README says the same floor; no starlette the serve extra admits has a known hole the server
+could meet."""
 
 from __future__ import annotations
 
@@ -20,12 +21,27 @@ WEIGHTS_ONLY_ADVISORIES = [("CVE-2025-32434 / GHSA-53q9-r3pm-6pq6", (2, 6)),
                            ("CVE-2026-24747 / GHSA-63cw-57p8-fm3p", (2, 10))]
 
 
-def torch_floor() -> tuple[int, ...]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    (spec,) = [d for d in project["dependencies"] if re.match(r"torch\b", d)]
-    found = re.fullmatch(r"torch\s*>=\s*([\d.]+)", spec)
-    assert found, f"torch is pinned as {spec!r}, not with a floor"
+# starlette advisories reachable from chargpt serve (FileResponse, StaticFiles, request.url,
+# routing): (advisory, the first release that fixes it)
+STARLETTE_ADVISORIES = [("CVE-2025-62727 / GHSA-7f5h-v6xp-fcq8", (0, 49, 1)),
+                        ("CVE-2026-48710 / GHSA-86qp-5c8j-p5mr", (1, 0, 1)),
+                        ("CVE-2026-48818 / GHSA-wqp7-x3pw-xc5r", (1, 1, 0)),
+                        ("CVE-2026-54282 / GHSA-jp82-jpqv-5vv3", (1, 3, 0))]
+
+
+def project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+
+def floor(spec: str, package: str) -> tuple[int, ...]:
+    found = re.fullmatch(rf"{package}\s*>=\s*([\d.]+)", spec)
+    assert found, f"{package} is pinned as {spec!r}, not with a floor"
     return tuple(int(x) for x in found.group(1).split("."))
+
+
+def torch_floor() -> tuple[int, ...]:
+    (spec,) = [d for d in project()["dependencies"] if re.match(r"torch\b", d)]
+    return floor(spec, "torch")
 
 
 def test_the_torch_floor_has_no_known_weights_only_bypass():
@@ -38,3 +54,12 @@ def test_the_readme_states_the_floor():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     stated = re.search(r"PyTorch ≥ (\d+(?:\.\d+)*)", readme)
     assert stated and tuple(int(x) for x in stated.group(1).split(".")) == torch_floor()
+
+
+def test_every_starlette_floor_has_no_known_hole():
+    specs = [d for extra in project()["optional-dependencies"].values() for d in extra
+             if re.match(r"starlette\b", d)]
+    assert len(specs) >= 2, "the serve and dev extras both name starlette"
+    for spec in specs:
+        for advisory, fixed in STARLETTE_ADVISORIES:
+            assert floor(spec, "starlette") >= fixed, f"{spec} admits {advisory}"
