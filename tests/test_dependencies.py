@@ -1,13 +1,15 @@
 """The dependency floors: no torch that pyproject.toml admits has a known way to run code from
 `torch.load(weights_only=True)`, which `chargpt import` calls on files from strangers, and the
 README says the same floor; no starlette the serve extra admits has a known hole the server
-could meet."""
+could meet, and no transformers the hf extra admits loads code from a folder's config."""
 
 from __future__ import annotations
 
 import re
 import sys
 from pathlib import Path
+
+import pytest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,6 +29,11 @@ STARLETTE_ADVISORIES = [("CVE-2025-62727 / GHSA-7f5h-v6xp-fcq8", (0, 49, 1)),
                         ("CVE-2026-48710 / GHSA-86qp-5c8j-p5mr", (1, 0, 1)),
                         ("CVE-2026-48818 / GHSA-wqp7-x3pw-xc5r", (1, 1, 0)),
                         ("CVE-2026-54282 / GHSA-jp82-jpqv-5vv3", (1, 3, 0))]
+
+# transformers advisories on loading or saving a model folder: (advisory, first fixed release)
+TRANSFORMERS_ADVISORIES = [("CVE-2026-4372 / GHSA-29pf-2h5f-8g72", (5, 3)),
+                           ("CVE-2026-5241 / GHSA-fgcw-684q-jj6r", (5, 5)),
+                           ("CVE-2026-9856", (5, 10))]
 
 
 def project() -> dict:
@@ -56,10 +63,12 @@ def test_the_readme_states_the_floor():
     assert stated and tuple(int(x) for x in stated.group(1).split(".")) == torch_floor()
 
 
-def test_every_starlette_floor_has_no_known_hole():
+@pytest.mark.parametrize(("package", "advisories"), [("starlette", STARLETTE_ADVISORIES),
+                                                     ("transformers", TRANSFORMERS_ADVISORIES)])
+def test_every_extra_floor_has_no_known_hole(package, advisories):
     specs = [d for extra in project()["optional-dependencies"].values() for d in extra
-             if re.match(r"starlette\b", d)]
-    assert len(specs) >= 2, "the serve and dev extras both name starlette"
+             if re.match(rf"{package}\b", d)]
+    assert len(specs) >= 2, f"an extra of its own and dev both name {package}"
     for spec in specs:
-        for advisory, fixed in STARLETTE_ADVISORIES:
-            assert floor(spec, "starlette") >= fixed, f"{spec} admits {advisory}"
+        for advisory, fixed in advisories:
+            assert floor(spec, package) >= fixed, f"{spec} admits {advisory}"
