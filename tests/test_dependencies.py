@@ -35,6 +35,10 @@ TRANSFORMERS_ADVISORIES = [("CVE-2026-4372 / GHSA-29pf-2h5f-8g72", (5, 3)),
                            ("CVE-2026-5241 / GHSA-fgcw-684q-jj6r", (5, 5)),
                            ("CVE-2026-9856", (5, 10))]
 
+# the rest: (requirement as pyproject.toml names it, advisory, first fixed release)
+OTHER_ADVISORIES = [("tqdm", "CVE-2024-34062 / GHSA-g7vv-2v7x-gj9p", (4, 66, 3)),
+                    ("pytest", "CVE-2025-71176 / GHSA-6w46-j5rx-g56g", (9, 0, 3))]
+
 
 def project() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
@@ -67,8 +71,18 @@ def test_the_readme_states_the_floor():
                                                      ("transformers", TRANSFORMERS_ADVISORIES)])
 def test_every_extra_floor_has_no_known_hole(package, advisories):
     specs = [d for extra in project()["optional-dependencies"].values() for d in extra
-             if re.match(rf"{package}\b", d)]
+             if re.match(rf"{package}(?![\w-])", d)]
     assert len(specs) >= 2, f"an extra of its own and dev both name {package}"
     for spec in specs:
         for advisory, fixed in advisories:
             assert floor(spec, package) >= fixed, f"{spec} admits {advisory}"
+
+
+@pytest.mark.parametrize(("package", "advisory", "fixed"), OTHER_ADVISORIES)
+def test_every_other_floor_has_no_known_hole(package, advisory, fixed):
+    every = project()["dependencies"] + [
+        d for extra in project()["optional-dependencies"].values() for d in extra]
+    specs = [d.split(";")[0].strip() for d in every if re.match(rf"{package}(?![\w-])", d)]
+    assert specs, f"pyproject.toml names no {package}"
+    for spec in specs:
+        assert floor(spec, package) >= fixed, f"{spec} admits {advisory}"
