@@ -124,6 +124,16 @@ def test_the_choice_is_the_lowest_forecast_and_says_so(fitted):
     assert choice.size.name in line and f"{choice.loss:.2f}" in line and "5m" in line
 
 
+def test_a_budget_a_corpus_barely_uses_says_how_little(fitted):
+    """A GPU's hours on a small corpus: the share of the time the run keeps is printed with two
+    significant figures, never as 0%."""
+    small = CorpusStats(20_000, 60, 3.0)
+    choice = choose(fitted, 8 * 3600, _flops_times(fitted, 0.0002), _body(fitted), small)
+    assert choice.share < 0.01
+    line = choice.describe("8h")
+    assert f"trains for {choice.share * 100:.2g}% of the time" in line and " 0% " not in line
+
+
 def test_a_budget_too_short_for_any_size_takes_the_smallest(fitted):
     choice = choose(fitted, 1.0, _flops_times(fitted, 0.02), _body(fitted), CORPUS)
     assert choice.size == fitted.sizes[0] and choice.steps < sizing.MIN_STEPS

@@ -238,7 +238,9 @@ class Choice:
         others = ", ".join(f"{name} {c.loss:.2f}" for name, c in self.candidates.items())
         why = ("the sweep measured it at no more passes" if self.capped else
                "more passes would overfit")
-        shorter = (f"; {why}, so it trains for {self.share:.0%} of the time"
+        # two significant figures: a GPU buys so much that a corpus may use 0.4% of it
+        share = f"{self.share * 100:.2g}%"
+        shorter = (f"; {why}, so it trains for {share} of the time"
                    if self.share < SHORTEN_BELOW else "")
         regularised = f", dropout {self.dropout:g}" if self.dropout else ""
         return (f"--time {budget} chooses {self.size.name} (about {self.steps:,} steps, "
