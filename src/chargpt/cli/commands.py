@@ -224,7 +224,9 @@ def _forecast(cfg: Config, args: argparse.Namespace) -> str:
                                           device, times)
         body = autosize.block_params_of(cfg)
         stats = corpus_stats(data)
-    where = (f"{args.gpus} x {args.gpu} at {args.mfu:.0%} MFU (from FLOPs, not timed)"
+    # a small model's GPU step is kernel launches more than arithmetic: its MFU is far lower
+    where = (f"{args.gpus} x {args.gpu} at {args.mfu:.0%} MFU (from FLOPs, not timed; the "
+             "small sizes reach far less on a GPU, where `train` times every size)"
              if args.gpu else f"this machine ({device}), timed")
     return (f"{choice.describe(cfg.train.time_budget)}\n\nstep times: {where}; corpus: "
             f"{stats.train_tokens:,} training tokens, vocabulary {stats.vocab_size}, "
