@@ -20,7 +20,7 @@ from chargpt.cli.commands import main
 from chargpt.errors import ConfigError
 from chargpt.generation.loop import generate
 from chargpt.generation.native import build, layout, loop, structs
-from chargpt.generation.settings import SamplingSettings
+from chargpt.generation.settings import SMALLEST, SamplingSettings
 from chargpt.model.kv_cache import KVCache
 
 if not build.available()[0]:
@@ -49,6 +49,17 @@ def test_native_loop_samples_what_the_torch_step_samples(overrides):
         for options in PICKS:
             got, expected = both(model, idx, n, **options)
             assert torch.equal(got, expected), (batch, options)
+
+
+def test_the_smallest_temperature_and_top_p_draw_the_greedy_text_in_both_loops():
+    """Sampled in float32, a temperature or top_p near float32's smallest numbers once gave
+    token 0 over and over; the smallest SamplingSettings accepts gives the argmax instead."""
+    model = rope_gpt(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False).eval()
+    idx = prompt(2, 3)
+    greedy, _ = both(model, idx, 40, temperature=0.0)
+    for options in (dict(temperature=SMALLEST), dict(top_p=SMALLEST)):
+        got, expected = both(model, idx, 40, **options)
+        assert torch.equal(got, greedy) and torch.equal(expected, greedy), options
 
 
 def test_default_model_matches_the_torch_step_over_a_long_run():

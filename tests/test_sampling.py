@@ -261,6 +261,8 @@ def test_seeds_control_the_draws():
         dict(top_k=2.5),
         dict(top_p=0.0),
         dict(top_p=1.5),
+        dict(temperature=1e-39),  # float32 logits / 1e-39 overflow: NaN, then token 0 always
+        dict(top_p=1e-46),  # rounds to 0 in float32, where it dropped every token
     ],
 )
 def test_invalid_sampling_arguments_raise(kwargs):

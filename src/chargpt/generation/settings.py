@@ -18,6 +18,11 @@ from chargpt.errors import ConfigError
 __all__ = ["WEIGHT_KINDS", "SamplingSettings"]
 
 WEIGHT_KINDS = ("float32", "bfloat16", "int8")  # how the native loop may store weight matrices
+# The smallest temperature and top_p other than 0: both loops sample in float32, where a
+# temperature of 1e-39 turns the logits infinite (NaN after the softmax: token 0 every time)
+# and a top_p of 1e-46 rounds to 0 and drops every token. At 1e-6 the draw is already the
+# argmax for any two logits float32 can tell apart, so nothing smaller is worth meaning.
+SMALLEST = 1e-6
 
 
 @dataclass(frozen=True)
@@ -25,11 +30,12 @@ class SamplingSettings:
     """How to pick each next token; checked once, here, whoever builds it (CLI, server, API)."""
 
     temperature: float = 1.0
-    """0 is greedy (argmax); otherwise the logits are divided by it."""
+    """0 is greedy (argmax); otherwise (at least 1e-6) the logits are divided by it."""
     top_k: int | None = None
     """Keep the k likeliest tokens (ties with the k-th too); None keeps all."""
     top_p: float | None = None
-    """Keep the smallest set of likeliest tokens reaching this probability; None keeps all."""
+    """Keep the smallest set of likeliest tokens reaching this probability (1e-6 to 1, never
+    fewer than one token); None keeps all."""
     seed: int | None = None
     """Seed of the generator `generator()` makes; None draws a fresh random seed."""
     use_cache: bool = True
@@ -53,10 +59,13 @@ class SamplingSettings:
         t, k, p = self.temperature, self.top_k, self.top_p
         if not (isinstance(t, int | float) and math.isfinite(t) and t >= 0):
             raise ConfigError(f"temperature must be >= 0, got {t}")
+        if 0 < t < SMALLEST:
+            raise ConfigError(f"temperature must be 0 (greedy) or at least {SMALLEST:g}, "
+                              f"got {t:g}")
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ConfigError(f"top_k must be an integer >= 1, got {k!r}")
-        if p is not None and not (0.0 < p <= 1.0):
-            raise ConfigError(f"top_p must be in (0, 1], got {p}")
+        if p is not None and not (SMALLEST <= p <= 1.0):
+            raise ConfigError(f"top_p must be in [{SMALLEST:g}, 1], got {p:g}")
         if self.weight_format not in WEIGHT_KINDS:
             raise ConfigError(f"weights must be one of {', '.join(WEIGHT_KINDS)}, "
                               f"got {self.weight_format!r}")
