@@ -31,6 +31,7 @@ pytest.importorskip("uvicorn")
 from chargpt.cli.commands import main  # noqa: E402
 from chargpt.generation.native import build, layout  # noqa: E402
 from chargpt.runs.run import load_run  # noqa: E402
+from chargpt.serve import api, runner  # noqa: E402
 from chargpt.serve.app import Limits, create_app  # noqa: E402
 from chargpt.serve.background import BackgroundServer  # noqa: E402
 from chargpt.serve.generation import StopMatcher  # noqa: E402
@@ -477,6 +478,60 @@ def test_port_in_use_is_a_one_line_error(run_dir, capsys):
     assert err == f"chargpt: error: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
+# --- idle and slow connections ------------------------------------------------------------
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `sock` (reading drains anything it sent first)."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_without_a_request_head_are_closed(run, monkeypatch):
+    monkeypatch.setattr(runner, "HEAD_TIMEOUT", 0.5)
+    with BackgroundServer(create_app(run)) as srv:
+        silent = socket.create_connection((srv.host, srv.port))
+        partial = socket.create_connection((srv.host, srv.port))
+        partial.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # no blank line
+        # A keep-alive connection after its response: a byte of the next head, then nothing.
+        reused = socket.create_connection((srv.host, srv.port))
+        reused.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert reused.recv(4096).startswith(b"HTTP/1.1 200")
+        reused.sendall(b"G")
+        t0 = time.monotonic()
+        for sock in (silent, partial, reused):
+            with sock:
+                assert closed_within(sock, 5.0)
+        assert time.monotonic() - t0 < 4.0
+        # A request that is still being answered is not cut at the deadline.
+        status, body = post_json(srv, "/api/generate", {"max_new_tokens": 5})
+        assert status == 200 and body["tokens"] == 5
+
+
+def test_a_body_slower_than_its_deadline_gets_a_json_408(run, monkeypatch):
+    monkeypatch.setattr(api, "BODY_TIMEOUT", 0.5)
+    with BackgroundServer(create_app(run)) as srv:
+        with socket.create_connection((srv.host, srv.port)) as sock:
+            sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            sock.settimeout(5.0)
+            answer = b""
+            while chunk := sock.recv(4096):  # the server closes the connection after it
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower()
+        error = json.loads(body)["error"]
+        assert error["type"] == "request_timeout" and "0.5 s" in error["message"]
+        assert get_json(srv, "/health")["active"] == 0
+
+
 # --- the real CLI ------------------------------------------------------------------------
 
 
@@ -500,23 +555,31 @@ def listening_addresses(port: int) -> set[str] | None:
     return found
 
 
-def test_cli_serves_on_loopback_and_stops_on_ctrl_c(run_dir):
+def start_cli(run_dir: Path, *flags: str) -> tuple[subprocess.Popen, int]:
+    """`chargpt serve RUN_DIR FLAGS` in a subprocess on a free port, once /health answers."""
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "chargpt", "serve", str(run_dir), "--port",
-                             str(port), "--max-new-tokens", "50", "--log-level", "warning"],
+                             str(port), *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"chargpt serve exited: {proc.communicate()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                assert json.loads(r.read())["status"] == "ok"
+                return proc, port
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("the server did not come up in 30 s")
+            time.sleep(0.1)
+
+
+def test_cli_serves_on_loopback_and_stops_on_ctrl_c(run_dir):
+    proc, port = start_cli(run_dir, "--max-new-tokens", "50", "--log-level", "warning")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    assert json.loads(r.read())["status"] == "ok"
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not come up in 30 s"
-                time.sleep(0.1)
         req = urllib.request.Request(f"http://127.0.0.1:{port}/api/info")
         with urllib.request.urlopen(req, timeout=5) as r:
             assert json.loads(r.read())["limits"]["max_new_tokens"] == 50
@@ -526,6 +589,34 @@ def test_cli_serves_on_loopback_and_stops_on_ctrl_c(run_dir):
         out, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
     assert out.startswith("serving run (") and f"http://127.0.0.1:{port}/" in out
+
+
+def test_idle_sockets_do_not_lock_the_cli_server_out(run_dir):
+    """100 connections that never send a byte, against `chargpt serve` with room for one
+    generation and no queue (uvicorn's connection limit was 1 + 0 + 64): /health and a
+    generation are still answered, at once."""
+    proc, port = start_cli(run_dir, "--max-concurrent", "1", "--max-queue", "0",
+                           "--log-level", "warning")
+    idle = []
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
+        time.sleep(0.2)  # every one accepted by the server
+        t0 = time.monotonic()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+        latency = time.monotonic() - t0
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/generate",
+                                     data=b'{"max_new_tokens": 5}',
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert json.loads(r.read())["tokens"] == 5
+        assert latency < 2.0
+        print(f"\n/health with 100 idle sockets open: {latency * 1000:.1f} ms")
+    finally:
+        for sock in idle:
+            sock.close()
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=15)
 
 
 # --- load --------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     from chargpt.runs.run import load_run
     from chargpt.serve.api import Limits
     from chargpt.serve.app import create_app, model_name
+    from chargpt.serve.runner import uvicorn_config
 
     SamplingSettings(weight_format=weight_format)  # an unknown kind: one line, before loading
     limits = limits or Limits()
@@ -89,9 +90,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     if not is_loopback(host):
         warn(f"listening on {host}, not loopback: anyone who can reach this machine can use the "
              "model")
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
-                            # connections beyond the slots and the queue get a quick 503
-                            limit_concurrency=limits.max_concurrent + limits.max_queue + 64)
+    config = uvicorn_config(app, log_level=log_level, timeout_graceful_shutdown=3)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:

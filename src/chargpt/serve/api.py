@@ -11,6 +11,7 @@ refuses what chargpt cannot do.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from chargpt.runs.run import Run
 from chargpt.text.tokenizer import UNKNOWN_POLICIES, unknown_chars_message
 
 MAX_SEED = 2**63 - 1
+BODY_TIMEOUT = 10.0  # seconds for a whole request body (at most --max-body-bytes) to arrive
 MAX_STOP_STRINGS = 4
 GENERATE_FIELDS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
                    "stream", "stop", "unknown"}  # /api/generate's; /v1/completions ignores extras
@@ -90,18 +92,29 @@ class GenRequest:
 
 
 async def read_json(request: Request, limits: Limits) -> dict[str, Any]:
-    """The request body as a JSON object, refusing bodies over the size cap before reading."""
+    """The request body as a JSON object, refusing bodies over the size cap before reading and
+    bodies that trickle in for longer than `BODY_TIMEOUT` (a 408)."""
     too_big = ApiError(413, f"request body is larger than {limits.max_body_bytes} bytes",
                        kind="request_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise too_big
-    size, parts = 0, []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limits.max_body_bytes:  # a chunked body has no Content-Length to check
-            raise too_big
-        parts.append(chunk)
+    parts: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:  # a chunked body has no Content-Length to check
+                raise too_big
+            parts.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), BODY_TIMEOUT)
+    except asyncio.TimeoutError:  # not the builtin TimeoutError on 3.10
+        # The rest of the body may still be on its way: the connection cannot be reused.
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT:g} s",
+                       kind="request_timeout", headers={"Connection": "close"}) from None
     return parse_json(b"".join(parts))
 
 

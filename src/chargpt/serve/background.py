@@ -15,6 +15,8 @@ from types import TracebackType
 
 from starlette.applications import Starlette
 
+from chargpt.serve.runner import uvicorn_config
+
 
 class BackgroundServer:
     """`with BackgroundServer(app) as srv: urlopen(srv.url + "/health")`."""
@@ -27,7 +29,7 @@ class BackgroundServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = self.sock.getsockname()[:2]
-        config = uvicorn.Config(app, log_level="warning", access_log=False,
+        config = uvicorn_config(app, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=2, lifespan="on")
         self.server = uvicorn.Server(config)
         self.startup_timeout = startup_timeout
