@@ -13,7 +13,9 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,6 +188,24 @@ def test_hostile_bodies_get_a_2xx_or_a_4xx_and_leave_the_server_healthy(run, ser
 
     assert all(statuses.values()), statuses  # every endpoint was reached
     assert all(200 in statuses[p] for p in POSTS), statuses  # and some bodies were good
+    assert not thread_errors
+    tracebacks = [r for r in records if r.exc_info or "Traceback" in r.getMessage()]
+    assert not tracebacks, [r.getMessage() for r in tracebacks[:3]]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_client_gone_while_sending_its_body_is_not_a_traceback(run, server_log, capfd):
+    records, thread_errors = server_log
+    with BackgroundServer(create_app(run, Limits(max_new_tokens=4))) as srv:
+        for path in POSTS:
+            with socket.create_connection((srv.host, srv.port)) as sock:
+                sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                             '{"prompt": "RO'.encode())
+                time.sleep(0.1)  # the server is waiting for the rest of the body
+        time.sleep(0.3)  # and has seen each connection close
+        status, _, raw = send(srv, "GET", "/health", b"")
+        assert status == 200 and json.loads(raw)["active"] == 0
     assert not thread_errors
     tracebacks = [r for r in records if r.exc_info or "Traceback" in r.getMessage()]
     assert not tracebacks, [r.getMessage() for r in tracebacks[:3]]

@@ -24,7 +24,7 @@ import anyio
 import torch
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -256,7 +256,7 @@ def _handle(fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
             return await fn(request)
         except ApiError as e:
             return e.response()
-        except ClientGone:
+        except (ClientGone, ClientDisconnect):  # nobody is left to read an answer
             return Response(status_code=499)
         except ChargptError as e:
             return ApiError(400, str(e)).response()
