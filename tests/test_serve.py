@@ -170,8 +170,35 @@ def test_page_and_static_files(server):
     assert status == 200 and "javascript" in headers["content-type"]
     assert b"innerHTML" not in js and b"insertAdjacentHTML" not in js
     assert request(server, "GET", "/static/style.css")[0] == 200
-    assert request(server, "GET", "/static/nope.js")[0] == 404
-    assert request(server, "GET", "/api/generate")[0] == 405
+
+
+def test_unknown_paths_and_methods_get_json_errors(server):
+    for method, path, status, kind in [("GET", "/nope", 404, "not_found"),
+                                       ("GET", "/static/nope.js", 404, "not_found"),
+                                       ("POST", "/api/nope", 404, "not_found"),
+                                       ("GET", "/api/generate", 405, "method_not_allowed"),
+                                       ("POST", "/health", 405, "method_not_allowed")]:
+        got, headers, raw = request(server, method, path)
+        assert got == status and headers["content-type"] == "application/json", (path, raw)
+        error = json.loads(raw)["error"]
+        assert error["type"] == kind and error["message"] and error["param"] is None
+        if status == 405:
+            assert "POST" in headers["allow"] or "GET" in headers["allow"]
+
+
+def test_a_server_bug_is_a_json_500(run, monkeypatch):
+    from chargpt.serve.app import Server
+
+    def broken(self, request):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Server, "health", broken)
+    with BackgroundServer(create_app(run)) as srv:
+        status, headers, raw = request(srv, "GET", "/health")
+        assert status == 500 and headers["content-type"] == "application/json"
+        assert json.loads(raw)["error"] == {"message": "internal server error",
+                                            "type": "server_error", "param": None}
+        assert request(srv, "GET", "/api/info")[0] == 200
 
 
 # --- generation --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import anyio
 import torch
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -264,6 +265,22 @@ def _handle(fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
     return endpoint
 
 
+HTTP_ERROR_KINDS = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (an unknown path, a wrong method) in the API's error shape."""
+    assert isinstance(exc, HTTPException)
+    kind = HTTP_ERROR_KINDS.get(exc.status_code, "invalid_request_error")
+    return ApiError(exc.status_code, exc.detail, kind=kind,
+                    headers=dict(exc.headers or {})).response()
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    """A bug's answer: the API's error shape; Starlette still logs the traceback."""
+    return ApiError(500, "internal server error", kind="server_error").response()
+
+
 def create_app(run: Run, limits: Limits | None = None, name: str | None = None,
                weight_format: str = "float32") -> Starlette:
     """The ASGI app serving `run`, its weight matrices stored as `weight_format` for the native
@@ -286,6 +303,7 @@ def create_app(run: Run, limits: Limits | None = None, name: str | None = None,
         Route("/v1/completions", _handle(server.v1_completions), methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=asynccontextmanager(lifespan))
+    app = Starlette(routes=routes, lifespan=asynccontextmanager(lifespan),
+                    exception_handlers={HTTPException: http_error, Exception: server_error})
     app.state.server = server
     return app
