@@ -618,6 +618,67 @@ def test_cli_serves_on_loopback_and_stops_on_ctrl_c(run_dir):
     assert out.startswith("serving run (") and f"http://127.0.0.1:{port}/" in out
 
 
+def test_ctrl_c_ends_running_and_queued_requests_at_once_with_answers(run_dir):
+    """SIGINT while a plain request and a stream generate and another request waits for a
+    slot: each gets an answer (JSON 503s, an error event ending the stream), the log has no
+    traceback, and the server exits well within uvicorn's 3 s graceful period."""
+    proc, port = start_cli(run_dir, "--max-concurrent", "2", "--max-new-tokens", "10000000",
+                           "--request-timeout", "120")
+    answers: dict[str, Any] = {}
+
+    def plain(name: str) -> None:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("POST", "/api/generate", body='{"max_new_tokens": 10000000}',
+                  headers={"Content-Type": "application/json"})
+        resp = c.getresponse()
+        answers[name] = (resp.status, resp.getheader("Content-Type"), resp.read())
+
+    def streamed() -> None:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("POST", "/api/generate",
+                  body='{"max_new_tokens": 10000000, "stream": true}',
+                  headers={"Content-Type": "application/json"})
+        answers["stream"] = read_events(c.getresponse())
+
+    try:
+        clients = [threading.Thread(target=plain, args=("running",)),
+                   threading.Thread(target=streamed)]
+        for t in clients:
+            t.start()
+        deadline = time.monotonic() + 20
+        while health(port)["active"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        clients.append(threading.Thread(target=plain, args=("queued",)))
+        clients[-1].start()
+        while health(port)["waiting"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+        took = time.monotonic() - t0
+        for t in clients:
+            t.join(10)
+    finally:
+        proc.kill()
+    print(f"\nexit {took:.2f} s after SIGINT")
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "CancelledError" not in err, err
+    for name in ("running", "queued"):
+        status, kind, raw = answers[name]
+        assert status == 503 and kind == "application/json", (name, raw)
+        assert json.loads(raw)["error"]["type"] == "server_shutting_down"
+    last_event, last = answers["stream"][-1]
+    assert last_event == "error" and "shutting down" in json.loads(last)["error"]["message"]
+    assert took < 2.5  # before: uvicorn's 3 s graceful period, then cancelled tasks
+
+
+def health(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+        return json.loads(r.read())
+
+
 def test_idle_sockets_do_not_lock_the_cli_server_out(run_dir):
     """100 connections that never send a byte, against `chargpt serve` with room for one
     generation and no queue (uvicorn's connection limit was 1 + 0 + 64): /health and a

@@ -59,13 +59,12 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     how the native decode loop stores the weight matrices (SamplingSettings.weight_format)."""
     require_extra()
     import torch
-    import uvicorn
 
     from chargpt.generation.settings import SamplingSettings
     from chargpt.runs.run import load_run
     from chargpt.serve.api import Limits
     from chargpt.serve.app import create_app, model_name
-    from chargpt.serve.runner import uvicorn_config
+    from chargpt.serve.runner import Server, uvicorn_config
 
     SamplingSettings(weight_format=weight_format)  # an unknown kind: one line, before loading
     limits = limits or Limits()
@@ -92,7 +91,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
              "model")
     config = uvicorn_config(app, log_level=log_level, timeout_graceful_shutdown=3)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        Server(config, on_shutdown=app.state.server.shutdown).run(sockets=[sock])
     except KeyboardInterrupt:
         pass  # uvicorn re-raises the Ctrl-C it handled; stopping is the normal way out
     finally:

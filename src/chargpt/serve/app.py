@@ -143,6 +143,12 @@ class Server:
                 task.cancel()
         return "".join(parts)
 
+    def shutdown(self) -> None:
+        """Stop every generation and refuse new and queued ones: the server is exiting."""
+        self.slots.closed = True
+        for gen in list(self.generations):
+            gen.cancel(shutdown=True)
+
     # -- endpoints
 
     async def index(self, request: Request) -> Response:
@@ -285,13 +291,12 @@ def create_app(run: Run, limits: Limits | None = None, name: str | None = None,
                weight_format: str = "float32") -> Starlette:
     """The ASGI app serving `run`, its weight matrices stored as `weight_format` for the native
     decode loop (SamplingSettings.weight_format); `app.state.server` holds the handlers and live
-    counters."""
+    counters, and its `shutdown()` stops the generations (runner.Server calls it)."""
     server = Server(run, limits or Limits(), name, weight_format)
 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        for gen in list(server.generations):  # shutting down: stop every sampling thread
-            gen.cancel()
+        server.shutdown()  # in case the server running the app did not call it first
 
     routes = [
         Route("/", _handle(server.index), methods=["GET"]),

@@ -15,23 +15,22 @@ from types import TracebackType
 
 from starlette.applications import Starlette
 
-from chargpt.serve.runner import uvicorn_config
+from chargpt.serve.runner import Server, uvicorn_config
 
 
 class BackgroundServer:
-    """`with BackgroundServer(app) as srv: urlopen(srv.url + "/health")`."""
+    """`with BackgroundServer(app) as srv: urlopen(srv.url + "/health")`, for an `app` made by
+    `create_app` (leaving the block stops its generations first, as `chargpt serve` does)."""
 
     def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0,
                  startup_timeout: float = 20.0) -> None:
-        import uvicorn
-
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = self.sock.getsockname()[:2]
         config = uvicorn_config(app, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=2, lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.server = Server(config, on_shutdown=app.state.server.shutdown)
         self.startup_timeout = startup_timeout
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="chargpt-serve", daemon=True)

@@ -28,6 +28,10 @@ class ClientGone(Exception):
     """The client disconnected while its request waited for a generation slot."""
 
 
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", kind="server_shutting_down")
+
+
 class Slots:
     """At most `max_concurrent` generations run; up to `max_queue` more wait `queue_timeout`.
 
@@ -39,6 +43,7 @@ class Slots:
         self.limits = limits
         self.active = 0
         self.waiting = 0
+        self.closed = False  # the server is shutting down: no new generation starts
         self._sem: asyncio.Semaphore | None = None
 
     def _semaphore(self) -> asyncio.Semaphore:
@@ -53,7 +58,16 @@ class Slots:
                         kind="rate_limit_error", headers={"Retry-After": str(retry)})
 
     async def acquire(self, request: Request) -> None:
+        await self._wait(request)
+        if self.closed:  # shut down while this request waited: the slot is not used
+            self._semaphore().release()
+            raise shutting_down()
+        self.active += 1
+
+    async def _wait(self, request: Request) -> None:
         sem = self._semaphore()
+        if self.closed:
+            raise shutting_down()
         if sem.locked() and self.waiting >= self.limits.max_queue:
             raise self._busy()
         loop = asyncio.get_running_loop()
@@ -68,12 +82,13 @@ class Slots:
                     await asyncio.wait_for(sem.acquire(), timeout=min(0.25, remaining))
                     break
                 except asyncio.TimeoutError:  # not the builtin TimeoutError on 3.10
+                    if self.closed:
+                        raise shutting_down() from None
                     # A client that gave up while queued must not get a slot afterwards.
                     if await request.is_disconnected():
                         raise ClientGone() from None
         finally:
             self.waiting -= 1
-        self.active += 1
 
     def release(self) -> None:
         self.active -= 1
@@ -120,6 +135,7 @@ class Generation:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.shutdown = False
         self.on_exit = on_exit
         self.tokens = 0
         self.finish_reason: str | None = None
@@ -129,7 +145,10 @@ class Generation:
     def start(self) -> None:
         self.thread.start()
 
-    def cancel(self) -> None:
+    def cancel(self, shutdown: bool = False) -> None:
+        """Stop sampling; with `shutdown`, the request ends with a 503 instead of its text."""
+        if shutdown:
+            self.shutdown = True
         self.cancelled.set()
 
     def _send(self, kind: str, value: Any) -> None:
@@ -157,7 +176,7 @@ class Generation:
                     reason = "stop"
                     break
                 if self.cancelled.is_set():
-                    reason = "cancelled"
+                    reason = "shutdown" if self.shutdown else "cancelled"
                     break
                 now = time.monotonic()
                 if now > deadline:
@@ -196,6 +215,8 @@ class Generation:
             if kind == "text":
                 if value:
                     yield value
+            elif kind == "end" and value == "shutdown":
+                raise shutting_down()
             elif kind == "end":
                 self.finish_reason = value
                 return

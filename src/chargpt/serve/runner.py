@@ -1,21 +1,25 @@
-"""How uvicorn runs the serve app: a deadline for idle connections.
+"""How uvicorn runs the serve app: a deadline for idle connections and a prompt shutdown.
 
 uvicorn waits forever for a connection's first request, and its `limit_concurrency` counts
 idle connections, so a few dozen sockets that never send a byte would turn every request into a
 503. Here no connection limit is set (the app bounds the work itself: slots, a queue, 429s);
 instead a connection that has not sent a complete request head `HEAD_TIMEOUT` seconds after it
-opened, or after its last response, is closed.
+opened, or after its last response, is closed. `Server` tells the app to stop as soon as
+uvicorn starts shutting down, before uvicorn's graceful wait, so Ctrl-C ends running and queued
+requests at once with an answer instead of cancelling them with a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 
-__all__ = ["HEAD_TIMEOUT", "uvicorn_config"]
+__all__ = ["HEAD_TIMEOUT", "Server", "uvicorn_config"]
 
 HEAD_TIMEOUT = 10.0  # seconds; a browser or a client sends a request head in milliseconds
 
@@ -69,3 +73,15 @@ def uvicorn_config(app: Starlette, **options: Any) -> uvicorn.Config:
     protocol that closes idle connections and no connection limit."""
     return uvicorn.Config(app, http=_protocol(), limit_concurrency=None, **options)
 
+
+class Server(uvicorn.Server):
+    """A uvicorn server that calls `on_shutdown` (the app's stop) as soon as it starts shutting
+    down: before connections are drained, not after uvicorn's graceful period."""
+
+    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_shutdown = on_shutdown
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.on_shutdown()
+        await super().shutdown(sockets)
