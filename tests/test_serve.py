@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import train_serve_run
+from conftest import SERVE_CORPUS, tiny_flags, train_serve_run, write
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -60,6 +60,25 @@ def run_dir(tmp_path_factory, one_torch_thread) -> Path:
 @pytest.fixture(scope="module")
 def run(run_dir):
     return load_run(run_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def byte_run(tmp_path_factory, one_torch_thread):
+    """A byte-level model whose corpus has 'é' and 'è' (bytes C3 A9, C3 A8) but no '€' (E2 82
+    AC) and no byte 0x83 (the second byte of 'Ã')."""
+    root = tmp_path_factory.mktemp("serve-bytes")
+    corpus = write(root / "corpus.txt", SERVE_CORPUS[:4000] + "café crème\n" * 100)
+    flags = tiny_flags(block_size=32, max_steps=5, log_interval=5, warmup_steps=1,
+                       sample_chars=0, unit="byte")
+    assert main(["train", "--input", str(corpus), "--out", str(root / "run"), *flags]) == 0
+    return load_run(root / "run", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def byte_server(byte_run):
+    limits = Limits(max_prompt_chars=200, max_new_tokens=1000)
+    with BackgroundServer(create_app(byte_run, limits)) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +171,7 @@ def test_health_info_and_models(server, run):
     assert info["val_loss"] == pytest.approx(run.val_loss)
     assert info["block_size"] == 32 and info["n_layer"] == 2 and info["n_head"] == 2
     assert info["vocab"] == "".join(run.tokenizer.chars) and info["has_attention"]
+    assert info["unit"] == "char"
     assert info["limits"]["max_new_tokens"] == 100_000
     models = get_json(server, "/v1/models")
     assert models["data"][0]["id"] == "run"
@@ -327,6 +347,37 @@ def test_unknown_characters_are_named_and_can_be_skipped(server):
     assert status == 200 and body["tokens"] == 3
     status, body = post_json(server, "/v1/completions", {"prompt": "é"})
     assert status == 400 and "'é' (U+00E9)" in body["error"]["message"]
+
+
+def test_byte_models_read_the_utf8_bytes_of_a_prompt(byte_server, byte_run):
+    """'café' is four characters and five bytes, all in the vocabulary: accepted, as
+    `chargpt sample` accepts it. 'Ã' is the code point 0xC3, a byte the vocabulary has, but its
+    UTF-8 bytes are C3 83, and 0x83 is not in it: refused, by character and by byte."""
+    status, body = post_json(byte_server, "/api/generate",
+                             {"prompt": "café", "max_new_tokens": 8, "seed": 1})
+    assert status == 200, body
+    assert body["text"] == byte_run.generate("café", 8, seed=1)
+    status, body = post_json(byte_server, "/v1/completions", {"prompt": "café", "max_tokens": 3})
+    assert status == 200 and body["usage"]["prompt_tokens"] == 5  # tokens are bytes
+    status, body = post_json(byte_server, "/api/generate", {"prompt": "Ãb €", "max_new_tokens": 3})
+    assert status == 400 and body["error"]["type"] == "unknown_characters"
+    assert body["error"]["unknown_chars"] == ["Ã", "€"]
+    assert body["error"]["unknown_bytes"] == [0x82, 0x83, 0xAC, 0xE2]
+    message = body["error"]["message"]
+    assert "'Ã' (U+00C3), '€' (U+20AC)" in message and "0x82, 0x83, 0xAC, 0xE2" in message
+    assert "--unknown" not in message and '"unknown": "skip"' in message
+    # skip drops the unknown bytes, as `chargpt sample --unknown skip` does; replace puts a
+    # space in for each
+    for policy in ("skip", "replace"):
+        status, body = post_json(byte_server, "/api/generate",
+                                 {"prompt": "Ãb €", "max_new_tokens": 4, "seed": 2,
+                                  "unknown": policy})
+        assert status == 200, body
+        assert body["text"] == byte_run.generate("Ãb €", 4, seed=2, unknown=policy)
+    info = get_json(byte_server, "/api/info")
+    assert info["unit"] == "byte" and info["vocab_size"] == len(info["vocab"])
+    assert info["vocab"] == [ord(c) for c in byte_run.tokenizer.chars]
+    assert 0xC3 in info["vocab"] and 0xE2 not in info["vocab"]
 
 
 def test_openai_only_supports_one_choice(server):

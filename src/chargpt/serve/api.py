@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from chargpt.errors import ChargptError
 from chargpt.generation.settings import SamplingSettings
 from chargpt.runs.run import Run
-from chargpt.text.tokenizer import UNKNOWN_POLICIES, unknown_chars_message
+from chargpt.text.tokenizer import UNKNOWN_POLICIES, CharTokenizer, unknown_chars_message
 
 MAX_SEED = 2**63 - 1
 BODY_TIMEOUT = 10.0  # seconds for a whole request body (at most --max-body-bytes) to arrive
@@ -187,15 +187,33 @@ def encode_prompt(run: Run, prompt: Any, limits: Limits, unknown: Any = "error",
     if unknown not in UNKNOWN_POLICIES:
         raise ApiError(400, f"unknown must be one of {', '.join(UNKNOWN_POLICIES)}",
                        param="unknown")
-    missing = [c for c in dict.fromkeys(prompt) if c not in run.tokenizer]
-    if missing and unknown == "error":
-        hint = 'send "unknown": "skip" or "replace" to drop or replace them'
-        raise ApiError(400, unknown_chars_message("prompt", missing, hint=hint), param="prompt",
-                       kind="unknown_characters", extra={"unknown_chars": missing})
+    if unknown == "error":
+        _refuse_unknown_units(run.tokenizer, prompt)
     try:
         return run.encode_prompt(prompt, unknown)
     except ChargptError as e:
         raise ApiError(400, str(e), param="prompt") from None
+
+
+def _refuse_unknown_units(tokenizer: CharTokenizer, prompt: str) -> None:
+    """A 400 naming the prompt's characters the model cannot read: for a byte model, those
+    with a UTF-8 byte outside its vocabulary (listed in `unknown_bytes` too)."""
+    missing = [c for c in dict.fromkeys(prompt)
+               if any(u not in tokenizer for u in tokenizer.units_of(c))]
+    if not missing:
+        return
+    hint = 'send "unknown": "skip" or "replace" to drop or replace them'
+    extra: dict[str, Any] = {"unknown_chars": missing}
+    if tokenizer.unit == "byte":
+        unknown_bytes = sorted({ord(u) for c in missing for u in tokenizer.units_of(c)
+                                if u not in tokenizer})
+        extra["unknown_bytes"] = unknown_bytes
+        shown = ", ".join(f"0x{b:02X}" for b in unknown_bytes[:10])
+        more = " ..." if len(unknown_bytes) > 10 else ""
+        hint = (f"the model reads UTF-8 bytes, and {shown}{more} are not in its vocabulary; "
+                f"{hint}, byte by byte")
+    raise ApiError(400, unknown_chars_message("prompt", missing, hint=hint), param="prompt",
+                   kind="unknown_characters", extra=extra)
 
 
 def parse_generate(run: Run, body: dict[str, Any], limits: Limits, *, openai: bool) -> GenRequest:

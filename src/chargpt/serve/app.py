@@ -92,7 +92,10 @@ class Server:
             "n_embd": mc.n_embd,
             "block_size": mc.block_size,
             "vocab_size": run.tokenizer.vocab_size,
-            "vocab": "".join(run.tokenizer.chars),
+            "unit": run.tokenizer.unit,
+            # a byte model's vocabulary is bytes, not the Latin-1 characters that hold them
+            "vocab": ([ord(c) for c in run.tokenizer.chars] if run.tokenizer.unit == "byte"
+                      else "".join(run.tokenizer.chars)),
             "step": run.step,
             "val_loss": val if math.isfinite(val) else None,
             "device": str(run.device),
