@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import math
 import os
 import signal
 import socket
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import SERVE_CORPUS, tiny_flags, train_serve_run, write
 
 pytest.importorskip("starlette")
@@ -416,19 +416,59 @@ def test_attention_maps(server, run):
     status, body = post_json(server, "/api/attention", {"prompt": "ROMEO: to"})
     assert status == 200, body
     assert body["tokens"] == list("ROMEO: to") and body["n_layer"] == 2 and body["n_head"] == 2
+    assert body["scale"] == 1000
+    # the reference: the run's own maps, in whole thousandths, lower triangles only
+    want = torch.round(run.attention_maps(run.encode_prompt("ROMEO: to")).double() * 1000)
     w = body["weights"]
     assert len(w) == 2 and all(len(layer) == 2 for layer in w)
-    for layer in w:
-        for head in layer:
+    for layer, want_layer in zip(w, want.tolist(), strict=True):
+        for head, want_head in zip(layer, want_layer, strict=True):
             assert [len(row) for row in head] == list(range(1, 10))  # causal: lower triangle
+            assert head == [[int(x) for x in row[: i + 1]] for i, row in enumerate(want_head)]
             for row in head:
-                assert math.isclose(sum(row), 1.0, abs_tol=1e-3)
-                assert all(0 <= x <= 1 for x in row)
-    too_long = post_json(server, "/api/attention", {"prompt": "a" * 33})
-    assert too_long[0] == 400 and "the limit is 32" in too_long[1]["error"]["message"]
+                assert abs(sum(row) - 1000) <= len(row) / 2 and all(0 <= x <= 1000 for x in row)
+    # longer than the context: the last 32 characters are shown, as generation keeps them
+    long = "ROMEO: to be or not to be, that is the question."
+    status, body = post_json(server, "/api/attention", {"prompt": long})
+    assert status == 200 and body["tokens"] == list(long[-32:])
+    too_long = post_json(server, "/api/attention", {"prompt": "a" * 201})
+    assert too_long[0] == 400 and "the limit is 200" in too_long[1]["error"]["message"]
     assert post_json(server, "/api/attention", {"prompt": ""})[0] == 400
     bad = post_json(server, "/api/attention", {"prompt": "x€"})
     assert bad[0] == 400 and "'€' (U+20AC)" in bad[1]["error"]["message"]
+
+
+def test_attention_answers_are_bounded_and_built_off_the_event_loop(run, monkeypatch):
+    """With room for 2 layers x 2 heads x 10 x 11 / 2 weights, a prompt is cropped to its last
+    10 characters, and the JSON is made in a worker thread, not the server's."""
+    from chargpt.serve import app as app_module
+    from chargpt.serve import attention
+
+    monkeypatch.setattr(attention, "MAX_CELLS", 2 * 2 * 10 * 11 // 2 + 5)
+    threads = []
+
+    def recorded(*args):
+        threads.append(threading.current_thread().name)
+        return attention.attention_json(*args)
+
+    monkeypatch.setattr(app_module, "attention_json", recorded)
+    with BackgroundServer(create_app(run)) as srv:
+        assert get_json(srv, "/api/info")["attention_max_tokens"] == 10
+        status, body = post_json(srv, "/api/attention", {"prompt": "ROMEO: to be or not"})
+        assert status == 200 and body["tokens"] == list("ROMEO: to be or not"[-10:])
+        assert sum(len(row) for layer in body["weights"] for head in layer for row in head) \
+            == 2 * 2 * 10 * 11 // 2
+    assert threads and srv.thread.name not in threads
+
+
+def test_byte_model_attention_shows_bytes_and_skips_what_is_not_utf8(byte_server, byte_run):
+    status, body = post_json(byte_server, "/api/attention", {"prompt": "café"})
+    assert status == 200, body
+    assert body["tokens"] == ["c", "a", "f", "\\xc3", "\\xa9"]
+    # generated text holds U+FFFD for bytes that were not UTF-8: the page asks to skip them
+    status, body = post_json(byte_server, "/api/attention",
+                             {"prompt": "caf\ufffd", "unknown": "skip"})
+    assert status == 200 and body["tokens"] == ["c", "a", "f"]  # EF BF BD are not in it
 
 
 # --- limits, disconnects, time limit -----------------------------------------------------

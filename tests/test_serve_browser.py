@@ -16,11 +16,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import train_serve_run
+from conftest import SERVE_CORPUS, tiny_flags, train_serve_run, write
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+from chargpt.cli.commands import main  # noqa: E402
 from chargpt.runs.run import load_run  # noqa: E402
 from chargpt.serve.app import Limits, create_app  # noqa: E402
 from chargpt.serve.background import BackgroundServer  # noqa: E402
@@ -185,3 +186,39 @@ def test_page_generates_streams_stops_and_shows_attention(chromium, served, tmp_
         finally:
             context.close()
     assert (shots / "serve.png").stat().st_size > 10_000
+
+
+def test_attention_after_a_byte_models_generation(chromium, tmp_path):
+    """A byte model samples bytes that are not UTF-8, which the page shows as U+FFFD; the
+    Attention button still draws the maps, over the text's bytes."""
+    from playwright.sync_api import expect, sync_playwright
+
+    corpus = write(tmp_path / "corpus.txt", SERVE_CORPUS[:4000] + "café crème\n" * 100)
+    flags = tiny_flags(block_size=32, max_steps=5, log_interval=5, warmup_steps=1,
+                       sample_chars=0, unit="byte")
+    assert main(["train", "--input", str(corpus), "--out", str(tmp_path / "run"), *flags]) == 0
+    run = load_run(tmp_path / "run", device="cpu")
+    assert "\ufffd" in run.generate("café", 12, seed=1, temperature=0.8, top_k=50)
+    cfg = run.config.model
+    with BackgroundServer(create_app(run, Limits(max_new_tokens=1000))) as srv, \
+            sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=chromium, headless=True,
+            args=CHROMIUM_ARGS)
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            page.set_default_timeout(20_000)
+            page.goto(srv.url + "/")
+            expect(page.locator("#info-name")).to_contain_text("run")
+            page.locator("#prompt").fill("café")
+            page.locator("#seed").fill("1")
+            page.locator("#max-new-tokens").fill("12")
+            page.locator("#generate").click()
+            expect(page.locator("#status")).to_contain_text("done:")
+            assert "\ufffd" in page.locator("#out-text").text_content()
+            page.locator("#attention").click()
+            expect(page.locator("#status")).to_contain_text("attention over the last")
+            expect(page.locator("#status")).to_contain_text("bytes")
+            expect(page.locator("#attn-grid canvas")).to_have_count(cfg.n_layer * cfg.n_head)
+        finally:
+            context.close()

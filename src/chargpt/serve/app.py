@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import torch
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
@@ -37,11 +36,10 @@ from chargpt.serve.api import (
     ApiError,
     GenRequest,
     Limits,
-    encode_prompt,
     parse_generate,
     read_json,
-    refuse_unknown_fields,
 )
+from chargpt.serve.attention import attention_ids, attention_json, max_tokens
 from chargpt.serve.generation import ClientGone, Generation, Slots
 
 __all__ = ["Limits", "Server", "create_app", "model_name"]
@@ -100,6 +98,7 @@ class Server:
             "val_loss": val if math.isfinite(val) else None,
             "device": str(run.device),
             "has_attention": run.has_attention,
+            "attention_max_tokens": max_tokens(run) if run.has_attention else 0,
             "limits": asdict(self.limits),
         }
 
@@ -232,32 +231,13 @@ class Server:
                                  background=BackgroundTask(gen.cancel))
 
     async def api_attention(self, request: Request) -> Response:
-        body = await read_json(request, self.limits)
-        refuse_unknown_fields(body, {"prompt", "unknown"})
-        if not self.run.has_attention:
-            arch = self.run.config.model.arch
-            raise ApiError(400, f"this model (arch {arch}) has no attention to show")
-        prompt = body.get("prompt")
-        if not prompt:
-            raise ApiError(400, "prompt must be a non-empty string", param="prompt")
-        ids = encode_prompt(self.run, prompt, self.limits, body.get("unknown", "error"),
-                            max_chars=self.run.block_size)
+        ids = attention_ids(self.run, await read_json(request, self.limits), self.limits)
         await self.slots.acquire(request)
-        try:
-            maps = await anyio.to_thread.run_sync(self._attention, ids)
+        try:  # the maps and their JSON, megabytes of it, are made away from the event loop
+            raw = await anyio.to_thread.run_sync(attention_json, self.run, ids)
         finally:
             self.slots.release()
-        n_layer, n_head = len(maps), len(maps[0]) if maps else 0
-        return JSONResponse({"tokens": [self.run.tokenizer.chars[i] for i in ids],
-                             "n_layer": n_layer, "n_head": n_head, "weights": maps})
-
-    def _attention(self, ids: list[int]) -> list[list[list[list[float]]]]:
-        maps = self.run.attention_maps(ids)  # (n_layer, n_head, T, T)
-        # Rows are causal: only the first i + 1 weights of row i can be non-zero, so only
-        # those are sent (a ragged lower triangle), rounded to keep the JSON small.
-        rounded = torch.round(maps.double(), decimals=4).tolist()
-        return [[[row[: i + 1] for i, row in enumerate(head)] for head in layer]
-                for layer in rounded]
+        return Response(raw, media_type="application/json")
 
 
 def _handle(fn: Callable[[Request], Any]) -> Callable[[Request], Any]:

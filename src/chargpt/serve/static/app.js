@@ -156,12 +156,13 @@ function weightColor(w) {
 
 function drawMap(canvas, rows, cell, offset) {
   const ctx = canvas.getContext("2d");
+  const scale = attn.scale; // weights arrive as whole thousandths
   ctx.fillStyle = "#ffffff";
   ctx.fillRect(offset, offset, rows.length * cell, rows.length * cell);
   for (let i = 0; i < rows.length; i++) {
     const row = rows[i];
     for (let j = 0; j < row.length; j++) {
-      ctx.fillStyle = weightColor(row[j]);
+      ctx.fillStyle = weightColor(row[j] / scale);
       ctx.fillRect(offset + j * cell, offset + i * cell, cell, cell);
     }
   }
@@ -170,12 +171,12 @@ function drawMap(canvas, rows, cell, offset) {
 function showHover(layer, head, i, j) {
   const rows = attn.weights[layer][head];
   if (i < 0 || j < 0 || i >= rows.length || j >= rows.length) return;
-  const w = j <= i ? rows[i][j] : 0;
+  const w = j <= i ? rows[i][j] / attn.scale : 0;
   const q = visible(attn.tokens[i]);
   const k = visible(attn.tokens[j]);
   $("attn-hover").textContent =
     `layer ${layer + 1} head ${head + 1}: "${q}" (position ${i}) attends to ` +
-    `"${k}" (position ${j}) with weight ${w.toFixed(4)}`;
+    `"${k}" (position ${j}) with weight ${w.toFixed(3)}`;
 }
 
 const BIG_MARGIN = 14;
@@ -246,10 +247,12 @@ function renderAttention() {
 
 async function showAttention() {
   if (!info) return;
-  // The prompt plus whatever was generated, cut to the model's context window.
+  // The prompt plus whatever was generated, cut to the model's context window (the server
+  // crops it further to what its answer may hold).
   const shown = $("out-prompt").textContent + $("out-text").textContent;
   let text = shown || $("prompt").value;
-  text = Array.from(text).slice(-info.block_size).join("");
+  const keep = Math.min(info.block_size, info.limits.max_prompt_chars);
+  text = Array.from(text).slice(-keep).join("");
   if (!text) {
     setStatus("type a prompt first", true);
     return;
@@ -259,7 +262,10 @@ async function showAttention() {
     const resp = await fetch("/api/attention", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ prompt: text }),
+      // A byte model's text holds U+FFFD where the sampled bytes were not UTF-8; those are
+      // not the model's bytes, and are dropped rather than refused.
+      body: JSON.stringify(shown && info.unit === "byte" ? { prompt: text, unknown: "skip" }
+        : { prompt: text }),
     });
     if (!resp.ok) throw new Error(await errorMessage(resp));
     attn = await resp.json();
@@ -269,7 +275,8 @@ async function showAttention() {
   }
   $("attention-section").hidden = false;
   renderAttention();
-  setStatus(`attention over the last ${attn.tokens.length} characters`);
+  const units = info.unit === "byte" ? "bytes" : "characters";
+  setStatus(`attention over the last ${attn.tokens.length} ${units}`);
   $("attention-section").scrollIntoView({ behavior: "instant", block: "start" });
 }
 
