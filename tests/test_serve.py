@@ -263,7 +263,7 @@ def test_a_server_with_narrower_weights_samples_what_the_run_api_samples_with_th
 
 def test_openai_completions(server, run):
     status, body = post_json(server, "/v1/completions",
-                             {"model": "whatever", "prompt": "ROMEO:", "max_tokens": 12,
+                             {"model": "run", "prompt": "ROMEO:", "max_tokens": 12,
                               "seed": 5, "temperature": 0.7, "user": "ignored"})
     assert status == 200, body
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
@@ -285,6 +285,37 @@ def test_openai_completions(server, run):
     assert echoed["choices"][0]["text"] == "ROMEO:" + choice["text"]
     default = post_json(server, "/v1/completions", {"prompt": "ROMEO:"})[1]
     assert default["usage"]["completion_tokens"] == 16  # OpenAI's default max_tokens
+
+
+def test_openai_refuses_what_would_change_the_answer(server, run):
+    for body, status, param in [({"model": "gpt-4"}, 404, "model"),
+                                ({"model": 3}, 404, "model"),
+                                ({"suffix": "END"}, 400, "suffix"),
+                                ({"logit_bias": {"50256": -100}}, 400, "logit_bias"),
+                                ({"presence_penalty": 0.5}, 400, "presence_penalty"),
+                                ({"frequency_penalty": -1}, 400, "frequency_penalty"),
+                                ({"frequency_penalty": False}, 400, "frequency_penalty"),
+                                ({"max_new_tokens": 5}, 400, "max_new_tokens"),
+                                ({"max_tokens": 5, "temprature": 0}, 400, "temprature")]:
+        got, answer = post_json(server, "/v1/completions", {"prompt": "ROMEO:", **body})
+        assert got == status and answer["error"]["param"] == param, (body, answer)
+        assert param in answer["error"]["message"] or status == 404
+    status, answer = post_json(server, "/v1/completions", {"model": "gpt-4"})
+    assert answer["error"]["code"] == "model_not_found" and '"run"' in answer["error"]["message"]
+    # neutral values, nulls (a field's default, as in OpenAI's API) and the fields clients send
+    # that change nothing: the same answer as without them
+    want = run.generate("ROMEO:", 16, seed=4)
+    for extra in ({}, {"model": "run", "suffix": "", "logit_bias": {}, "presence_penalty": 0,
+                       "frequency_penalty": 0.0, "user": "u1",
+                       "stream_options": {"include_usage": True}},
+                  {"model": None, "suffix": None, "logit_bias": None, "presence_penalty": None,
+                   "n": None, "best_of": None, "max_tokens": None, "temperature": None,
+                   "top_p": None, "top_k": None, "stop": None, "echo": None, "stream": None,
+                   "logprobs": None, "unknown": None, "user": None}):
+        status, answer = post_json(server, "/v1/completions",
+                                   {"prompt": "ROMEO:", "seed": 4, **extra})
+        assert status == 200, (extra, answer)
+        assert answer["choices"][0]["text"] == want and answer["model"] == "run"
 
 
 def test_stop_strings(server, run):

@@ -29,7 +29,18 @@ MAX_SEED = 2**63 - 1
 BODY_TIMEOUT = 10.0  # seconds for a whole request body (at most --max-body-bytes) to arrive
 MAX_STOP_STRINGS = 4
 GENERATE_FIELDS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
-                   "stream", "stop", "unknown"}  # /api/generate's; /v1/completions ignores extras
+                   "stream", "stop", "unknown"}  # /api/generate's
+# /v1/completions: OpenAI's fields (user and stream_options change nothing here, and clients
+# send them), and chargpt's extensions top_k and unknown.
+OPENAI_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream",
+                 "stream_options", "logprobs", "echo", "stop", "presence_penalty",
+                 "frequency_penalty", "best_of", "logit_bias", "user", "suffix", "seed",
+                 "top_k", "unknown"}
+# OpenAI's fields that change the answer in ways chargpt cannot, accepted at these values only
+NEUTRAL_VALUES = {"suffix": ('""', lambda v: v == ""),
+                  "logit_bias": ("{}", lambda v: v == {}),
+                  "presence_penalty": ("0", lambda v: type(v) in (int, float) and v == 0),
+                  "frequency_penalty": ("0", lambda v: type(v) in (int, float) and v == 0)}
 
 
 @dataclass(frozen=True)
@@ -216,9 +227,12 @@ def _refuse_unknown_units(tokenizer: CharTokenizer, prompt: str) -> None:
                    kind="unknown_characters", extra=extra)
 
 
-def parse_generate(run: Run, body: dict[str, Any], limits: Limits, *, openai: bool) -> GenRequest:
-    """Validate a generation request; `openai` selects the /v1/completions field names."""
+def parse_generate(run: Run, body: dict[str, Any], limits: Limits, *, openai: bool,
+                   model: str = "") -> GenRequest:
+    """Validate a generation request; `openai` selects the /v1/completions field names, where
+    `model` is the one name the request may give."""
     if openai:
+        body = _openai_body(body, model)
         prompt = _openai_prompt(body)
         tokens_key, default_tokens = "max_tokens", min(16, limits.max_new_tokens)  # OpenAI's
     else:
@@ -251,9 +265,26 @@ def refuse_unknown_fields(body: dict[str, Any], allowed: set[str]) -> None:
                        param=_clip(names[0], 40))
 
 
+def _openai_body(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """A /v1/completions body without its nulls (null is a field's default in OpenAI's API),
+    refusing unknown fields, another model (a 404, as OpenAI answers) and what would change
+    the answer in a way chargpt cannot (a suffix, logit biases, penalties)."""
+    body = {k: v for k, v in body.items() if v is not None}
+    refuse_unknown_fields(body, OPENAI_FIELDS)
+    if body.get("model", model) != model:
+        raise ApiError(404, f"the model {_show(body['model'])} does not exist; this server has "
+                       f"one model, {json.dumps(model)}", param="model",
+                       extra={"code": "model_not_found"})
+    for key, (neutral, ok) in NEUTRAL_VALUES.items():
+        if key in body and not ok(body[key]):
+            raise ApiError(400, f"{key} is not supported: only {neutral} or null, got "
+                           f"{_show(body[key])}", param=key)
+    return body
+
+
 def _openai_prompt(body: dict[str, Any]) -> Any:
     """The prompt of a /v1/completions request, refusing what chargpt cannot do (several
-    choices, log probabilities); OpenAI's other fields are ignored, as OpenAI's clients expect."""
+    choices, log probabilities)."""
     prompt = body.get("prompt", "")
     if isinstance(prompt, list):
         if len(prompt) != 1:

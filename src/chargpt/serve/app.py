@@ -195,7 +195,7 @@ class Server:
 
     async def v1_completions(self, request: Request) -> Response:
         req = parse_generate(self.run, await read_json(request, self.limits), self.limits,
-                             openai=True)
+                             openai=True, model=self.name)
         gen = await self.start_generation(request, req)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
