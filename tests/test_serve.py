@@ -440,6 +440,57 @@ def test_malformed_and_oversized_bodies(server):
         c.close()
 
 
+def raw_request(srv: BackgroundServer, method: str, path: str, headers: dict[str, str],
+                body: bytes = b"") -> tuple[int, dict[str, Any]]:
+    """A request with exactly `headers` (http.client adds only Host, unless given, and
+    Content-Length), and its JSON answer."""
+    c = conn(srv)
+    try:
+        c.request(method, path, body=body, headers=headers)
+        resp = c.getresponse()
+        raw = resp.read()
+        is_json = resp.getheader("Content-Type") == "application/json"
+        return resp.status, json.loads(raw) if is_json else {"raw": raw}
+    finally:
+        c.close()
+
+
+def test_post_bodies_must_be_declared_json(server):
+    """A page on another site can make a browser POST a form or text/plain without asking
+    first; only application/json is read."""
+    body = json.dumps({"max_new_tokens": 2}).encode()
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                 None, "application/jsonx"):
+        for path in ("/api/generate", "/v1/completions", "/api/attention"):
+            headers = {} if kind is None else {"Content-Type": kind}
+            status, answer = raw_request(server, "POST", path, headers, body)
+            assert status == 415 and answer["error"]["type"] == "unsupported_media_type", kind
+    status, answer = raw_request(server, "POST", "/api/generate",
+                                 {"Content-Type": "Application/JSON; charset=utf-8"}, body)
+    assert status == 200 and answer["tokens"] == 2
+
+
+@pytest.mark.parametrize(("host", "status"), [
+    ("127.0.0.1:8000", 200), ("localhost", 200), ("LOCALHOST:1", 200), ("[::1]:8000", 200),
+    ("127.0.0.2", 200), ("evil.example", 400), ("evil.example:8000", 400),
+    ("127.0.0.1.evil.example", 400), ("localhost.evil.example:80", 400), ("[::2]:80", 400),
+    ("0.0.0.0:8000", 400), ("", 400)])
+def test_only_loopback_host_headers_are_answered(server, host, status):
+    """DNS rebinding points another site's name at 127.0.0.1; its requests carry that name."""
+    for method, path in (("GET", "/health"), ("GET", "/"), ("POST", "/api/generate")):
+        got, answer = raw_request(server, method, path, {
+            "Host": host, "Content-Type": "application/json"}, b'{"max_new_tokens": 1}')
+        assert got == status, (path, answer)
+        if status == 400:
+            assert answer["error"]["type"] == "invalid_host"
+
+
+def test_a_server_opened_to_the_network_answers_any_host(run):
+    with BackgroundServer(create_app(run, loopback_only=False)) as srv:
+        status, answer = raw_request(srv, "GET", "/health", {"Host": "my-box.lan:8000"})
+        assert status == 200 and answer["status"] == "ok"
+
+
 # --- attention ---------------------------------------------------------------------------
 
 

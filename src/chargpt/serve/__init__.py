@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import ipaddress
 import os
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chargpt.errors import ChargptError, warn
+from chargpt.serve.hosts import is_loopback
 
 if TYPE_CHECKING:
     from chargpt.serve.api import Limits
@@ -40,15 +40,6 @@ def default_threads(max_concurrent: int) -> int:
     """
     cores = os.cpu_count() or 1
     return max(1, min(4, cores // max(1, max_concurrent)))
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
@@ -75,7 +66,10 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     if n_threads < 1:
         raise ChargptError(f"--threads must be >= 1, got {n_threads}")
     torch.set_num_threads(n_threads)
-    app = create_app(run, limits, name=name, weight_format=weight_format)
+    # On a loopback address only requests for a loopback name are answered; --host 0.0.0.0
+    # opened the server deliberately (and is warned about below), so any Host is accepted.
+    app = create_app(run, limits, name=name, weight_format=weight_format,
+                     loopback_only=is_loopback(host))
     # What is alive now lives as long as the server: left to the cyclic collector, its full
     # passes over it stall a request by ~0.2 s (benchmarks/bench_serve.py); frozen, never
     gc.freeze()

@@ -103,8 +103,14 @@ class GenRequest:
 
 
 async def read_json(request: Request, limits: Limits) -> dict[str, Any]:
-    """The request body as a JSON object, refusing bodies over the size cap before reading and
-    bodies that trickle in for longer than `BODY_TIMEOUT` (a 408)."""
+    """The request body as a JSON object, refusing one that is not declared as JSON (a web
+    page can make a browser send a form or text/plain to any site without asking), bodies over
+    the size cap before reading, and bodies that trickle in for longer than `BODY_TIMEOUT`."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":  # a form or text/plain: another site's page can send
+        raise ApiError(415, "a request body must be JSON, sent with Content-Type: "
+                       f"application/json, not {_show(media_type) if media_type else 'none'}",
+                       kind="unsupported_media_type")
     too_big = ApiError(413, f"request body is larger than {limits.max_body_bytes} bytes",
                        kind="request_too_large")
     declared = request.headers.get("content-length")

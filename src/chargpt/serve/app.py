@@ -23,11 +23,14 @@ from typing import Any
 import anyio
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chargpt.errors import ChargptError
 from chargpt.runs.run import Run
@@ -41,6 +44,7 @@ from chargpt.serve.api import (
 )
 from chargpt.serve.attention import attention_ids, attention_json, max_tokens
 from chargpt.serve.generation import ClientGone, Generation, Slots
+from chargpt.serve.hosts import host_name, is_loopback
 
 __all__ = ["Limits", "Server", "create_app", "model_name"]
 
@@ -257,6 +261,25 @@ def _handle(fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
 HTTP_ERROR_KINDS = {404: "not_found", 405: "method_not_allowed"}
 
 
+class LoopbackHostOnly:
+    """ASGI middleware: a 400 for a request whose Host header is not a loopback name, such as
+    a page on another site that DNS rebinding pointed at 127.0.0.1."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = Headers(scope=scope).get("host", "")
+            if not is_loopback(host_name(host)):
+                shown = json.dumps(host[:60]) if host else "none"
+                error = ApiError(400, f"the Host header is {shown}; this server answers only "
+                                 "requests for localhost, 127.0.0.1 or [::1]", kind="invalid_host")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 async def http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own errors (an unknown path, a wrong method) in the API's error shape."""
     assert isinstance(exc, HTTPException)
@@ -271,10 +294,12 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(run: Run, limits: Limits | None = None, name: str | None = None,
-               weight_format: str = "float32") -> Starlette:
+               weight_format: str = "float32", loopback_only: bool = True) -> Starlette:
     """The ASGI app serving `run`, its weight matrices stored as `weight_format` for the native
-    decode loop (SamplingSettings.weight_format); `app.state.server` holds the handlers and live
-    counters, and its `shutdown()` stops the generations (runner.Server calls it)."""
+    decode loop (SamplingSettings.weight_format); `loopback_only` answers only requests whose
+    Host is a loopback name (for a server listening on one). `app.state.server` holds the
+    handlers and live counters, and its `shutdown()` stops the generations (runner.Server
+    calls it)."""
     server = Server(run, limits or Limits(), name, weight_format)
 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -292,6 +317,7 @@ def create_app(run: Run, limits: Limits | None = None, name: str | None = None,
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     app = Starlette(routes=routes, lifespan=asynccontextmanager(lifespan),
-                    exception_handlers={HTTPException: http_error, Exception: server_error})
+                    exception_handlers={HTTPException: http_error, Exception: server_error},
+                    middleware=[Middleware(LoopbackHostOnly)] if loopback_only else [])
     app.state.server = server
     return app
