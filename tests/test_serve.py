@@ -798,35 +798,16 @@ def test_ctrl_c_ends_running_and_queued_requests_at_once_with_answers(run_dir):
     proc, port = start_cli(run_dir, "--max-concurrent", "2", "--max-new-tokens", "10000000",
                            "--request-timeout", "120")
     answers: dict[str, Any] = {}
-
-    def plain(name: str) -> None:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        c.request("POST", "/api/generate", body='{"max_new_tokens": 10000000}',
-                  headers={"Content-Type": "application/json"})
-        resp = c.getresponse()
-        answers[name] = (resp.status, resp.getheader("Content-Type"), resp.read())
-
-    def streamed() -> None:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        c.request("POST", "/api/generate",
-                  body='{"max_new_tokens": 10000000, "stream": true}',
-                  headers={"Content-Type": "application/json"})
-        answers["stream"] = read_events(c.getresponse())
-
     try:
-        clients = [threading.Thread(target=plain, args=("running",)),
-                   threading.Thread(target=streamed)]
+        clients = [threading.Thread(target=long_generation, args=(port, answers, "running")),
+                   threading.Thread(target=long_generation, args=(port, answers, "stream"))]
         for t in clients:
             t.start()
-        deadline = time.monotonic() + 20
-        while health(port)["active"] < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        clients.append(threading.Thread(target=plain, args=("queued",)))
+        wait_for_health(port, "active", 2)
+        clients.append(threading.Thread(target=long_generation,
+                                        args=(port, answers, "queued")))
         clients[-1].start()
-        while health(port)["waiting"] < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for_health(port, "waiting", 1)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=15)
@@ -847,9 +828,28 @@ def test_ctrl_c_ends_running_and_queued_requests_at_once_with_answers(run_dir):
     assert took < 2.5  # before: uvicorn's 3 s graceful period, then cancelled tasks
 
 
-def health(port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-        return json.loads(r.read())
+def long_generation(port: int, answers: dict[str, Any], name: str) -> None:
+    """A generation of ten million characters: its answer goes to `answers[name]`, as events
+    for the one named "stream", else as (status, Content-Type, body)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    body = {"max_new_tokens": 10_000_000, "stream": name == "stream"}
+    c.request("POST", "/api/generate", body=json.dumps(body),
+              headers={"Content-Type": "application/json"})
+    resp = c.getresponse()
+    if name == "stream":
+        answers[name] = read_events(resp)
+    else:
+        answers[name] = (resp.status, resp.getheader("Content-Type"), resp.read())
+
+
+def wait_for_health(port: int, key: str, at_least: int) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            if json.loads(r.read())[key] >= at_least:
+                return
+        assert time.monotonic() < deadline, f"/health's {key} stayed below {at_least}"
+        time.sleep(0.05)
 
 
 def test_idle_sockets_do_not_lock_the_cli_server_out(run_dir):
