@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from chargpt.data import prepared as prepared_mod
 from chargpt.data.prepared import check_split_lengths, load_prepared
 from chargpt.errors import DataError
 from chargpt.text.tokenizer import CharTokenizer
@@ -50,6 +51,32 @@ def test_damaged_prepared_dir(prepared: Path, damage, match: str) -> None:
     with pytest.raises(DataError, match=match) as info:
         load_prepared(prepared)
     assert "\n" not in str(info.value)
+
+
+def _ids_past_vocab(path: Path, at: int, value: int) -> None:
+    """The same token file, its header and length intact, one id set to `value`."""
+    ids = np.load(path)
+    ids[at] = value
+    np.save(path, ids)
+
+
+@pytest.mark.parametrize("at", [0, -1])
+def test_ids_past_the_vocabulary(prepared: Path, at: int) -> None:
+    vocab_size = load_prepared(prepared).vocab_size
+    _ids_past_vocab(prepared / "val.npy", at, vocab_size)
+    with pytest.raises(DataError, match=rf"^val.npy holds token id {vocab_size}, past the "
+                       rf"vocabulary of {vocab_size}; .* is damaged \(run `chargpt prepare` "
+                       "again\\)$"):
+        load_prepared(prepared)
+
+
+def test_ids_are_checked_in_pieces(prepared: Path, monkeypatch) -> None:
+    # Whatever the piece size, a bad id in the last piece is found and good data loads.
+    monkeypatch.setattr(prepared_mod, "CHECK_BYTES", 6)
+    assert len(load_prepared(prepared).train) == 468
+    _ids_past_vocab(prepared / "train.npy", -1, 60000)
+    with pytest.raises(DataError, match="train.npy holds token id 60000"):
+        load_prepared(prepared)
 
 
 def test_truncated_token_file(prepared: Path) -> None:

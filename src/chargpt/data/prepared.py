@@ -5,8 +5,9 @@ the validation split taken from the end of the text), optionally `test.npy` (a t
 val, at the very end), `vocab.json` and `meta.json`, which is written last and marks the
 directory as complete. `meta.json`'s `test_tokens` and `unit` came later: a directory without
 them has no test split and character tokens. `load_prepared` opens one with memory-mapped,
-read-only token arrays and checks that the files agree with each other; `check_split_lengths`
-refuses a context longer than a split. Nothing here needs torch.
+read-only token arrays and checks that the files agree with each other and that every token id
+is in the vocabulary; `check_split_lengths` refuses a context longer than a split. Nothing here
+needs torch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from chargpt.errors import ConfigError, DataError
+from chargpt.fileio import os_reason
 from chargpt.text.textfiles import Source
 from chargpt.text.tokenizer import CharTokenizer
 
@@ -32,6 +34,7 @@ __all__ = [
     "PreparedData",
     "check_split_lengths",
     "load_prepared",
+    "read_meta",
 ]
 
 DATA_FORMAT = "chargpt-data"
@@ -40,6 +43,9 @@ TRAIN_FILE, VAL_FILE, VOCAB_FILE, META_FILE = "train.npy", "val.npy", "vocab.jso
 TEST_FILE = "test.npy"
 SPLITS = ("train", "val", "test")
 TOKEN_DTYPES = ("uint16", "uint32")
+# The largest-id check reads a token file in pieces of this many bytes: a bounded buffer
+# whatever the corpus size, and no pages of the file left mapped by the check itself.
+CHECK_BYTES = 1 << 22
 # meta.json lists every source file (~200 bytes each): this is about a million files.
 MAX_META_BYTES = 1 << 28
 
@@ -110,7 +116,26 @@ def _check_header(path: Path, dtype: str, length: int, rerun: str) -> None:
                         f"promises; {rerun}")
 
 
-def _load_tokens(path: Path, dtype: str, length: int, data_dir: Path) -> np.ndarray:
+def _check_ids(path: Path, dtype: np.dtype, offset: int, vocab_size: int, rerun: str) -> None:
+    """Every id in the token file is below `vocab_size`: an id past the vocabulary would end
+    in an IndexError inside the model's embedding. Read once per load, in pieces."""
+    if vocab_size > np.iinfo(dtype).max:
+        return  # no value the dtype can hold is out of range
+    buf = np.empty(CHECK_BYTES // dtype.itemsize, dtype=dtype)
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while n := f.readinto(memoryview(buf).cast("B")) // dtype.itemsize:
+                top = int(buf[:n].max())
+                if top >= vocab_size:
+                    raise DataError(f"{path.name} holds token id {top}, past the vocabulary "
+                                    f"of {vocab_size}; {rerun}")
+    except OSError as e:
+        raise DataError(f"{path.name} cannot be read ({os_reason(e)}); {rerun}") from None
+
+
+def _load_tokens(path: Path, dtype: str, length: int, data_dir: Path,
+                 vocab_size: int) -> np.ndarray:
     rerun = f"the prepared data in {data_dir} is damaged (run `chargpt prepare` again)"
     _check_header(path, dtype, length, rerun)
     try:
@@ -118,10 +143,13 @@ def _load_tokens(path: Path, dtype: str, length: int, data_dir: Path) -> np.ndar
     except (OSError, ValueError, EOFError) as e:
         reason = " ".join(str(e).split())
         raise DataError(f"{path.name} cannot be read ({reason}); {rerun}") from None
+    _check_ids(path, arr.dtype, arr.offset, vocab_size, rerun)
     return arr
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path) -> dict[str, Any]:
+    """The checked meta.json of prepared-data directory `path`; one DataError line if it is
+    missing or not chargpt's."""
     not_prepared = f"{path} is not a prepared data directory (run `chargpt prepare`)"
     try:
         if (path / META_FILE).stat().st_size > MAX_META_BYTES:
@@ -159,7 +187,7 @@ def load_prepared(data_dir: Source) -> PreparedData:
         raise DataError(f"data directory not found: {path}")
     if not path.is_dir():
         raise DataError(f"{path} is not a directory")
-    meta = _read_meta(path)
+    meta = read_meta(path)
     tokenizer = CharTokenizer.load(path / VOCAB_FILE)
     if tokenizer.fingerprint() != meta["vocab_fingerprint"]:
         raise DataError(
@@ -171,10 +199,11 @@ def load_prepared(data_dir: Source) -> PreparedData:
     if tokenizer.unit != meta.get("unit", "char"):
         raise DataError(f"{path / VOCAB_FILE} is a {tokenizer.unit} vocabulary but meta.json "
                         f"says {meta.get('unit', 'char')}; run `chargpt prepare` again")
-    train = _load_tokens(path / TRAIN_FILE, meta["dtype"], meta["train_tokens"], path)
-    val = _load_tokens(path / VAL_FILE, meta["dtype"], meta["val_tokens"], path)
+    n_vocab, dtype = tokenizer.vocab_size, meta["dtype"]
+    train = _load_tokens(path / TRAIN_FILE, dtype, meta["train_tokens"], path, n_vocab)
+    val = _load_tokens(path / VAL_FILE, dtype, meta["val_tokens"], path, n_vocab)
     n_test = meta.get("test_tokens", 0)
-    test = _load_tokens(path / TEST_FILE, meta["dtype"], n_test, path) if n_test else None
+    test = _load_tokens(path / TEST_FILE, dtype, n_test, path, n_vocab) if n_test else None
     return PreparedData(train=train, val=val, tokenizer=tokenizer, meta=meta, path=path,
                         test=test)
 
