@@ -6,12 +6,16 @@ file in the same directory (same file system, so the final rename is atomic), is
 fsynced, and is then moved over the target with `os.replace`. The writers raise plain
 `OSError`. Readers that face a user's file call `read_bytes`, or `read_error` in their own
 `except OSError`, so every missing, unreadable or mistaken path is reported in the same words as
-one `ChargptError` line; `os_reason` is the one-line reason of any OSError.
+one `ChargptError` line; `os_reason` is the one-line reason of any OSError. A file or directory
+that cannot be created is reported as the user's path, never the hidden sibling it is built in,
+with the reason in plain words (`creation_reason`: its folder does not exist, is a file, ...).
+`json_text` is JSON that any path survives, and `shown` a path as text that prints anywhere.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -24,13 +28,16 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from chargpt.errors import ChargptError, ConfigError, DataError
+from chargpt.progress import printable
 
 __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "creation_reason",
     "fsync_dir",
     "fsync_file",
+    "json_text",
     "OTHERS_WRITE",
     "os_reason",
     "private_dir",
@@ -38,8 +45,10 @@ __all__ = [
     "read_error",
     "read_json",
     "sha256_file",
+    "shown",
     "temp_path_for",
     "untrusted",
+    "utf8_path",
 ]
 
 OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH  # mode bits that let someone else change a file
@@ -65,7 +74,10 @@ def new_dir(path: Path, tag: str) -> Iterator[Path]:
     whole or not at all."""
     tmp = temp_path_for(path, tag)
     try:
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            raise _about(e, path) from None
         yield tmp
         check_new_dir(path)
         if path.exists():
@@ -103,10 +115,15 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
     """Replace `path` with what `write(f)` writes to a fresh binary file, atomically."""
     path = Path(path)
+    if path.is_dir():  # found before the content is made, and named, not its temporary file
+        raise IsADirectoryError(errno.EISDIR, "it is a directory", str(path))
     tmp = temp_path_for(path)
     # os.open with 0o666 lets the umask decide the permissions, as a plain open() would;
     # tempfile.mkstemp would force 0o600 on the final file.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise _about(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -128,6 +145,55 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
     """Like `atomic_write_bytes` for text; newlines are written as given (no translation)."""
     atomic_write_bytes(path, text.encode(encoding))
+
+
+def creation_reason(e: OSError, path: str | os.PathLike[str]) -> str:
+    """Why `path` could not be created (`e`, raised for it or for the hidden sibling it is
+    built in), in plain words about `path`: a folder on the way is a file, permission denied,
+    its folder does not exist; else the OS's reason and where."""
+    path = Path(path)
+    existing = next((p for p in path.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{shown(existing)} is a file, not a folder"
+    if isinstance(e, PermissionError):
+        return f"permission denied in {shown(existing or path.parent)}"
+    if existing != path.parent and isinstance(e, FileNotFoundError):
+        return f"its folder {shown(path.parent)} does not exist"
+    return f"cannot create it in {shown(path.parent)} ({os_reason(e)})"
+
+
+def _about(e: OSError, path: Path) -> OSError:
+    """`e` as an error about `path` itself, with `creation_reason` as its reason."""
+    return OSError(e.errno, creation_reason(e, path), shown(path))
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """`path` as text that can be printed anywhere (progress.printable: bytes that are not
+    UTF-8 as \\xNN)."""
+    return printable(os.fsdecode(path))
+
+
+def utf8_path(path: str | os.PathLike[str], what: str,
+              error: type[ChargptError] = ConfigError) -> str:
+    """`path` as text for a library that opens only UTF-8 paths (safetensors); a path with
+    bytes that are not UTF-8 is one `error` line naming `what` it is."""
+    text = os.fsdecode(path)
+    if _SURROGATE.search(text):
+        raise error(f"{what} {shown(text)} has a name that is not UTF-8 text, which the "
+                    "safetensors library cannot open; choose or rename it to a UTF-8 name")
+    return text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_text(obj: Any, indent: int | None = 2) -> str:
+    """`obj` as JSON with its characters as they are, except lone surrogates (the bytes of a
+    file name that are not UTF-8), written as \\u escapes: the text is valid UTF-8 and
+    json.loads gives the same path back. They can only occur inside strings, as every other
+    character of JSON is ASCII."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def os_reason(e: BaseException) -> str:

@@ -22,7 +22,7 @@ from chargpt.config.presets import DEFAULT_PRESET, preset_description, preset_na
 from chargpt.config.resolve import resolve_config
 from chargpt.config.schema import Config
 from chargpt.errors import ChargptError, ConfigError
-from chargpt.fileio import os_reason
+from chargpt.fileio import os_reason, shown
 
 EXIT_ERROR = 1
 
@@ -39,13 +39,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     sources = args.input if len(args.input) > 1 else args.input[0]
     meta = prepare(sources, Path(args.out), val_fraction=args.val_fraction,
                    test_fraction=args.test_fraction, unit=args.unit, separator=args.separator,
-                   progress=True)
+                   progress=True, overwrite=args.overwrite)
     test = f" / {meta['test_tokens']:,} test" if meta["test_tokens"] else ""
     print(
         f"prepared {meta['total_chars']:,} {args.unit}s ({meta['vocab_size']} distinct) from "
         f"{len(meta['sources'])} file(s) in {time.perf_counter() - t0:.1f}s: "
         f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val{test} tokens "
-        f"({meta['dtype']}) -> {args.out}"
+        f"({meta['dtype']}) -> {shown(args.out)}"
     )
     return 0
 
@@ -335,6 +335,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A path given as bytes that are not UTF-8 prints as those bytes, whatever the locale
+    # (under a C or C.UTF-8 locale Python already does this; elsewhere print would raise).
+    if callable(reconfigure := getattr(sys.stdout, "reconfigure", None)):
+        reconfigure(errors="surrogateescape")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -350,9 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except OSError as e:
-        where = f": {e.filename}" if e.filename else ""
-        errors.report(ChargptError(f"{os_reason(e)}{where}"))
+    except OSError as e:  # a file chargpt could not read or write: its path, then why
+        where = f"{shown(e.filename)}: " if e.filename else ""
+        errors.report(ChargptError(f"{where}{os_reason(e)}"))
         return EXIT_ERROR
 
 

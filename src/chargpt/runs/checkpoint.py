@@ -16,7 +16,6 @@ this whole layout; `TrainState.from_saved` is the one place that reads older var
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -30,7 +29,15 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from chargpt import faults
 from chargpt.config.schema import Config
 from chargpt.errors import CheckpointError
-from chargpt.fileio import fsync_dir, fsync_file, os_reason, read_error, sha256_file
+from chargpt.fileio import (
+    fsync_dir,
+    fsync_file,
+    json_text,
+    os_reason,
+    read_error,
+    sha256_file,
+    utf8_path,
+)
 from chargpt.fileio import read_json as io_read_json
 from chargpt.runs.trainstate import TrainState, join_optimizer_state, split_optimizer_state
 from chargpt.text.tokenizer import CharTokenizer
@@ -47,10 +54,10 @@ VOCAB_FILE = "vocab.json"
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    # Not atomic on its own: the whole directory is swapped in once complete.
+    # Not atomic on its own: the whole directory is swapped in once complete. json_text: a
+    # config's data_dir may be a path whose bytes are not UTF-8.
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+        f.write(json_text(obj) + "\n")
 
 
 # The JSON files of a run are a few kB (a vocabulary of every Unicode character is ~5 MB); a
@@ -65,7 +72,7 @@ def read_json(path: Path) -> Any:
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(path), device="cpu")
+        return load_file(utf8_path(path, "the checkpoint file", CheckpointError), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is unreadable: {e}") from None
 
@@ -239,7 +246,8 @@ def load_model_tensors(model: torch.nn.Module, ckpt_dir: Path) -> None:
     """Load model.safetensors (the model's parameters and buffers) into `model`, which must
     have exactly the same names and shapes."""
     try:
-        load_model(model, str(ckpt_dir / MODEL_FILE), strict=True, device="cpu")
+        load_model(model, utf8_path(ckpt_dir / MODEL_FILE, "the checkpoint file",
+                                    CheckpointError), strict=True, device="cpu")
     except (SafetensorError, RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(

@@ -28,7 +28,7 @@ from chargpt import errors, faults
 from chargpt.config.schema import Config
 from chargpt.data.prepared import PreparedData, load_prepared
 from chargpt.errors import ChargptError, CheckpointError, ConfigError
-from chargpt.fileio import atomic_write_text, os_reason, read_error
+from chargpt.fileio import atomic_write_text, os_reason, read_error, utf8_path
 from chargpt.runs import checkpoint as ckpt
 from chargpt.runs.safety import (
     LOAD_FACTOR,
@@ -89,7 +89,9 @@ class RunDir:
         return self.config_file.exists()
 
     def create(self) -> None:
-        """Make the directory for a new run, refusing one that already holds a run."""
+        """Make the directory for a new run, refusing one that already holds a run, or a path
+        its checkpoints could not be written to and read back from (utf8_path)."""
+        utf8_path(self.path, "the run directory")
         if self.holds_run():
             raise ConfigError(
                 f"{self.path} already holds a run; continue it with --resume {self.path} "
@@ -148,6 +150,7 @@ class RunDir:
     def resume_checkpoint(self, warn: Callable[[str], None] = errors.warn) -> CheckedCheckpoint:
         """The checkpoint a resume continues from: `last/`, or what a crash left of it; a
         damaged `last/` is passed over with `warn` for an intact leftover, else refused."""
+        utf8_path(self.path, "the run directory", CheckpointError)
         if not any(c.is_dir() for c in ckpt.candidates(self.path, LAST)):
             raise CheckpointError(f"{self.path} has no complete checkpoint to resume from")
         try:
@@ -283,6 +286,7 @@ def find_checkpoint(path: str | Path, which: str | None = None, *,
     says what is wrong and what is used instead. Either way a checkpoint a crash left between
     its save's two renames is found (checkpoint.candidates)."""
     path = Path(path)
+    utf8_path(path, "the run directory", CheckpointError)  # one line, not one per checkpoint
     if which is not None and which not in CHECKPOINTS:
         raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}")
     if not path.exists():

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from chargpt.config.schema import Config, ModelConfig
 from chargpt.errors import CheckpointError, ConfigError
+from chargpt.fileio import utf8_path
 from chargpt.model.build import build_model
 from chargpt.runs import checkpoint as ckpt
 from chargpt.text.tokenizer import CharTokenizer, check_same_vocab
@@ -83,7 +84,8 @@ def read_header(path: Path) -> dict[str, tuple[str, list[int]]]:
     """{name: (dtype, shape)} of a safetensors file, from its header alone (no tensor is
     read); a file safetensors cannot open is one CheckpointError."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with safe_open(utf8_path(path, "the checkpoint file", CheckpointError),
+                       framework="pt", device="cpu") as f:
             return {name: (f.get_slice(name).get_dtype(), list(f.get_slice(name).get_shape()))
                     for name in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
     except (SafetensorError, OSError, ValueError) as e:
