@@ -18,7 +18,7 @@ from conftest import SHAKESPEARE_SHA256, all_text, corpus_text, require_shakespe
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from chargpt.data import splits
+from chargpt.data import outdir, preparation, splits
 from chargpt.data.preparation import prepare
 from chargpt.data.prepared import load_prepared
 from chargpt.errors import ConfigError, DataError, VocabError
@@ -144,12 +144,101 @@ def test_fixed_vocabulary(tmp_path: Path) -> None:
         prepare(write(tmp_path / "b.txt", "abcdé"), tmp_path / "out2", vocab=vocab)
 
 
-def test_replaces_previous_output_and_leaves_no_temp(tmp_path: Path) -> None:
+def test_replaces_previous_output_only_when_asked_and_leaves_no_temp(tmp_path: Path) -> None:
     out = tmp_path / "out"
     prepare(write(tmp_path / "a.txt", "aaaaaaaaaa"), out)
-    prepare(write(tmp_path / "b.txt", "bcbcbcbcbcbc"), out)
+    b = write(tmp_path / "b.txt", "bcbcbcbcbcbc")
+    with pytest.raises(DataError, match=r"out already holds prepared data of other text; "
+                       "refusing to replace it: .* --overwrite"):
+        prepare(b, out)
+    assert all_text(load_prepared(out)) == "aaaaaaaaaa"
+    prepare(b, out, overwrite=True)
     assert all_text(load_prepared(out)) == "bcbcbcbcbcbc"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "out"]
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    ({"val_fraction": 0.2}, "val_fraction 0.1 \\(not 0.2\\)"),
+    ({"unit": "byte"}, "unit 'char' \\(not 'byte'\\)"),
+    ({"vocab": CharTokenizer(list("zab"))}, "another vocabulary"),
+], ids=["setting", "unit", "vocabulary"])
+def test_other_settings_are_refused_without_overwrite(tmp_path: Path, change, says) -> None:
+    src, out = write(tmp_path / "a.txt", "abababababab"), tmp_path / "out"
+    before = prepare(src, out)
+    with pytest.raises(DataError, match=says):
+        prepare(src, out, **change)
+    assert load_prepared(out).meta == before
+
+
+def test_the_same_data_is_prepared_again_which_repairs_it(tmp_path: Path) -> None:
+    # "run `chargpt prepare` again" is the advice for damaged token files: with the same
+    # text and settings it is allowed, even for a run's own data, and repairs them.
+    src, out = write(tmp_path / "a.txt", "abcabcabcabc"), tmp_path / "run" / "data"
+    meta = prepare(src, out)
+    (tmp_path / "run" / "config.json").write_text("{}")
+    np.save(out / "val.npy", np.full(2, 60000, dtype=np.uint16))
+    with pytest.raises(DataError, match="damaged"):
+        load_prepared(out)
+    assert prepare(src, out) == meta
+    assert all_text(load_prepared(out)) == "abcabcabcabc"
+
+
+@pytest.mark.parametrize("marker", ["config.json", "best", "last"])
+def test_a_runs_own_data_is_never_replaced(tmp_path: Path, marker: str) -> None:
+    run, a = tmp_path / "run", write(tmp_path / "a.txt", "aaaaaaaaaa")
+    prepare(a, run / "data")
+    (run / marker).mkdir() if marker != "config.json" else (run / marker).write_text("{}")
+    for overwrite in (False, True):
+        with pytest.raises(DataError, match=r"run/data is the data of the run in .*run and "
+                           "holds other text; replacing it would break that run"):
+            prepare(write(tmp_path / "b.txt", "bbbbbbbbbb"), run / "data", overwrite=overwrite)
+    assert all_text(load_prepared(run / "data")) == "aaaaaaaaaa"
+    prepare(write(tmp_path / "c.txt", "cccccccccc"), tmp_path / "data")  # no run: a new dir
+
+
+def test_other_text_is_refused_before_it_is_read(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    prepare(write(tmp_path / "a.txt", "aaaaaaaaaa"), out)
+
+    def no_reading(*args):
+        raise AssertionError("the corpus was read")
+
+    monkeypatch.setattr(preparation, "iter_units", no_reading)
+    with pytest.raises(DataError, match="other text"):
+        prepare(write(tmp_path / "b.txt", "bbbbbbbbbbbb"), out)
+
+
+def test_damaged_metadata_is_replaced_only_when_asked(tmp_path: Path) -> None:
+    src, out = write(tmp_path / "a.txt", "aaaaaaaaaa"), tmp_path / "out"
+    prepare(src, out)
+    (out / "meta.json").write_text("{")
+    with pytest.raises(DataError, match="holds prepared data of unreadable metadata"):
+        prepare(src, out)
+    prepare(src, out, overwrite=True)
+    assert all_text(load_prepared(out)) == "aaaaaaaaaa"
+
+
+def test_an_interrupted_replacement_leaves_the_old_data(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    prepare(write(tmp_path / "a.txt", "aaaaaaaaaa"), out)
+
+    def fail(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(CharTokenizer, "save", fail)
+    with pytest.raises(DataError, match="No space left on device"):
+        prepare(write(tmp_path / "b.txt", "bbbbbbbbbb"), out, overwrite=True)
+    assert all_text(load_prepared(out)) == "aaaaaaaaaa"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "out"]
+
+
+def test_run_markers_agree_with_the_run_directory() -> None:
+    # data/outdir cannot import runs/rundir (a lower layer): the names are spelled out twice.
+    from chargpt.runs import rundir
+
+    assert outdir.RUN_FILES == rundir.CONFIG_FILE
+    assert outdir.RUN_CHECKPOINTS == rundir.CHECKPOINTS
+    assert outdir.RUN_DATA == rundir.DATA_SUBDIR
 
 
 def test_refuses_to_replace_unrelated_directory(tmp_path: Path) -> None:
@@ -329,3 +418,46 @@ def test_prepare_memory_does_not_grow_with_corpus(tmp_path: Path) -> None:
     assert peak_mb < 250, f"peak RSS {peak_mb:.0f} MB"
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["total_chars"] == corpus.stat().st_size
+
+
+# --- file names whose bytes are not UTF-8 ---------------------------------------------------
+
+
+def test_a_file_name_that_is_not_utf8_is_prepared(tmp_path: Path) -> None:
+    # Linux paths are bytes; Python gives b"\xff" as the lone surrogate "\udcff".
+    name = os.fsdecode(b"bad\xff.txt")
+    src = write(tmp_path / name, "hello world")
+    meta = prepare(src, tmp_path / os.fsdecode(b"out\xfe"))
+    assert meta["sources"][0]["path"] == os.path.abspath(src)
+    assert load_prepared(tmp_path / os.fsdecode(b"out\xfe")).meta == meta  # read back exactly
+    assert prepare(src, tmp_path / os.fsdecode(b"out\xfe")) == meta  # the same data again
+
+
+def test_cli_prepare_shows_such_a_name_and_refuses_such_a_separator(tmp_path: Path,
+                                                                    capsys) -> None:
+    from chargpt.cli.commands import main
+
+    src = write(tmp_path / os.fsdecode(b"bad\xff.txt"), "hello world")
+    out = tmp_path / os.fsdecode(b"q\xff")
+    assert main(["prepare", "--input", str(src), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.endswith(f"-> {tmp_path}/q\\xff\n")
+    code = main(["prepare", "--input", str(src), "--out", str(tmp_path / "q"),
+                 "--separator", os.fsdecode(b"\xff")])
+    assert code == 1
+    assert capsys.readouterr().err == \
+        "chargpt: error: the separator \\xff is not valid UTF-8 text\n"
+
+
+def test_a_file_named_twice_is_refused(tmp_path: Path) -> None:
+    a = write(tmp_path / "docs" / "a.txt", "hello world")
+    for twice in ([a, a], [tmp_path / "docs", a], [a, tmp_path / "docs" / ".." / "docs" / "a.txt"]):
+        with pytest.raises(DataError, match="names .*a.txt more than once.*give each file once"):
+            prepare(twice, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pipe_is_refused_with_the_reason(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="not a regular file .* reads its input twice"):
+        prepare(fifo, tmp_path / "out")

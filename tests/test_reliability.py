@@ -220,7 +220,7 @@ def on_disk(run: Path, phase: str) -> bool:
                    for name in ("best", "last"))
     if phase == "prepare":  # staged token files, nothing published, no run yet
         return (not (run / "config.json").exists() and not (run / "data").exists()
-                and any((p / "train.npy").exists() for p in run.glob(".data.tmp-*")))
+                and any((p / "train.npy").exists() for p in run.glob(".data.*.prepare")))
     if phase == "checkpoint.files":
         return some(lambda _, tmp, __: tmp.is_dir() and not (tmp / ckpt.MANIFEST).exists())
     if phase == "checkpoint.manifest":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,3 +43,30 @@ def test_read_text_file(tmp_path: Path) -> None:
         read_text_file(tmp_path / "missing.txt")
     with pytest.raises(DataError, match="is a directory"):
         read_text_file(tmp_path)
+
+
+@contextlib.contextmanager
+def _pipe_with(data: bytes) -> Iterator[Path]:
+    """A pipe holding `data`, its writer closed, by the path a shell gives it (/dev/fd/N):
+    what `echo ... | chargpt eval --input /dev/stdin` reads. A second read finds it empty."""
+    r, w = os.pipe()
+    os.write(w, data)  # less than a pipe's buffer
+    os.close(w)
+    try:
+        yield Path(f"/dev/fd/{r}")
+    finally:
+        os.close(r)
+
+
+@pytest.mark.parametrize("unknown", ["error", "skip"])
+def test_encode_file_reads_a_pipe_once(unknown: str) -> None:
+    tok = CharTokenizer.from_text("helo ")
+    with _pipe_with(b"hello hello") as pipe:
+        ids = encode_file(pipe, tok, unknown=unknown, chunk_bytes=4)
+    assert tok.decode(ids) == "hello hello"
+
+
+def test_encode_file_names_every_unknown_character_of_a_pipe() -> None:
+    with _pipe_with("hé ho ☃".encode()) as pipe, \
+            pytest.raises(VocabError, match="'é' .*'☃'"):
+        encode_file(pipe, CharTokenizer.from_text("h o"), chunk_bytes=2)

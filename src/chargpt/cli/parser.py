@@ -67,6 +67,9 @@ def build_parser() -> Parser:
                    "(default: char)")
     p.add_argument("--separator", default="\n\n",
                    help="text placed between documents when several files are given")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace prepared data already in --out that came from other text or "
+                   "settings (never a run's own data/; the same data is always re-prepared)")
 
     p = sub.add_parser("train", help="train a model (default: Tiny Shakespeare on the CPU)",
                        description="Train a model. Values come from the preset, then --config, "

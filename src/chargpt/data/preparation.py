@@ -8,21 +8,19 @@ bytes, unchecked); `_choose_vocabulary` builds (or checks) the vocabulary; `_spl
 val and the optional test split start (splits.py); `_encode` reads the files again and writes
 the token ids straight into `train.npy`, `val.npy` and `test.npy`; `_publish` writes
 `vocab.json` and then `meta.json` (which marks the directory complete) and swaps the new
-directory in. Memory stays bounded whatever the corpus size: text is read in fixed-size pieces,
-hashing and writing overlap with reading on one helper thread, and everything is built in a
-hidden sibling directory, so a crash never leaves a half-written one that looks usable.
+directory in (outdir.py: what may be replaced, and how). Memory stays bounded whatever the
+corpus size: text is read in fixed-size pieces, hashing and writing overlap with reading on one
+helper thread, and everything is built in a hidden sibling directory, so a crash never leaves a
+half-written one that looks usable.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from chargpt import faults
+from chargpt.data.outdir import Target, publish, staging
 from chargpt.data.prepared import (
     DATA_FORMAT,
     DATA_VERSION,
@@ -42,7 +41,7 @@ from chargpt.data.prepared import (
 from chargpt.data.sources import resolve_sources
 from chargpt.data.splits import SplitWriter, split_counts, split_sizes
 from chargpt.errors import ConfigError, DataError, VocabError
-from chargpt.fileio import atomic_write_text, fsync_dir, os_reason, read_error
+from chargpt.fileio import atomic_write_text, json_text, shown
 from chargpt.progress import progress_bar
 from chargpt.text.textfiles import Source, iter_units
 from chargpt.text.tokenizer import N_CODEPOINTS, UNITS, CharTokenizer, unknown_chars_message
@@ -100,14 +99,6 @@ def _stat_key(path: Path) -> tuple[int, int]:
     return (st := path.stat()).st_size, st.st_mtime_ns
 
 
-def _looks_prepared(path: Path) -> bool:
-    try:
-        names = {p.name for p in path.iterdir()}
-    except OSError as e:
-        raise read_error(path, e, what="directory") from None
-    return not names or bool(names & {META_FILE, TRAIN_FILE})
-
-
 # --- the stages -----------------------------------------------------------------------------
 
 
@@ -116,7 +107,7 @@ class _Job:
     """What to prepare and how: the result of `_plan`, read by every later stage."""
 
     files: list[Path]
-    out_dir: Path
+    out: Target
     val_fraction: float
     test_fraction: float
     heldout: tuple[int, int] | None  # (val, test) tokens at the end, instead of the fractions
@@ -168,21 +159,20 @@ def _check_split(val_fraction: float, test_fraction: float,
 
 def _plan(source: Source | Sequence[Source], out_dir: Source, val_fraction: float,
           test_fraction: float, heldout: tuple[int, int] | None, unit: str,
-          separator: str, chunk_bytes: int, progress: bool) -> _Job:
+          separator: str, chunk_bytes: int, progress: bool, overwrite: bool) -> _Job:
     _check_split(val_fraction, test_fraction, heldout)
     if unit not in UNITS:
         raise ConfigError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
     if not isinstance(separator, str):
         raise ConfigError(f"separator must be a string, got {separator!r}")
+    try:
+        separator.encode("utf-8")
+    except UnicodeEncodeError:  # bytes of a command line that are not UTF-8
+        raise ConfigError(f"the separator {shown(separator)} is not valid UTF-8 text") from None
     if chunk_bytes < 1:
         raise ConfigError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     files = resolve_sources(source)
-    out = Path(out_dir).expanduser()
-    if out.exists() and not (out.is_dir() and _looks_prepared(out)):
-        raise DataError(
-            f"{out} exists and is not a prepared data directory; refusing to replace it "
-            "(choose another output directory)"
-        )
+    out = Target.of(Path(out_dir).expanduser(), overwrite)
     return _Job(files, out, val_fraction, test_fraction, heldout, unit, separator, chunk_bytes,
                 progress, stats={p: _stat_key(p) for p in files})
 
@@ -299,11 +289,22 @@ def _encode(job: _Job, tokenizer: CharTokenizer, into: Path, n_train: int, n_val
         writer.close(sync=False)
 
 
+def _split_setting(job: _Job) -> dict[str, Any]:
+    if job.heldout:
+        return {"heldout": list(job.heldout)}
+    return {"test_fraction": job.test_fraction}
+
+
+def _settings(job: _Job) -> dict[str, Any]:
+    """What of meta.json is known before the corpus is read: the settings and each file's
+    path and size (`outdir.Target.check` compares them with the data already there)."""
+    return {"unit": job.unit, "val_fraction": job.val_fraction, **_split_setting(job),
+            "separator": job.separator,
+            "files": [[os.path.abspath(p), job.stats[p][0]] for p in job.files]}
+
+
 def _meta(job: _Job, scan: _Scan, tokenizer: CharTokenizer, n_train: int,
           n_val: int, n_test: int) -> dict[str, Any]:
-    split: dict[str, Any] = (
-        {"heldout": list(job.heldout)} if job.heldout else {"test_fraction": job.test_fraction}
-    )
     return {
         "format": DATA_FORMAT,
         "version": DATA_VERSION,
@@ -316,52 +317,19 @@ def _meta(job: _Job, scan: _Scan, tokenizer: CharTokenizer, n_train: int,
         "test_tokens": n_test,
         "total_chars": scan.total_chars,
         "val_fraction": job.val_fraction,
-        **split,
+        **_split_setting(job),
         "separator": job.separator,
         "sources": scan.sources,
         "source_sha256": scan.sha256,
     }
 
 
-@contextmanager
-def _staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A hidden sibling of `out_dir` to build in; removed whatever happens."""
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left over by an earlier crash of a process with our pid
-        tmp.mkdir()
-    except OSError as e:
-        raise DataError(f"cannot create {tmp}: {os_reason(e)}") from None
-    try:
-        yield tmp
-    except OSError as e:
-        raise DataError(f"cannot write prepared data to {out_dir}: {os_reason(e)}") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _publish(tmp: Path, out_dir: Path, tokenizer: CharTokenizer, meta: dict[str, Any]) -> None:
     """Finish the staged directory and swap it in, replacing any previous prepared data."""
     tokenizer.save(tmp / VOCAB_FILE)
     # meta.json is what marks a directory as prepared, so it is written last.
-    atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False))
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(out_dir, old)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            os.rename(old, out_dir)  # put the previous data back rather than lose it
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
-    fsync_dir(out_dir.parent)
+    atomic_write_text(tmp / META_FILE, json_text(meta))
+    publish(tmp, out_dir)
 
 
 def prepare(
@@ -377,6 +345,7 @@ def prepare(
     vocab: CharTokenizer | None = None,
     extend_vocab: bool = False,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Tokenize a corpus into a prepared-data directory and return its metadata.
 
@@ -386,15 +355,19 @@ def prepare(
     lacks are appended to it, so its ids stay). The last `test_fraction` of the tokens is the
     test split (none by default) and the `val_fraction` before it the validation split;
     `heldout` = (val tokens, test tokens) fixes those counts instead (a standard split).
+    Prepared data already in `out_dir` is replaced only by the same data (which repairs it),
+    or with `overwrite`, and never when it is a run's own (outdir.py).
     """
     job = _plan(source, out_dir, val_fraction, test_fraction, heldout, unit, separator,
-                chunk_bytes, progress)
+                chunk_bytes, progress, overwrite)
+    job.out.check(_settings(job))  # before the corpus is read, when that already tells
     scan = _scan(job)
     tokenizer = _choose_vocabulary(job, scan, vocab, extend_vocab)
     n_train, n_val, n_test = _split(job, scan.total_chars)
     meta = _meta(job, scan, tokenizer, n_train, n_val, n_test)
-    with _staging_dir(job.out_dir) as tmp:
+    job.out.check(meta)
+    with staging(job.out.path) as tmp:
         _encode(job, tokenizer, tmp, n_train, n_val, n_test)
         faults.active().reached("prepare")  # the token files written, nothing published
-        _publish(tmp, job.out_dir, tokenizer, meta)
+        _publish(tmp, job.out.path, tokenizer, meta)
     return meta

@@ -2,7 +2,8 @@
 
 Folders are searched recursively for `*.txt`, skipping hidden files and folders (.git,
 .ipynb_checkpoints, editor backups); globs may use `**`. The result is in a stable order (each
-item's files sorted), and a source that names nothing is an error, never an empty corpus.
+item's files sorted), and a source that names nothing, or a file twice, is an error, never an
+empty corpus or a file counted twice.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def _files_of(item: Source) -> list[Path]:
         return found
     if _GLOB_MAGIC & set(text):
         return _glob(text)
-    if path.exists():
-        raise DataError(f"{path} is not a regular file or directory")
+    if path.exists():  # a pipe (/dev/stdin), a FIFO, a device
+        raise DataError(f"{path} is not a regular file or directory; prepare reads its input "
+                        "twice (to choose the vocabulary, then to encode), so save it to a "
+                        "file first")
     raise DataError(f"input not found: {path}")
 
 
@@ -62,4 +65,13 @@ def resolve_sources(source: Source | Sequence[Source]) -> list[Path]:
     items = list(source)
     if not items:
         raise DataError("no input files given")
-    return [path for item in items for path in _files_of(item)]
+    files = [path for item in items for path in _files_of(item)]
+    seen: dict[Path, Path] = {}
+    for path in files:
+        # A file named twice (a.txt a.txt, or a folder and a file in it) would be in the
+        # corpus twice, and in both train and val.
+        first = seen.setdefault(path.resolve(), path)
+        if first is not path:
+            also = "" if first == path else f" (also as {first})"
+            raise DataError(f"the input names {path} more than once{also}; give each file once")
+    return files

@@ -171,26 +171,27 @@ def encode_file(
 ) -> np.ndarray:
     """Token ids of a whole UTF-8 file, in memory (for evaluation text, not training corpora).
 
-    With `unknown="error"` the whole file is scanned first so the error names every distinct
-    unknown character, not just those of the first piece that has one. A byte-level
+    The file is read once, as it streams, so a pipe or FIFO (`--input /dev/stdin`) works.
+    With `unknown="error"` the whole file is still read before the error, which names every
+    distinct unknown character, not just those of the first piece that has one. A byte-level
     tokenizer reads the file's bytes as they are.
     """
     path = Path(path).expanduser()
-    unit = tokenizer.unit
-    if unknown == "error":
-        lut = tokenizer.lookup_table()
-        missing: set[int] = set()
-        for _, cps in iter_units(path, chunk_bytes, unit):
+    unit, lut = tokenizer.unit, tokenizer.lookup_table()
+    parts: list[np.ndarray] = []
+    missing: set[int] = set()
+    for _, cps in iter_units(path, chunk_bytes, unit):
+        if unknown == "error":
             ids = np.take(lut, cps)
             if (ids < 0).any():
                 missing.update(np.unique(cps[ids < 0]).tolist())
-        if missing:
-            chars = [chr(c) for c in sorted(missing)]
-            raise VocabError(unknown_chars_message(str(path), chars, unit=unit))
-    parts = [
-        tokenizer.encode_array(cps, unknown=unknown, replacement=replacement, what=str(path))
-        for _, cps in iter_units(path, chunk_bytes, unit)
-    ]
+            if missing:
+                continue  # an error follows: keep reading only to name every character
+        parts.append(tokenizer.encode_array(cps, unknown=unknown, replacement=replacement,
+                                            what=str(path)))
+    if missing:
+        chars = [chr(c) for c in sorted(missing)]
+        raise VocabError(unknown_chars_message(str(path), chars, unit=unit))
     if not parts:
         return np.zeros(0, dtype=tokenizer.id_dtype)
     return np.concatenate(parts)
