@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -180,6 +181,8 @@ def many_chars(n: int) -> list[str]:
      "each entry must be exactly one character"),
     (lambda d: ((d / "vocab.json").write_text("[" * 100_000), reseal(d)), "nested too deeply"),
     (lambda d: ((d / "config.json").write_text("[" * 100_000), reseal(d)), "nested too deeply"),
+    (lambda d: ((d / "config.json").write_text("[1, 2]"), reseal(d)),
+     "config.json is not a chargpt config (not a JSON object of sections)"),
     (lambda d: (edit_json(d / "state.json", lambda s: s.update(step="many")), reseal(d)),
      "the saved training state is invalid"),
     (lambda d: edit_json(d / "manifest.json", lambda m: m["files"].update(
@@ -187,10 +190,37 @@ def many_chars(n: int) -> list[str]:
     (lambda d: edit_json(d / "manifest.json", lambda m: m["files"].pop("config.json")),
      "does not list config.json"),
 ], ids=["huge vocab_size", "huge vocabulary", "vocabulary of another size", "not characters",
-        "deep vocab JSON", "deep config JSON", "state", "manifest entry", "manifest list"])
+        "deep vocab JSON", "deep config JSON", "config list", "state", "manifest entry",
+        "manifest list"])
 def test_hostile_checkpoint_files(run_copy, capsys, nothing_allocated, change, says):
     change(run_copy / "best")
     assert says in refused(capsys, "sample", str(run_copy / "best"), *SAMPLE)
+
+
+def with_weights(ckpt_dir: Path, change) -> None:
+    path = ckpt_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata={"format": "chargpt-checkpoint"})
+    reseal(ckpt_dir)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("command", [("sample", *SAMPLE), ("eval",)])
+def test_weights_that_are_not_finite_are_refused(run_copy, capsys, command, value):
+    def poison(tensors):
+        for t in tensors.values():
+            if t.is_floating_point():
+                t[...] = value
+
+    with_weights(run_copy / "best", poison)
+    line = refused(capsys, command[0], str(run_copy / "best"), *command[1:])
+    assert "model.safetensors holds values that are not finite numbers (NaN or infinity) in " \
+        in line and "the model cannot be used" in line
+    with_weights(run_copy / "last", lambda t: next(iter(t.values())).view(-1).__setitem__(
+        0, value))  # one value is enough
+    line = refused(capsys, "train", "--resume", str(run_copy), "--max-steps", "30")
+    assert re.search(r"not finite numbers \(NaN or infinity\) in [\w.]+; the model", line)
 
 
 def test_an_oversized_json_file_is_not_read(run_copy, capsys, monkeypatch):
@@ -232,6 +262,8 @@ def metrics_line(run: Path, line: str) -> None:
      "config.json: model.n_layer is 1,000,000"),
     (lambda r: edit_json(r / "config.json", lambda c: c["model"].update(n_layer=3)),
      "describe different models"),
+    (lambda r: (r / "config.json").write_text('["model"]'),
+     "config.json is not a chargpt config (not a JSON object of sections)"),
     (lambda r: with_optimizer(r / "last", lambda t: t.update(
         {"state.0.exp_avg": torch.zeros(3, 3)})), "the optimizer's exp_avg has shape (3, 3)"),
     (lambda r: with_rng(r / "last", lambda t: t.update(
@@ -240,8 +272,8 @@ def metrics_line(run: Path, line: str) -> None:
      "has no number for 'loss', so it is not a metrics row"),
     (lambda r: metrics_line(r, '[1, 2]\n'), "is not a JSON object, so it is not a metrics row"),
     (lambda r: metrics_line(r, "{" + " " * 70_000), "is longer than any metrics row"),
-], ids=["a million layers", "another model", "optimizer shapes", "rng state", "metrics value",
-        "metrics row", "metrics line"])
+], ids=["a million layers", "another model", "config list", "optimizer shapes", "rng state",
+        "metrics value", "metrics row", "metrics line"])
 def test_a_hostile_run_is_not_resumed_and_not_changed(run_copy, capsys, no_huge_models,
                                                       change, says):
     change(run_copy)

@@ -244,7 +244,7 @@ def resolve(run_dir: str | Path, name: str) -> Path | None:
 
 def load_model_tensors(model: torch.nn.Module, ckpt_dir: Path) -> None:
     """Load model.safetensors (the model's parameters and buffers) into `model`, which must
-    have exactly the same names and shapes."""
+    have exactly the same names and shapes, and hold only finite numbers."""
     try:
         load_model(model, utf8_path(ckpt_dir / MODEL_FILE, "the checkpoint file",
                                     CheckpointError), strict=True, device="cpu")
@@ -253,12 +253,32 @@ def load_model_tensors(model: torch.nn.Module, ckpt_dir: Path) -> None:
         raise CheckpointError(
             f"{ckpt_dir / MODEL_FILE} does not fit the model in its config: {first}"
         ) from None
+    _check_finite(model, ckpt_dir / MODEL_FILE)
+
+
+def _check_finite(model: torch.nn.Module, path: Path) -> None:
+    """A NaN or an infinity in the weights makes every output NaN: sample would print
+    nothing and eval 'loss nan', both without an error. One pass over the tensors."""
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 1} other tensor(s)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{path} holds values that are not finite numbers (NaN or "
+                              f"infinity) in {bad[0]}{more}; the model cannot be used")
 
 
 def load_config(ckpt_dir: Path) -> Config:
     """The config the checkpoint's model was built from."""
-    path = ckpt_dir / CONFIG_FILE
-    return Config.from_dict(read_json(path), source=str(path))
+    return read_config(ckpt_dir / CONFIG_FILE)
+
+
+def read_config(path: Path) -> Config:
+    """A config.json (a checkpoint's or a run's): a JSON object of sections, checked."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a chargpt config (not a JSON object of "
+                              "sections)")
+    return Config.from_dict(data, source=str(path))
 
 
 def load_vocab(ckpt_dir: Path) -> CharTokenizer:

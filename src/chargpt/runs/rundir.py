@@ -113,7 +113,7 @@ class RunDir:
             raise CheckpointError(
                 f"{self.path} is not a chargpt run directory ({CONFIG_FILE} missing)"
             )
-        cfg = Config.from_dict(ckpt.read_json(self.config_file), source=str(self.config_file))
+        cfg = ckpt.read_config(self.config_file)
         check_bounds(cfg.model, self.config_file)
         return cfg
 
