@@ -112,7 +112,10 @@ def test_a_failed_resume_leaves_the_run_unchanged(corpus, tmp_path):
     train(tiny_config(corpus, out, max_steps=10, eval_interval=10), quiet=True)
     config = (out / "config.json").read_bytes()
     more_steps = {"train": {"max_steps": 20}}
-    prepare(write(tmp_path / "other.txt", "xyz " * 500), out / "data")  # a foreign vocabulary
+    # a foreign vocabulary, put in by hand: prepare itself refuses to replace a run's data
+    prepare(write(tmp_path / "other.txt", "xyz " * 500), tmp_path / "other")
+    shutil.rmtree(out / "data")
+    shutil.move(tmp_path / "other", out / "data")
     with pytest.raises(CheckpointError, match="different vocabularies"):
         train(resume=out, overrides=more_steps, quiet=True)
     assert (out / "config.json").read_bytes() == config
