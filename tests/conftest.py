@@ -220,9 +220,10 @@ def tiny_config(corpus: Path, out: Path, model: dict[str, Any] | None = None,
 
 
 def tiny_flags(**values: Any) -> list[str]:
-    """The tiny model and budget as `chargpt train` flags; `values` (field=value) override."""
+    """The tiny model and budget as `chargpt train` flags; `values` (field=value) override,
+    and a value None leaves the flag out (max_steps=None beside --time, which plans it)."""
     merged = {**TINY_MODEL, **TINY_TRAIN, **values}
-    return [arg for key, value in merged.items()
+    return [arg for key, value in merged.items() if value is not None
             for arg in (f"--{key.replace('_', '-')}", str(value))]
 
 

@@ -243,7 +243,7 @@ def test_a_resumed_budget_run_keeps_its_plan(corpus, tmp_path, capsys, fixed_ste
 def test_cli_time_flag_plans_and_auto_resume_keeps_the_plan(corpus, tmp_path, capsys,
                                                             fixed_step_time):
     out = tmp_path / "run"
-    flags = [*tiny_flags(max_steps=1000, eval_interval=1000, sample_chars=0), "--time", "6s",
+    flags = [*tiny_flags(max_steps=None, eval_interval=1000, sample_chars=0), "--time", "6s",
              "--input", str(corpus), "--out", str(out)]
     assert main(["train", *flags]) == 0
     planned = json.loads((out / "config.json").read_text())["train"]["planned_steps"]
@@ -349,7 +349,7 @@ def test_a_real_budget_run_ends_within_its_budget(corpus, tmp_path):
     and a machine that speeds up after the last plan: 15% under."""
     out = tmp_path / "run"
     proc = cli("train", "--input", str(corpus), "--out", str(out), "--time", "20s",
-               *tiny_flags(max_steps=100_000, eval_interval=100, sample_chars=0))
+               *tiny_flags(max_steps=None, eval_interval=100, sample_chars=0))
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     done = re.search(r"done: (\d+) steps in ([\d.]+)s", stdout)

@@ -15,13 +15,11 @@ from typing import Any, Literal
 
 from chargpt.config.fields import field_docs, field_types
 from chargpt.config.resolve import resolve_config
-from chargpt.config.schema import SECTIONS
+from chargpt.config.schema import INTERNAL_FIELDS, SECTIONS
 
 __all__ = ["add_config_flags", "config_overrides"]
 
-# set by the run itself
-HIDDEN_FIELDS = {("model", "vocab_size"), ("train", "planned_steps"), ("train", "plateau_step"),
-                 ("train", "size_choice")}
+HIDDEN_FIELDS = INTERNAL_FIELDS  # set by the run itself
 FLAG_ALIASES = {("train", "out_dir"): ["--out"], ("train", "time_budget"): ["--time"]}
 REPEATABLE_FLAGS = {("train", "log_to")}  # each use adds to a comma-separated list
 

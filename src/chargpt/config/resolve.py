@@ -2,7 +2,9 @@
 
 Dataclass defaults, then a preset (default: shakespeare-cpu), then a named size of the sizing
 rule when [train] size names one, then a TOML file, then the command line's overrides. With
-`--size auto` the shape is the rule's to choose, so a shape value given as well is an error.
+`--size auto` the shape is the rule's to choose, so a shape value given as well is an error;
+with a time budget the step count is the budget's to plan, so a max_steps given as well is one
+too (`check_length`; a preset's max_steps is only a default, which the plan replaces).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from chargpt.config.presets import DEFAULT_PRESET, load_preset, load_toml
-from chargpt.config.schema import Config, apply_overrides
+from chargpt.config.schema import Config, TrainConfig, apply_overrides, check_user_tables
 from chargpt.config.sizing import load_rule
 from chargpt.errors import ConfigError
 
@@ -26,11 +28,13 @@ def resolve_config(
     layers = [(load_preset(preset or DEFAULT_PRESET), f"preset {preset}")]
     if config_file:
         layers.append((load_toml(config_file), str(config_file)))
+        check_user_tables(*layers[-1])
     if overrides:
         layers.append((overrides, "command line"))
     cfg = Config()
     for tables, source in layers:
         cfg = apply_overrides(cfg, tables, source)
+    check_length(cfg.train, layers[1:])
     if cfg.train.size == "auto":
         _check_auto_size(layers[1:])
     elif cfg.train.size:
@@ -53,3 +57,16 @@ def _check_auto_size(layers: list[tuple[dict[str, Any], str]]) -> None:
             if given:
                 raise ConfigError(f"{source}: size 'auto' chooses {', '.join(given)}; give "
                                   "either those or the automatic size")
+
+
+def check_length(train: TrainConfig, layers: list[tuple[dict[str, Any], str]]) -> None:
+    """A time budget plans max_steps itself, so a max_steps the user gave (a layer of theirs:
+    a TOML file, the command line) beside an unplanned budget would be silently replaced by the
+    plan, or cut the budget short before it planned: one of the two is an error instead."""
+    if not train.time_budget or train.planned_steps:
+        return
+    for tables, source in layers:
+        if "max_steps" in (tables.get("train") or {}):
+            raise ConfigError(f"{source}: max_steps and the time budget ({train.time_budget}) "
+                              "both set the run's length; give --max-steps or --time, not "
+                              "both (--step-cap N caps the steps a budget plans)")

@@ -176,15 +176,19 @@ class TrainConfig:
     out_dir: str = ""
     """Run directory for config, metrics, checkpoints and plots (default: runs/<timestamp>)."""
     max_steps: int = 2000
-    """Number of optimizer steps."""
+    """Number of optimizer steps. With time_budget the plan sets it: give one of the two
+    (step_cap caps a budget's steps)."""
     time_budget: str = ""
     """Train for a wall-clock time instead of max_steps, e.g. '90s', '10m', '2h': the steps are
     timed and max_steps is set so the whole schedule, every evaluation and the final checkpoint
     fit in it; evaluations are spaced (never closer than eval_interval) and, in a short budget,
-    shortened to take at most 5% of it (see budget.py)."""
+    shortened to take at most 5% of it (see budget.py). Not with max_steps, which the plan sets:
+    step_cap caps it."""
     step_cap: int = 0
-    """With time_budget: the most steps its plans may give the run (0 = no cap). --size auto
-    sets it where more passes over a small corpus would be learnt by heart."""
+    """With time_budget: the most steps its plans may give the run (0 = no cap; more than the
+    steps a budget times before its first plan: 10, or warmup_steps if fewer). --size auto sets
+    it, lower than yours if need be, where more passes over a small corpus would be learnt by
+    heart."""
     planned_steps: int = 0
     """The step count a run planned for itself: a time_budget's plan, or the end the plateau
     rule chose (0 = not planned); recorded in config.json so that a resumed run keeps it."""
@@ -339,6 +343,20 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+# Fields a run sets itself (from its data, its plans, its choices) and records in config.json:
+# no flag offers them (config/flags.py), and a user's config file that gives one is an error
+# (`check_user_tables`), never a value silently replaced.
+INTERNAL_FIELDS = {("model", "vocab_size"), ("train", "planned_steps"), ("train", "plateau_step"),
+                   ("train", "size_choice"), ("train", "cooldown_plan")}
+
+
+def check_user_tables(tables: dict[str, Any], source: str) -> None:
+    """Refuse a field of INTERNAL_FIELDS in tables a user wrote (a TOML config file)."""
+    for section, values in tables.items():
+        for key in values if isinstance(values, dict) else ():
+            _check((section, key) not in INTERNAL_FIELDS,
+                   f"{source}: {section}.{key} is set by the run itself, not by hand; remove it")
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Config:

@@ -55,6 +55,10 @@ def check_time_budget(train: Any) -> tuple[float, int] | None:
     if steps < 3:
         raise ConfigError(f"a time budget times the first steps inside the warmup, so it "
                           f"needs warmup_steps >= 3, got {train.warmup_steps}")
+    if train.step_cap and train.step_cap <= steps:  # its first plan comes after them
+        raise ConfigError(f"step_cap {train.step_cap} is not more than the {steps} steps a "
+                          f"time budget times before it plans; give --max-steps "
+                          f"{train.step_cap} without --time")
     return budget, steps
 
 

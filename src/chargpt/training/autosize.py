@@ -36,7 +36,7 @@ from chargpt.config.sizing import (
     choose,
     load_rule,
 )
-from chargpt.config.values import parse_duration
+from chargpt.config.values import CALIBRATION_STEPS, parse_duration
 from chargpt.data.prepared import PreparedData
 from chargpt.data.stats import CorpusStats, corpus_stats
 from chargpt.distributed import DistEnv, all_reduce_mean
@@ -210,7 +210,10 @@ def auto_size(cfg: Config, rundir: RunDir, data: PreparedData, env: DistEnv,
         # passes, not seconds, learn a corpus by heart: a machine faster than its timing
         # must not buy more of them
         seconds = spent + (budget - spent) * choice.share
+        # never below the steps timed before the first plan, nor above a cap the user gave
+        cap = max(choice.steps, CALIBRATION_STEPS + 1)
+        cap = min(cap, cfg.train.step_cap) if cfg.train.step_cap else cap
         chosen = apply_overrides(chosen, {"train": {"time_budget": f"{math.ceil(seconds)}s",
-                                                    "step_cap": choice.steps}},
+                                                    "step_cap": cap}},
                                  f"size {choice.size.name}")
     return chosen, choice, spent
