@@ -88,9 +88,11 @@ class RunDir:
         """Whether a run was started here (its config is written once its data is ready)."""
         return self.config_file.exists()
 
-    def create(self) -> None:
-        """Make the directory for a new run, refusing one that already holds a run, or a path
-        its checkpoints could not be written to and read back from (utf8_path)."""
+    def create(self) -> bool:
+        """Make the directory for a new run, refusing one that already holds a run, one that
+        holds files of the user's own, and a path its checkpoints could not be written to and
+        read back from (utf8_path); whether the directory was made here (the caller removes it
+        if the run fails before it is written)."""
         utf8_path(self.path, "the run directory")
         if self.holds_run():
             raise ConfigError(
@@ -99,7 +101,14 @@ class RunDir:
             )
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"{self.path} exists and is not a directory")
+        foreign = sorted(p.name for p in self.path.iterdir()
+                         if not _run_entry(p.name)) if self.path.is_dir() else []
+        if foreign:
+            raise ConfigError(f"{self.path} is not empty and holds no chargpt run ({foreign[0]} "
+                              "is not a run's file); give a new or empty --out")
+        made = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
+        return made
 
     def forget(self) -> None:
         """Remove the run's config and metrics, so the directory can start a new run."""
@@ -107,15 +116,30 @@ class RunDir:
             path.unlink(missing_ok=True)
 
     def read_config(self) -> Config:
+        if self.path.exists() and not self.path.is_dir():
+            raise CheckpointError(f"{self.path} is a file, not a run directory")
         if not self.path.is_dir():
             raise CheckpointError(f"run directory {self.path} does not exist")
         if not self.config_file.is_file():
+            kept = [c for c in (ckpt.resolve(self.path, name) for name in CHECKPOINTS) if c]
+            if kept:  # sample and eval read a checkpoint's own config; a run needs its own
+                raise CheckpointError(
+                    f"{self.path} has lost its {CONFIG_FILE}, though its checkpoints remain "
+                    f"({', '.join(c.name for c in kept)}); copy {kept[-1] / ckpt.CONFIG_FILE} "
+                    f"to {self.config_file} to continue the run"
+                )
             raise CheckpointError(
                 f"{self.path} is not a chargpt run directory ({CONFIG_FILE} missing)"
             )
         cfg = ckpt.read_config(self.config_file)
         check_bounds(cfg.model, self.config_file)
         return cfg
+
+    def check_resumable(self) -> None:
+        """Refuse a checkpoint directory given where its run is meant (--resume RUN/best)."""
+        if is_checkpoint_dir(self.path):
+            raise CheckpointError(f"{self.path} is a checkpoint directory; a resume continues "
+                                  f"its run: --resume {self.path.parent}")
 
     def write_config(self, cfg: Config) -> None:
         self._replace(self.config_file, json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -213,6 +237,15 @@ _ROW_NUMBERS = ("loss", "lr", "tok_per_s", "elapsed", "mfu", "skipped", "train_l
 _ROW_NEEDS = {"train": ("loss",), "eval": ("train_loss", "val_loss")}
 
 
+def _run_entry(name: str) -> bool:
+    """Whether `name` is a file or folder a run writes: a run killed before its first
+    checkpoint leaves some (and `forget` keeps its data/ to start again), with the hidden
+    temporaries of atomic writes and a checkpoint's NAME.tmp and NAME.old."""
+    bare = name[1:] if name.startswith(".") else name
+    return any(bare == entry or bare.startswith(f"{entry}.") for entry in
+               (CONFIG_FILE, METRICS_FILE, PLOT_FILE, DATA_SUBDIR, *CHECKPOINTS))
+
+
 def _metrics_row(line: bytes, where: str) -> dict[str, Any] | None:
     """One line of metrics.jsonl as a row; None for a line torn by a kill (or empty)."""
     try:
@@ -275,6 +308,11 @@ def _used(found: CheckedCheckpoint, damaged: list[str], warn: Callable[[str], No
     return found
 
 
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether `path` is one checkpoint's directory (RUN/best), not a run directory."""
+    return (path / ckpt.MANIFEST).is_file() or (path / ckpt.MODEL_FILE).is_file()
+
+
 def find_checkpoint(path: str | Path, which: str | None = None, *,
                     warn: Callable[[str], None] = errors.warn) -> CheckedCheckpoint:
     """The checkpoint a command uses, checked before its model is built (safety.py).
@@ -291,7 +329,7 @@ def find_checkpoint(path: str | Path, which: str | None = None, *,
         raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}")
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
-    if (path / ckpt.MANIFEST).is_file() or (path / ckpt.MODEL_FILE).is_file():
+    if is_checkpoint_dir(path):
         if which is not None and path.name != which:
             raise ConfigError(f"{path} is a checkpoint directory, not a run directory; drop "
                               f"--checkpoint {which} or give the run directory")

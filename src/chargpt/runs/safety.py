@@ -30,8 +30,9 @@ from chargpt.runs import checkpoint as ckpt
 from chargpt.text.tokenizer import CharTokenizer, check_same_vocab
 
 __all__ = ["BOUNDS", "LOAD_FACTOR", "TRAIN_FACTOR", "CheckedCheckpoint", "available_memory",
-           "check_bounds", "check_checkpoint", "check_optimizer_state", "check_weights",
-           "estimate_params", "read_header", "require_memory"]
+           "beyond_bounds", "check_bounds", "check_checkpoint", "check_optimizer_state",
+           "check_weights", "estimate_params", "memory_shortfall", "read_header",
+           "require_memory"]
 
 # The largest value of each size a loaded config may have: far past any model chargpt trains
 # (GPT-3 has 96 layers of width 12,288), yet finite, so that a config from a stranger never
@@ -58,13 +59,23 @@ class CheckedCheckpoint:
     state: ckpt.TrainState  # its numbers only (step, losses); resuming loads the rest
 
 
-def check_bounds(model: ModelConfig, source: str | Path) -> None:
-    """Refuse a config whose sizes no real model has, before anything is built from it."""
+def beyond_bounds(model: ModelConfig) -> tuple[str, int, int] | None:
+    """The first size of `model` past BOUNDS, as (name, value, limit); None if all are within:
+    a loader refuses such a config (`check_bounds`), and training never writes one."""
     for name, limit in BOUNDS.items():
         value = getattr(model, name)
         if value > limit:
-            raise CheckpointError(f"{source}: model.{name} is {value:,}, more than chargpt "
-                                  f"loads (at most {limit:,}); the file is damaged or hostile")
+            return name, value, limit
+    return None
+
+
+def check_bounds(model: ModelConfig, source: str | Path) -> None:
+    """Refuse a config whose sizes no real model has, before anything is built from it."""
+    beyond = beyond_bounds(model)
+    if beyond is not None:
+        name, value, limit = beyond
+        raise CheckpointError(f"{source}: model.{name} is {value:,}, more than chargpt "
+                              f"loads (at most {limit:,}); the file is damaged or hostile")
 
 
 def _expected_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[set[str]]]:
@@ -270,14 +281,22 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB"
 
 
+def memory_shortfall(model: ModelConfig, factor: int, extra_bytes: int = 0) -> str | None:
+    """None if the machine has the memory `model` needs (`factor` bytes per parameter, and
+    `extra_bytes` besides); else what it lacks, as 'a model of N M parameters, which needs
+    about X GB of memory; this machine has Y GB available'."""
+    params = estimate_params(model)
+    need, have = params * factor + extra_bytes, available_memory()
+    if have is None or need <= have:
+        return None
+    return (f"a model of {params / 1e6:,.1f} M parameters, which needs about {_gb(need)} of "
+            f"memory; this machine has {_gb(have)} available")
+
+
 def require_memory(model: ModelConfig, factor: int, source: str | Path,
                    extra_bytes: int = 0) -> None:
     """Refuse a model that needs more memory (`factor` bytes per parameter, and `extra_bytes`
     besides: files read whole) than the machine has available, before it is built."""
-    params = estimate_params(model)
-    need, have = params * factor + extra_bytes, available_memory()
-    if have is not None and need > have:
-        raise CheckpointError(
-            f"{source} describes a model of {params / 1e6:,.1f} M parameters, which needs about "
-            f"{_gb(need)} of memory; this machine has {_gb(have)} available"
-        )
+    lacking = memory_shortfall(model, factor, extra_bytes)
+    if lacking is not None:
+        raise CheckpointError(f"{source} describes {lacking}")

@@ -12,6 +12,7 @@ chooses between the two, including `--auto-resume`'s "continue this run if it is
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from chargpt import errors
+from chargpt.config.resolve import check_length
 from chargpt.config.schema import Config, apply_overrides
 from chargpt.config.sizing import load_rule
 from chargpt.data.datasets import dataset, fetch
@@ -34,6 +36,7 @@ from chargpt.runs.safety import CheckedCheckpoint
 from chargpt.text.tokenizer import check_same_vocab
 from chargpt.training import autosize, finetune
 from chargpt.training.budget import PLANNED_FIELDS
+from chargpt.training.capacity import allocation_errors, check_memory, check_trainable
 from chargpt.training.trackers import require_trackers
 from chargpt.training.trainer import Trainer, TrainResult
 
@@ -83,6 +86,7 @@ def new_trainer(cfg: Config, quiet: bool = False) -> Trainer:
 
 def _new_trainer(cfg: Config, quiet: bool, src: CheckedCheckpoint | None) -> Trainer:
     require_trackers(cfg.train.log_to)  # before the run directory exists
+    check_trainable(cfg.model)  # and before any data is prepared
     env, device = _join(cfg)
     if cfg.train.compile:
         check_works(device.type)  # before the run directory exists, too
@@ -90,8 +94,23 @@ def _new_trainer(cfg: Config, quiet: bool, src: CheckedCheckpoint | None) -> Tra
         raise ConfigError("set --out when training with torchrun (all ranks need one run dir)")
     rundir = RunDir(Path(cfg.train.out_dir)) if cfg.train.out_dir else RunDir.default()
     log = (lambda s: None) if quiet or not env.is_main else print
+    made = env.is_main and rundir.create()
+    try:
+        trainer = _started(cfg, rundir, env, device, log, src, quiet)
+    except BaseException:
+        if made:  # nothing of value was written yet: no run is left half-made
+            shutil.rmtree(rundir.path, ignore_errors=True)
+        raise
+    if env.is_main:  # the run exists from here: its config names it
+        rundir.write_config(trainer.cfg)
+    return trainer
+
+
+def _started(cfg: Config, rundir: RunDir, env: DistEnv, device: torch.device,
+             log: Callable[[str], None], src: CheckedCheckpoint | None, quiet: bool) -> Trainer:
+    """The Trainer of a new run in `rundir`: its data prepared and loaded, the config filled
+    in (vocab_size, an absolute data_dir, the precision, the size auto chooses)."""
     if env.is_main:
-        rundir.create()
         _prepare_data(cfg, rundir, log, src)
     env.barrier()  # the other ranks wait for rank 0's prepared data
     data = rundir.load_data(cfg)
@@ -108,9 +127,9 @@ def _new_trainer(cfg: Config, quiet: bool, src: CheckedCheckpoint | None) -> Tra
     if src is not None:
         finetune.check_vocab(data.tokenizer, src.tokenizer, cfg.train.init_from)
         log(finetune.describe(cfg.train.init_from, src, data.tokenizer))
-    if env.is_main:
-        rundir.write_config(cfg)
-    trainer = Trainer(cfg, rundir, data, env, device, quiet)
+    check_memory(cfg, device)
+    with allocation_errors("building the model"):
+        trainer = Trainer(cfg, rundir, data, env, device, quiet)
     trainer.elapsed_before = choosing  # the budget began when the choosing did
     if src is not None:
         finetune.load_source_weights(trainer.model, src)
@@ -137,6 +156,7 @@ def resume_trainer(
     `overrides` ({"train": {...}}) may change [train] values such as max_steps. Nothing in the
     run directory changes unless that checkpoint can really be resumed."""
     rundir = RunDir(Path(run_dir))
+    rundir.check_resumable()
     cfg = rundir.read_config()
     train_overrides = _train_overrides_only(overrides or {})
     if cfg.train.planned_steps and {"time_budget", "step_cap"} & set(train_overrides):
@@ -145,11 +165,16 @@ def resume_trainer(
                           "run keeps them (change --max-steps instead)")
     if train_overrides:
         cfg = apply_overrides(cfg, {"train": train_overrides}, "command line")
+        check_length(cfg.train, [({"train": train_overrides}, "command line")])
     env, device = _join(cfg)
     found = rundir.resume_checkpoint(warn=errors.warn if env.is_main else lambda _: None)
     if found.config.model != cfg.model:
         raise CheckpointError(f"{rundir.config_file} and {found.path / ckpt.CONFIG_FILE} "
                               "describe different models; the run directory was changed")
+    if "max_steps" in train_overrides and cfg.train.max_steps <= found.state.step:
+        raise ConfigError(f"{run_dir} is already at step {found.state.step}; --max-steps "
+                          f"{cfg.train.max_steps} would train no further (give more than "
+                          f"{found.state.step} to continue it)")
     state = ckpt.load_train_state(found.path, resumable=True)
     data = rundir.load_data(cfg)
     check_same_vocab(data.tokenizer, found.tokenizer, error=CheckpointError,
@@ -203,7 +228,8 @@ def train(
         if overrides:
             cfg = apply_overrides(cfg, overrides, "overrides")
         trainer = _start_or_continue(cfg, auto_resume, quiet)
-    result = trainer.run(time_limit=time_limit)
+    with allocation_errors(f"in {trainer.run_dir}", trainer.rundir.how_to_go_on):
+        result = trainer.run(time_limit=time_limit)
     trainer.env.leave()
     return result
 
