@@ -71,7 +71,10 @@ def _prepare_data(cfg: Config, rundir: RunDir, log: Callable[[str], None],
     log(f"preparing {source}")
     prepare(source, rundir.data_dir(cfg), val_fraction=dc.val_fraction,
             test_fraction=dc.test_fraction, heldout=heldout, unit=dc.unit, progress=True,
-            vocab=src.tokenizer if src else None, extend_vocab=src is not None)
+            vocab=src.tokenizer if src else None, extend_vocab=src is not None,
+            # a new run's own data/ (RunDir.create found no run here): what a run killed before
+            # its first checkpoint left is replaced, as the new --input asks
+            overwrite=True)
 
 
 def new_trainer(cfg: Config, quiet: bool = False) -> Trainer:
