@@ -120,6 +120,7 @@ def _finetune_config(cfg: Config, config_file: str | None,
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from chargpt.generation.loop import check_lengths
     from chargpt.generation.settings import SamplingSettings
     from chargpt.runs.run import load_run
     from chargpt.text.textfiles import read_text_file
@@ -127,8 +128,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.prompt is not None and args.prompt_file:
         raise ConfigError("give either --prompt or --prompt-file, not both")
     prompt = read_text_file(args.prompt_file) if args.prompt_file else (args.prompt or "")
-    if args.max_new_tokens < 0 or args.num_samples < 1:
-        raise ConfigError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    check_lengths(args.num_samples, args.max_new_tokens)  # before the model is loaded
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed,
                                 use_cache=not args.no_kv_cache, compile=args.compile,
@@ -137,8 +137,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     ids = run.encode_prompt(prompt, args.unknown)  # checked before anything is printed
     # all samples decode as one batch; the first streams, the others follow when it is done
     rest: list[list[str]] = [[] for _ in range(args.num_samples - 1)]
+    samples = run.stream_samples(ids, args.max_new_tokens, settings, args.num_samples)
     sys.stdout.write(prompt)
-    for chars in run.stream_samples(ids, args.max_new_tokens, settings, args.num_samples):
+    for chars in samples:
         sys.stdout.write(chars[0])
         sys.stdout.flush()
         for text, ch in zip(rest, chars[1:], strict=True):

@@ -16,7 +16,12 @@ from typing import Any, Literal
 
 from chargpt.config.fields import coerce, field_types
 from chargpt.config.sizing import load_rule
-from chargpt.config.values import check_time_budget, parse_cooldown_plan, parse_log_to
+from chargpt.config.values import (
+    check_device,
+    check_time_budget,
+    parse_cooldown_plan,
+    parse_log_to,
+)
 from chargpt.errors import ConfigError
 
 
@@ -305,10 +310,7 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
-        _check(
-            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
-            f"device must be auto, cpu, cuda[:N] or mps, got {self.device!r}",
-        )
+        check_device(self.device)
 
         parse_log_to(self.log_to)
         parse_cooldown_plan(self.cooldown_plan)

@@ -1,6 +1,7 @@
 """Config values that follow a small grammar or name a table: durations ('90s', '10m', '2h'),
-the tracker names of `log_to`, how many first steps a time budget times, and the re-aimed
-cooldown a budget's plans record (`cooldown_plan`).
+the tracker names of `log_to`, how many first steps a time budget times, the re-aimed
+cooldown a budget's plans record (`cooldown_plan`), device names and seeds (`check_device`,
+`check_seed`: every command's `--device` and `--seed`, the API's and the server's).
 
 They live with the configuration so that validating a config never imports the training code
 that later uses these values (`training.budget`, `training.trackers`).
@@ -15,12 +16,31 @@ from typing import Any
 
 from chargpt.errors import ConfigError
 
-__all__ = ["CALIBRATION_STEPS", "TRACKERS", "calibration_steps", "check_time_budget",
-           "format_cooldown_plan", "parse_cooldown_plan", "parse_duration", "parse_log_to"]
+__all__ = ["CALIBRATION_STEPS", "MAX_SEED", "TRACKERS", "calibration_steps", "check_device",
+           "check_seed", "check_time_budget", "format_cooldown_plan", "parse_cooldown_plan",
+           "parse_duration", "parse_log_to"]
 
 CALIBRATION_STEPS = 10  # the first steps, timed from the second (the first one warms up)
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # name -> module it needs
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+# torch seeds a generator with any 64-bit number; chargpt keeps to the signed range, which
+# every seeded library (numpy, random, the native loop's noise) and JSON readers share.
+MAX_SEED = 2**63 - 1
+
+
+def check_device(name: object) -> None:
+    """Refuse a device name that is not 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', before torch
+    sees it: torch takes 'meta' (no data: every result wrong) and turns a typo into a
+    traceback. Whether the device is there is `device.pick_device`'s question."""
+    named = r"auto|(cpu|cuda|mps)(:(0|[1-9][0-9]{0,3}))?"  # an index as torch reads one
+    if not (isinstance(name, str) and re.fullmatch(named, name)):
+        raise ConfigError(f"device must be auto, cpu, cuda[:N] or mps, got {name!r}")
+
+
+def check_seed(seed: object, what: str = "seed") -> None:
+    """Refuse a seed that is not a whole number from 0 to MAX_SEED (`what` names it)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{what} must be a whole number from 0 to 2**63 - 1, got {seed!r}")
 
 
 def parse_duration(text: str) -> float:

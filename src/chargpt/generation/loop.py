@@ -26,7 +26,27 @@ from chargpt.generation.settings import SamplingSettings
 from chargpt.model.kv_cache import KVCache
 from chargpt.model.lm import eval_mode
 
-__all__ = ["Cached", "FastCached", "Recompute", "generate", "generate_tokens"]
+__all__ = ["MAX_NEW_TOKENS", "MAX_SEQUENCES", "Cached", "FastCached", "Recompute",
+           "check_lengths", "generate", "generate_tokens"]
+
+# The most new tokens one call generates per sequence, and the most sequences decoded at once.
+# Memory grows with both: the text is one buffer of 8 bytes per token and sequence, a rotary
+# model's decoder keeps a rotation row per position reached (16 bytes per head dimension), and
+# each sequence has its own KV cache. A million characters is a long novel and minutes of
+# decoding on a CPU; more is asked for by a slip of the keyboard, not by a reader.
+MAX_NEW_TOKENS = 1_000_000
+MAX_SEQUENCES = 1024
+
+
+def check_lengths(batch: int, max_new_tokens: int) -> None:
+    """Refuse `batch` sequences of `max_new_tokens` new tokens outside the bounds above, before
+    anything is allocated (callers with a batch of prompts check before building it)."""
+    if not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ConfigError(f"max_new_tokens must be from 0 to {MAX_NEW_TOKENS:,}, "
+                          f"got {max_new_tokens:,}")
+    if not 1 <= batch <= MAX_SEQUENCES:
+        raise ConfigError(f"num_samples must be from 1 to {MAX_SEQUENCES:,} (sequences "
+                          f"decoded at once), got {batch:,}")
 
 
 def generate_tokens(
@@ -87,8 +107,7 @@ def _chunks(model: nn.Module, idx: Tensor, max_new_tokens: int,
         raise ConfigError(f"the prompt must be a (batch, time) tensor, got shape {shape}")
     if idx.size(1) < 1:
         raise ConfigError("the prompt is empty; give at least one character to start from")
-    if max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_lengths(idx.size(0), max_new_tokens)
     if not (generator is None or isinstance(generator, torch.Generator)
             or len(generator) == idx.size(0)):
         raise ConfigError(f"give one generator per sequence: {len(generator)} generators "

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from chargpt.config.values import check_seed
 from chargpt.errors import ConfigError
 
 __all__ = ["WEIGHT_KINDS", "SamplingSettings"]
@@ -37,7 +38,8 @@ class SamplingSettings:
     """Keep the smallest set of likeliest tokens reaching this probability (1e-6 to 1, never
     fewer than one token); None keeps all."""
     seed: int | None = None
-    """Seed of the generator `generator()` makes; None draws a fresh random seed."""
+    """Seed of the generator `generator()` makes, 0 to 2**63 - 1; None draws a fresh random
+    seed."""
     use_cache: bool = True
     """Decode with a KV cache (see `generate_tokens`) rather than recomputing the context."""
     compile: bool = False
@@ -66,6 +68,8 @@ class SamplingSettings:
             raise ConfigError(f"top_k must be an integer >= 1, got {k!r}")
         if p is not None and not (SMALLEST <= p <= 1.0):
             raise ConfigError(f"top_p must be in [{SMALLEST:g}, 1], got {p:g}")
+        if self.seed is not None:
+            check_seed(self.seed)
         if self.weight_format not in WEIGHT_KINDS:
             raise ConfigError(f"weights must be one of {', '.join(WEIGHT_KINDS)}, "
                               f"got {self.weight_format!r}")

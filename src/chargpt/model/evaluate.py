@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from chargpt import faults
 from chargpt.data.batches import BatchSampler
 from chargpt.distributed import DistEnv, all_reduce_sum
-from chargpt.errors import DataError
+from chargpt.errors import ConfigError, DataError
 from chargpt.model.lm import eval_mode
 
 
@@ -97,6 +97,9 @@ def evaluate_tokens(
     `tiled` scores back-to-back windows (see `window_plan`)."""
     if len(tokens) < 2:
         raise DataError("the text to evaluate needs at least 2 characters")
+    # a batch of 0 or fewer windows would score nothing and report a loss of 0
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
     T = min(block_size, len(tokens) - 1)
     plan = window_plan(len(tokens), block_size, tiled)
     offsets = np.arange(T + 1)

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from chargpt.config.schema import Config
+from chargpt.config.values import MAX_SEED, check_device
 from chargpt.device import pick_device
 from chargpt.errors import ConfigError
-from chargpt.generation.loop import generate_tokens
+from chargpt.generation.loop import check_lengths, generate_tokens
 from chargpt.generation.settings import SamplingSettings
 from chargpt.model.build import build_model
 from chargpt.model.evaluate import evaluate_tokens
@@ -48,8 +49,9 @@ class Run:
     def load(cls, path: str | Path, checkpoint: str | None = None, device: str = "auto") -> Run:
         """The model in run directory (or checkpoint directory) `path`. `checkpoint` names
         best or last; None (the default) is best, or last when best is missing or damaged."""
-        found = find_checkpoint(path, checkpoint)
+        check_device(device)  # a typo is one line before any checkpoint is read
         dev = pick_device(device)
+        found = find_checkpoint(path, checkpoint)
         model = build_model(found.config.model)
         ckpt.load_model_tensors(model, found.path)
         model.to(dev).eval()
@@ -105,11 +107,18 @@ class Run:
         """Yield the next character of each of `num_samples` continuations of `ids`, decoded
         as one batch. Sample i draws from its own generator seeded `settings.seed + i` (fresh
         seeds when unseeded), so it is the text `stream_ids` gives with that seed."""
+        check_lengths(num_samples, max_new_tokens)  # before the batch of prompts is built
+        if settings.seed is not None and settings.seed + num_samples - 1 > MAX_SEED:
+            raise ConfigError(f"seed must be at most 2**63 - {num_samples} for {num_samples} "
+                              f"samples (sample i is seeded seed + i), got {settings.seed}")
         idx = torch.tensor([list(ids)] * num_samples, dtype=torch.long, device=self.device)
         generators = [settings.with_seed(None if settings.seed is None else settings.seed + i)
                       .generator(self.device) for i in range(num_samples)]
         tokens = generate_tokens(self.model, idx, max_new_tokens, settings,
                                  generator=generators)
+        return self._characters(tokens)  # checked now, not at the first character
+
+    def _characters(self, tokens: Iterator[torch.Tensor]) -> Iterator[list[str]]:
         decode = self.tokenizer.decode
         with contextlib.closing(tokens):
             for token in tokens:

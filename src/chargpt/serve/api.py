@@ -20,12 +20,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from chargpt.config.values import MAX_SEED
 from chargpt.errors import ChargptError
+from chargpt.generation.loop import MAX_NEW_TOKENS
 from chargpt.generation.settings import SamplingSettings
 from chargpt.runs.run import Run
 from chargpt.text.tokenizer import UNKNOWN_POLICIES, CharTokenizer, unknown_chars_message
 
-MAX_SEED = 2**63 - 1
 BODY_TIMEOUT = 10.0  # seconds for a whole request body (at most --max-body-bytes) to arrive
 MAX_STOP_STRINGS = 4
 GENERATE_FIELDS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
@@ -65,6 +66,9 @@ class Limits:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ChargptError(f"serve limit {name} must be an integer >= {low}, "
                                    f"got {value!r}")
+            if name == "max_new_tokens" and value > MAX_NEW_TOKENS:  # the loop's own bound
+                raise ChargptError(f"serve limit max_new_tokens must be at most "
+                                   f"{MAX_NEW_TOKENS:,}, got {value:,}")
 
 
 class ApiError(Exception):

@@ -1,0 +1,121 @@
+"""Hostile numbers and names on the command line of sample, eval, attention, serve, estimate
+and ladder: each is one `chargpt: error:` line and a non-zero exit, never a traceback and never
+a wrong answer with exit status 0."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import one_line_error
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chargpt.cli.commands import main
+from chargpt.config.values import MAX_SEED, check_device
+from chargpt.errors import ConfigError
+from chargpt.generation.loop import MAX_NEW_TOKENS, MAX_SEQUENCES
+from chargpt.generation.settings import SamplingSettings
+from chargpt.model.evaluate import evaluate_tokens
+from chargpt.runs.run import load_run
+
+HUGE = "99999999999999999999999"
+
+
+def refused(capsys, *argv: str) -> str:
+    return one_line_error(capsys, main(list(argv)))
+
+
+# --- eval --batch-size ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", ["-1", "0"])
+def test_eval_refuses_a_batch_size_below_one(tiny_run, capsys, batch):
+    # -1 used to score no window at all and print a loss of 0 with exit status 0
+    line = refused(capsys, "eval", str(tiny_run), "--batch-size", batch)
+    assert f"batch_size must be >= 1, got {batch}" in line
+
+
+def test_any_batch_size_from_one_up_gives_the_same_loss(tiny_run):
+    run = load_run(tiny_run)
+    tokens = np.arange(200, dtype=np.int64) % run.tokenizer.vocab_size
+    one, huge = (run.evaluate_ids(tokens, batch_size=b) for b in (1, int(HUGE)))
+    assert one == pytest.approx(huge, rel=1e-5) and one > 0
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        evaluate_tokens(run.model, tokens, block_size=run.block_size, batch_size=-1)
+
+
+# --- --device ---------------------------------------------------------------------------------
+
+
+DEVICE_COMMANDS = [["sample", "--max-new-tokens", "1"], ["eval"],
+                   ["attention", "--prompt", "ab", "--out", "a.png"]]
+
+
+@pytest.mark.parametrize("device", ["bogus", "CPU", "meta", "cuda:x", "cuda:-1", ""])
+@pytest.mark.parametrize("command", DEVICE_COMMANDS, ids=lambda c: c[0])
+def test_every_command_refuses_an_unknown_device_as_train_does(tiny_run, capsys, tmp_path,
+                                                               command, device):
+    line = refused(capsys, command[0], str(tiny_run), *command[1:], "--device", device)
+    assert line.endswith(f"device must be auto, cpu, cuda[:N] or mps, got {device!r}")
+    train = refused(capsys, "train", "--out", str(tmp_path / "r"), "--device", device)
+    assert train.endswith(line.removeprefix("chargpt: error: "))  # the same words: one rule
+
+
+def test_serve_refuses_an_unknown_device(tiny_run, capsys):
+    pytest.importorskip("uvicorn")
+    line = refused(capsys, "serve", str(tiny_run), "--device", "meta", "--port", "0")
+    assert "device must be auto, cpu, cuda[:N] or mps, got 'meta'" in line
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.one_of(st.text(max_size=12),
+                 st.from_regex(r"(cpu|cuda|mps|meta|auto)(:-?[0-9]{1,6})?", fullmatch=True)))
+def test_a_device_name_check_accepts_only_what_torch_takes_as_cpu_cuda_or_mps(name):
+    try:
+        check_device(name)
+    except ConfigError as e:
+        assert str(e) == f"device must be auto, cpu, cuda[:N] or mps, got {name!r}"
+        return
+    assert name == "auto" or torch.device(name).type in ("cpu", "cuda", "mps")
+
+
+# --- sample: lengths and seeds ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--max-new-tokens", "1000000000000"], f"max_new_tokens must be from 0 to "
+                                            f"{MAX_NEW_TOKENS:,}, got 1,000,000,000,000"),
+    (["--max-new-tokens", HUGE], "max_new_tokens must be from 0 to"),
+    (["--max-new-tokens", "-1"], "max_new_tokens must be from 0 to"),
+    (["--num-samples", "0"], f"num_samples must be from 1 to {MAX_SEQUENCES:,}"),
+    (["--num-samples", HUGE], f"num_samples must be from 1 to {MAX_SEQUENCES:,}"),
+    (["--seed", HUGE], f"seed must be a whole number from 0 to 2**63 - 1, got {HUGE}"),
+    (["--seed", "-1"], "seed must be a whole number from 0 to 2**63 - 1, got -1"),
+    (["--seed", str(MAX_SEED), "--num-samples", "2"], "seed must be at most 2**63 - 2 for 2"),
+])
+def test_sample_refuses_hostile_numbers_before_printing_anything(tiny_run, capsys, flags,
+                                                                 needle):
+    code = main(["sample", str(tiny_run), "--prompt", "ab", "--max-new-tokens", "3", *flags])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == "", captured.err
+    assert needle in captured.err and captured.err.count("\n") == 1
+
+
+def test_the_largest_seeds_sample(tiny_run, capsys):
+    assert main(["sample", str(tiny_run), "--prompt", "ab", "--max-new-tokens", "3",
+                 "--seed", str(MAX_SEED - 1), "--num-samples", "2"]) == 0
+    assert capsys.readouterr().out.count("\n---\n") == 1
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.one_of(st.integers(), st.integers(-(2**80), 2**80), st.sampled_from([True, 1.0])))
+def test_a_seed_is_refused_or_seeds_a_generator(seed):
+    try:
+        s = SamplingSettings(seed=seed)
+    except ConfigError as e:
+        assert "seed must be a whole number from 0 to 2**63 - 1" in str(e)
+        assert isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED
+        return
+    s.generator("cpu")  # no overflow inside torch
+
