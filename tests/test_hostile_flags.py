@@ -119,3 +119,43 @@ def test_a_seed_is_refused_or_seeds_a_generator(seed):
         return
     s.generator("cpu")  # no overflow inside torch
 
+
+# --- estimate ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--gpus", "0"], "--gpus must be >= 1, got 0"),
+    (["--gpus", "-1"], "--gpus must be >= 1, got -1"),
+    (["--corpus-chars", "-1"], "--corpus-chars must be >= 1, got -1"),
+    (["--corpus-chars", "0"], "--corpus-chars must be >= 1, got 0"),
+    (["--vocab-size", "0"], "--vocab-size must be >= 1, got 0"),
+    (["--vocab-size", HUGE], "model.vocab_size is 99,999,999,999,999,999,999,999, more than"),
+    (["--n-layer", "100000", "--n-embd", "100000"], "model.n_layer is 100,000, more than"),
+    (["--mfu", "nan"], "--mfu must be in (0, 1], got nan"),
+])
+def test_estimate_refuses_hostile_numbers(capsys, flags, needle):
+    assert needle in refused(capsys, "estimate", *flags)
+
+
+def test_estimate_uses_the_numbers_given_and_counts_a_deep_model_at_once(capsys):
+    assert main(["estimate", "--corpus-chars", "1", "--vocab-size", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "vocab 7" in out and "one epoch of 1 characters" in out
+    # 1,024 blocks built one by one, even on the meta device, took 25 s (a test's timeout)
+    assert main(["estimate", "--n-layer", "1024", "--n-embd", "64", "--n-head", "2"]) == 0
+    assert "1024 layers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model", [{"n_layer": 3}, {"n_layer": 5, "value_embeds": True},
+                                   {"arch": "bigram"}, {"n_layer": 2, "pos_emb": "rope"}])
+def test_estimated_parameters_are_those_of_the_whole_model(model):
+    from chargpt.config.schema import Config, apply_overrides
+    from chargpt.model.build import build_model
+    from chargpt.model.flops import estimate
+
+    cfg = apply_overrides(Config(), {"model": {"vocab_size": 65, **model}}, "test")
+    with torch.device("meta"):
+        whole = build_model(cfg.model)
+    matmul = sum(m.weight.numel() for m in whole.modules() if isinstance(m, torch.nn.Linear))
+    e = estimate(cfg)
+    assert (e.params, e.matmul_params) == (whole.num_params(), matmul)

@@ -178,19 +178,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_estimate(args: argparse.Namespace) -> int:
     from chargpt.config.schema import apply_overrides
     from chargpt.data.datasets import DATASETS
-    from chargpt.model.flops import report
+    from chargpt.model.flops import check_throughput, report
+    from chargpt.runs.safety import check_bounds
 
     cfg = resolve_config(args.preset, args.config, config_overrides(args))
+    check_throughput(args.gpus, args.mfu)
     if cfg.train.time_budget and cfg.data.input:
+        if args.vocab_size is not None or args.corpus_chars is not None:
+            raise ConfigError("--vocab-size and --corpus-chars are --input's own with --time; "
+                              "leave them out")
         print(_forecast(cfg, args))
         return 0
     # The named dataset's sizes, unless the run reads the user's own text.
     named = not (cfg.data.input or cfg.data.data_dir)
     vocab, chars = DATASETS[cfg.data.dataset if named else "shakespeare"].estimate_sizes
-    vocab = args.vocab_size or vocab
+    vocab = vocab if args.vocab_size is None else args.vocab_size
+    if vocab < 1:  # 0 is the config's "not known yet", which the estimate cannot price
+        raise ConfigError(f"--vocab-size must be >= 1, got {vocab}")
     cfg = apply_overrides(cfg, {"model": {"vocab_size": vocab}}, "command line")
+    check_bounds(cfg.model, "command line", why="")  # sizes no model has, before any count
     print(report(cfg, gpu=args.gpu or "A100", gpus=args.gpus, mfu=args.mfu,
-                 corpus_chars=args.corpus_chars or chars))
+                 corpus_chars=chars if args.corpus_chars is None else args.corpus_chars))
     return 0
 
 

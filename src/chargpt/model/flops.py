@@ -11,11 +11,12 @@ figures; model FLOPs utilisation (MFU) is achieved FLOP/s over that peak.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from chargpt.config.schema import Config
+from chargpt.config.schema import Config, ModelConfig
 from chargpt.errors import ConfigError
 from chargpt.model.build import build_model
 
@@ -83,17 +84,29 @@ class Estimate:
         return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activation_bytes
 
 
+def _counts(m: ModelConfig) -> tuple[int, int, bool]:
+    """(parameters, matrix-multiply parameters, whether it has attention) of a model of `m`'s
+    sizes, counted on the real model built on the meta device with one block and with two:
+    every block is the same, so each adds what the second added. Building all n_layer blocks,
+    even on the meta device, takes seconds per hundred of them."""
+    counts = []
+    for n_layer in (1, 2):
+        with torch.device("meta"):
+            model = build_model(dataclasses.replace(m, n_layer=n_layer))
+        matmul = sum(mod.weight.numel() for mod in model.modules()
+                     if isinstance(mod, torch.nn.Linear))
+        counts.append((model.num_params(), matmul))
+    (p1, w1), (p2, w2) = counts
+    extra = m.n_layer - 1
+    return p1 + extra * (p2 - p1), w1 + extra * (w2 - w1), model.capabilities().attention
+
+
 def estimate(cfg: Config, world_size: int = 1) -> Estimate:
-    """Parameters counted on the real model (built on the meta device, so free)."""
+    """Parameters counted on the real model (see `_counts`)."""
     m, tc = cfg.model, cfg.train
-    with torch.device("meta"):
-        model = build_model(m)
-    params = model.num_params()
-    matmul = sum(mod.weight.numel() for mod in model.modules()
-                 if isinstance(mod, torch.nn.Linear))
     # Attention's scores and weighted sums, and the per-layer activations, exist only in a
     # Transformer; a model without attention (the bigram) has neither.
-    transformer = model.capabilities().attention
+    params, matmul, transformer = _counts(m)
     attention = 12 * m.n_layer * m.n_embd * m.block_size if transformer else 0
     flops_per_token = 6 * matmul + attention
     B, T = tc.batch_size, m.block_size
@@ -121,11 +134,20 @@ def mfu(flops_per_token: float, tokens_per_second: float, device: torch.device) 
     return flops_per_token * tokens_per_second / PEAK_FLOPS[key]
 
 
+def check_throughput(gpus: int, mfu: float) -> None:
+    """Refuse a GPU count or model FLOPs utilisation no machine has (`chargpt estimate`)."""
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {gpus}")
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
+
+
 def report(cfg: Config, *, gpu: str, gpus: int, mfu: float, corpus_chars: int) -> str:
     """The `chargpt estimate` text: size, FLOPs, memory and time on `gpus` x `gpu` at `mfu`."""
     gpu = gpu_named(gpu)
-    if not 0 < mfu <= 1:
-        raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
+    check_throughput(gpus, mfu)
+    if corpus_chars < 1:
+        raise ConfigError(f"--corpus-chars must be >= 1, got {corpus_chars}")
     e = estimate(cfg, world_size=gpus)
     m, tc = cfg.model, cfg.train
     seconds_per_step = e.flops_per_step / (PEAK_FLOPS[gpu] * mfu * gpus)

@@ -69,13 +69,15 @@ def beyond_bounds(model: ModelConfig) -> tuple[str, int, int] | None:
     return None
 
 
-def check_bounds(model: ModelConfig, source: str | Path) -> None:
-    """Refuse a config whose sizes no real model has, before anything is built from it."""
+def check_bounds(model: ModelConfig, source: str | Path,
+                 why: str = "; the file is damaged or hostile") -> None:
+    """Refuse a config whose sizes no real model has, before anything is built from it; `why`
+    ends the message (a file's sizes, or sizes typed as flags)."""
     beyond = beyond_bounds(model)
     if beyond is not None:
         name, value, limit = beyond
         raise CheckpointError(f"{source}: model.{name} is {value:,}, more than chargpt "
-                              f"loads (at most {limit:,}); the file is damaged or hostile")
+                              f"loads (at most {limit:,}){why}")
 
 
 def _expected_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[set[str]]]:
