@@ -159,3 +159,18 @@ def test_estimated_parameters_are_those_of_the_whole_model(model):
     matmul = sum(m.weight.numel() for m in whole.modules() if isinstance(m, torch.nn.Linear))
     e = estimate(cfg)
     assert (e.params, e.matmul_params) == (whole.num_params(), matmul)
+
+
+# --- ladder -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--seconds", "inf"], "--seconds must be a finite number > 0, got inf"),
+    (["--seconds", "nan"], "--seconds must be a finite number > 0, got nan"),
+    (["--seed", HUGE], f"--seed must be a whole number from 0 to 2**63 - 1, got {HUGE}"),
+    (["--seed", "-1"], "--seed must be a whole number from 0 to 2**63 - 1, got -1"),
+    (["--seed", str(MAX_SEED), "--seeds", "2"], "--seed must be at most 2**63 - 2 for 2 seeds"),
+])
+def test_ladder_refuses_hostile_numbers_before_training(capsys, tmp_path, flags, needle):
+    line = refused(capsys, "ladder", "--rungs", "bigram", "--out", str(tmp_path / "l"), *flags)
+    assert needle in line and not (tmp_path / "l").exists()

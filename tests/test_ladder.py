@@ -142,7 +142,7 @@ def test_bad_rung_names_are_one_line_errors(spec, tmp_path, capsys):
     (["--max-steps", "0"], "--max-steps must be >= 1"),
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--seconds", "-1"], "--seconds must be > 0"),
+    (["--seconds", "-1"], "--seconds must be a finite number > 0"),
     (["--evals", "0"], "--evals must be >= 1"),
 ])
 def test_bad_budgets_are_one_line_errors(args, message, tmp_path, capsys):

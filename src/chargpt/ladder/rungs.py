@@ -16,11 +16,13 @@ whole ladder run, validated once. Running is ladder_run.py; the report is ladder
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from chargpt.config.schema import Config, apply_overrides
+from chargpt.config.values import MAX_SEED, check_seed
 from chargpt.errors import ConfigError
 
 Overrides = dict[str, dict[str, Any]]
@@ -204,8 +206,12 @@ class Budget:
               f"--max-steps must be >= 1, got {self.max_steps}")
         check(self.max_steps is None or self.seconds is None,
               "give the ladder either --max-steps or --seconds, not both")
-        check(self.seconds is None or (self.seconds > 0 and self.seconds != float("inf")),
-              f"--seconds must be > 0, got {self.seconds}")
+        check(self.seconds is None or (math.isfinite(self.seconds) and self.seconds > 0),
+              f"--seconds must be a finite number > 0, got {self.seconds}")
+        check_seed(self.seed, "--seed")
+        n = self.seeds or max(DEFAULT_SEEDS.values())
+        check(self.seed + n - 1 <= MAX_SEED, f"--seed must be at most 2**63 - {n} for {n} "
+              f"seeds (runs are seeded seed, seed + 1, ...), got {self.seed}")
         check(self.batch_size is None or self.batch_size >= 1,
               f"--batch-size must be >= 1, got {self.batch_size}")
         check(self.evals >= 1, f"--evals must be >= 1, got {self.evals}")
