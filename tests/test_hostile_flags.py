@@ -174,3 +174,24 @@ def test_estimated_parameters_are_those_of_the_whole_model(model):
 def test_ladder_refuses_hostile_numbers_before_training(capsys, tmp_path, flags, needle):
     line = refused(capsys, "ladder", "--rungs", "bigram", "--out", str(tmp_path / "l"), *flags)
     assert needle in line and not (tmp_path / "l").exists()
+
+
+# --- hints name only the command's own flags --------------------------------------------------
+
+
+def test_eval_hint_names_only_evals_unknown_policies(tiny_run, capsys, tmp_path):
+    text = tmp_path / "unk.txt"
+    text.write_text("hello \u00e9 world \u20ac\n", encoding="utf-8")
+    line = refused(capsys, "eval", str(tiny_run), "--input", str(text))
+    assert "--unknown skip" in line and "replace" not in line  # eval has no replace
+    assert main(["eval", str(tiny_run), "--input", str(text), "--unknown", "skip"]) == 0
+
+
+def test_attention_takes_the_unknown_flag_its_hint_names(tiny_run, capsys, tmp_path):
+    out = tmp_path / "a.png"
+    line = refused(capsys, "attention", str(tiny_run), "--prompt", "RO\u00e9", "--out", str(out))
+    assert "use --unknown skip or --unknown replace" in line
+    for policy in ("skip", "replace"):
+        assert main(["attention", str(tiny_run), "--prompt", "RO\u00e9", "--out", str(out),
+                     "--unknown", policy]) == 0
+        assert f"over {2 if policy == 'skip' else 3} characters" in capsys.readouterr().out

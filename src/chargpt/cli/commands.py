@@ -159,7 +159,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     run = load_run(args.run_dir, args.checkpoint, device=args.device)
     if args.input:
-        tokens = encode_file(args.input, run.tokenizer, unknown=args.unknown)
+        # eval has no --unknown replace: a replaced character would be scored as if written
+        tokens = encode_file(args.input, run.tokenizer, unknown=args.unknown,
+                             hint="use --unknown skip to leave them out of the text scored")
         what = args.input
     else:
         rundir = RunDir(Path(args.run_dir))
@@ -281,7 +283,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     run = load_run(args.run_dir, args.checkpoint, device=args.device)
     if not args.prompt:
         raise ConfigError("--prompt must not be empty")
-    prompt_ids = run.tokenizer.encode(args.prompt, what="prompt")
+    prompt_ids = run.encode_prompt(args.prompt, args.unknown)
     ids = prompt_ids[-run.block_size :]
     maps = run.attention_maps(ids)  # (n_layer, n_head, T, T)
     if len(prompt_ids) > len(ids):

@@ -46,6 +46,11 @@ def _checkpoint_flag(p: argparse.ArgumentParser) -> None:
                    "or last, with a warning, when best is missing or damaged)")
 
 
+def _unknown_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--unknown", choices=("error", "skip", "replace"), default="error",
+                   help="what to do with prompt characters the model has never seen")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="chargpt", description="Train character-level GPT models and sample "
                     "from them.")
@@ -101,8 +106,7 @@ def build_parser() -> Parser:
                    "instead of the native C loop (built with the machine's C compiler)")
     _weights_flag(p)
     _checkpoint_flag(p)
-    p.add_argument("--unknown", choices=("error", "skip", "replace"), default="error",
-                   help="what to do with prompt characters the model has never seen")
+    _unknown_flag(p)
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the full context "
                    "for each character (slower; for comparison)")
     p.add_argument("--device", default="auto")
@@ -114,7 +118,8 @@ def build_parser() -> Parser:
                    help="which split of the run's data (default: val); test needs data "
                    "prepared with a test split (--test-fraction, or a benchmark dataset)")
     _checkpoint_flag(p)
-    p.add_argument("--unknown", choices=("error", "skip"), default="error")
+    p.add_argument("--unknown", choices=("error", "skip"), default="error",
+                   help="what to do with characters of --input the model has never seen")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
 
@@ -155,6 +160,7 @@ def build_parser() -> Parser:
     p.add_argument("--prompt", required=True, help="the text whose attention to draw")
     p.add_argument("--out", required=True, metavar="FILE.png", help="where to write the image")
     _checkpoint_flag(p)
+    _unknown_flag(p)
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("estimate", help="parameters, FLOPs, memory and time of a config",

@@ -21,7 +21,7 @@ import numpy as np
 
 from chargpt.errors import DataError, VocabError
 from chargpt.fileio import read_bytes, read_error
-from chargpt.text.tokenizer import CharTokenizer, unknown_chars_message
+from chargpt.text.tokenizer import UNKNOWN_HINT, CharTokenizer, unknown_chars_message
 
 __all__ = [
     "PIECE_BYTES",
@@ -168,13 +168,15 @@ def encode_file(
     replacement: str | None = None,
     *,
     chunk_bytes: int = 16 * 2**20,
+    hint: str | None = UNKNOWN_HINT,
 ) -> np.ndarray:
     """Token ids of a whole UTF-8 file, in memory (for evaluation text, not training corpora).
 
     The file is read once, as it streams, so a pipe or FIFO (`--input /dev/stdin`) works.
     With `unknown="error"` the whole file is still read before the error, which names every
-    distinct unknown character, not just those of the first piece that has one. A byte-level
-    tokenizer reads the file's bytes as they are.
+    distinct unknown character, not just those of the first piece that has one; `hint` ends
+    that error (the caller's own options). A byte-level tokenizer reads the file's bytes as
+    they are.
     """
     path = Path(path).expanduser()
     unit, lut = tokenizer.unit, tokenizer.lookup_table()
@@ -191,7 +193,7 @@ def encode_file(
                                             what=str(path)))
     if missing:
         chars = [chr(c) for c in sorted(missing)]
-        raise VocabError(unknown_chars_message(str(path), chars, unit=unit))
+        raise VocabError(unknown_chars_message(str(path), chars, hint=hint, unit=unit))
     if not parts:
         return np.zeros(0, dtype=tokenizer.id_dtype)
     return np.concatenate(parts)

@@ -25,7 +25,7 @@ import numpy as np
 from chargpt.errors import ChargptError, ConfigError, DataError, VocabError
 from chargpt.fileio import atomic_write_text, read_bytes
 
-__all__ = ["UNITS", "UNKNOWN_POLICIES", "CharTokenizer", "check_same_vocab",
+__all__ = ["UNITS", "UNKNOWN_HINT", "UNKNOWN_POLICIES", "CharTokenizer", "check_same_vocab",
            "unknown_chars_message"]
 
 VOCAB_FORMAT = "chargpt-vocab"
@@ -35,14 +35,14 @@ UNITS = ("char", "byte")
 UNKNOWN_POLICIES = ("error", "skip", "replace")
 N_CODEPOINTS = 0x110000
 _MAX_NAMED = 10
-_UNKNOWN_HINT = "use --unknown skip or --unknown replace"
+UNKNOWN_HINT = "use --unknown skip or --unknown replace"  # sample's and attention's flags
 
 
 def _describe_char(c: str, unit: str = "char") -> str:
     return f"byte 0x{ord(c):02X}" if unit == "byte" else f"{c!r} (U+{ord(c):04X})"
 
 
-def unknown_chars_message(what: str, chars: Sequence[str], hint: str | None = _UNKNOWN_HINT,
+def unknown_chars_message(what: str, chars: Sequence[str], hint: str | None = UNKNOWN_HINT,
                           unit: str = "char") -> str:
     """One line naming up to ten distinct unknown characters (or bytes) and how many there are."""
     n = len(chars)
