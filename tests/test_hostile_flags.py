@@ -195,3 +195,23 @@ def test_attention_takes_the_unknown_flag_its_hint_names(tiny_run, capsys, tmp_p
         assert main(["attention", str(tiny_run), "--prompt", "RO\u00e9", "--out", str(out),
                      "--unknown", policy]) == 0
         assert f"over {2 if policy == 'skip' else 3} characters" in capsys.readouterr().out
+
+
+# --- a terminal that cannot show every character ----------------------------------------------
+
+
+def test_sample_to_an_ascii_terminal_escapes_what_it_cannot_show_and_says_so(tiny_run, capsys,
+                                                                             monkeypatch):
+    import io
+    import sys
+
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    # the prompt is echoed as typed, its unknown characters included
+    assert main(["sample", str(tiny_run), "--prompt", "\u00e9 a \u00e9", "--unknown", "skip",
+                 "--max-new-tokens", "5", "--seed", "0", "--num-samples", "2"]) == 0
+    sys.stdout.flush()
+    out = raw.getvalue().decode("ascii")
+    assert out.startswith("\\xe9 a \\xe9") and out.count("\\xe9 a \\xe9") == 2
+    err = capsys.readouterr().err
+    assert err.count("chargpt: warning: stdout's encoding (ascii) cannot show") == 1

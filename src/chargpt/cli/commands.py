@@ -138,16 +138,39 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # all samples decode as one batch; the first streams, the others follow when it is done
     rest: list[list[str]] = [[] for _ in range(args.num_samples - 1)]
     samples = run.stream_samples(ids, args.max_new_tokens, settings, args.num_samples)
-    sys.stdout.write(prompt)
+    write = _stdout_writer()
+    write(prompt)
     for chars in samples:
-        sys.stdout.write(chars[0])
+        write(chars[0])
         sys.stdout.flush()
         for text, ch in zip(rest, chars[1:], strict=True):
             text.append(ch)
     for text in rest:
-        sys.stdout.write(f"\n---\n{prompt}{''.join(text)}")
-    sys.stdout.write("\n")
+        write(f"\n---\n{prompt}{''.join(text)}")
+    write("\n")
     return 0
+
+
+def _stdout_writer() -> Callable[[str], None]:
+    """sys.stdout.write for text a terminal's encoding may lack (a legacy Windows console,
+    PYTHONIOENCODING=ascii): such characters are written as escapes (\\xe9) and a warning says
+    so once, rather than a traceback halfway through a sample or a silent change."""
+    warned = False
+
+    def write(text: str) -> None:
+        nonlocal warned
+        try:
+            sys.stdout.write(text)  # encoded whole before anything is written
+        except UnicodeEncodeError:
+            encoding = sys.stdout.encoding or "ascii"
+            if not warned:
+                errors.warn(f"stdout's encoding ({encoding}) cannot show some characters; "
+                            "they are written as escapes such as \\xe9 (set "
+                            "PYTHONIOENCODING=utf-8 to see them)")
+                warned = True
+            sys.stdout.write(text.encode(encoding, "backslashreplace").decode(encoding))
+
+    return write
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
