@@ -215,3 +215,18 @@ def test_sample_to_an_ascii_terminal_escapes_what_it_cannot_show_and_says_so(tin
     assert out.startswith("\\xe9 a \\xe9") and out.count("\\xe9 a \\xe9") == 2
     err = capsys.readouterr().err
     assert err.count("chargpt: warning: stdout's encoding (ascii) cannot show") == 1
+
+
+# --- a pipe -----------------------------------------------------------------------------------
+
+
+def test_eval_reads_a_pipe_once(tiny_run):
+    import subprocess
+
+    from conftest import cli_command
+
+    # the unknown-character check used to read the pipe first, leaving nothing to score
+    done = subprocess.run(cli_command("eval", str(tiny_run), "--input", "/dev/stdin"),
+                          input="hello there\n", capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "/dev/stdin: loss" in done.stdout and "over 11 predictions" in done.stdout
