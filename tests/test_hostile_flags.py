@@ -230,3 +230,13 @@ def test_eval_reads_a_pipe_once(tiny_run):
                           input="hello there\n", capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "/dev/stdin: loss" in done.stdout and "over 11 predictions" in done.stdout
+
+
+def test_serve_cannot_allow_more_characters_than_the_loop_generates():
+    pytest.importorskip("starlette")
+    from chargpt.errors import ChargptError
+    from chargpt.serve.api import Limits
+
+    Limits(max_new_tokens=MAX_NEW_TOKENS)
+    with pytest.raises(ChargptError, match="max_new_tokens must be at most 1,000,000"):
+        Limits(max_new_tokens=MAX_NEW_TOKENS + 1)

@@ -29,6 +29,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 from chargpt.cli.commands import main  # noqa: E402
+from chargpt.generation.loop import MAX_NEW_TOKENS as LONGEST  # noqa: E402
 from chargpt.generation.native import build, layout  # noqa: E402
 from chargpt.runs.run import load_run  # noqa: E402
 from chargpt.serve import api, runner  # noqa: E402
@@ -795,7 +796,7 @@ def test_ctrl_c_ends_running_and_queued_requests_at_once_with_answers(run_dir):
     """SIGINT while a plain request and a stream generate and another request waits for a
     slot: each gets an answer (JSON 503s, an error event ending the stream), the log has no
     traceback, and the server exits well within uvicorn's 3 s graceful period."""
-    proc, port = start_cli(run_dir, "--max-concurrent", "2", "--max-new-tokens", "10000000",
+    proc, port = start_cli(run_dir, "--max-concurrent", "2", "--max-new-tokens", str(LONGEST),
                            "--request-timeout", "120")
     answers: dict[str, Any] = {}
     try:
@@ -829,10 +830,11 @@ def test_ctrl_c_ends_running_and_queued_requests_at_once_with_answers(run_dir):
 
 
 def long_generation(port: int, answers: dict[str, Any], name: str) -> None:
-    """A generation of ten million characters: its answer goes to `answers[name]`, as events
-    for the one named "stream", else as (status, Content-Type, body)."""
+    """A generation of the most characters one request may ask for (seconds of decoding):
+    its answer goes to `answers[name]`, as events for the one named "stream", else as
+    (status, Content-Type, body)."""
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    body = {"max_new_tokens": 10_000_000, "stream": name == "stream"}
+    body = {"max_new_tokens": LONGEST, "stream": name == "stream"}
     c.request("POST", "/api/generate", body=json.dumps(body),
               headers={"Content-Type": "application/json"})
     resp = c.getresponse()
