@@ -217,6 +217,24 @@ def test_sample_to_an_ascii_terminal_escapes_what_it_cannot_show_and_says_so(tin
     assert err.count("chargpt: warning: stdout's encoding (ascii) cannot show") == 1
 
 
+def test_train_s_closing_sample_to_an_ascii_terminal_escapes_too(tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+
+    corpus = tmp_path / "e.txt"
+    corpus.write_text("\u00e9\u00e9 a\u00e9\n" * 2000, encoding="utf-8")
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    assert main(["train", "--input", str(corpus), "--out-dir", str(tmp_path / "run"),
+                 "--max-steps", "3", "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
+                 "--block-size", "8", "--eval-iters", "1", "--sample-chars", "60",
+                 "--no-progress"]) == 0
+    sys.stdout.flush()
+    sample = raw.getvalue().decode("ascii").split("---\n", 1)[1]
+    assert "\\xe9" in sample  # a corpus of mostly \u00e9: the sample holds some
+    assert "cannot show" in capsys.readouterr().err
+
+
 # --- a pipe -----------------------------------------------------------------------------------
 
 

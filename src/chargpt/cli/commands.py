@@ -56,9 +56,9 @@ def _print_sample(run_path: Path, chars: int, seed: int) -> tuple[int, str]:
 
     run = load_run(run_path, device="auto")
     print(f"--- sample from {run.checkpoint} (step {run.step}, seed {seed}) ---")
-    text = []
+    text, write = [], _stdout_writer()
     for ch in run.stream("", chars, seed=seed):
-        sys.stdout.write(ch)
+        write(ch)
         sys.stdout.flush()
         text.append(ch)
     print()
