@@ -62,8 +62,9 @@ def with_config(ckpt_dir: Path, **model) -> Path:
     return reseal(ckpt_dir)
 
 
-def with_tensors(ckpt_dir: Path, change) -> Path:
-    path = ckpt_dir / "model.safetensors"
+def with_tensors(ckpt_dir: Path, change, name: str = "model.safetensors") -> Path:
+    """`change` the tensors of a checkpoint's file `name`, then reseal its manifest."""
+    path = ckpt_dir / name
     tensors = load_file(str(path))
     change(tensors)
     save_file(tensors, str(path), metadata={"format": "chargpt-checkpoint"})
@@ -197,14 +198,6 @@ def test_hostile_checkpoint_files(run_copy, capsys, nothing_allocated, change, s
     assert says in refused(capsys, "sample", str(run_copy / "best"), *SAMPLE)
 
 
-def with_weights(ckpt_dir: Path, change) -> None:
-    path = ckpt_dir / "model.safetensors"
-    tensors = load_file(str(path))
-    change(tensors)
-    save_file(tensors, str(path), metadata={"format": "chargpt-checkpoint"})
-    reseal(ckpt_dir)
-
-
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("command", [("sample", *SAMPLE), ("eval",)])
 def test_weights_that_are_not_finite_are_refused(run_copy, capsys, command, value):
@@ -213,11 +206,11 @@ def test_weights_that_are_not_finite_are_refused(run_copy, capsys, command, valu
             if t.is_floating_point():
                 t[...] = value
 
-    with_weights(run_copy / "best", poison)
+    with_tensors(run_copy / "best", poison)
     line = refused(capsys, command[0], str(run_copy / "best"), *command[1:])
     assert "model.safetensors holds values that are not finite numbers (NaN or infinity) in " \
         in line and "the model cannot be used" in line
-    with_weights(run_copy / "last", lambda t: next(iter(t.values())).view(-1).__setitem__(
+    with_tensors(run_copy / "last", lambda t: next(iter(t.values())).view(-1).__setitem__(
         0, value))  # one value is enough
     line = refused(capsys, "train", "--resume", str(run_copy), "--max-steps", "30")
     assert re.search(r"not finite numbers \(NaN or infinity\) in [\w.]+; the model", line)
@@ -238,11 +231,7 @@ def snapshot(run: Path) -> dict[str, bytes]:
 
 
 def with_optimizer(last: Path, change) -> None:
-    path = last / "optimizer.safetensors"
-    tensors = load_file(str(path))
-    change(tensors)
-    save_file(tensors, str(path), metadata={"format": "chargpt-checkpoint"})
-    reseal(last)
+    with_tensors(last, change, "optimizer.safetensors")
 
 
 def with_rng(last: Path, change) -> None:
